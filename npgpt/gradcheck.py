@@ -1,0 +1,151 @@
+"""Gradient checking as a feature: compare hand-written backward passes with central differences.
+
+For a layer with output y we check the scalar L = sum(y * R) for a fixed random R, so the
+analytic gradients come from backward(R); for the whole model L is the cross-entropy loss.
+Each checked element's error is
+
+    |analytic - numeric| / max(|analytic|, |numeric|, floor)
+
+where the floor turns the test into an absolute one (floor * tol) for gradients that are
+exactly zero in exact arithmetic (the key bias: softmax is invariant to adding a constant
+to every score of a row), whose numeric estimate is pure rounding noise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .layers import Dropout, Module
+from .loss import cross_entropy
+
+DEFAULT_EPS = 1e-4
+DEFAULT_TOL = 1e-6
+DEFAULT_FLOOR = 1e-4
+
+
+@dataclass
+class GradCheckResult:
+    layer: str
+    parameter: str
+    max_rel_error: float
+    checked: int
+    tol: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.max_rel_error <= self.tol)
+
+
+def _rng_snapshot(module: Module):
+    """Dropout draws new masks each forward; replaying the generator states keeps them fixed."""
+    drops = [m for m in module.modules() if isinstance(m, Dropout)]
+    states = [d.rng.bit_generator.state for d in drops]
+
+    def restore():
+        for d, s in zip(drops, states):
+            d.rng.bit_generator.state = s
+    return restore
+
+
+def _pick(size, max_checks, rng):
+    if max_checks is None or size <= max_checks:
+        return np.arange(size)
+    return np.sort(rng.choice(size, size=max_checks, replace=False))
+
+
+def _compare(f, x, analytic, idx, eps, floor):
+    """Max relative error between analytic[idx] and central differences of f() w.r.t. x.flat[idx].
+
+    Fourth-order central difference: f' = (8 (f(x+h) - f(x-h)) - (f(x+2h) - f(x-2h))) / 12h,
+    truncation error O(h^4) instead of O(h^2), so h can be large enough that rounding is negligible."""
+    flat, a_flat = x.reshape(-1), analytic.reshape(-1)
+    worst = 0.0
+    for i in idx:
+        old = flat[i]
+        f_at = {}
+        for k in (-2, -1, 1, 2):
+            flat[i] = old + k * eps
+            f_at[k] = f()
+        flat[i] = old
+        numeric = (8.0 * (f_at[1] - f_at[-1]) - (f_at[2] - f_at[-2])) / (12.0 * eps)
+        a = a_flat[i]
+        worst = max(worst, abs(a - numeric) / max(abs(a), abs(numeric), floor))
+    return float(worst)
+
+
+def _check_float64(arrays, what):
+    for name, a in arrays:
+        if a.dtype != np.float64:
+            raise ValueError(f"gradcheck needs float64 {what} (build it with dtype=np.float64); {name} is {a.dtype}")
+
+
+def gradcheck_layer(layer: Module, *inputs, name: str | None = None, eps=DEFAULT_EPS, tol=DEFAULT_TOL,
+                    floor=DEFAULT_FLOOR, max_checks: int | None = 200, seed: int = 0):
+    """Check layer.backward against finite differences for every float input and every parameter.
+
+    Returns a list of GradCheckResult (one per input and per parameter)."""
+    name = name or type(layer).__name__
+    params = list(layer.named_parameters())
+    _check_float64([(n, p.data) for n, p in params], "parameters")
+    float_inputs = [(i, x) for i, x in enumerate(inputs) if isinstance(x, np.ndarray) and x.dtype.kind == "f"]
+    _check_float64([(f"input {i}", x) for i, x in float_inputs], "inputs")
+    rng = np.random.default_rng(seed)
+    restore = _rng_snapshot(layer)
+
+    def loss_of(out, R):
+        return float(np.sum(out * R))
+
+    out = layer.forward(*inputs)
+    R = rng.standard_normal(out.shape)
+    restore()
+    layer.zero_grad()
+    out = layer.forward(*inputs)
+    dx = layer.backward(R)
+    dxs = dx if isinstance(dx, tuple) else (dx,)
+
+    def f():
+        restore()
+        return loss_of(layer.forward(*inputs), R)
+
+    results = []
+    for (i, x), dxi in zip(float_inputs, dxs):
+        err = _compare(f, x, dxi, _pick(x.size, max_checks, rng), eps, floor)
+        results.append(GradCheckResult(name, f"input {i}", err, min(x.size, max_checks or x.size), tol))
+    for pname, p in params:
+        err = _compare(f, p.data, p.grad, _pick(p.data.size, max_checks, rng), eps, floor)
+        results.append(GradCheckResult(name, pname, err, min(p.data.size, max_checks or p.data.size), tol))
+    return results
+
+
+def gradcheck_model(model, idx, targets, *, eps=DEFAULT_EPS, tol=DEFAULT_TOL, floor=DEFAULT_FLOOR,
+                    max_checks: int | None = None, seed: int = 0):
+    """Check the whole model: L = cross_entropy(model.forward(idx), targets), every parameter."""
+    params = list(model.named_parameters())
+    _check_float64([(n, p.data) for n, p in params], "parameters")
+    rng = np.random.default_rng(seed)
+    restore = _rng_snapshot(model)
+    model.zero_grad()
+    loss, dlogits = cross_entropy(model.forward(idx), targets)
+    model.backward(dlogits)
+
+    def f():
+        restore()
+        return float(cross_entropy(model.forward(idx), targets)[0])
+
+    results = []
+    for pname, p in params:
+        layer, _, short = pname.rpartition(".")
+        err = _compare(f, p.data, p.grad, _pick(p.data.size, max_checks, rng), eps, floor)
+        results.append(GradCheckResult(layer, short, err, min(p.data.size, max_checks or p.data.size), tol))
+    return results
+
+
+def format_table(results) -> str:
+    rows = [("layer", "parameter", "checked", "max rel error", "")]
+    rows += [(r.layer, r.parameter, str(r.checked), f"{r.max_rel_error:.2e}", "PASS" if r.passed else "FAIL")
+             for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,13 @@
+"""The layers GPT-2 is built from; each has forward (keeps a cache) and backward (adds into .grad)."""
+from .attention import CausalSelfAttention
+from .block import Block
+from .dropout import Dropout
+from .embedding import Embedding, PositionEmbedding, TiedLMHead
+from .gelu import GELU
+from .layernorm import LayerNorm
+from .linear import Linear
+from .mlp import MLP
+from .module import Module, Parameter
+
+__all__ = ["Module", "Parameter", "Linear", "LayerNorm", "GELU", "Dropout", "Embedding", "PositionEmbedding",
+           "TiedLMHead", "CausalSelfAttention", "MLP", "Block"]

@@ -1,0 +1,93 @@
+"""Causal multi-head self-attention with a fused qkv projection.
+
+    qkv = x @ w_attn + b_attn                       (B, T, 3C) -> q, k, v each (B, NH, T, hs)
+    s   = q @ k^T / sqrt(hs),  s[i, j] = -inf for j > i          (B, NH, T, T)
+    a   = softmax(s) over j,  then dropout                       (B, NH, T, T)
+    y   = a @ v                                                  (B, NH, T, hs) -> (B, T, C)
+    out = y @ w_proj + b_proj,  then residual dropout            (B, T, C)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import kernels
+from .dropout import Dropout
+from .linear import Linear
+from .module import Module, spawn_seeds
+
+
+def causal_softmax_numpy(s, scale):
+    """a = softmax(scale * s) along the last axis, with position j > i masked out.  s: (..., T, T)."""
+    T = s.shape[-1]
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)                 # True where j > i
+    z = np.where(future, -np.inf, s * scale)
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def causal_softmax_backward_numpy(da, a, scale):
+    """ds for a = softmax(scale * s): ds = scale * a * (da - sum_j da * a)  (masked entries have a = 0)."""
+    return scale * a * (da - (da * a).sum(axis=-1, keepdims=True))
+
+
+class CausalSelfAttention(Module):
+    def __init__(self, C: int, NH: int, *, dtype=np.float32, rng=None, dropout: float = 0.0,
+                 n_layer: int = 1, seed=None):
+        self.C, self.NH, self.hs = C, NH, C // NH
+        self.c_attn = Linear(C, 3 * C, dtype=dtype, rng=rng)
+        self.c_proj = Linear(C, C, dtype=dtype, rng=rng, std=0.02 / math.sqrt(2 * n_layer))
+        seeds = spawn_seeds(seed, 2)
+        self.attn_dropout = Dropout(dropout, seed=seeds[0])
+        self.resid_dropout = Dropout(dropout, seed=seeds[1])
+
+    def split_heads(self, qkv):
+        """(B, T, 3C) -> three (B, NH, T, hs) views (no copies)."""
+        B, T, _ = qkv.shape
+        qkv = qkv.reshape(B, T, 3, self.NH, self.hs)
+        return [qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]
+
+    def attend(self, q, k, v):
+        """The attention core on (B, NH, T, hs) tensors; returns y (B, NH, T, hs)."""
+        scale = 1.0 / math.sqrt(self.hs)
+        s = q @ k.transpose(0, 1, 3, 2)                                # (B, NH, T, T)
+        if kernels.use_numba():
+            a = kernels.causal_softmax_forward(s, scale)               # in place over s
+        else:
+            a = causal_softmax_numpy(s, scale)
+        self.a = a
+        self.a_drop = a_drop = self.attn_dropout(a)                    # (B, NH, T, T)
+        return a_drop @ v                                              # (B, NH, T, hs)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        qkv = self.c_attn(x)                                           # (B, T, 3C)
+        self.q, self.k, self.v = q, k, v = self.split_heads(qkv)       # (B, NH, T, hs) each
+        y = self.attend(q, k, v)                                       # (B, NH, T, hs)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)                   # re-assemble heads (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def backward(self, dout):
+        B, T, C = dout.shape
+        q, k, v, a, a_drop = self.q, self.k, self.v, self.a, self.a_drop
+        scale = 1.0 / math.sqrt(self.hs)
+        # out = dropout(y @ w_proj + b_proj)
+        dy = self.c_proj.backward(self.resid_dropout.backward(dout))   # (B, T, C)
+        dy = dy.reshape(B, T, self.NH, self.hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
+        dqkv = np.empty((B, T, 3, self.NH, self.hs), dtype=dout.dtype)
+        dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # views (B, NH, T, hs)
+        # y = a_drop @ v  =>  da_drop = dy v^T,  dv = a_drop^T dy
+        da = dy @ v.transpose(0, 1, 3, 2)                              # (B, NH, T, T)
+        np.matmul(a_drop.transpose(0, 1, 3, 2), dy, out=dv)
+        da = self.attn_dropout.backward(da)                            # a_drop = dropout(a)
+        # a = softmax(scale * s)  =>  ds = scale * a * (da - rowsum(da * a))
+        if kernels.use_numba():
+            ds = kernels.causal_softmax_backward(da, a, scale)         # in place over da
+        else:
+            ds = causal_softmax_backward_numpy(da, a, scale)
+        # s = q @ k^T  =>  dq = ds @ k,  dk = ds^T @ q
+        np.matmul(ds, k, out=dq)
+        np.matmul(ds.transpose(0, 1, 3, 2), q, out=dk)
+        return self.c_attn.backward(dqkv.reshape(B, T, 3 * C))

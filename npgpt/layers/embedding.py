@@ -1,0 +1,64 @@
+"""Token and position embeddings: lookup tables whose backward is a scatter-add."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import kernels
+from .module import Module, Parameter
+
+
+class Embedding(Module):
+    """out[b, t] = weight[idx[b, t]]   (token embedding wte, also the tied LM head)."""
+
+    def __init__(self, n: int, C: int, *, dtype=np.float32, rng=None, std: float = 0.02):
+        rng = np.random.default_rng() if rng is None else rng
+        self.weight = Parameter((std * rng.standard_normal((n, C))).astype(dtype))  # (n, C)
+
+    def forward(self, idx):
+        self.idx = idx
+        return self.weight.data[idx]                                   # (B, T, C)
+
+    def backward(self, dout):
+        # out[b, t] = w[idx[b, t]]  =>  dw[i] += sum of dout[b, t] over every (b, t) with idx[b, t] == i
+        if kernels.use_numba():
+            kernels.embedding_backward(self.idx, dout, self.weight.grad)
+        else:
+            C = dout.shape[-1]
+            np.add.at(self.weight.grad, self.idx.reshape(-1), dout.reshape(-1, C))
+        return None  # token ids have no gradient
+
+
+class PositionEmbedding(Module):
+    """out[t] = weight[t] for t < T, broadcast over the batch (wpe)."""
+
+    def __init__(self, n_ctx: int, C: int, *, dtype=np.float32, rng=None, std: float = 0.02):
+        rng = np.random.default_rng() if rng is None else rng
+        self.weight = Parameter((std * rng.standard_normal((n_ctx, C))).astype(dtype))  # (n_ctx, C)
+
+    def forward(self, T: int, start: int = 0):
+        self.start, self.T = start, T
+        return self.weight.data[start:start + T]                       # (T, C)
+
+    def backward(self, dout):
+        # out[b, t] = w[start + t] for every b  =>  dw[start + t] += sum_b dout[b, t]
+        self.weight.grad[self.start:self.start + self.T] += dout.sum(axis=0) if dout.ndim == 3 else dout
+        return None
+
+
+class TiedLMHead(Module):
+    """logits = x @ wte^T: the output projection shares the token embedding's weight."""
+
+    def __init__(self, wte: Embedding):
+        self.weight = wte.weight   # the same Parameter: named_parameters lists it once, as wte
+
+    def forward(self, x):
+        B, T, C = x.shape
+        self.x = x2 = x.reshape(B * T, C)
+        return (x2 @ self.weight.data.T).reshape(B, T, -1)            # (B, T, V)
+
+    def backward(self, dlogits):
+        # logits = x @ w^T  =>  dw += dlogits^T x   and   dx = dlogits @ w
+        x2, w = self.x, self.weight.data
+        dl2 = dlogits.reshape(-1, w.shape[0])                          # (B*T, V)
+        self.weight.grad += dl2.T @ x2                                 # (V, C)
+        return (dl2 @ w).reshape(dlogits.shape[:-1] + (w.shape[1],))   # (B, T, C)

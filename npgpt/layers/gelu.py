@@ -1,0 +1,41 @@
+"""GELU, the tanh approximation GPT-2 uses ("gelu_new" in Hugging Face):
+
+    y = 0.5 * x * (1 + tanh(s * (x + 0.044715 * x^3))),   s = sqrt(2 / pi)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import kernels
+from .module import Module
+
+GELU_SCALE = math.sqrt(2.0 / math.pi)
+GELU_CUBIC = 0.044715
+
+
+class GELU(Module):
+    def forward(self, x):
+        self.x = x
+        if kernels.use_numba():
+            return kernels.gelu_forward(x)
+        return self.forward_numpy(x)
+
+    @staticmethod
+    def forward_numpy(x):
+        u = GELU_SCALE * (x + GELU_CUBIC * x**3)
+        return 0.5 * x * (1.0 + np.tanh(u))
+
+    def backward(self, dy):
+        if kernels.use_numba():
+            return kernels.gelu_backward(dy, self.x)
+        return self.backward_numpy(dy, self.x)
+
+    @staticmethod
+    def backward_numpy(dy, x):
+        # y = 0.5 x (1 + t), t = tanh(u), u = s (x + 0.044715 x^3)
+        # dy/dx = 0.5 (1 + t)  +  0.5 x (1 - t^2) * du/dx,   du/dx = s (1 + 3 * 0.044715 x^2)
+        t = np.tanh(GELU_SCALE * (x + GELU_CUBIC * x**3))
+        du = GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x)
+        return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)

@@ -1,0 +1,51 @@
+"""LayerNorm over the last axis: y = (x - mean) / sqrt(var + eps) * g + b (biased variance)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import kernels
+from .module import Module, Parameter
+
+
+class LayerNorm(Module):
+    def __init__(self, C: int, *, dtype=np.float32, eps: float = 1e-5):
+        self.eps = eps
+        self.weight = Parameter(np.ones(C, dtype=dtype))   # g (C,)
+        self.bias = Parameter(np.zeros(C, dtype=dtype))    # b (C,)
+
+    def forward(self, x):
+        if kernels.use_numba():
+            y, self.xhat, self.rstd = kernels.layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
+            return y
+        return self.forward_numpy(x)
+
+    def forward_numpy(self, x):
+        mean = x.mean(axis=-1, keepdims=True)                         # (..., 1)
+        xc = x - mean                                                 # (..., C)
+        var = (xc * xc).mean(axis=-1, keepdims=True)                  # (..., 1) biased
+        rstd = 1.0 / np.sqrt(var + self.eps)                          # (..., 1)
+        xhat = xc * rstd                                              # (..., C)
+        self.xhat, self.rstd = xhat, rstd
+        return xhat * self.weight.data + self.bias.data
+
+    def backward(self, dy):
+        if kernels.use_numba():
+            return kernels.layernorm_backward(dy, self.xhat, self.rstd, self.weight.data,
+                                              self.weight.grad, self.bias.grad)
+        return self.backward_numpy(dy)
+
+    def backward_numpy(self, dy):
+        # forward: y = xhat * g + b, with xhat = (x - mean) * rstd
+        xhat, rstd, g = self.xhat, self.rstd, self.weight.data
+        C = xhat.shape[-1]
+        sum_rows = tuple(range(dy.ndim - 1))
+        self.weight.grad += (dy * xhat).sum(axis=sum_rows)           # dL/dg = sum_rows dy * xhat
+        self.bias.grad += dy.sum(axis=sum_rows)                      # dL/db = sum_rows dy
+        dxhat = dy * g                                               # dL/dxhat
+        # xhat depends on x directly, through the mean, and through rstd:
+        #   dx = rstd * ( dxhat                                   <- term 1: direct
+        #                 - mean(dxhat)                           <- term 2: through the mean
+        #                 - xhat * mean(dxhat * xhat) )           <- term 3: through the variance
+        term2 = dxhat.sum(axis=-1, keepdims=True) / C
+        term3 = xhat * ((dxhat * xhat).sum(axis=-1, keepdims=True) / C)
+        return rstd * (dxhat - term2 - term3)

@@ -1,0 +1,29 @@
+"""Linear: y = x @ w + b, with w stored (in, out) as in OpenAI's checkpoints."""
+from __future__ import annotations
+
+import numpy as np
+
+from .module import Module, Parameter
+
+
+class Linear(Module):
+    def __init__(self, n_in: int, n_out: int, *, dtype=np.float32, rng=None, std: float = 0.02):
+        rng = np.random.default_rng() if rng is None else rng
+        self.weight = Parameter((std * rng.standard_normal((n_in, n_out))).astype(dtype))  # (in, out)
+        self.bias = Parameter(np.zeros(n_out, dtype=dtype))                                 # (out,)
+
+    def forward(self, x):
+        *lead, n_in = x.shape
+        self.x = x2 = x.reshape(-1, n_in)                   # (N, in), N = B*T: one 2-D GEMM
+        y = x2 @ self.weight.data                            # (N, out)
+        y += self.bias.data
+        return y.reshape(*lead, -1)
+
+    def backward(self, dy):
+        # forward: y = x @ w + b, row by row over N = B*T rows
+        x2, w = self.x, self.weight.data
+        dy2 = dy.reshape(-1, w.shape[1])                     # (N, out)
+        self.weight.grad += x2.T @ dy2                       # dL/dw = x^T dy    (in, out)
+        self.bias.grad += dy2.sum(axis=0)                    # dL/db = sum_n dy  (out,)
+        dx = dy2 @ w.T                                       # dL/dx = dy w^T    (N, in)
+        return dx.reshape(*dy.shape[:-1], w.shape[0])

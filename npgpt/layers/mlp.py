@@ -1,0 +1,27 @@
+"""MLP: out = dropout(gelu(x @ w_fc + b_fc) @ w_proj + b_proj), hidden width 4C."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .dropout import Dropout
+from .gelu import GELU
+from .linear import Linear
+from .module import Module
+
+
+class MLP(Module):
+    def __init__(self, C: int, *, dtype=np.float32, rng=None, dropout: float = 0.0, n_layer: int = 1, seed=None):
+        self.c_fc = Linear(C, 4 * C, dtype=dtype, rng=rng)
+        self.gelu = GELU()
+        self.c_proj = Linear(4 * C, C, dtype=dtype, rng=rng, std=0.02 / math.sqrt(2 * n_layer))
+        self.dropout = Dropout(dropout, seed=seed)
+
+    def forward(self, x):
+        h = self.gelu(self.c_fc(x))                  # (B, T, 4C)
+        return self.dropout(self.c_proj(h))          # (B, T, C)
+
+    def backward(self, dout):
+        dh = self.c_proj.backward(self.dropout.backward(dout))  # (B, T, 4C)
+        return self.c_fc.backward(self.gelu.backward(dh))       # (B, T, C)

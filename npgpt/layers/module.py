@@ -1,0 +1,84 @@
+"""Parameter and Module: the two pieces of bookkeeping every layer shares.
+
+A Parameter is an array and its gradient. Backward passes only ever *add* into
+`.grad` (llm.c style): a parameter used twice (the tied token embedding, which is
+both the input lookup table and the output projection) then collects both
+contributions with no special case.
+
+A Module finds its parameters by walking its attributes, so a layer only has to
+assign them (`self.weight = Parameter(...)`), as in PyTorch.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class Parameter:
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data: np.ndarray):
+        self.data = data
+        self.grad = None  # allocated on first use: inference never pays for gradients
+
+    def zero_grad(self):
+        if self.grad is None:
+            self.grad = np.zeros_like(self.data)
+        else:
+            self.grad.fill(0)
+
+    def __repr__(self):
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+class Module:
+    training = True
+
+    def _members(self):
+        """(name, Parameter | Module) in attribute order; lists of modules are numbered."""
+        for name, value in vars(self).items():
+            if isinstance(value, (Parameter, Module)):
+                yield name, value
+            elif isinstance(value, (list, tuple)) and value and isinstance(value[0], Module):
+                for i, m in enumerate(value):
+                    yield f"{name}.{i}", m
+
+    def named_parameters(self, prefix: str = "", _seen=None):
+        """(dotted name, Parameter), each Parameter once (first name wins, as in PyTorch)."""
+        seen = set() if _seen is None else _seen
+        for name, value in self._members():
+            if isinstance(value, Parameter):
+                if id(value) not in seen:
+                    seen.add(id(value))
+                    yield prefix + name, value
+            else:
+                yield from value.named_parameters(prefix + name + ".", seen)
+
+    def modules(self):
+        yield self
+        for _, value in self._members():
+            if isinstance(value, Module):
+                yield from value.modules()
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.zero_grad()
+
+    def train(self, mode: bool = True):
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
+def spawn_seeds(seed, n: int):
+    """n independent child seeds for sub-layers' dropout generators (seed: None, int or SeedSequence)."""
+    ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    return ss.spawn(n)

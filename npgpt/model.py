@@ -1,0 +1,109 @@
+"""GPT-2 built from the layers:
+
+    x      = drop(wte[idx] + wpe[0:T])            (B, T, C)
+    x      = block_l(x)   for l = 0 .. L-1        (B, T, C)
+    logits = ln_f(x) @ wte^T                      (B, T, V)   LM head tied to the token embedding
+
+Parameters carry Hugging Face GPT-2 names and layouts (`transformer.h.0.attn.c_attn.weight` is (C, 3C)).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import GPTConfig
+from .layers import Block, Dropout, Embedding, LayerNorm, Module, PositionEmbedding, TiedLMHead
+from .layers.module import spawn_seeds
+
+PREFIX = "transformer."
+
+
+class GPT(Module):
+    def __init__(self, config: GPTConfig, dtype=np.float32, seed=None):
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise ValueError(f"GPT dtype must be float32 or float64, got {dtype}")
+        self.config, self.dtype = config, dtype
+        C, NH, L, p = config.n_embd, config.n_head, config.n_layer, config.dropout
+        rng = np.random.default_rng(seed)
+        seeds = spawn_seeds(seed, L + 1)
+        self.wte = Embedding(config.n_vocab, C, dtype=dtype, rng=rng)
+        self.wpe = PositionEmbedding(config.n_ctx, C, dtype=dtype, rng=rng)
+        self.drop = Dropout(p, seed=seeds[L])
+        self.h = [Block(C, NH, dtype=dtype, rng=rng, dropout=p, n_layer=L, seed=seeds[i]) for i in range(L)]
+        self.ln_f = LayerNorm(C, dtype=dtype)
+        self.lm_head = TiedLMHead(self.wte)
+
+    # ----------------------------------------------------------------- forward / backward
+    def forward(self, idx, start_pos: int = 0):
+        idx = self._check_idx(idx, start_pos)
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(T, start_pos)                # (B, T, C)
+        x = self.drop(x)
+        for block in self.h:
+            x = block(x)                                          # (B, T, C)
+        x = self.ln_f(x)
+        return self.lm_head(x)                                    # (B, T, V)
+
+    def backward(self, dlogits):
+        """Adds dL/dparam into every parameter's .grad (call zero_grad() first)."""
+        for p in self.parameters():
+            if p.grad is None:
+                p.zero_grad()
+        dlogits = np.asarray(dlogits, dtype=self.dtype)
+        dx = self.lm_head.backward(dlogits)                       # (B, T, C); adds into wte.grad
+        dx = self.ln_f.backward(dx)
+        for block in reversed(self.h):
+            dx = block.backward(dx)
+        dx = self.drop.backward(dx)
+        # x = wte[idx] + wpe[0:T]: the sum passes dx to both tables
+        self.wpe.backward(dx)
+        self.wte.backward(dx)                                     # second contribution to wte.grad
+
+    def _check_idx(self, idx, start_pos):
+        idx = np.asarray(idx)
+        if idx.ndim == 1:
+            idx = idx[None, :]
+        if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(f"idx must be an integer array (B, T), got {idx.dtype} {idx.shape}")
+        T = idx.shape[1]
+        if T == 0 or start_pos + T > self.config.n_ctx:
+            raise ValueError(f"sequence length {start_pos + T} must be in [1, n_ctx={self.config.n_ctx}]")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.config.n_vocab):
+            bad = idx[(idx < 0) | (idx >= self.config.n_vocab)].flat[0]
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.n_vocab})")
+        return idx
+
+    # ----------------------------------------------------------------- parameters by HF name
+    def named_parameters(self, prefix: str = "", _seen=None):
+        for name, p in super().named_parameters(prefix, _seen):
+            yield PREFIX + name, p
+
+    def named_grads(self):
+        for name, p in self.named_parameters():
+            if p.grad is None:
+                p.zero_grad()
+            yield name, p.grad
+
+    def num_parameters(self) -> int:
+        return sum(p.data.size for p in self.parameters())
+
+    def state_dict(self) -> dict:
+        return {name: p.data for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state: dict, strict: bool = True):
+        """Copy arrays (HF GPT-2 names and layouts) into the parameters; names and shapes checked first."""
+        params = dict(self.named_parameters())
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied to wte
+        missing = [k for k in params if k not in state]
+        unexpected = [k for k in state if k not in params]
+        if strict and (missing or unexpected):
+            raise ValueError(f"load_state_dict: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        for k, p in params.items():
+            if k in state and tuple(np.shape(state[k])) != p.data.shape:
+                raise ValueError(f"load_state_dict: tensor {k} has shape {tuple(np.shape(state[k]))}, "
+                                 f"the model expects {p.data.shape}")
+        for k, p in params.items():
+            if k in state:
+                p.data[...] = state[k]   # casts to the model's dtype
+        return self

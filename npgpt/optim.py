@@ -1,0 +1,85 @@
+"""AdamW with decoupled weight decay, global gradient-norm clipping, warmup + cosine schedule."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import kernels
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before clipping."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if kernels.use_numba():
+        total = math.sqrt(sum(kernels.sum_of_squares(g) for g in grads))
+    else:
+        total = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g *= g.dtype.type(coef)
+    return total
+
+
+def lr_schedule(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr: float = 0.0) -> float:
+    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    ratio = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+
+class AdamW:
+    """Adam with decoupled weight decay (Loshchilov & Hutter), one step per call:
+
+        p  <- p - lr * wd * p                (only for >= 2-D parameters: matrices and embeddings)
+        m  <- b1 m + (1 - b1) g
+        v  <- b2 v + (1 - b2) g^2
+        p  <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    """
+
+    def __init__(self, model, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1):
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.named = list(model.named_parameters())
+        self.decay = {name: p.data.ndim >= 2 for name, p in self.named}
+        self.m = {name: np.zeros_like(p.data) for name, p in self.named}
+        self.v = {name: np.zeros_like(p.data) for name, p in self.named}
+        self.t = 0
+
+    def step(self, lr: float | None = None):
+        lr = self.lr if lr is None else lr
+        self.t += 1
+        b1, b2 = self.betas
+        bc1, bc2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
+        for name, p in self.named:
+            if p.grad is None:
+                continue
+            wd = self.weight_decay if self.decay[name] else 0.0
+            if kernels.use_numba():
+                kernels.adamw_update(p.data, p.grad, self.m[name], self.v[name], lr, b1, b2, self.eps, wd, bc1, bc2)
+            else:
+                adamw_update_numpy(p.data, p.grad, self.m[name], self.v[name], lr, b1, b2, self.eps, wd, bc1, bc2)
+
+    def state_dict(self) -> dict:
+        out = {"t": np.array(self.t)}
+        for name, _ in self.named:
+            out[f"m/{name}"], out[f"v/{name}"] = self.m[name], self.v[name]
+        return out
+
+    def load_state_dict(self, state: dict):
+        self.t = int(state["t"])
+        for name, _ in self.named:
+            self.m[name][...] = state[f"m/{name}"]
+            self.v[name][...] = state[f"v/{name}"]
+
+
+def adamw_update_numpy(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2):
+    """In place; every temporary stays in p's dtype."""
+    p *= p.dtype.type(1.0 - lr * wd)                  # decoupled weight decay
+    m *= b1; m += (1.0 - b1) * g                      # first moment
+    v *= b2; v += (1.0 - b2) * (g * g)                # second moment
+    denom = np.sqrt(v) / math.sqrt(bc2) + eps         # sqrt(v_hat) + eps
+    p -= (lr / bc1) * m / denom
