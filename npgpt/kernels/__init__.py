@@ -43,3 +43,24 @@ def use_backend(name: str):
 
 def use_numba() -> bool:
     return get_backend() == "numba"
+
+
+# Kernel name -> module. Imported on first use, so the NumPy path never imports Numba and a
+# program compiles (or loads from Numba's cache) only the kernels it calls.
+_KERNELS = {
+    "layernorm_forward": "layernorm", "layernorm_backward": "layernorm",
+    "gelu_forward": "gelu", "gelu_backward": "gelu",
+    "causal_softmax_forward": "attention", "causal_softmax_backward": "attention",
+    "cross_entropy_forward_backward": "crossentropy",
+    "embedding_backward": "embedding",
+    "adamw_update": "adamw", "sum_of_squares": "adamw",
+}
+
+
+def __getattr__(name):
+    if name in _KERNELS:
+        import importlib
+        fn = getattr(importlib.import_module(f"{__name__}.{_KERNELS[name]}"), name)
+        globals()[name] = fn
+        return fn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

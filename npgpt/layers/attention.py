@@ -19,9 +19,11 @@ from .module import Module, spawn_seeds
 
 
 def causal_softmax_numpy(s, scale):
-    """a = softmax(scale * s) along the last axis, with position j > i masked out.  s: (..., T, T)."""
-    T = s.shape[-1]
-    future = np.triu(np.ones((T, T), dtype=bool), k=1)                 # True where j > i
+    """a = softmax(scale * s) along the last axis, key j masked out for query i when j > i + (Tk - Tq).
+
+    s: (..., Tq, Tk); Tq < Tk when the queries are the newest Tq of Tk positions (KV cache)."""
+    Tq, Tk = s.shape[-2:]
+    future = np.triu(np.ones((Tq, Tk), dtype=bool), k=1 + Tk - Tq)     # True where j > i + (Tk - Tq)
     z = np.where(future, -np.inf, s * scale)
     z -= z.max(axis=-1, keepdims=True)
     e = np.exp(z)

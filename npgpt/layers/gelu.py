@@ -24,7 +24,7 @@ class GELU(Module):
 
     @staticmethod
     def forward_numpy(x):
-        u = GELU_SCALE * (x + GELU_CUBIC * x**3)
+        u = GELU_SCALE * (x + GELU_CUBIC * (x * x * x))   # x*x*x: float pow is ~70x slower
         return 0.5 * x * (1.0 + np.tanh(u))
 
     def backward(self, dy):
@@ -36,6 +36,6 @@ class GELU(Module):
     def backward_numpy(dy, x):
         # y = 0.5 x (1 + t), t = tanh(u), u = s (x + 0.044715 x^3)
         # dy/dx = 0.5 (1 + t)  +  0.5 x (1 - t^2) * du/dx,   du/dx = s (1 + 3 * 0.044715 x^2)
-        t = np.tanh(GELU_SCALE * (x + GELU_CUBIC * x**3))
+        t = np.tanh(GELU_SCALE * (x + GELU_CUBIC * (x * x * x)))
         du = GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x)
         return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)

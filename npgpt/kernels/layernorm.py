@@ -1,0 +1,87 @@
+"""LayerNorm kernels. They mirror npgpt/layers/layernorm.py:
+
+    mean = x.mean(-1); xc = x - mean; var = (xc * xc).mean(-1)
+    rstd = 1 / sqrt(var + eps); xhat = xc * rstd; y = xhat * g + b
+    dg += sum_rows(dy * xhat); db += sum_rows(dy); dxhat = dy * g
+    dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+
+One pass per row (prange over rows, float64 accumulators); the column sums for dg, db are
+reduced per thread chunk and then added, so no two threads write the same address.
+"""
+import numba
+import numpy as np
+from numba import prange
+
+from ._jit import pjit
+
+
+@pjit
+def _forward(x, g, b, eps, y, xhat, rstd):          # x, y, xhat (N, C); rstd (N,)
+    N, C = x.shape
+    for n in prange(N):
+        mean = 0.0
+        for c in range(C):
+            mean += x[n, c]
+        mean /= C
+        var = 0.0
+        for c in range(C):
+            d = x[n, c] - mean
+            var += d * d
+        var /= C
+        r = 1.0 / np.sqrt(var + eps)
+        rstd[n] = r
+        for c in range(C):
+            xh = (x[n, c] - mean) * r
+            xhat[n, c] = xh
+            y[n, c] = xh * g[c] + b[c]
+
+
+@pjit
+def _backward(dy, xhat, rstd, g, dg, db, dx, n_chunks):   # dy, xhat, dx (N, C)
+    N, C = dy.shape
+    part_g = np.zeros((n_chunks, C))
+    part_b = np.zeros((n_chunks, C))
+    rows_per = (N + n_chunks - 1) // n_chunks
+    for k in prange(n_chunks):
+        for n in range(k * rows_per, min(N, (k + 1) * rows_per)):
+            mean_d = 0.0       # mean(dxhat)
+            mean_dx = 0.0      # mean(dxhat * xhat)
+            for c in range(C):
+                d = dy[n, c] * g[c]
+                mean_d += d
+                mean_dx += d * xhat[n, c]
+                part_g[k, c] += dy[n, c] * xhat[n, c]
+                part_b[k, c] += dy[n, c]
+            mean_d /= C
+            mean_dx /= C
+            for c in range(C):
+                dx[n, c] = rstd[n] * (dy[n, c] * g[c] - mean_d - xhat[n, c] * mean_dx)
+    for c in range(C):
+        sg = 0.0
+        sb = 0.0
+        for k in range(n_chunks):
+            sg += part_g[k, c]
+            sb += part_b[k, c]
+        dg[c] += sg
+        db[c] += sb
+
+
+def layernorm_forward(x, g, b, eps):
+    """Returns y, xhat (shaped like x) and rstd (shape x.shape[:-1] + (1,)), as the NumPy layer caches."""
+    shape, C = x.shape, x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, C)
+    y, xhat = np.empty_like(x2), np.empty_like(x2)
+    rstd = np.empty(x2.shape[0], dtype=x.dtype)
+    _forward(x2, g, b, eps, y, xhat, rstd)
+    return y.reshape(shape), xhat.reshape(shape), rstd.reshape(shape[:-1] + (1,))
+
+
+def layernorm_backward(dy, xhat, rstd, g, dg, db):
+    """Adds into dg, db; returns dx."""
+    shape, C = dy.shape, dy.shape[-1]
+    dy2 = np.ascontiguousarray(dy).reshape(-1, C)
+    dx = np.empty_like(dy2)
+    n_chunks = max(1, min(numba.get_num_threads(), dy2.shape[0]))
+    _backward(dy2, np.ascontiguousarray(xhat).reshape(-1, C), np.ascontiguousarray(rstd).reshape(-1), g, dg, db,
+              dx, n_chunks)
+    return dx.reshape(shape)
