@@ -34,7 +34,8 @@ def _adamw(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2):
 def _sum_of_squares(g):
     total = 0.0
     for i in prange(g.size):
-        total += g[i] * g[i]
+        gi = np.float64(g[i])            # square and sum in float64
+        total += gi * gi
     return total
 
 

@@ -1,0 +1,157 @@
+"""Each Numba kernel against the NumPy reference it mirrors: odd shapes, float32 and float64,
+and each backward fed by the other implementation's forward cache."""
+import math
+
+import numpy as np
+import pytest
+
+from npgpt import kernels
+from npgpt.layers import GELU, LayerNorm
+from npgpt.layers.attention import causal_softmax_backward_numpy, causal_softmax_numpy
+from npgpt.loss import cross_entropy_numpy
+from npgpt.optim import adamw_update_numpy
+
+pytest.importorskip("numba")
+
+DTYPES = [np.float32, np.float64]
+# float32 kernels accumulate in float64 while NumPy reduces in float32 (pairwise), so they
+# agree to a few float32 ulps of the values involved; float64 agrees to a few float64 ulps.
+RTOL = {np.float32: 2e-6, np.float64: 1e-13}
+
+
+def close(a, b, dtype, scale=None):
+    scale = np.abs(b).max() if scale is None else scale
+    err = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() / max(scale, 1e-30)
+    assert err <= RTOL[dtype], f"max error {err:.2e} relative to {scale:.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 5), (3, 7, 13), (2, 17, 96)])
+def test_layernorm_kernels(dtype, shape):
+    rng = np.random.default_rng(0)
+    C = shape[-1]
+    x = (3 * rng.standard_normal(shape) + 1.5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    ln = LayerNorm(C, dtype=dtype)
+    ln.weight.data[...] = 1 + 0.3 * rng.standard_normal(C)
+    ln.bias.data[...] = 0.3 * rng.standard_normal(C)
+    g, b = ln.weight.data, ln.bias.data
+
+    y_ref = ln.forward_numpy(x)
+    xhat_ref, rstd_ref = ln.xhat, ln.rstd
+    y, xhat, rstd = kernels.layernorm_forward(x, g, b, ln.eps)
+    assert y.dtype == xhat.dtype == rstd.dtype == dtype
+    close(y, y_ref, dtype)
+    close(xhat, xhat_ref, dtype)
+    close(rstd, rstd_ref, dtype)
+
+    # each backward fed by the *other* forward's cache
+    ln.zero_grad()
+    ln.xhat, ln.rstd = xhat, rstd
+    dx_ref = ln.backward_numpy(dy)
+    dg_ref, db_ref = ln.weight.grad.copy(), ln.bias.grad.copy()
+    dg, db = np.zeros_like(g), np.zeros_like(b)
+    dx = kernels.layernorm_backward(dy, xhat_ref, rstd_ref, g, dg, db)
+    close(dx, dx_ref, dtype)
+    close(dg, dg_ref, dtype)
+    close(db, db_ref, dtype)
+    # gradients are added into, never overwritten
+    kernels.layernorm_backward(dy, xhat_ref, rstd_ref, g, dg, db)
+    close(dg, 2 * dg_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (3, 5, 7), (4, 1031)])
+def test_gelu_kernels(dtype, shape):
+    rng = np.random.default_rng(1)
+    x = (3 * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    y = kernels.gelu_forward(x)
+    assert y.dtype == dtype
+    close(y, GELU.forward_numpy(x), dtype)
+    close(kernels.gelu_backward(dy, x), GELU.backward_numpy(dy, x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,NH,Tq,Tk", [(1, 1, 1, 1), (2, 3, 7, 7), (1, 2, 1, 9), (2, 2, 3, 11), (1, 4, 33, 33)])
+def test_causal_softmax_kernels(dtype, B, NH, Tq, Tk):
+    rng = np.random.default_rng(2)
+    s = (4 * rng.standard_normal((B, NH, Tq, Tk))).astype(dtype)
+    da = rng.standard_normal((B, NH, Tq, Tk)).astype(dtype)
+    scale = 1.0 / math.sqrt(12)
+    a_ref = causal_softmax_numpy(s, scale)
+    a = kernels.causal_softmax_forward(s.copy(), scale)
+    assert a.dtype == dtype
+    close(a, a_ref, dtype, scale=1.0)
+    future = np.triu(np.ones((Tq, Tk), bool), k=1 + Tk - Tq)
+    assert np.all(a[..., future] == 0)                         # masked exactly, not approximately
+    np.testing.assert_allclose(a.sum(-1), 1.0, rtol=RTOL[dtype] * 10)
+    ds_ref = causal_softmax_backward_numpy(da, a, scale)       # numpy backward on the kernel's cache
+    ds = kernels.causal_softmax_backward(da.copy(), a_ref, scale)  # kernel backward on numpy's cache
+    close(ds, ds_ref, dtype)
+    assert np.all(ds[..., future] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,V", [(1, 3), (7, 101), (5, 5003)])
+def test_cross_entropy_kernel(dtype, N, V):
+    rng = np.random.default_rng(3)
+    z = (5 * rng.standard_normal((N, V))).astype(dtype)
+    t = rng.integers(0, V, N)
+    t[::3] = -100
+    loss_ref, dz_ref = cross_entropy_numpy(z, t)
+    loss, dz = kernels.cross_entropy_forward_backward(z, t, -100)
+    assert dz.dtype == dtype and np.asarray(loss).dtype == dtype
+    assert abs(loss - loss_ref) <= RTOL[dtype] * abs(loss_ref) + 1e-30
+    close(dz, dz_ref, dtype)
+    # out=logits overwrites the logits with their gradient and gives the same result
+    z2 = z.copy()
+    loss2, dz2 = kernels.cross_entropy_forward_backward(z2, t, -100, out=z2)
+    assert dz2 is z2 or np.shares_memory(dz2, z2)
+    assert loss2 == loss and np.array_equal(dz2, dz)
+
+
+def test_cross_entropy_all_ignored():
+    z = np.ones((2, 3, 4), np.float32)
+    loss, dz = kernels.cross_entropy_forward_backward(z, np.full((2, 3), -100), -100)
+    assert loss == 0 and not dz.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_backward_kernel(dtype):
+    rng = np.random.default_rng(4)
+    idx = rng.integers(0, 11, (3, 9))
+    idx[0, :4] = 5                                             # repeated ids must accumulate
+    dout = rng.standard_normal((3, 9, 6)).astype(dtype)
+    dw_ref = np.ones((11, 6), dtype)
+    np.add.at(dw_ref, idx.reshape(-1), dout.reshape(-1, 6))
+    dw = np.ones((11, 6), dtype)
+    kernels.embedding_backward(idx, dout, dw)
+    close(dw, dw_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_adamw_kernel(dtype, wd):
+    rng = np.random.default_rng(5)
+    shape = (37, 13)
+    p_ref = rng.standard_normal(shape).astype(dtype)
+    m_ref, v_ref = np.zeros(shape, dtype), np.zeros(shape, dtype)
+    p, m, v = p_ref.copy(), m_ref.copy(), v_ref.copy()
+    b1, b2, eps, lr = 0.9, 0.95, 1e-8, 3e-3
+    for t in range(1, 5):
+        g = rng.standard_normal(shape).astype(dtype)
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        adamw_update_numpy(p_ref, g, m_ref, v_ref, lr, b1, b2, eps, wd, bc1, bc2)
+        kernels.adamw_update(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2)
+    assert p.dtype == dtype
+    close(p, p_ref, dtype)
+    close(m, m_ref, dtype)
+    close(v, v_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sum_of_squares_kernel(dtype):
+    g = np.random.default_rng(6).standard_normal((101, 7)).astype(dtype)
+    ref = float(np.sum(g.astype(np.float64) ** 2))
+    assert abs(kernels.sum_of_squares(g) - ref) <= 1e-12 * ref
