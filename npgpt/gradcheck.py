@@ -149,3 +149,63 @@ def format_table(results) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _randomize(module: Module, rng, std: float = 0.3):
+    """Non-trivial parameters for checking: weights ~ N(0, std), biases ~ N(0, 0.1), gains ~ 1 + N(0, 0.1)."""
+    for name, p in module.named_parameters():
+        z = rng.standard_normal(p.data.shape)
+        if name.endswith("bias"):
+            p.data[...] = 0.1 * z
+        elif "ln" in name and name.endswith("weight"):
+            p.data[...] = 1.0 + 0.1 * z
+        else:
+            p.data[...] = std * z
+    return module
+
+
+def check_everything(seed: int = 0, dropout: float = 0.1):
+    """Every layer, the loss and a whole tiny GPT-2 in float64: the list behind `npgpt gradcheck`."""
+    from .config import GPTConfig
+    from .layers import (GELU, MLP, Block, CausalSelfAttention, Embedding, LayerNorm, Linear, PositionEmbedding,
+                         TiedLMHead)
+    from .model import GPT
+
+    f64 = np.float64
+    rng = np.random.default_rng(seed)
+    B, T, C, NH, V = 2, 5, 8, 2, 11
+    x = rng.standard_normal((B, T, C))
+    idx = rng.integers(0, V, (B, T))
+    wte = _randomize(Embedding(V, C, dtype=f64, rng=rng), rng)
+    checks = [
+        ("Embedding", Embedding(V, C, dtype=f64, rng=rng), (idx,)),
+        ("PositionEmbedding", PositionEmbedding(8, C, dtype=f64, rng=rng), (T,)),
+        ("Linear", Linear(C, 3, dtype=f64, rng=rng), (x,)),
+        ("LayerNorm", LayerNorm(C, dtype=f64), (x,)),
+        ("GELU", GELU(), (2 * x,)),
+        ("CausalSelfAttention", CausalSelfAttention(C, NH, dtype=f64, rng=rng, dropout=dropout, seed=seed), (x,)),
+        ("MLP", MLP(C, dtype=f64, rng=rng, dropout=dropout, seed=seed), (x,)),
+        ("Block", Block(C, NH, dtype=f64, rng=rng, dropout=dropout, seed=seed), (x,)),
+        ("TiedLMHead", TiedLMHead(wte), (x,)),
+    ]
+    results = []
+    for name, layer, inputs in checks:
+        results += gradcheck_layer(_randomize(layer, rng), *inputs, name=name, seed=seed)
+
+    # the loss, through a parameter-free wrapper so its logits are the checked input
+    class _Loss(Module):
+        def forward(self, logits):
+            self.loss, self.dlogits = cross_entropy(logits, targets)
+            return np.asarray(self.loss)
+
+        def backward(self, dloss):
+            return self.dlogits * dloss
+
+    targets = rng.integers(0, V, (B, T))
+    targets[0, 1] = targets[1, 3] = -100
+    results += gradcheck_layer(_Loss(), rng.standard_normal((B, T, V)), name="cross_entropy", seed=seed)
+
+    config = GPTConfig(n_vocab=V, n_ctx=8, n_embd=C, n_head=NH, n_layer=2, dropout=dropout)
+    model = _randomize(GPT(config, dtype=f64, seed=seed), rng)
+    results += gradcheck_model(model, idx, targets, seed=seed)
+    return results

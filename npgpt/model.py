@@ -18,13 +18,14 @@ PREFIX = "transformer."
 
 
 class GPT(Module):
-    def __init__(self, config: GPTConfig, dtype=np.float32, seed=None):
+    def __init__(self, config: GPTConfig, dtype=np.float32, seed=None, init: bool = True):
+        """init=False allocates zero weights without drawing random numbers (for loading checkpoints)."""
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise ValueError(f"GPT dtype must be float32 or float64, got {dtype}")
         self.config, self.dtype = config, dtype
         C, NH, L, p = config.n_embd, config.n_head, config.n_layer, config.dropout
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed) if init else None
         seeds = spawn_seeds(seed, L + 1)
         self.wte = Embedding(config.n_vocab, C, dtype=dtype, rng=rng)
         self.wpe = PositionEmbedding(config.n_ctx, C, dtype=dtype, rng=rng)
@@ -107,3 +108,18 @@ class GPT(Module):
             if k in state:
                 p.data[...] = state[k]   # casts to the model's dtype
         return self
+
+    # ----------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=np.float32, verify: bool = False) -> "GPT":
+        """Load OpenAI's GPT-2 by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; 124M ... 1558M: downloaded
+        once into $NPGPT_HOME), or a path: a Hugging Face directory / .safetensors file, or OpenAI's
+        TensorFlow checkpoint directory / prefix. verify=True also checks TensorFlow CRC-32Cs."""
+        from .checkpoint import load_checkpoint
+        config, state = load_checkpoint(name_or_path, verify=verify)
+        return cls(config, dtype=dtype, init=False).load_state_dict(state)
+
+    def save(self, directory) -> str:
+        """Write config.json + model.safetensors (Hugging Face GPT-2 layout) atomically; returns the path."""
+        from .checkpoint import save_hf_checkpoint
+        return save_hf_checkpoint(directory, self.config, self.state_dict(), dtype=self.dtype)

@@ -4,15 +4,14 @@ from __future__ import annotations
 import numpy as np
 
 from .. import kernels
-from .module import Module, Parameter
+from .module import Module, Parameter, normal_init
 
 
 class Embedding(Module):
     """out[b, t] = weight[idx[b, t]]   (token embedding wte, also the tied LM head)."""
 
     def __init__(self, n: int, C: int, *, dtype=np.float32, rng=None, std: float = 0.02):
-        rng = np.random.default_rng() if rng is None else rng
-        self.weight = Parameter((std * rng.standard_normal((n, C))).astype(dtype))  # (n, C)
+        self.weight = Parameter(normal_init(rng, (n, C), std, dtype))  # (n, C); zeros if rng is None
 
     def forward(self, idx):
         self.idx = idx
@@ -32,8 +31,7 @@ class PositionEmbedding(Module):
     """out[t] = weight[t] for t < T, broadcast over the batch (wpe)."""
 
     def __init__(self, n_ctx: int, C: int, *, dtype=np.float32, rng=None, std: float = 0.02):
-        rng = np.random.default_rng() if rng is None else rng
-        self.weight = Parameter((std * rng.standard_normal((n_ctx, C))).astype(dtype))  # (n_ctx, C)
+        self.weight = Parameter(normal_init(rng, (n_ctx, C), std, dtype))  # (n_ctx, C); zeros if rng is None
 
     def forward(self, T: int, start: int = 0):
         self.start, self.T = start, T

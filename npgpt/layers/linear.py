@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .module import Module, Parameter
+from .module import Module, Parameter, normal_init
 
 
 class Linear(Module):
     def __init__(self, n_in: int, n_out: int, *, dtype=np.float32, rng=None, std: float = 0.02):
-        rng = np.random.default_rng() if rng is None else rng
-        self.weight = Parameter((std * rng.standard_normal((n_in, n_out))).astype(dtype))  # (in, out)
+        self.weight = Parameter(normal_init(rng, (n_in, n_out), std, dtype))  # (in, out); zeros if rng is None
         self.bias = Parameter(np.zeros(n_out, dtype=dtype))                                 # (out,)
 
     def forward(self, x):

@@ -82,3 +82,11 @@ def spawn_seeds(seed, n: int):
     """n independent child seeds for sub-layers' dropout generators (seed: None, int or SeedSequence)."""
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
     return ss.spawn(n)
+
+
+def normal_init(rng, shape, std: float, dtype):
+    """N(0, std^2) weights from rng; with rng=None, zeros (allocation only: the caller loads weights,
+    and untouched zero pages cost no time)."""
+    if rng is None:
+        return np.zeros(shape, dtype=dtype)
+    return (std * rng.standard_normal(shape, dtype=np.float32 if dtype == np.float32 else np.float64)).astype(dtype)

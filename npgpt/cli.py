@@ -1,0 +1,122 @@
+"""The `npgpt` command line: gradcheck, info, download, convert, generate, bench."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def cmd_gradcheck(args) -> int:
+    from . import kernels
+    from .gradcheck import check_everything, format_table
+    ok = True
+    for backend in (["numpy", "numba"] if args.kernels == "both" else [args.kernels]):
+        with kernels.use_backend(backend):
+            results = check_everything(seed=args.seed)
+        print(f"gradient check, float64, fourth-order central differences, kernels={backend}")
+        print(format_table(results))
+        passed = sum(r.passed for r in results)
+        print(f"{passed}/{len(results)} PASS\n")
+        ok &= passed == len(results)
+    return 0 if ok else 1
+
+
+def _load(path_or_name, dtype="float32"):
+    import numpy as np
+    from .model import GPT
+    if not str(path_or_name).strip():
+        raise CLIError("model path is empty")
+    try:
+        return GPT.from_pretrained(path_or_name, dtype=np.dtype(dtype))
+    except (OSError, ValueError) as e:
+        raise CLIError(str(e)) from None
+
+
+def cmd_info(args) -> int:
+    import numpy as np
+    from .checkpoint import detect_format, load_checkpoint
+    try:
+        fmt = detect_format(args.path)
+        config, state = load_checkpoint(args.path)
+    except (OSError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    n = sum(int(np.prod(v.shape)) for v in state.values())
+    dtypes = sorted({str(v.dtype) for v in state.values()})
+    nbytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in state.values())
+    print(f"path:       {args.path}")
+    print(f"format:     {'Hugging Face safetensors' if fmt == 'hf' else 'OpenAI TensorFlow checkpoint'}")
+    for k, v in config.to_hparams().items():
+        print(f"{k + ':':<11} {v}")
+    print(f"parameters: {n:,} in {len(state)} tensors")
+    print(f"dtype:      {', '.join(dtypes)}")
+    print(f"bytes:      {nbytes:,}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .checkpoint import ensure_downloaded
+    try:
+        path = ensure_downloaded(args.name)
+    except (OSError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    print(path)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    model = _load(args.src, args.dtype)
+    try:
+        model.save(args.dst)
+    except (OSError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    print(f"wrote {args.dst} ({model.num_parameters():,} parameters, {args.dtype})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="npgpt", description="GPT-2 in NumPy with hand-written backward passes.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("gradcheck", help="check every layer's backward and the whole model against finite differences")
+    g.add_argument("--kernels", choices=["numpy", "numba", "both"], default="both")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_gradcheck)
+
+    i = sub.add_parser("info", help="show a checkpoint's config, parameter count, dtype and size")
+    i.add_argument("path")
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("download", help="download OpenAI's GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
+    d.add_argument("name")
+    d.set_defaults(func=cmd_download)
+
+    c = sub.add_parser("convert", help="convert a checkpoint (TensorFlow or safetensors, or a name) to npgpt's format")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    c.set_defaults(func=cmd_convert)
+
+    for module in ("cli_generate", "bench"):
+        try:
+            mod = __import__(f"npgpt.{module}", fromlist=["add_parser"])
+        except ImportError:
+            continue
+        if hasattr(mod, "add_parser"):
+            mod.add_parser(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"npgpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"npgpt {args.command}: interrupted", file=sys.stderr)
+        return 130
