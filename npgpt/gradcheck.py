@@ -6,9 +6,11 @@ Each checked element's error is
 
     |analytic - numeric| / max(|analytic|, |numeric|, floor)
 
-where the floor turns the test into an absolute one (floor * tol) for gradients that are
-exactly zero in exact arithmetic (the key bias: softmax is invariant to adding a constant
-to every score of a row), whose numeric estimate is pure rounding noise.
+where the floor turns the test into an absolute one (floor * tol = 1e-9) for gradients that
+are exactly zero in exact arithmetic (the key bias: softmax is invariant to adding a constant
+to every score of a row), whose numeric estimate is pure rounding noise: L itself carries a
+relative rounding error of ~1e-14, which the difference quotient divides by h = 1e-4, so
+numeric derivatives are only good to ~1e-10 in absolute terms.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .loss import cross_entropy
 
 DEFAULT_EPS = 1e-4
 DEFAULT_TOL = 1e-6
-DEFAULT_FLOOR = 1e-4
+DEFAULT_FLOOR = 1e-3
 
 
 @dataclass
@@ -182,7 +184,7 @@ def check_everything(seed: int = 0, dropout: float = 0.1):
         ("PositionEmbedding", PositionEmbedding(8, C, dtype=f64, rng=rng), (T,)),
         ("Linear", Linear(C, 3, dtype=f64, rng=rng), (x,)),
         ("LayerNorm", LayerNorm(C, dtype=f64), (x,)),
-        ("GELU", GELU(), (2 * x,)),
+        ("GELU", GELU(), (x,)),
         ("CausalSelfAttention", CausalSelfAttention(C, NH, dtype=f64, rng=rng, dropout=dropout, seed=seed), (x,)),
         ("MLP", MLP(C, dtype=f64, rng=rng, dropout=dropout, seed=seed), (x,)),
         ("Block", Block(C, NH, dtype=f64, rng=rng, dropout=dropout, seed=seed), (x,)),
