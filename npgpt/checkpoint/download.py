@@ -1,0 +1,261 @@
+"""Download OpenAI's GPT-2 checkpoints and convert them once to the native format.
+
+Cache layout (``cache_dir()`` = ``$NPGPT_HOME`` or ``~/.cache/npgpt``)::
+
+    <cache>/openai/124M/{hparams.json, model.ckpt.index, model.ckpt.data-00000-of-00001}
+    <cache>/gpt2/{config.json, model.safetensors}          # native, what gets loaded
+
+The base URL (``.../gpt-2/models``) can be overridden with ``NPGPT_BASE_URL``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+
+from ..config import PRESET_ALIASES, PRESETS
+
+DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
+TF_FILES = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001")
+MODEL_SIZES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+
+RETRIES = 4          # extra attempts after a connection error / cut transfer (each one resumes)
+BACKOFF = 0.5        # seconds; doubles per attempt, capped at 8 s
+TIMEOUT = (15, 60)   # (connect, read) seconds
+CHUNK = 1 << 16    # small enough that a cut connection loses little
+
+
+class DownloadError(OSError):
+    """A download failed; the message names the URL.  ``offline`` is True if nothing could be reached."""
+
+    def __init__(self, msg: str, url: str | None = None, offline: bool = False):
+        super().__init__(msg)
+        self.url = url
+        self.offline = offline
+
+
+def cache_dir() -> str:
+    """``$NPGPT_HOME`` if set, else ``~/.cache/npgpt``."""
+    return os.path.abspath(os.path.expanduser(os.environ.get("NPGPT_HOME") or os.path.join("~", ".cache", "npgpt")))
+
+
+def base_url() -> str:
+    return (os.environ.get("NPGPT_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+
+
+def canonical_name(name: str) -> str:
+    """``gpt2``/``124M`` -> ``gpt2`` etc.; ValueError for an unknown name."""
+    key = PRESET_ALIASES.get(name, name)
+    if key not in MODEL_SIZES or key not in PRESETS:
+        raise ValueError(f"unknown model name {name!r}; choose one of {list(MODEL_SIZES) + list(PRESET_ALIASES)}")
+    return key
+
+
+def is_model_name(name) -> bool:
+    return isinstance(name, str) and PRESET_ALIASES.get(name, name) in MODEL_SIZES
+
+
+def _content_range(value: str | None):
+    """Parse ``bytes a-b/N`` or ``bytes */N`` -> (a or None, N or None); None if absent/invalid."""
+    if not value:
+        return None
+    m = re.match(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", value)
+    if not m:
+        return None
+    start = int(m.group(1)) if m.group(1) is not None else None
+    total = int(m.group(3)) if m.group(3) != "*" else None
+    return start, total
+
+
+def _unlink(path: str):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def download_file(url: str, dest: str, desc: str | None = None, *, retries: int | None = None,
+                  backoff: float | None = None, timeout=TIMEOUT, progress: bool = True,
+                  session=None) -> str:
+    """Download ``url`` to ``dest`` with a progress bar, resuming ``dest + '.part'``.
+
+    Resumes with an HTTP Range request (a 200 answer restarts from byte 0, a 206
+    appends); connection errors and transfers cut short are retried ``retries``
+    times, each attempt resuming where the last stopped.  The final size must
+    equal the Content-Length / Content-Range total; on a mismatch the partial
+    file is deleted and DownloadError raised.  HTTP errors (404, ...) raise
+    DownloadError naming the URL.  ``dest`` appears only when complete
+    (atomic rename).  Returns ``dest``.
+    """
+    import requests                      # imported lazily: loading checkpoints needs no network stack
+    from tqdm.auto import tqdm
+
+    retryable = (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                 requests.exceptions.ChunkedEncodingError)
+    retries = RETRIES if retries is None else retries
+    backoff = BACKOFF if backoff is None else backoff
+    dest = os.fspath(dest)
+    part = dest + ".part"
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    sess = session or requests.Session()
+    expected = None          # total size once a response has told us
+    failures = 0
+    got_response = False
+    bar = None
+
+    def mismatch(msg):
+        _unlink(part)
+        raise DownloadError(f"{url}: size mismatch: {msg}; the partial download was deleted", url)
+
+    def retry_or_raise(reason):
+        nonlocal failures
+        failures += 1
+        if failures > retries:
+            kept = os.path.exists(part)
+            raise DownloadError(
+                f"{url}: download failed after {failures} attempts: {reason}"
+                + (f"; the partial file {part} was kept and the next attempt resumes it" if kept else ""),
+                url, offline=not got_response)
+        time.sleep(min(8.0, backoff * 2 ** (failures - 1)))
+
+    try:
+        while True:
+            offset = os.path.getsize(part) if os.path.exists(part) else 0
+            headers = {"Range": f"bytes={offset}-", "Accept-Encoding": "identity"} if offset else \
+                {"Accept-Encoding": "identity"}
+            try:
+                with sess.get(url, headers=headers, stream=True, timeout=timeout) as r:
+                    got_response = True
+                    status = r.status_code
+                    if status == 416 and offset:
+                        cr = _content_range(r.headers.get("Content-Range"))
+                        total = cr[1] if cr else None
+                        if total is not None and total == offset and expected in (None, total):
+                            break                      # the partial file was already complete
+                        if total is not None and total < offset:
+                            mismatch(f"partial file has {offset} bytes but the server says the file has {total}")
+                        if expected is not None and total is not None and total != expected:
+                            mismatch(f"server first announced {expected} bytes, now {total}")
+                        _unlink(part)                  # unusable partial file: start over
+                        retry_or_raise("server refused to resume (HTTP 416)")
+                        continue
+                    if status >= 500:
+                        retry_or_raise(f"HTTP {status} {r.reason}")
+                        continue
+                    if status >= 400:
+                        raise DownloadError(f"{url}: HTTP {status} {r.reason}"
+                                            + (" (no such file on the server)" if status == 404 else ""), url)
+                    if status == 206:
+                        cr = _content_range(r.headers.get("Content-Range"))
+                        if cr is None or cr[0] != offset:
+                            _unlink(part)
+                            retry_or_raise(f"server answered the range request for byte {offset} with "
+                                           f"Content-Range {r.headers.get('Content-Range')!r}")
+                            continue
+                        total = cr[1]
+                        mode = "ab"
+                    elif status == 200:
+                        offset = 0                     # server ignored the Range: restart
+                        cl = r.headers.get("Content-Length")
+                        total = int(cl) if cl and cl.isdigit() else None
+                        mode = "wb"
+                    else:
+                        raise DownloadError(f"{url}: unexpected HTTP status {status} {r.reason}", url)
+                    if total is not None:
+                        if expected is not None and total != expected:
+                            mismatch(f"server first announced {expected} bytes, now {total}")
+                        expected = total
+                    if bar is None:
+                        bar = tqdm(total=expected, initial=offset, unit="B", unit_scale=True,
+                                   unit_divisor=1024, desc=desc or os.path.basename(dest),
+                                   disable=not progress, dynamic_ncols=True)
+                    else:
+                        bar.total = expected
+                        bar.n = offset
+                        bar.refresh()
+                    with open(part, mode) as f:
+                        for chunk in r.iter_content(CHUNK):
+                            f.write(chunk)
+                            bar.update(len(chunk))
+            except retryable as e:
+                retry_or_raise(f"{type(e).__name__}: {e}")
+                continue
+            size = os.path.getsize(part)
+            if expected is None or size == expected:
+                break
+            if size > expected:
+                mismatch(f"received {size} bytes but the server announced {expected}")
+            retry_or_raise(f"transfer ended after {size} of {expected} bytes")
+        with open(part, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(part, dest)
+        return dest
+    finally:
+        if bar is not None:
+            bar.close()
+        if session is None:
+            sess.close()
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """An exclusive advisory lock (POSIX) so two processes don't download into the same place."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:          # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def native_dir(name: str) -> str:
+    return os.path.join(cache_dir(), canonical_name(name))
+
+
+def _native_complete(d: str) -> bool:
+    return os.path.isfile(os.path.join(d, "config.json")) and os.path.isfile(os.path.join(d, "model.safetensors"))
+
+
+def ensure_downloaded(name: str, progress: bool = True) -> str:
+    """Return the native checkpoint directory of ``name`` (gpt2, gpt2-medium, gpt2-large,
+    gpt2-xl or 124M/355M/774M/1558M), downloading OpenAI's files and converting them
+    the first time.  If the native directory exists, no network is used."""
+    from .safetensors import save_hf_checkpoint
+    from .tf_bundle import load_tf_checkpoint
+
+    key = canonical_name(name)
+    native = native_dir(key)
+    if _native_complete(native):
+        return native
+    size = MODEL_SIZES[key]
+    tf_dir = os.path.join(cache_dir(), "openai", size)
+    with _locked(os.path.join(cache_dir(), "openai", f".{size}.lock")):
+        if _native_complete(native):          # another process finished meanwhile
+            return native
+        urls = {f: f"{base_url()}/{size}/{f}" for f in TF_FILES}
+        try:
+            for f in TF_FILES:
+                dest = os.path.join(tf_dir, f)
+                if not os.path.isfile(dest):
+                    download_file(urls[f], dest, desc=f"{key}: {f}", progress=progress)
+        except DownloadError as e:
+            if not e.offline:
+                raise
+            listing = "\n".join(f"  {urls[f]}\n    -> {os.path.join(tf_dir, f)}" for f in TF_FILES)
+            raise DownloadError(
+                f"cannot download {key} ({e}).\nIf this machine is offline, download these files "
+                f"elsewhere and put them here:\n{listing}\nthen run again (it converts them once into "
+                f"{native}); or pass the path of a local checkpoint instead of a model name.",
+                e.url, offline=True) from e
+        try:
+            config, state = load_tf_checkpoint(tf_dir, verify=True)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"the downloaded checkpoint in {tf_dir} is unusable: {e}\n"
+                             f"Delete {tf_dir} and run again to download it afresh.") from e
+        save_hf_checkpoint(native, config, state)
+    return native

@@ -1,0 +1,88 @@
+"""The GPT-2 parameter layout: names and shapes, in Hugging Face and OpenAI spelling.
+
+The native state dict uses Hugging Face GPT-2 names with the ``transformer.``
+prefix and Hugging Face layouts (Conv1D weights are (in, out)); there is no
+``lm_head.weight`` because the output projection is tied to ``transformer.wte``.
+"""
+from __future__ import annotations
+
+from ..config import GPTConfig
+
+PREFIX = "transformer."
+
+
+def hf_param_shapes(config: GPTConfig) -> dict:
+    """Ordered {hf name: shape} of every parameter the model has."""
+    V, T, C, L = config.n_vocab, config.n_ctx, config.n_embd, config.n_layer
+    out = {
+        "transformer.wte.weight": (V, C),
+        "transformer.wpe.weight": (T, C),
+    }
+    for i in range(L):
+        p = f"transformer.h.{i}."
+        out.update({
+            p + "ln_1.weight": (C,),
+            p + "ln_1.bias": (C,),
+            p + "attn.c_attn.weight": (C, 3 * C),
+            p + "attn.c_attn.bias": (3 * C,),
+            p + "attn.c_proj.weight": (C, C),
+            p + "attn.c_proj.bias": (C,),
+            p + "ln_2.weight": (C,),
+            p + "ln_2.bias": (C,),
+            p + "mlp.c_fc.weight": (C, 4 * C),
+            p + "mlp.c_fc.bias": (4 * C,),
+            p + "mlp.c_proj.weight": (4 * C, C),
+            p + "mlp.c_proj.bias": (C,),
+        })
+    out["transformer.ln_f.weight"] = (C,)
+    out["transformer.ln_f.bias"] = (C,)
+    return out
+
+
+def hf_to_openai_name(name: str) -> str:
+    """``transformer.h.3.attn.c_attn.weight`` -> ``model/h3/attn/c_attn/w`` etc."""
+    parts = name[len(PREFIX):].split(".") if name.startswith(PREFIX) else name.split(".")
+    if parts[0] == "h":
+        parts = [f"h{parts[1]}"] + parts[2:]
+    leaf = parts[-1]
+    if parts[-2].startswith("ln_"):
+        parts[-1] = {"weight": "g", "bias": "b"}[leaf]
+    elif parts[-2] in ("wte", "wpe"):
+        parts = parts[:-1]
+    else:
+        parts[-1] = {"weight": "w", "bias": "b"}[leaf]
+    return "model/" + "/".join(parts)
+
+
+def openai_param_map(config: GPTConfig) -> dict:
+    """Ordered (like ``hf_param_shapes``) {OpenAI TF variable name: (hf name, shape stored in the TF checkpoint)}.
+
+    OpenAI stores the Conv1D weights with a leading 1: ``[1, in, out]``.
+    """
+    out = {}
+    for name, shape in hf_param_shapes(config).items():
+        conv_w = name.endswith(".weight") and len(shape) == 2 and ".h." in name
+        out[hf_to_openai_name(name)] = (name, (1,) + shape if conv_w else shape)
+    return out
+
+
+def fmt_shape(shape) -> str:
+    return "(" + ", ".join(str(int(d)) for d in shape) + ")"
+
+
+def check_state_dict(config: GPTConfig, state_dict: dict, source: str) -> None:
+    """Raise ValueError unless ``state_dict`` has exactly the parameters ``config`` implies."""
+    expected = hf_param_shapes(config)
+    problems = []
+    for name, shape in expected.items():
+        if name not in state_dict:
+            problems.append(f"tensor {name!r} is missing (expected shape {fmt_shape(shape)})")
+        elif tuple(state_dict[name].shape) != shape:
+            problems.append(f"tensor {name!r} has shape {fmt_shape(state_dict[name].shape)}, "
+                            f"expected {fmt_shape(shape)}")
+    extra = [k for k in state_dict if k not in expected]
+    if extra:
+        problems.append(f"unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    if problems:
+        raise ValueError(f"{source}: state dict does not match {config}: " + "; ".join(problems[:8])
+                         + (f"; and {len(problems) - 8} more problems" if len(problems) > 8 else ""))
