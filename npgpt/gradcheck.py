@@ -154,13 +154,16 @@ def format_table(results) -> str:
 
 
 def _randomize(module: Module, rng, std: float = 0.3):
-    """Non-trivial parameters for checking: weights ~ N(0, std), biases ~ N(0, 0.1), gains ~ 1 + N(0, 0.1)."""
+    """Non-trivial parameters for checking: weights ~ N(0, std), biases ~ N(0, 0.1), and
+    layernorm gains ~ 1 + N(0, 0.1), so a dropped bias or gain cannot go unnoticed."""
+    from .layers import LayerNorm
+    gains = {id(m.weight) for m in module.modules() if isinstance(m, LayerNorm)}
     for name, p in module.named_parameters():
         z = rng.standard_normal(p.data.shape)
-        if name.endswith("bias"):
-            p.data[...] = 0.1 * z
-        elif "ln" in name and name.endswith("weight"):
+        if id(p) in gains:
             p.data[...] = 1.0 + 0.1 * z
+        elif name.endswith("bias"):
+            p.data[...] = 0.1 * z
         else:
             p.data[...] = std * z
     return module
