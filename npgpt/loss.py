@@ -29,16 +29,24 @@ def _validate(logits, targets, ignore_index):
     return logits, targets
 
 
-def cross_entropy(logits, targets, ignore_index: int = IGNORE_INDEX):
+def cross_entropy(logits, targets, ignore_index: int = IGNORE_INDEX, out=None):
     """Returns (loss, dlogits): mean cross-entropy over non-ignored positions and its gradient.
 
     logits (..., V) float; targets (...) int with `ignore_index` at positions to skip.
     If every position is ignored the loss is 0 and dlogits is all zeros.
+    out: an array to write dlogits into; `out=logits` reuses the logits' memory (training loops
+    that no longer need the logits save a (B, T, V) array).
     """
     logits, targets = _validate(logits, targets, ignore_index)
+    if out is not None and (out.shape != logits.shape or out.dtype != logits.dtype or not out.flags.c_contiguous):
+        raise ValueError(f"cross_entropy: out must be a C-contiguous {logits.dtype} array of shape {logits.shape}")
     if kernels.use_numba():
-        return kernels.cross_entropy_forward_backward(logits, targets, ignore_index)
-    return cross_entropy_numpy(logits, targets, ignore_index)
+        return kernels.cross_entropy_forward_backward(logits, targets, ignore_index, out=out)
+    loss, dlogits = cross_entropy_numpy(logits, targets, ignore_index)
+    if out is None:
+        return loss, dlogits
+    out[...] = dlogits
+    return loss, out
 
 
 def cross_entropy_numpy(logits, targets, ignore_index: int = IGNORE_INDEX):

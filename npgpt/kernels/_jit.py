@@ -1,5 +1,37 @@
-"""The one place that decides how kernels are compiled: cached to disk, parallel where it pays."""
+"""How kernels are compiled: cached to disk, and, for loops over rows or elements, twice.
+
+`pjit` compiles a kernel written with `prange` both serially (prange runs as range) and in
+parallel, and picks per call: a parallel region costs a thread wake-up on every launch, a
+waste for the tiny arrays of decoding and gradient checks, and a stall whenever another
+process holds a core. Call `kernel(work, *args)` where `work` is the number of elements touched.
+"""
+import types
+
 from numba import njit
 
+PARALLEL_MIN_WORK = 1 << 16      # below ~65k elements one thread finishes before others wake up
+
 jit = njit(cache=True, nogil=True)
-pjit = njit(cache=True, nogil=True, parallel=True)
+
+
+def _renamed(fn, suffix):
+    """A copy of fn under another qualified name, so Numba caches the two builds separately."""
+    g = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    g.__qualname__ = fn.__qualname__ + suffix
+    g.__module__ = fn.__module__
+    return g
+
+
+class _SerialOrParallel:
+    def __init__(self, fn):
+        self.py_func = fn
+        self.serial = njit(cache=True, nogil=True)(_renamed(fn, "_serial"))
+        self.parallel = njit(cache=True, nogil=True, parallel=True)(_renamed(fn, "_parallel"))
+        self.__doc__, self.__name__ = fn.__doc__, fn.__name__
+
+    def __call__(self, work, *args):
+        return (self.parallel if work >= PARALLEL_MIN_WORK else self.serial)(*args)
+
+
+def pjit(fn):
+    return _SerialOrParallel(fn)

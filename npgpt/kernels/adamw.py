@@ -40,8 +40,8 @@ def _sum_of_squares(g):
 
 
 def adamw_update(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2):
-    _adamw(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), lr, b1, b2, eps, wd, bc1, bc2)
+    _adamw(p.size, p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), lr, b1, b2, eps, wd, bc1, bc2)
 
 
 def sum_of_squares(g):
-    return float(_sum_of_squares(g.reshape(-1)))
+    return float(_sum_of_squares(g.size, g.reshape(-1)))

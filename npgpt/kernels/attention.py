@@ -55,7 +55,7 @@ def _backward(da, a, scale):                  # da, a (R, Tq, Tk); da becomes ds
 def causal_softmax_forward(s, scale):
     """In place over s (..., Tq, Tk) when it is contiguous; returns the probabilities."""
     s = np.ascontiguousarray(s)
-    _forward(s.reshape(-1, s.shape[-2], s.shape[-1]), scale)
+    _forward(s.size, s.reshape(-1, s.shape[-2], s.shape[-1]), scale)
     return s
 
 
@@ -64,5 +64,5 @@ def causal_softmax_backward(da, a, scale):
     da = np.ascontiguousarray(da)
     a = np.ascontiguousarray(a)
     Tq, Tk = a.shape[-2:]
-    _backward(da.reshape(-1, Tq, Tk), a.reshape(-1, Tq, Tk), scale)
+    _backward(a.size, da.reshape(-1, Tq, Tk), a.reshape(-1, Tq, Tk), scale)
     return da

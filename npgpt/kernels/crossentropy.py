@@ -47,6 +47,6 @@ def cross_entropy_forward_backward(logits, targets, ignore_index, out=None):
     n = int(np.count_nonzero(t != ignore_index))
     dz = np.empty_like(z) if out is None else out.reshape(-1, V)
     nll = np.empty(len(t), dtype=np.float64)
-    _forward_backward(z, t, ignore_index, 1.0 / max(n, 1), dz, nll)
+    _forward_backward(z.size, z, t, ignore_index, 1.0 / max(n, 1), dz, nll)
     loss = nll.sum() / max(n, 1)
     return logits.dtype.type(loss), dz.reshape(logits.shape)

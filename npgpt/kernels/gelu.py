@@ -36,12 +36,12 @@ def _backward(dy, x, dx):
 def gelu_forward(x):
     x = np.ascontiguousarray(x)
     y = np.empty_like(x)
-    _forward(x.reshape(-1), y.reshape(-1))
+    _forward(x.size, x.reshape(-1), y.reshape(-1))
     return y
 
 
 def gelu_backward(dy, x):
     dy, x = np.ascontiguousarray(dy), np.ascontiguousarray(x)
     dx = np.empty_like(dy)
-    _backward(dy.reshape(-1), x.reshape(-1), dx.reshape(-1))
+    _backward(x.size, dy.reshape(-1), x.reshape(-1), dx.reshape(-1))
     return dx

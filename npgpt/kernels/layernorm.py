@@ -12,6 +12,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from . import _jit
 from ._jit import pjit
 
 
@@ -72,7 +73,7 @@ def layernorm_forward(x, g, b, eps):
     x2 = np.ascontiguousarray(x).reshape(-1, C)
     y, xhat = np.empty_like(x2), np.empty_like(x2)
     rstd = np.empty(x2.shape[0], dtype=x.dtype)
-    _forward(x2, g, b, eps, y, xhat, rstd)
+    _forward(x2.size, x2, g, b, eps, y, xhat, rstd)
     return y.reshape(shape), xhat.reshape(shape), rstd.reshape(shape[:-1] + (1,))
 
 
@@ -81,7 +82,7 @@ def layernorm_backward(dy, xhat, rstd, g, dg, db):
     shape, C = dy.shape, dy.shape[-1]
     dy2 = np.ascontiguousarray(dy).reshape(-1, C)
     dx = np.empty_like(dy2)
-    n_chunks = max(1, min(numba.get_num_threads(), dy2.shape[0]))
-    _backward(dy2, np.ascontiguousarray(xhat).reshape(-1, C), np.ascontiguousarray(rstd).reshape(-1), g, dg, db,
+    n_chunks = max(1, min(numba.get_num_threads(), dy2.shape[0])) if dy2.size >= _jit.PARALLEL_MIN_WORK else 1
+    _backward(dy2.size, dy2, np.ascontiguousarray(xhat).reshape(-1, C), np.ascontiguousarray(rstd).reshape(-1), g, dg, db,
               dx, n_chunks)
     return dx.reshape(shape)
