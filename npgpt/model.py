@@ -123,3 +123,36 @@ class GPT(Module):
         """Write config.json + model.safetensors (Hugging Face GPT-2 layout) atomically; returns the path."""
         from .checkpoint import save_hf_checkpoint
         return save_hf_checkpoint(directory, self.config, self.state_dict(), dtype=self.dtype)
+
+    # ----------------------------------------------------------------- inference with a KV cache
+    def forward_cached(self, idx, cache, last_only: bool = True, n_valid=None):
+        """Run only the new tokens idx (B, T) through the network, reusing the keys/values in `cache`
+        (npgpt.kvcache.KVCache, e.g. KVCache.for_model(model, B)), and append theirs to it.
+
+        Row b's tokens sit at positions cache.lengths[b] .. + T - 1: prefill with the prompt (T tokens),
+        then decode one token at a time (T = 1). Inference only: no dropout, no backward.
+        n_valid (B,): row b holds only n_valid[b] real tokens followed by right padding; its cache then
+        advances by n_valid[b] and its padding is never attended to. Returns the logits of each row's
+        last real position (B, V) when last_only (the (B*T, V) projection is never computed), else
+        those of every position (B, T, V)."""
+        idx = self._check_idx(idx, 0)
+        B, T = idx.shape
+        if cache.batch_size != B or cache.n_layer != len(self.h):
+            raise ValueError(f"cache is for batch {cache.batch_size} and {cache.n_layer} layers; "
+                             f"got batch {B} for a model with {len(self.h)} layers")
+        if n_valid is not None:
+            n_valid = np.asarray(n_valid, dtype=np.int64).reshape(B)
+            if n_valid.min() < 1 or n_valid.max() > T:
+                raise ValueError(f"n_valid must be in [1, T={T}], got {n_valid.tolist()}")
+        pos = cache.begin(T)                                                       # (B, T)
+        x = self.wte.weight.data[idx] + self.wpe.weight.data[pos]                  # (B, T, C)
+        for l, block in enumerate(self.h):
+            x = block.forward_cached(x, cache.layer(l))                            # (B, T, C)
+        cache.advance(n_valid)
+        wte = self.wte.weight.data                                                 # (V, C)
+        if last_only:
+            last = np.full(B, T - 1) if n_valid is None else n_valid - 1
+            x = self.ln_f(x[np.arange(B), last])                                   # (B, C)
+            return x @ wte.T                                                       # (B, V)
+        x = self.ln_f(x).reshape(B * T, -1)                                        # (B*T, C)
+        return (x @ wte.T).reshape(B, T, -1)                                       # (B, T, V)

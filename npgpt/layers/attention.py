@@ -1,8 +1,9 @@
 """Causal multi-head self-attention with a fused qkv projection.
 
     qkv = x @ w_attn + b_attn                       (B, T, 3C) -> q, k, v each (B, NH, T, hs)
-    s   = q @ k^T / sqrt(hs),  s[i, j] = -inf for j > i          (B, NH, T, T)
-    a   = softmax(s) over j,  then dropout                       (B, NH, T, T)
+    s   = q @ k^T                                                (B, NH, T, T)
+    a   = softmax(scale * s) over j, scale = 1/sqrt(hs), with
+          key j masked out (a = 0) for query i when j > i;  then dropout     (B, NH, T, T)
     y   = a @ v                                                  (B, NH, T, hs) -> (B, T, C)
     out = y @ w_proj + b_proj,  then residual dropout            (B, T, C)
 """
@@ -93,3 +94,23 @@ class CausalSelfAttention(Module):
         np.matmul(ds, k, out=dq)
         np.matmul(ds.transpose(0, 1, 3, 2), q, out=dk)
         return self.c_attn.backward(dqkv.reshape(B, T, 3 * C))
+
+    # ----------------------------------------------------------------- inference with a KV cache
+    def forward_cached(self, x, layer_cache):
+        """Inference only (no dropout, nothing kept for backward): x (B, T, C) holds the newest T
+        positions. Their keys and values are appended to layer_cache (npgpt.kvcache.LayerKV) and their
+        queries attend to every cached position of their row, query t seeing keys j <= t + Tk - T."""
+        B, T, C = x.shape
+        q, k, v = self.split_heads(self.c_attn(x))                     # (B, NH, T, hs) each
+        keys, values, mask = layer_cache.store(k, v)                   # (B, NH, Tk, hs); mask (B, 1, T, Tk) | None
+        scale = 1.0 / math.sqrt(self.hs)
+        s = q @ keys.transpose(0, 1, 3, 2)                             # (B, NH, T, Tk)
+        if mask is not None:
+            s += mask                                                  # -inf on keys a ragged row must not see
+        if kernels.use_numba():
+            a = kernels.causal_softmax_forward(s, scale)               # in place over s
+        else:
+            a = causal_softmax_numpy(s, scale)
+        y = a @ values                                                 # (B, NH, T, hs)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)                   # (B, T, C)
+        return self.c_proj(y)

@@ -32,3 +32,10 @@ class Block(Module):
         dx1 = dx2 + self.ln_2.backward(self.mlp.backward(dx2))
         # x1 = x + attn(ln_1(x))   =>  dx  = dx1 + ln_1'(attn'(dx1))
         return dx1 + self.ln_1.backward(self.attn.backward(dx1))
+
+    def forward_cached(self, x, layer_cache):
+        """Inference with a KV cache (see CausalSelfAttention.forward_cached); never applies dropout."""
+        x = x + self.attn.forward_cached(self.ln_1(x), layer_cache)   # (B, T, C)
+        mlp = self.mlp
+        x = x + mlp.c_proj(mlp.gelu(mlp.c_fc(self.ln_2(x))))          # the MLP minus its dropout
+        return x

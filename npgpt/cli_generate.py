@@ -1,0 +1,173 @@
+"""`npgpt generate`: continue a prompt with a GPT-2 model, streaming the text to stdout.
+
+    npgpt generate --model gpt2 -n 100 --temperature 0.8 --top-k 40 --seed 0 "Once upon a time"
+    echo "Once upon a time" | npgpt generate --stop '\\n\\n' --stats
+
+Only the continuation is printed (not the prompt), token by token, never splitting a UTF-8
+character. Generation ends at <|endoftext|>, at a --stop string (not printed) or after -n tokens.
+--stats prints, to stderr, the prompt's tokens/s, the time to the first token and the generation
+tokens/s. User errors (bad option values, a model that cannot be loaded, a prompt the model's
+vocabulary cannot hold) print one line to stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+
+class _UserError(Exception):
+    pass
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "generate", help="continue a prompt with a GPT-2 model, streaming text to stdout",
+        description="Continue a prompt with a GPT-2 model (KV-cached decoding), streaming the continuation "
+                    "to stdout. The prompt is read from stdin when not given.")
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="the prompt text (default: read stdin; one trailing newline is dropped)")
+    p.add_argument("--model", default="gpt2",
+                   help="a model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a checkpoint path (default gpt2)")
+    p.add_argument("-n", "--max-new-tokens", dest="n", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 = off (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 = off (default 0.95)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling (default: random)")
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                   help="CTRL repetition penalty, e.g. 1.2 (default off)")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop at this string (not printed); repeatable; backslash escapes such as \\n work")
+    p.add_argument("--stats", action="store_true", help="print prompt and generation speed to stderr")
+    p.set_defaults(func=run)
+    return p
+
+
+def _unescape(s: str) -> str:
+    """'\\n' -> newline etc., leaving non-ASCII characters alone."""
+    return s.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def _check_args(args):
+    if args.n < 0:
+        raise _UserError(f"-n must be >= 0, got {args.n}")
+    if args.temperature < 0:
+        raise _UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise _UserError(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise _UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        raise _UserError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    stops = [_unescape(s) for s in args.stop]
+    if any(not s for s in stops):
+        raise _UserError("--stop strings must not be empty")
+    if not args.model.strip():
+        raise _UserError("--model is empty: give a model name (gpt2, ...) or a checkpoint path")
+    return stops
+
+
+def _load_model(name_or_path):
+    from .checkpoint import is_model_name
+    from .model import GPT
+    if not os.path.exists(name_or_path) and not os.path.exists(name_or_path + ".index") \
+            and not is_model_name(name_or_path):
+        raise _UserError(f"model path {name_or_path} does not exist (nor is it a model name: "
+                         f"gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
+    try:
+        return GPT.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise _UserError(f"cannot load model {name_or_path}: {msg}") from None
+
+
+def _write(stream, text: str):
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:   # a terminal that cannot show some character
+        enc = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.encode(enc, errors="replace").decode(enc))
+    stream.flush()
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except _UserError as e:
+        print(f"npgpt generate: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:      # e.g. `npgpt generate ... | head`: the reader is gone, stop quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+
+
+def _run(args) -> int:
+    from .generate import TextStreamer, encode_prompt, stream_tokens
+    from .tokenizer import get_tokenizer
+
+    stops = _check_args(args)
+    prompt = args.prompt
+    if prompt is None:
+        prompt = sys.stdin.read()
+        if prompt.endswith("\n"):
+            prompt = prompt[:-1]
+    model = _load_model(args.model)
+    tokenizer = get_tokenizer()
+    try:
+        ids = encode_prompt(model, tokenizer, prompt)
+    except ValueError as e:
+        raise _UserError(str(e)) from None
+
+    eos_id = tokenizer.eot_token
+    streamer = TextStreamer(tokenizer, stops)
+    out = sys.stdout
+    n_new, t_first = 0, None
+    t0 = time.perf_counter()
+    tokens = stream_tokens(model, ids, args.n, temperature=args.temperature, top_k=args.top_k or None,
+                           top_p=args.top_p if args.top_p < 1.0 else None, seed=args.seed, eos_id=eos_id,
+                           repetition_penalty=args.repetition_penalty)
+    for t in tokens:
+        if t_first is None:
+            t_first = time.perf_counter()
+        n_new += 1
+        if t == eos_id:
+            break
+        piece = streamer.push(t)
+        if piece:
+            _write(out, piece)
+        if streamer.stopped:
+            break
+    tokens.close()
+    t_end = time.perf_counter()
+    _write(out, streamer.finish() + ("\n" if out.isatty() else ""))
+
+    if args.stats:
+        err = sys.stderr
+        P = len(ids)
+        if t_first is None:
+            print(f"prompt: {P} tokens; nothing generated (-n 0)", file=err)
+        else:
+            t_pre = t_first - t0
+            print(f"prompt: {P} tokens in {t_pre:.3f} s ({P / t_pre:.1f} tokens/s)", file=err)
+            print(f"time to first token: {t_pre:.3f} s", file=err)
+            t_gen = t_end - t_first
+            rate = f"{(n_new - 1) / t_gen:.1f} tokens/s" if n_new > 1 and t_gen > 0 else "n/a"
+            print(f"generation: {n_new} tokens, {n_new - 1} after the first in {t_gen:.3f} s ({rate})", file=err)
+    return 0
+
+
+def main(argv=None) -> int:
+    """Run `generate` on its own: python -m npgpt.cli_generate [options] [prompt]."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="npgpt")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["generate", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
