@@ -5,9 +5,16 @@ parallel, and picks per call: a parallel region costs a thread wake-up on every 
 waste for the tiny arrays of decoding and gradient checks, and a stall whenever another
 process holds a core. Call `kernel(work, *args)` where `work` is the number of elements touched.
 """
+import os
 import types
 
-from numba import njit
+# GNU OpenMP threads spin after each parallel region by default, on the very cores OpenBLAS
+# needs for the next GEMM (and OpenBLAS's threads do the same to us): the two pools then fight
+# over 2 cores and a train step runs ~4x slower. Passive waiting puts idle threads to sleep.
+# Read by libgomp when Numba first loads it (the first parallel launch), so set it here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from numba import njit  # noqa: E402
 
 PARALLEL_MIN_WORK = 1 << 16      # below ~65k elements one thread finishes before others wake up
 

@@ -1,0 +1,310 @@
+"""`npgpt bench`: prefill and decode tokens/s, train-step time, peak memory and start-up time,
+optionally side by side with PyTorch (`--compare torch`) in the same run.
+
+Each workload runs in a fresh subprocess (`python -m npgpt.bench WORKER ...`), so its peak RSS is
+its own and the two frameworks' thread pools never share a process. Random weights; GPT-2 shapes
+from a preset (default gpt2, 124M) or explicit --n-layer etc.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+WORKLOADS = ("prefill", "decode", "train", "train-large", "startup")
+DEFAULTS = dict(prefill_T=256, decode_prompt=32, decode_new=128, train_B=4, train_T=64,
+                train_large_B=8, train_large_T=256)
+
+
+def blas_info() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "threadpoolctl not installed"
+    import numpy  # noqa: F401  (loads the BLAS so threadpoolctl sees it)
+    parts = [f"{i.get('internal_api')} {i.get('version')} kernel={i.get('architecture')} threads={i.get('num_threads')}"
+             for i in threadpool_info() if i.get("user_api") == "blas"]
+    return "; ".join(parts) or "no BLAS found"
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+# ----------------------------------------------------------------------------- npgpt workers
+def _npgpt_model(cfg):
+    import numpy as np
+
+    import npgpt
+    return npgpt.GPT(npgpt.GPTConfig(**cfg), dtype=np.float32, seed=0)
+
+
+def npgpt_train(cfg, B, T, steps):
+    import numpy as np
+
+    import npgpt
+    model = _npgpt_model(cfg)
+    opt = npgpt.AdamW(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    times = []
+    for s in range(steps + 1):                       # step 0 warms up (kernel compile/cache load)
+        idx = rng.integers(0, cfg["n_vocab"], (B, T))
+        t0 = time.perf_counter()
+        model.zero_grad()
+        logits = model.forward(idx)
+        loss, dlogits = npgpt.cross_entropy(logits, np.roll(idx, -1, axis=1), out=logits)
+        model.backward(dlogits)
+        npgpt.clip_grad_norm(model, 1.0)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return {"seconds": _median(times[1:]), "all": times[1:], "loss": float(loss)}
+
+
+def npgpt_prefill(cfg, T, reps):
+    import numpy as np
+
+    from npgpt.kvcache import KVCache
+    model = _npgpt_model(cfg).eval()
+    idx = np.random.default_rng(0).integers(0, cfg["n_vocab"], (1, T))
+    times = []
+    for _ in range(reps + 1):
+        cache = KVCache.for_model(model, 1)
+        t0 = time.perf_counter()
+        model.forward_cached(idx, cache)
+        times.append(time.perf_counter() - t0)
+    return {"tokens_per_s": T / _median(times[1:]), "seconds": _median(times[1:])}
+
+
+def npgpt_decode(cfg, prompt, new, reps):
+    import numpy as np
+
+    from npgpt.kvcache import KVCache
+    model = _npgpt_model(cfg).eval()
+    idx = np.random.default_rng(0).integers(0, cfg["n_vocab"], (1, prompt))
+    times = []
+    for _ in range(reps + 1):
+        cache = KVCache.for_model(model, 1)
+        logits = model.forward_cached(idx, cache)
+        t0 = time.perf_counter()
+        for _ in range(new):
+            nxt = logits.argmax(-1)[:, None]         # greedy
+            logits = model.forward_cached(nxt, cache)
+        times.append(time.perf_counter() - t0)
+    return {"tokens_per_s": new / _median(times[1:]), "seconds": _median(times[1:])}
+
+
+def npgpt_startup(cfg):
+    """Seconds from `npgpt generate` process start to its first token, weights local: Numba cache
+    cold (empty cache dir) and warm (second run)."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = os.path.join(tmp, "model")
+        _npgpt_model(cfg).save(model_dir)
+        env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(tmp, "numba-cache"))
+        for label in ("cold", "warm"):
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-m", "npgpt", "generate", "--model", model_dir, "-n", "1",
+                                     "--temperature", "0", "--stats", "!"], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            proc.stdout.read(1)                      # the first generated character
+            out[f"{label}_first_token_s"] = time.perf_counter() - t0
+            proc.communicate()
+    return out
+
+
+# ----------------------------------------------------------------------------- torch workers
+def _torch_model(cfg, train):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2Config(vocab_size=cfg["n_vocab"], n_positions=cfg["n_ctx"], n_embd=cfg["n_embd"],
+                    n_head=cfg["n_head"], n_layer=cfg["n_layer"], resid_pdrop=0.0, embd_pdrop=0.0,
+                    attn_pdrop=0.0, activation_function="gelu_new")
+    model = GPT2LMHeadModel(hf)
+    return model.train() if train else model.eval()
+
+
+def torch_train(cfg, B, T, steps):
+    import torch
+    model = _torch_model(cfg, train=True)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for s in range(steps + 1):
+        idx = torch.randint(0, cfg["n_vocab"], (B, T), generator=g)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        logits = model(idx).logits
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), torch.roll(idx, -1, 1).view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return {"seconds": _median(times[1:]), "all": times[1:], "loss": float(loss)}
+
+
+def torch_prefill(cfg, T, reps):
+    import torch
+    model = _torch_model(cfg, train=False)
+    idx = torch.randint(0, cfg["n_vocab"], (1, T), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            model(idx, use_cache=True, logits_to_keep=1)
+            times.append(time.perf_counter() - t0)
+    return {"tokens_per_s": T / _median(times[1:]), "seconds": _median(times[1:])}
+
+
+def torch_decode(cfg, prompt, new, reps):
+    import torch
+    model = _torch_model(cfg, train=False)
+    idx = torch.randint(0, cfg["n_vocab"], (1, prompt), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps + 1):
+            out = model(idx, use_cache=True, logits_to_keep=1)
+            past, logits = out.past_key_values, out.logits[:, -1]
+            t0 = time.perf_counter()
+            for _ in range(new):
+                nxt = logits.argmax(-1, keepdim=True)
+                out = model(nxt, past_key_values=past, use_cache=True)
+                past, logits = out.past_key_values, out.logits[:, -1]
+            times.append(time.perf_counter() - t0)
+    return {"tokens_per_s": new / _median(times[1:]), "seconds": _median(times[1:])}
+
+
+# ----------------------------------------------------------------------------- driver
+def _worker(argv):
+    """python -m npgpt.bench FRAMEWORK WORKLOAD CFG_JSON OPTS_JSON -> one JSON line on stdout."""
+    framework, workload, cfg, o = argv[0], argv[1], json.loads(argv[2]), json.loads(argv[3])
+    if framework == "torch":
+        import torch
+        torch.set_num_threads(o["threads"])
+    t_import = time.perf_counter()
+    fn = {("npgpt", "train"): lambda: npgpt_train(cfg, o["train_B"], o["train_T"], o["steps"]),
+          ("npgpt", "train-large"): lambda: npgpt_train(cfg, o["train_large_B"], o["train_large_T"], o["steps"]),
+          ("npgpt", "prefill"): lambda: npgpt_prefill(cfg, o["prefill_T"], o["reps"]),
+          ("npgpt", "decode"): lambda: npgpt_decode(cfg, o["decode_prompt"], o["decode_new"], o["reps"]),
+          ("npgpt", "startup"): lambda: npgpt_startup(cfg),
+          ("torch", "train"): lambda: torch_train(cfg, o["train_B"], o["train_T"], o["steps"]),
+          ("torch", "train-large"): lambda: torch_train(cfg, o["train_large_B"], o["train_large_T"], o["steps"]),
+          ("torch", "prefill"): lambda: torch_prefill(cfg, o["prefill_T"], o["reps"]),
+          ("torch", "decode"): lambda: torch_decode(cfg, o["decode_prompt"], o["decode_new"], o["reps"])}[
+        (framework, workload)]
+    result = fn()
+    result["peak_rss_mb"] = _peak_rss_mb()
+    result["wall_s"] = time.perf_counter() - t_import
+    if framework == "torch":
+        import torch
+        result["version"] = torch.__version__
+    print(json.dumps(result))
+
+
+def _run_worker(framework, workload, cfg, opts):
+    cmd = [sys.executable, "-m", "npgpt.bench", framework, workload, json.dumps(cfg), json.dumps(opts)]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(opts["threads"]))
+    env.setdefault("NUMBA_NUM_THREADS", str(opts["threads"]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench worker {framework}/{workload} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _torch_available() -> bool:
+    try:
+        import importlib.util
+        return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+    except ValueError:
+        return False
+
+
+def run(args) -> dict:
+    from .config import GPTConfig
+    cfg = GPTConfig.from_preset(args.model).to_hparams()
+    for k in ("n_layer", "n_embd", "n_head", "n_ctx", "n_vocab"):
+        if getattr(args, k, None):
+            cfg[k] = getattr(args, k)
+    opts = dict(DEFAULTS, threads=args.threads, steps=args.steps, reps=args.reps)
+    workloads = args.workloads or [w for w in WORKLOADS if w != "train-large"]
+    compare = args.compare == "torch"
+    if compare and not _torch_available():
+        raise SystemExit("npgpt bench: --compare torch needs torch and transformers installed "
+                         "(pip install torch==2.13.0 transformers)")
+    report = {"config": cfg, "threads": args.threads, "blas": blas_info(),
+              "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "NPGPT_KERNELS")},
+              "options": opts, "results": {}}
+    for w in workloads:
+        row = {"npgpt": _run_worker("npgpt", w, cfg, opts)}
+        if compare and w != "startup":
+            row["torch"] = _run_worker("torch", w, cfg, opts)
+        report["results"][w] = row
+        if not args.json:
+            _print_row(w, row, opts)
+    return report
+
+
+def _print_row(w, row, o):
+    n, t = row["npgpt"], row.get("torch")
+    if w == "startup":
+        print(f"{'npgpt generate start to first token':<44} cold (no Numba cache) {n['cold_first_token_s']:.2f} s, "
+              f"warm {n['warm_first_token_s']:.2f} s")
+        return
+    label = {"train": f"train step B={o['train_B']} T={o['train_T']}",
+             "train-large": f"train step B={o['train_large_B']} T={o['train_large_T']}",
+             "prefill": f"prefill B=1 T={o['prefill_T']}",
+             "decode": f"decode {o['decode_prompt']}-token prompt + {o['decode_new']} new"}[w]
+    if "seconds" in n and w.startswith("train"):
+        line = f"{label:<44} npgpt {n['seconds']:.3f} s  peak {n['peak_rss_mb'] / 1024:.2f} GB"
+        if t:
+            line += (f" | torch {t['seconds']:.3f} s  peak {t['peak_rss_mb'] / 1024:.2f} GB"
+                     f" | time ratio npgpt/torch {n['seconds'] / t['seconds']:.2f}x")
+    else:
+        line = f"{label:<44} npgpt {n['tokens_per_s']:.0f} tok/s"
+        if t:
+            line += f" | torch {t['tokens_per_s']:.0f} tok/s | speed ratio {n['tokens_per_s'] / t['tokens_per_s']:.2f}x"
+    print(line, flush=True)
+
+
+def add_parser(sub):
+    b = sub.add_parser("bench", help="measure prefill/decode tokens/s, train-step time, memory, start-up")
+    b.add_argument("--model", default="gpt2", help="shape preset: gpt2 (default), gpt2-medium, ... (random weights)")
+    for k in ("n_layer", "n_embd", "n_head", "n_ctx", "n_vocab"):
+        b.add_argument("--" + k.replace("_", "-"), dest=k, type=int, default=None)
+    b.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=None,
+                   help=f"default: all but train-large ({', '.join(WORKLOADS)})")
+    b.add_argument("--compare", choices=["torch"], default=None, help="run the same workloads in PyTorch too")
+    b.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    b.add_argument("--steps", type=int, default=3, help="timed train steps (after one warm-up)")
+    b.add_argument("--reps", type=int, default=3, help="timed prefill/decode repetitions (after one warm-up)")
+    b.add_argument("--json", action="store_true", help="print one JSON report instead of the table")
+    b.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    if not args.json:
+        print(f"BLAS: {blas_info()}; threads {args.threads}; "
+              f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')}",
+              flush=True)
+    report = run(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])
