@@ -48,8 +48,7 @@ class GPT(Module):
     def backward(self, dlogits):
         """Adds dL/dparam into every parameter's .grad (call zero_grad() first)."""
         for p in self.parameters():
-            if p.grad is None:
-                p.zero_grad()
+            p.ensure_grad()
         dlogits = np.asarray(dlogits, dtype=self.dtype)
         dx = self.lm_head.backward(dlogits)                       # (B, T, C); adds into wte.grad
         dx = self.ln_f.backward(dx)
@@ -92,21 +91,33 @@ class GPT(Module):
         return {name: p.data for name, p in self.named_parameters()}
 
     def load_state_dict(self, state: dict, strict: bool = True):
-        """Copy arrays (HF GPT-2 names and layouts) into the parameters; names and shapes checked first."""
+        """Copy arrays (HF GPT-2 names and layouts) into the parameters. Names, shapes and dtypes are
+        all checked before anything is copied, so a bad state dict leaves the model unchanged."""
         params = dict(self.named_parameters())
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied to wte
+        state = dict(state)
+        lm_head = state.pop("lm_head.weight", None)
         missing = [k for k in params if k not in state]
         unexpected = [k for k in state if k not in params]
         if strict and (missing or unexpected):
             raise ValueError(f"load_state_dict: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        arrays = {}
         for k, p in params.items():
-            if k in state and tuple(np.shape(state[k])) != p.data.shape:
-                raise ValueError(f"load_state_dict: tensor {k} has shape {tuple(np.shape(state[k]))}, "
-                                 f"the model expects {p.data.shape}")
-        for k, p in params.items():
-            if k in state:
-                p.data[...] = state[k]   # casts to the model's dtype
+            if k not in state:
+                continue
+            a = np.asarray(state[k])
+            if a.dtype.kind not in "fiu":
+                raise ValueError(f"load_state_dict: tensor {k} has dtype {a.dtype}, expected a number type")
+            if a.shape != p.data.shape:
+                raise ValueError(f"load_state_dict: tensor {k} has shape {a.shape}, the model expects {p.data.shape}")
+            arrays[k] = a
+        wte = arrays.get(PREFIX + "wte.weight")
+        if lm_head is not None and wte is not None and (np.shape(lm_head) != wte.shape or
+                                                        not np.array_equal(lm_head, wte)):
+            raise ValueError("load_state_dict: lm_head.weight differs from transformer.wte.weight; npgpt's LM head "
+                             "is tied to the token embedding and cannot load an untied checkpoint")
+        for k, a in arrays.items():
+            params[k].data[...] = a   # casts to the model's dtype
         return self
 
     # ----------------------------------------------------------------- checkpoints

@@ -116,7 +116,9 @@ def test_cross_entropy_kernel(dtype, N, V):
     z2 = z.copy()
     loss2, dz2 = kernels.cross_entropy_forward_backward(z2, t, -100, out=z2)
     assert dz2 is z2 or np.shares_memory(dz2, z2)
-    assert loss2 == loss and np.array_equal(dz2, dz)
+    # same math; the vectoriser may pick another summation order when input and output alias
+    assert abs(loss2 - loss) <= RTOL[dtype] * abs(loss)
+    close(dz2, dz, dtype)
 
 
 def test_cross_entropy_all_ignored():

@@ -1,0 +1,85 @@
+"""Shared fixtures for npgpt's tests.
+
+`backend` runs a test once per kernel backend ("numpy", the readable reference, and
+"numba", the fast kernels); `kernel_build` adds a third run, "numba-parallel", with every
+Numba kernel forced onto its parallel build.  The numba run is skipped while npgpt.kernels does not yet
+provide the kernels (detected by the attribute `layernorm_forward`), so the suite stays
+green now and covers numba automatically once the kernels land.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import npgpt
+import npgpt.kernels
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def numba_kernels_available() -> bool:
+    return hasattr(npgpt.kernels, "layernorm_forward")
+
+
+@pytest.fixture(params=["numpy", "numba"])
+def backend(request):
+    name = request.param
+    if name == "numba" and not numba_kernels_available():
+        pytest.skip("numba kernels not available yet (npgpt.kernels has no layernorm_forward)")
+    with npgpt.kernels.use_backend(name):
+        yield name
+
+
+@pytest.fixture(params=["numpy", "numba", "numba-parallel"])
+def kernel_build(request, monkeypatch):
+    """Like `backend`, plus "numba-parallel": the numba backend with every kernel forced onto its
+    parallel build (Numba kernels run serially below a work-size threshold, which the tiny test
+    models never reach, so without this the parallel builds would go untested end to end)."""
+    name = request.param
+    if name != "numpy" and not numba_kernels_available():
+        pytest.skip("numba kernels not available yet (npgpt.kernels has no layernorm_forward)")
+    if name == "numba-parallel":
+        from npgpt.kernels import _jit
+        if not hasattr(_jit, "PARALLEL_MIN_WORK"):
+            pytest.skip("npgpt.kernels._jit has no PARALLEL_MIN_WORK threshold to force")
+        monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 0)
+    with npgpt.kernels.use_backend("numpy" if name == "numpy" else "numba"):
+        yield name
+
+
+@pytest.fixture(scope="session")
+def ref_f32():
+    with np.load(os.path.join(FIXTURES, "reference_f32.npz"), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}, list(z.files)
+
+
+@pytest.fixture(scope="session")
+def ref_f64():
+    with np.load(os.path.join(FIXTURES, "reference_f64.npz"), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}, list(z.files)
+
+
+def _randomize_params(model, rng, weight_std=None, bias_std=0.1, gain_std=0.1):
+    """Make biases and layernorm gains non-trivial (not 0 / 1); optionally redraw the weights.
+
+    1-D parameters named *weight are layernorm gains (-> 1 + gain_std * z), other 1-D ones are
+    biases (-> bias_std * z); >= 2-D parameters are only redrawn (weight_std * z) when
+    weight_std is given."""
+    for name, p in model.named_parameters():
+        d = p.data
+        if d.ndim == 1:
+            if name.endswith("weight"):
+                d[...] = 1.0 + gain_std * rng.standard_normal(d.shape)
+            else:
+                d[...] = bias_std * rng.standard_normal(d.shape)
+        elif weight_std is not None:
+            d[...] = weight_std * rng.standard_normal(d.shape)
+    return model
+
+
+@pytest.fixture
+def randomize():
+    """randomize(module, rng, weight_std=None, bias_std=0.1, gain_std=0.1) -> module (in place)."""
+    return _randomize_params
