@@ -18,7 +18,10 @@ def clip_grad_norm(model, max_norm: float) -> float:
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for g in grads:
-            g *= g.dtype.type(coef)
+            if kernels.use_numba():
+                kernels.scale_(g, coef)
+            else:
+                g *= g.dtype.type(coef)
     return total
 
 

@@ -53,7 +53,7 @@ _KERNELS = {
     "causal_softmax_forward": "attention", "causal_softmax_backward": "attention",
     "cross_entropy_forward_backward": "crossentropy",
     "embedding_backward": "embedding",
-    "adamw_update": "adamw", "sum_of_squares": "adamw",
+    "adamw_update": "adamw", "sum_of_squares": "adamw", "scale_": "adamw",
 }
 
 

@@ -29,16 +29,27 @@ def _renamed(fn, suffix):
     return g
 
 
+# Floating-point sums are sequential unless reassociation is allowed: with it LLVM keeps several
+# partial sums in SIMD lanes (accumulating in float64 keeps the result as accurate as NumPy's
+# pairwise sums). No 'nnan'/'ninf': the masked softmax relies on -inf.
+REDUCTION_MATH = {"reassoc", "contract"}
+
+
 class _SerialOrParallel:
-    def __init__(self, fn):
+    def __init__(self, fn, fastmath):
         self.py_func = fn
-        self.serial = njit(cache=True, nogil=True)(_renamed(fn, "_serial"))
-        self.parallel = njit(cache=True, nogil=True, parallel=True)(_renamed(fn, "_parallel"))
+        opts = dict(cache=True, nogil=True, fastmath=fastmath)
+        self.serial = njit(**opts)(_renamed(fn, "_serial"))
+        self.parallel = njit(parallel=True, **opts)(_renamed(fn, "_parallel"))
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
 
     def __call__(self, work, *args):
         return (self.parallel if work >= PARALLEL_MIN_WORK else self.serial)(*args)
 
 
-def pjit(fn):
-    return _SerialOrParallel(fn)
+def pjit(fn=None, *, reductions: bool = False):
+    """@pjit or @pjit(reductions=True) (allow reassociating sums, see REDUCTION_MATH)."""
+    fastmath = REDUCTION_MATH if reductions else False
+    if fn is None:
+        return lambda f: _SerialOrParallel(f, fastmath)
+    return _SerialOrParallel(fn, fastmath)

@@ -4,7 +4,7 @@ They mirror npgpt/optim.py:
     p *= 1 - lr * wd
     m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
     p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
-    ||g||^2 = vdot(g, g)
+    ||g||^2 = vdot(g, g);   g *= c   (clipping)
 
 One read and one write of p, g, m, v per element instead of NumPy's ~10 passes.
 """
@@ -30,7 +30,7 @@ def _adamw(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2):
         p[i] = p[i] * decay - step * mi / (np.sqrt(vi) * rbc2 + eps)
 
 
-@pjit
+@pjit(reductions=True)
 def _sum_of_squares(g):
     total = 0.0
     for i in prange(g.size):
@@ -39,9 +39,20 @@ def _sum_of_squares(g):
     return total
 
 
+@pjit
+def _scale(g, c):
+    for i in prange(g.size):
+        g[i] *= c
+
+
 def adamw_update(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2):
     _adamw(p.size, p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), lr, b1, b2, eps, wd, bc1, bc2)
 
 
 def sum_of_squares(g):
     return float(_sum_of_squares(g.size, g.reshape(-1)))
+
+
+def scale_(g, c):
+    """g *= c in place, on every core (NumPy's in-place multiply runs on one)."""
+    _scale(g.size, g.reshape(-1), g.dtype.type(c))

@@ -12,7 +12,7 @@ from numba import prange
 from ._jit import pjit
 
 
-@pjit
+@pjit(reductions=True)
 def _forward(s, scale):                       # s (R, Tq, Tk), in place
     R, Tq, Tk = s.shape
     off = Tk - Tq
@@ -36,7 +36,7 @@ def _forward(s, scale):                       # s (R, Tq, Tk), in place
             s[b, i, j] = 0.0
 
 
-@pjit
+@pjit(reductions=True)
 def _backward(da, a, scale):                  # da, a (R, Tq, Tk); da becomes ds
     R, Tq, Tk = a.shape
     off = Tk - Tq

@@ -13,7 +13,7 @@ from numba import prange
 from ._jit import pjit
 
 
-@pjit
+@pjit(reductions=True)
 def _forward_backward(z, t, ignore_index, inv_n, dz, nll):   # z, dz (N, V); t, nll (N,)
     N, V = z.shape
     for n in prange(N):

@@ -4,7 +4,8 @@
     y  = 0.5 x (1 + t)
     dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) s (1 + 3 * 0.044715 x^2))
 
-Elementwise over the flattened array, one thread per chunk.
+Three passes: Numba computes the tanh argument, NumPy's SIMD tanh (~0.6 ns an element; the
+scalar libm tanh Numba would call costs ~15 ns) turns it into t in place, Numba finishes.
 """
 import math
 
@@ -18,30 +19,40 @@ K = 0.044715
 
 
 @pjit
-def _forward(x, y):
+def _tanh_arg(x, u):                          # u = s (x + 0.044715 x^3)
     for i in prange(x.size):
         xi = x[i]
-        t = np.tanh(S * (xi + K * xi * xi * xi))
-        y[i] = 0.5 * xi * (1.0 + t)
+        u[i] = S * (xi + K * xi * xi * xi)
 
 
 @pjit
-def _backward(dy, x, dx):
+def _forward_finish(x, t):                    # t <- y = 0.5 x (1 + t)
     for i in prange(x.size):
-        xi = x[i]
-        t = np.tanh(S * (xi + K * xi * xi * xi))
-        dx[i] = dy[i] * (0.5 * (1.0 + t) + 0.5 * xi * (1.0 - t * t) * S * (1.0 + 3.0 * K * xi * xi))
+        t[i] = 0.5 * x[i] * (1.0 + t[i])
+
+
+@pjit
+def _backward_finish(dy, x, t):               # t <- dx
+    for i in prange(x.size):
+        xi, ti = x[i], t[i]
+        t[i] = dy[i] * (0.5 * (1.0 + ti) + 0.5 * xi * (1.0 - ti * ti) * S * (1.0 + 3.0 * K * xi * xi))
 
 
 def gelu_forward(x):
-    x = np.ascontiguousarray(x)
+    shape = x.shape
+    x = np.ascontiguousarray(x).reshape(-1)
     y = np.empty_like(x)
-    _forward(x.size, x.reshape(-1), y.reshape(-1))
-    return y
+    _tanh_arg(x.size, x, y)
+    np.tanh(y, out=y)
+    _forward_finish(x.size, x, y)
+    return y.reshape(shape)
 
 
 def gelu_backward(dy, x):
-    dy, x = np.ascontiguousarray(dy), np.ascontiguousarray(x)
+    shape = dy.shape
+    dy, x = np.ascontiguousarray(dy).reshape(-1), np.ascontiguousarray(x).reshape(-1)
     dx = np.empty_like(dy)
-    _backward(x.size, dy.reshape(-1), x.reshape(-1), dx.reshape(-1))
-    return dx
+    _tanh_arg(x.size, x, dx)
+    np.tanh(dx, out=dx)
+    _backward_finish(x.size, dy, x, dx)
+    return dx.reshape(shape)

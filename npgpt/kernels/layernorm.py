@@ -16,7 +16,7 @@ from . import _jit
 from ._jit import pjit
 
 
-@pjit
+@pjit(reductions=True)
 def _forward(x, g, b, eps, y, xhat, rstd):          # x, y, xhat (N, C); rstd (N,)
     N, C = x.shape
     for n in prange(N):
@@ -37,7 +37,7 @@ def _forward(x, g, b, eps, y, xhat, rstd):          # x, y, xhat (N, C); rstd (N
             y[n, c] = xh * g[c] + b[c]
 
 
-@pjit
+@pjit(reductions=True)
 def _backward(dy, xhat, rstd, g, dg, db, dx, n_chunks):   # dy, xhat, dx (N, C)
     N, C = dy.shape
     part_g = np.zeros((n_chunks, C))

@@ -58,5 +58,5 @@ class TiedLMHead(Module):
         # logits = x @ w^T  =>  dw += dlogits^T x   and   dx = dlogits @ w
         x2, w = self.x, self.weight.data
         dl2 = dlogits.reshape(-1, w.shape[0])                          # (B*T, V)
-        self.weight.grad += dl2.T @ x2                                 # (V, C)
+        self.weight.add_matmul(dl2.T, x2)                              # dw += dlogits^T x  (V, C)
         return (dl2 @ w).reshape(dlogits.shape[:-1] + (w.shape[1],))   # (B, T, C)

@@ -22,7 +22,7 @@ class Linear(Module):
         # forward: y = x @ w + b, row by row over N = B*T rows
         x2, w = self.x, self.weight.data
         dy2 = dy.reshape(-1, w.shape[1])                     # (N, out)
-        self.weight.grad += x2.T @ dy2                       # dL/dw = x^T dy    (in, out)
+        self.weight.add_matmul(x2.T, dy2)                    # dL/dw += x^T dy   (in, out)
         self.bias.grad += dy2.sum(axis=0)                    # dL/db = sum_n dy  (out,)
         dx = dy2 @ w.T                                       # dL/dx = dy w^T    (N, in)
         return dx.reshape(*dy.shape[:-1], w.shape[0])

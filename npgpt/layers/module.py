@@ -14,17 +14,47 @@ import numpy as np
 
 
 class Parameter:
-    __slots__ = ("data", "grad")
+    """data and its gradient. zero_grad() only marks the gradient as zero; the array is
+    cleared when `.grad` is next read, or, by add_matmul, overwritten by a product with no
+    temporary and no clearing pass (the largest gradients are all matmul products). As with
+    PyTorch's zero_grad(set_to_none=True), a gradient array fetched before zero_grad() keeps
+    its old values: fetch `.grad` again after zeroing."""
+    __slots__ = ("data", "_grad", "_grad_is_zero")
 
     def __init__(self, data: np.ndarray):
         self.data = data
-        self.grad = None  # allocated on first use: inference never pays for gradients
+        self._grad = None          # allocated on first use: inference never pays for gradients
+        self._grad_is_zero = False
+
+    @property
+    def grad(self):
+        if self._grad_is_zero:
+            self._grad.fill(0)
+            self._grad_is_zero = False
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        self._grad, self._grad_is_zero = value, False
+
+    def ensure_grad(self):
+        """Allocate a zero gradient if there is none yet (without touching an existing one)."""
+        if self._grad is None:
+            self._grad = np.zeros_like(self.data)
 
     def zero_grad(self):
-        if self.grad is None:
-            self.grad = np.zeros_like(self.data)
+        if self._grad is None:
+            self._grad = np.zeros_like(self.data)
         else:
-            self.grad.fill(0)
+            self._grad_is_zero = True
+
+    def add_matmul(self, a, b):
+        """grad += a @ b  (a 2-D GEMM; written straight into grad when grad is still zero)."""
+        if self._grad_is_zero:
+            np.matmul(a, b, out=self._grad)
+            self._grad_is_zero = False
+        else:
+            self.grad += a @ b
 
     def __repr__(self):
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
