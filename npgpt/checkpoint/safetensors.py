@@ -17,6 +17,7 @@ read.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -170,14 +171,16 @@ def _write_safetensors_to(f, tensors: dict, metadata) -> None:
             f.write(arr.reshape(-1).view(np.uint8).data)
 
 
-def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write ``tensors`` ({name: array}) to ``path`` atomically (temp file + rename)."""
+@contextlib.contextmanager
+def atomic_write(path):
+    """Open a temporary file beside ``path`` for writing; on success fsync it and rename it over
+    ``path``; on any error (or Ctrl-C) delete it, so ``path`` is never left half-written."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            _write_safetensors_to(f, tensors, metadata)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -189,6 +192,12 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
             pass
         raise
     _fsync_dir(d)
+
+
+def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write ``tensors`` ({name: array}) to ``path`` atomically (temp file + rename)."""
+    with atomic_write(path) as f:
+        _write_safetensors_to(f, tensors, metadata)
 
 
 # ---------------------------------------------------------------------------
@@ -415,18 +424,6 @@ def save_hf_checkpoint(path, config: GPTConfig, state_dict: dict, dtype=np.float
 
 
 def _write_bytes_atomic(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path) as f:
+        f.write(data)
+
