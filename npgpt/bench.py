@@ -191,6 +191,9 @@ def torch_decode(cfg, prompt, new, reps):
 def _worker(argv):
     """python -m npgpt.bench FRAMEWORK WORKLOAD CFG_JSON OPTS_JSON -> one JSON line on stdout."""
     framework, workload, cfg, o = argv[0], argv[1], json.loads(argv[2]), json.loads(argv[3])
+    if framework == "npgpt":
+        from .runtime import keep_freed_memory
+        keep_freed_memory()
     if framework == "torch":
         import torch
         torch.set_num_threads(o["threads"])

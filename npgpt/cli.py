@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .runtime import keep_freed_memory
+    keep_freed_memory()
     try:
         return args.func(args)
     except CLIError as e:

@@ -1,52 +1,66 @@
-"""Fused softmax cross-entropy kernel. It mirrors npgpt/loss.py:cross_entropy_numpy:
+"""Fused softmax cross-entropy. It mirrors npgpt/loss.py:cross_entropy_numpy:
 
     m = max_v z;  e = exp(z - m);  sumexp = sum_v e
     nll = log(sumexp) + m - z[target]                  (0 where target == ignore_index)
     loss = sum(nll) / n;  dz = (e / sumexp - onehot(target)) / n   (0 on ignored rows)
 
-One row per iteration (prange). dz may be the logits array itself (out=logits): each row
-reads z[target] and the max before overwriting the row.
+Three passes over the (N, V) logits: Numba writes z - m (and keeps z[target] and m per row),
+NumPy's SIMD exp (a thread per core) turns that into e in place (~0.6 ns an element against ~3 ns for the scalar
+exp Numba would call, and the vocabulary is 50257 wide), Numba sums each row and scales it.
+dz may be the logits array itself (out=logits): pass 1 reads each row before overwriting it.
 """
 import numpy as np
 from numba import prange
 
-from ._jit import pjit
+from ._jit import pjit, ufunc_inplace
 
 
 @pjit(reductions=True)
-def _forward_backward(z, t, ignore_index, inv_n, dz, nll):   # z, dz (N, V); t, nll (N,)
+def _shift(z, t, ignore_index, dz, zt, m):      # dz = z - max_v z, per row; zt = z[target]
     N, V = z.shape
     for n in prange(N):
-        tn = t[n]
-        if tn == ignore_index:
-            nll[n] = 0.0
+        if t[n] == ignore_index:
+            zt[n] = 0.0
+            m[n] = 0.0
             for v in range(V):
-                dz[n, v] = 0.0
+                dz[n, v] = -np.inf                 # exp(-inf) = 0: ignored rows get no gradient
             continue
-        zt = z[n, tn]
-        m = z[n, 0]
+        zt[n] = z[n, t[n]]
+        mx = z[n, 0]
         for v in range(1, V):
-            if z[n, v] > m:
-                m = z[n, v]
+            mx = max(mx, z[n, v])
+        m[n] = mx
+        for v in range(V):
+            dz[n, v] = z[n, v] - mx
+
+
+@pjit(reductions=True)
+def _normalise(e, t, ignore_index, inv_n, zt, m, nll):   # e = exp(z - m) -> dz; nll per row
+    N, V = e.shape
+    for n in prange(N):
+        if t[n] == ignore_index:
+            nll[n] = 0.0
+            continue
         total = 0.0
         for v in range(V):
-            e = np.exp(z[n, v] - m)
-            dz[n, v] = e
-            total += e
-        nll[n] = np.log(total) + m - zt
+            total += e[n, v]
+        nll[n] = np.log(total) + m[n] - zt[n]
         scale = inv_n / total
         for v in range(V):
-            dz[n, v] *= scale
-        dz[n, tn] -= inv_n
+            e[n, v] *= scale
+        e[n, t[n]] -= inv_n
 
 
 def cross_entropy_forward_backward(logits, targets, ignore_index, out=None):
     V = logits.shape[-1]
     z = np.ascontiguousarray(logits).reshape(-1, V)
     t = np.ascontiguousarray(targets).reshape(-1).astype(np.int64, copy=False)
+    N = len(t)
     n = int(np.count_nonzero(t != ignore_index))
     dz = np.empty_like(z) if out is None else out.reshape(-1, V)
-    nll = np.empty(len(t), dtype=np.float64)
-    _forward_backward(z.size, z, t, ignore_index, 1.0 / max(n, 1), dz, nll)
+    zt, m, nll = np.empty(N), np.empty(N), np.empty(N)          # float64 per-row scalars
+    _shift(z.size, z, t, ignore_index, dz, zt, m)
+    ufunc_inplace(np.exp, dz)
+    _normalise(z.size, dz, t, ignore_index, 1.0 / max(n, 1), zt, m, nll)
     loss = nll.sum() / max(n, 1)
     return logits.dtype.type(loss), dz.reshape(logits.shape)
