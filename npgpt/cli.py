@@ -67,12 +67,18 @@ def cmd_download(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    model = _load(args.src, args.dtype)
+    """Checkpoint to checkpoint, straight through the arrays (no model is built)."""
+    import numpy as np
+    from .checkpoint import load_checkpoint, save_hf_checkpoint
+    if not str(args.src).strip() or not str(args.dst).strip():
+        raise CLIError("SRC and DST must not be empty")
     try:
-        model.save(args.dst)
+        config, state = load_checkpoint(args.src, verify=args.verify)
+        save_hf_checkpoint(args.dst, config, state, dtype=np.dtype(args.dtype))
     except (OSError, ValueError) as e:
         raise CLIError(str(e)) from None
-    print(f"wrote {args.dst} ({model.num_parameters():,} parameters, {args.dtype})")
+    n = sum(int(np.prod(v.shape)) for v in state.values())
+    print(f"wrote {args.dst} ({n:,} parameters, {args.dtype})")
     return 0
 
 
@@ -97,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    c.add_argument("--verify", action="store_true", help="check TensorFlow tensors' CRC-32C")
     c.set_defaults(func=cmd_convert)
 
     for module in ("cli_generate", "bench"):

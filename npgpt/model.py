@@ -90,9 +90,10 @@ class GPT(Module):
     def state_dict(self) -> dict:
         return {name: p.data for name, p in self.named_parameters()}
 
-    def load_state_dict(self, state: dict, strict: bool = True):
+    def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False):
         """Copy arrays (HF GPT-2 names and layouts) into the parameters. Names, shapes and dtypes are
-        all checked before anything is copied, so a bad state dict leaves the model unchanged."""
+        all checked before anything is copied, so a bad state dict leaves the model unchanged.
+        assign=True makes writable arrays of the model's dtype the parameters themselves (no copy)."""
         params = dict(self.named_parameters())
         state = dict(state)
         lm_head = state.pop("lm_head.weight", None)
@@ -117,7 +118,10 @@ class GPT(Module):
             raise ValueError("load_state_dict: lm_head.weight differs from transformer.wte.weight; npgpt's LM head "
                              "is tied to the token embedding and cannot load an untied checkpoint")
         for k, a in arrays.items():
-            params[k].data[...] = a   # casts to the model's dtype
+            if assign and a.dtype == self.dtype and a.flags.writeable and a.flags.c_contiguous:
+                params[k].data = a
+            else:
+                params[k].data[...] = a   # casts to the model's dtype
         return self
 
     # ----------------------------------------------------------------- checkpoints
@@ -127,8 +131,10 @@ class GPT(Module):
         once into $NPGPT_HOME), or a path: a Hugging Face directory / .safetensors file, or OpenAI's
         TensorFlow checkpoint directory / prefix. verify=True also checks TensorFlow CRC-32Cs."""
         from .checkpoint import load_checkpoint
-        config, state = load_checkpoint(name_or_path, verify=verify)
-        return cls(config, dtype=dtype, init=False).load_state_dict(state)
+        config, state = load_checkpoint(name_or_path, verify=verify, writable=True)
+        # copy-on-write maps of the file become the parameters: nothing is copied, and pages are
+        # read from the page cache when first used (fresh anonymous memory is slow to fault in)
+        return cls(config, dtype=dtype, init=False).load_state_dict(state, assign=True)
 
     def save(self, directory) -> str:
         """Write config.json + model.safetensors (Hugging Face GPT-2 layout) atomically; returns the path."""

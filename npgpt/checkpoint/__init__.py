@@ -46,7 +46,7 @@ def detect_format(path) -> str:
                             f"gpt2, gpt2-medium, gpt2-large, gpt2-xl, 124M, 355M, 774M, 1558M)")
 
 
-def load_checkpoint(path_or_name, verify: bool = False) -> tuple:
+def load_checkpoint(path_or_name, verify: bool = False, writable: bool = False) -> tuple:
     """Load a checkpoint -> (GPTConfig, state_dict).
 
     ``path_or_name``: a directory (Hugging Face: config.json + model.safetensors;
@@ -54,12 +54,14 @@ def load_checkpoint(path_or_name, verify: bool = False) -> tuple:
     ``.index`` file or checkpoint prefix, or a model name (gpt2, gpt2-medium,
     gpt2-large, gpt2-xl, 124M, 355M, 774M, 1558M) which is downloaded and
     converted once (see ``ensure_downloaded``).  An existing path wins over a
-    name.  ``verify`` checks the CRC-32C of TensorFlow tensors.
+    name.  ``verify`` checks the CRC-32C of TensorFlow tensors.  ``writable``
+    maps safetensors copy-on-write, so the arrays can become a model's parameters
+    with no copy (pages are read from the file when first used).
     """
     p = os.fspath(path_or_name)
     if not os.path.exists(p) and not os.path.exists(p + ".index") and is_model_name(p):
-        return load_hf_checkpoint(ensure_downloaded(p))
+        return load_hf_checkpoint(ensure_downloaded(p), writable=writable)
     fmt = detect_format(p)
     if fmt == "hf":
-        return load_hf_checkpoint(p)
+        return load_hf_checkpoint(p, writable=writable)
     return load_tf_checkpoint(p, verify=verify)

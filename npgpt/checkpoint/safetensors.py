@@ -97,12 +97,13 @@ def read_safetensors_header(path: str) -> tuple:
     return header, meta, data_start, size
 
 
-def read_safetensors(path, mmap: bool = True) -> tuple:
+def read_safetensors(path, mmap: bool = True, writable: bool = False) -> tuple:
     """Read a .safetensors file -> ({name: array}, metadata).
 
     With ``mmap=True`` tensors are read-only views of a memory map of the file
-    (nothing is read until used); otherwise they are ordinary in-memory arrays.
-    BF16 tensors are converted to float32.
+    (nothing is read until used), or with ``writable=True`` copy-on-write views
+    (writes go to private memory, never to the file); otherwise they are ordinary
+    in-memory arrays. BF16 tensors are converted to float32.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -110,7 +111,8 @@ def read_safetensors(path, mmap: bool = True) -> tuple:
     header, meta, start, size = read_safetensors_header(path)
     if size > start:
         if mmap:
-            data = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(size - start,))
+            data = np.memmap(path, dtype=np.uint8, mode="c" if writable else "r", offset=start,
+                             shape=(size - start,))
         else:
             with open(path, "rb") as f:
                 f.seek(start)
@@ -294,13 +296,13 @@ def _weight_files(d: str) -> list:
     raise FileNotFoundError(f"{d}: no model.safetensors{hint}")
 
 
-def load_hf_checkpoint(path, mmap: bool = True) -> tuple:
+def load_hf_checkpoint(path, mmap: bool = True, writable: bool = False) -> tuple:
     """Load a Hugging Face GPT-2 checkpoint -> (GPTConfig, state_dict).
 
     ``path`` is a directory with ``config.json`` and ``model.safetensors``, or a
     ``.safetensors`` file with ``config.json`` beside it.  float32 tensors are
-    read-only memory-mapped views (``mmap=True``) or in-memory copies; other
-    float dtypes are converted to float32.
+    read-only memory-mapped views (``mmap=True``; copy-on-write with ``writable=True``)
+    or in-memory copies; other float dtypes are converted to float32.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -328,7 +330,7 @@ def load_hf_checkpoint(path, mmap: bool = True) -> tuple:
     raw = {}
     origin = {}
     for file in files:
-        tensors, _ = read_safetensors(file, mmap=mmap)
+        tensors, _ = read_safetensors(file, mmap=mmap, writable=writable)
         for k, v in tensors.items():
             if k in raw:
                 raise ValueError(f"{file}: tensor {k!r} also appears in {origin[k]}")
