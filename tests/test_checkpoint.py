@@ -904,3 +904,16 @@ def test_from_pretrained_maps_copy_on_write(tmp_path):
     again = npgpt.GPT.from_pretrained(d)
     assert np.array_equal(again.state_dict()["transformer.wte.weight"], ref["param/transformer.wte.weight"])
     assert np.array_equal(model.state_dict()["transformer.wte.weight"], ref["param/transformer.wte.weight"] + 1.0)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_tf", "tiny_hf", "tiny_hub"])
+def test_from_pretrained_logits_match_pytorch(fixture, backend):
+    """Each real-format checkpoint (written by TensorFlow, by transformers' save_pretrained, and in
+    the hub layout) loads into a model whose logits match PyTorch's reference."""
+    import npgpt
+    ref = np.load(FIX / "reference_f32.npz")
+    model = npgpt.GPT.from_pretrained(FIX / fixture)
+    logits = model.forward(ref["idx"])
+    scale = np.abs(ref["logits"]).max()
+    assert logits.dtype == np.float32
+    assert np.abs(logits - ref["logits"]).max() <= 1e-5 * scale
