@@ -1,0 +1,20 @@
+"""`npgpt bench` runs end to end on a tiny config and reports what it promises (figures, BLAS, JSON)."""
+import json
+import subprocess
+import sys
+
+
+def test_bench_json_tiny_config():
+    cmd = [sys.executable, "-m", "npgpt", "bench", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+           "--n-vocab", "101", "--n-ctx", "256", "--workloads", "train", "prefill", "decode", "startup",
+           "--steps", "1", "--reps", "1", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["config"]["n_layer"] == 1 and report["config"]["n_vocab"] == 101
+    assert "openblas" in report["blas"].lower() or "blas" in report["blas"].lower()
+    res = report["results"]
+    assert res["train"]["npgpt"]["seconds"] > 0 and res["train"]["npgpt"]["peak_rss_mb"] > 0
+    assert res["prefill"]["npgpt"]["tokens_per_s"] > 0 and res["decode"]["npgpt"]["tokens_per_s"] > 0
+    assert 0 < res["startup"]["npgpt"]["warm_first_token_s"] < 60
+    assert "torch" not in res["train"]                      # no --compare: npgpt alone
