@@ -47,13 +47,14 @@ class GPT(Module):
 
     def backward(self, dlogits):
         """Adds dL/dparam into every parameter's .grad (call zero_grad() first)."""
-        for p in self.parameters():
-            p.ensure_grad()
         dlogits = np.asarray(dlogits, dtype=self.dtype)
+        # logits = ln_f(x) @ wte^T
         dx = self.lm_head.backward(dlogits)                       # (B, T, C); adds into wte.grad
         dx = self.ln_f.backward(dx)
+        # x = block_{L-1}(... block_0(x0)): walk the blocks in reverse
         for block in reversed(self.h):
             dx = block.backward(dx)
+        # x0 = drop(wte[idx] + wpe[0:T])
         dx = self.drop.backward(dx)
         # x = wte[idx] + wpe[0:T]: the sum passes dx to both tables
         self.wpe.backward(dx)
@@ -80,8 +81,6 @@ class GPT(Module):
 
     def named_grads(self):
         for name, p in self.named_parameters():
-            if p.grad is None:
-                p.zero_grad()
             yield name, p.grad
 
     def num_parameters(self) -> int:
@@ -129,12 +128,14 @@ class GPT(Module):
     def from_pretrained(cls, name_or_path, dtype=np.float32, verify: bool = False) -> "GPT":
         """Load OpenAI's GPT-2 by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; 124M ... 1558M: downloaded
         once into $NPGPT_HOME), or a path: a Hugging Face directory / .safetensors file, or OpenAI's
-        TensorFlow checkpoint directory / prefix. verify=True also checks TensorFlow CRC-32Cs."""
+        TensorFlow checkpoint directory / prefix. verify=True also checks TensorFlow CRC-32Cs.
+        The model is returned in eval mode (no dropout)."""
         from .checkpoint import load_checkpoint
         config, state = load_checkpoint(name_or_path, verify=verify, writable=True)
         # copy-on-write maps of the file become the parameters: nothing is copied, and pages are
         # read from the page cache when first used (fresh anonymous memory is slow to fault in)
-        return cls(config, dtype=dtype, init=False).load_state_dict(state, assign=True)
+        model = cls(config, dtype=dtype, init=False).load_state_dict(state, assign=True)
+        return model.eval()   # like Hugging Face: call .train() to fine-tune with the checkpoint's dropout
 
     def save(self, directory) -> str:
         """Write config.json + model.safetensors (Hugging Face GPT-2 layout) atomically; returns the path."""

@@ -10,7 +10,7 @@ from . import kernels
 
 def clip_grad_norm(model, max_norm: float) -> float:
     """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before clipping."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in model.parameters() if p.has_grad]
     if kernels.use_numba():
         total = math.sqrt(sum(kernels.sum_of_squares(g) for g in grads))
     else:
@@ -58,7 +58,7 @@ class AdamW:
         b1, b2 = self.betas
         bc1, bc2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
         for name, p in self.named:
-            if p.grad is None:
+            if not p.has_grad:
                 continue
             wd = self.weight_decay if self.decay[name] else 0.0
             if kernels.use_numba():
@@ -67,12 +67,23 @@ class AdamW:
                 adamw_update_numpy(p.data, p.grad, self.m[name], self.v[name], lr, b1, b2, self.eps, wd, bc1, bc2)
 
     def state_dict(self) -> dict:
+        """A snapshot (copies) of the step count and both moments, keyed m/<name>, v/<name>."""
         out = {"t": np.array(self.t)}
         for name, _ in self.named:
-            out[f"m/{name}"], out[f"v/{name}"] = self.m[name], self.v[name]
+            out[f"m/{name}"], out[f"v/{name}"] = self.m[name].copy(), self.v[name].copy()
         return out
 
     def load_state_dict(self, state: dict):
+        """Every key and shape is checked before anything changes."""
+        expected = {"t": ()}
+        for name, _ in self.named:
+            expected[f"m/{name}"] = expected[f"v/{name}"] = self.m[name].shape
+        missing = [k for k in expected if k not in state]
+        if missing:
+            raise ValueError(f"AdamW.load_state_dict: missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        for k, shape in expected.items():
+            if np.shape(state[k]) != shape:
+                raise ValueError(f"AdamW.load_state_dict: {k} has shape {np.shape(state[k])}, expected {shape}")
         self.t = int(state["t"])
         for name, _ in self.named:
             self.m[name][...] = state[f"m/{name}"]

@@ -2,9 +2,7 @@
 
 `backend` runs a test once per kernel backend ("numpy", the readable reference, and
 "numba", the fast kernels); `kernel_build` adds a third run, "numba-parallel", with every
-Numba kernel forced onto its parallel build.  The numba run is skipped while npgpt.kernels does not yet
-provide the kernels (detected by the attribute `layernorm_forward`), so the suite stays
-green now and covers numba automatically once the kernels land.
+Numba kernel forced onto its parallel build.
 """
 from __future__ import annotations
 
@@ -19,15 +17,9 @@ import npgpt.kernels
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
-def numba_kernels_available() -> bool:
-    return hasattr(npgpt.kernels, "layernorm_forward")
-
-
 @pytest.fixture(params=["numpy", "numba"])
 def backend(request):
     name = request.param
-    if name == "numba" and not numba_kernels_available():
-        pytest.skip("numba kernels not available yet (npgpt.kernels has no layernorm_forward)")
     with npgpt.kernels.use_backend(name):
         yield name
 
@@ -38,12 +30,8 @@ def kernel_build(request, monkeypatch):
     parallel build (Numba kernels run serially below a work-size threshold, which the tiny test
     models never reach, so without this the parallel builds would go untested end to end)."""
     name = request.param
-    if name != "numpy" and not numba_kernels_available():
-        pytest.skip("numba kernels not available yet (npgpt.kernels has no layernorm_forward)")
     if name == "numba-parallel":
         from npgpt.kernels import _jit
-        if not hasattr(_jit, "PARALLEL_MIN_WORK"):
-            pytest.skip("npgpt.kernels._jit has no PARALLEL_MIN_WORK threshold to force")
         monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 0)
     with npgpt.kernels.use_backend("numpy" if name == "numpy" else "numba"):
         yield name

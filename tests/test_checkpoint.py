@@ -917,3 +917,28 @@ def test_from_pretrained_logits_match_pytorch(fixture, backend):
     scale = np.abs(ref["logits"]).max()
     assert logits.dtype == np.float32
     assert np.abs(logits - ref["logits"]).max() <= 1e-5 * scale
+
+
+def test_float64_model_save_load_exact(tmp_path):
+    import npgpt
+    cfg = npgpt.GPTConfig(n_vocab=17, n_ctx=8, n_embd=8, n_head=2, n_layer=1)
+    model = npgpt.GPT(cfg, dtype=np.float64, seed=3)
+    model.save(tmp_path / "m64")
+    again = npgpt.GPT.from_pretrained(tmp_path / "m64", dtype=np.float64)
+    for (n, a), (_, b) in zip(model.named_parameters(), again.named_parameters()):
+        assert b.data.dtype == np.float64 and np.array_equal(a.data, b.data), n
+    assert not again.training                                   # from_pretrained returns eval mode
+
+
+def test_save_into_existing_dir_replaces_pair_and_keeps_other_files(tmp_path):
+    import npgpt
+    cfg = npgpt.GPTConfig(n_vocab=17, n_ctx=8, n_embd=8, n_head=2, n_layer=1)
+    d = tmp_path / "m"
+    npgpt.GPT(cfg, seed=1).save(d)
+    (d / "tokenizer.json").write_text("{}")
+    cfg2 = npgpt.GPTConfig(n_vocab=17, n_ctx=8, n_embd=8, n_head=2, n_layer=2)
+    model2 = npgpt.GPT(cfg2, seed=2)
+    model2.save(d)
+    loaded = npgpt.GPT.from_pretrained(d)
+    assert loaded.config.n_layer == 2 and (d / "tokenizer.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary or old directories left

@@ -429,3 +429,38 @@ def test_causal_mask(backend, randomize, dtype):
     # also a shorter sequence: a prefix gives the same logits as the full run's positions (causality)
     np.testing.assert_allclose(model.forward(idx[:, :4]), base[:, :4],
                                rtol=0, atol=(1e-5 if dtype == np.float32 else 1e-12))
+
+
+def test_layer_backward_without_zero_grad():
+    """A layer used on its own allocates its gradients on first backward."""
+    from npgpt.layers import Linear
+    rng = np.random.default_rng(0)
+    layer = Linear(4, 3, dtype=np.float64, rng=rng)
+    x, dy = rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 3))
+    layer.forward(x)
+    layer.backward(dy)
+    assert np.allclose(layer.weight.grad, x.reshape(-1, 4).T @ dy.reshape(-1, 3))
+    assert np.allclose(layer.bias.grad, dy.reshape(-1, 3).sum(0))
+
+
+def test_adamw_state_dict_roundtrip_and_validation():
+    model = tiny(seed=1)
+    opt = npgpt.AdamW(model, lr=1e-3)
+    model.zero_grad()
+    loss, dl = npgpt.cross_entropy(model.forward(np.array([[1, 2, 3]])), np.array([[2, 3, 4]]))
+    model.backward(dl)
+    opt.step()
+    snap = opt.state_dict()
+    opt.step()                                                   # the snapshot must not move with it
+    assert int(snap["t"]) == 1 and not all(np.array_equal(snap[f"m/{n}"], opt.m[n]) for n in opt.m)
+    other = npgpt.AdamW(model, lr=1e-3)
+    bad = dict(snap)
+    del bad["v/transformer.wpe.weight"]
+    with pytest.raises(ValueError, match="v/transformer.wpe.weight"):
+        other.load_state_dict(bad)
+    bad = dict(snap, **{"m/transformer.wte.weight": np.zeros(TINY["n_embd"])})
+    with pytest.raises(ValueError, match="m/transformer.wte.weight"):
+        other.load_state_dict(bad)
+    assert other.t == 0 and not any(m.any() for m in other.m.values())   # nothing changed
+    other.load_state_dict(snap)
+    assert other.t == 1 and all(np.array_equal(other.m[n], snap[f"m/{n}"]) for n in other.m)

@@ -14,8 +14,8 @@ import npgpt
 # name -> (logits: x max|ref|, loss: rel, grads: x own max|ref|, adamw losses: abs, adamw norms: rel,
 #          adamw params: abs or x max|ref|)
 TOL = {
-    np.float32: dict(logits=1e-5, loss=1e-6, grad=2e-5, ad_loss=1e-5, ad_norm=1e-5, ad_param=1e-4),
-    np.float64: dict(logits=1e-10, loss=1e-10, grad=1e-10, ad_loss=1e-10, ad_norm=1e-10, ad_param=1e-10),
+    np.float32: dict(logits=1e-5, loss=1e-6, grad=2e-5, ad_loss=1e-5, ad_norm=1e-5, ad_param=1e-5),
+    np.float64: dict(logits=1e-12, loss=1e-12, grad=1e-12, ad_loss=1e-12, ad_norm=1e-12, ad_param=1e-10),
 }
 
 
@@ -109,11 +109,12 @@ def test_adamw_trajectory(kernel_build, ref):
         ref_p = data["adamw/param/" + name]
         assert p.data.dtype == dtype, name
         got = p.data
-        if name.endswith("attn.c_attn.bias"):
+        if dtype is np.float32 and name.endswith("attn.c_attn.bias"):
             # The key slice of c_attn.bias has an exactly-zero gradient (softmax is invariant to adding a
             # constant to a row of scores), so on both sides its "gradient" is rounding noise (~1e-8 in
             # float32, comparable to Adam's eps = 1e-8), which Adam's normalisation turns into steps of
-            # up to ~lr in a noise-determined direction: no implementation can match it to 1e-4.  Only
+            # up to ~lr in a noise-determined direction: no float32 implementation can match it (PyTorch
+            # float32 vs float64 differ there by 5.4e-4; in float64 it is compared at 1e-10 below).  Only
             # bound it by the size of Adam's steps and compare the query and value slices tightly.
             k_err = np.abs(got[C:2 * C] - ref_p[C:2 * C]).max()
             assert k_err <= 2.0 * sum_lr, f"{name} key slice: {k_err:.3e}"

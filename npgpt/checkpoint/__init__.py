@@ -2,7 +2,7 @@
 
 Everything returns ``(GPTConfig, state_dict)`` where the state dict maps Hugging
 Face GPT-2 names (``transformer.wte.weight``, ``transformer.h.0.attn.c_attn.weight``,
-...) to float32 NumPy arrays in Hugging Face layouts (see ``layout.py``).
+...) to float32 (or float64, as stored) NumPy arrays in Hugging Face layouts (see ``layout.py``).
 Nothing here imports the model, and nothing is ever unpickled.
 """
 from __future__ import annotations

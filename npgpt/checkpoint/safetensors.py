@@ -302,7 +302,7 @@ def load_hf_checkpoint(path, mmap: bool = True, writable: bool = False) -> tuple
     ``path`` is a directory with ``config.json`` and ``model.safetensors``, or a
     ``.safetensors`` file with ``config.json`` beside it.  float32 tensors are
     read-only memory-mapped views (``mmap=True``; copy-on-write with ``writable=True``)
-    or in-memory copies; other float dtypes are converted to float32.
+    or in-memory copies; float64 stays float64; half and bfloat16 become float32.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -365,8 +365,8 @@ def load_hf_checkpoint(path, mmap: bool = True, writable: bool = False) -> tuple
     for k, v in state.items():
         if v.dtype.kind != "f":
             raise ValueError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected a float type")
-        if v.dtype != np.float32 or not v.dtype.isnative:
-            state[k] = v.astype(np.float32)
+        if v.dtype not in (np.float32, np.float64) or not v.dtype.isnative:
+            state[k] = v.astype(np.float32)   # half / bfloat16 / byte-swapped -> native float32
     return config, {k: state[k] for k in expected}
 
 
@@ -375,9 +375,9 @@ def save_hf_checkpoint(path, config: GPTConfig, state_dict: dict, dtype=np.float
 
     ``state_dict`` uses the native names (``transformer.``-prefixed; bare names
     are accepted too).  The result loads with ``GPT2LMHeadModel.from_pretrained``.
-    Atomic: a new directory is assembled under a temporary name and renamed
-    into place; into an existing directory each file is written to a
-    temporary name and renamed over the old one.  Returns ``path``.
+    Atomic: the new directory is assembled under a temporary name beside
+    ``path`` (other files already in ``path`` are carried over) and renamed
+    into place, so weights and config are replaced together.  Returns ``path``.
     """
     path = os.fspath(path)
     sd = {}
@@ -398,31 +398,36 @@ def save_hf_checkpoint(path, config: GPTConfig, state_dict: dict, dtype=np.float
 
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    if not os.path.exists(path):
-        tmpdir = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        try:
-            save_safetensors(os.path.join(tmpdir, "model.safetensors"), tensors, meta)
-            _write_bytes_atomic(os.path.join(tmpdir, "config.json"), cfg_bytes)
-            os.chmod(tmpdir, 0o755)
-            try:
-                os.rename(tmpdir, path)
-                _fsync_dir(parent)
-                return path
-            except OSError:
-                if not os.path.isdir(path):   # someone else created it meanwhile: fall through
-                    raise
-            os.makedirs(path, exist_ok=True)
-            os.replace(os.path.join(tmpdir, "model.safetensors"), os.path.join(path, "model.safetensors"))
-            os.replace(os.path.join(tmpdir, "config.json"), os.path.join(path, "config.json"))
-            _fsync_dir(path)
-            return path
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-    if not os.path.isdir(path):
+    if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"save_hf_checkpoint: {path} exists and is not a directory")
-    save_safetensors(os.path.join(path, "model.safetensors"), tensors, meta)
-    _write_bytes_atomic(os.path.join(path, "config.json"), cfg_bytes)
-    return path
+    # Assemble the whole new directory beside the target, then swap it in with renames, so the
+    # weights and config.json are replaced together (files of ours left from before do not mix).
+    tmpdir = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    old = None
+    try:
+        save_safetensors(os.path.join(tmpdir, "model.safetensors"), tensors, meta)
+        _write_bytes_atomic(os.path.join(tmpdir, "config.json"), cfg_bytes)
+        os.chmod(tmpdir, 0o755)
+        if os.path.isdir(path):
+            for name in os.listdir(path):     # keep the user's other files (a tokenizer, a README)
+                if name not in ("model.safetensors", "config.json", "model.safetensors.index.json") \
+                        and not name.startswith("model-"):
+                    src = os.path.join(path, name)
+                    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmpdir, name))
+            old = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=".old")
+            os.rename(path, os.path.join(old, "previous"))
+        try:
+            os.rename(tmpdir, path)
+        except BaseException:
+            if old is not None:                # put the previous checkpoint back
+                os.rename(os.path.join(old, "previous"), path)
+            raise
+        _fsync_dir(parent)
+        return path
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_bytes_atomic(path: str, data: bytes) -> None:

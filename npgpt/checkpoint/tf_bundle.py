@@ -452,9 +452,9 @@ def load_tf_checkpoint(path, verify: bool = False) -> tuple:
     tensor's CRC-32C (about 2-3 s per 500 MB).
 
     Returns ``(GPTConfig, state_dict)`` where the state dict has the Hugging
-    Face names/layouts of ``npgpt.checkpoint.layout``.  float32 tensors are
-    read-only memory-mapped views of the data file; other float dtypes are
-    converted to float32.
+    Face names/layouts of ``npgpt.checkpoint.layout``.  float32 and float64
+    tensors are read-only memory-mapped views of the data file; half and
+    bfloat16 are converted to float32.
     """
     path = os.fspath(path)
     if not os.path.exists(path) and not os.path.exists(path + ".index"):
@@ -491,8 +491,8 @@ def load_tf_checkpoint(path, verify: bool = False) -> tuple:
         arr = reader.read(tf_name, verify)
         if len(shape) == 3:
             arr = arr.reshape(shape[1:])
-        if arr.dtype != np.float32 or not arr.dtype.isnative:
-            arr = arr.astype(np.float32)
+        if arr.dtype not in (np.float32, np.float64) or not arr.dtype.isnative:
+            arr = arr.astype(np.float32)      # half / bfloat16 / byte-swapped -> native float32
         state[hf_name] = arr
     return config, state
 

@@ -23,5 +23,7 @@ class MLP(Module):
         return self.dropout(self.c_proj(h))          # (B, T, C)
 
     def backward(self, dout):
+        # out = dropout(c_proj(h))
         dh = self.c_proj.backward(self.dropout.backward(dout))  # (B, T, 4C)
+        # h = gelu(c_fc(x))
         return self.c_fc.backward(self.gelu.backward(dh))       # (B, T, C)

@@ -23,12 +23,14 @@ class Parameter:
 
     def __init__(self, data: np.ndarray):
         self.data = data
-        self._grad = None          # allocated on first use: inference never pays for gradients
+        self._grad = None          # allocated on first use (backward): inference never pays for gradients
         self._grad_is_zero = False
 
     @property
     def grad(self):
-        if self._grad_is_zero:
+        if self._grad is None:
+            self._grad = np.zeros_like(self.data)
+        elif self._grad_is_zero:
             self._grad.fill(0)
             self._grad_is_zero = False
         return self._grad
@@ -37,10 +39,9 @@ class Parameter:
     def grad(self, value):
         self._grad, self._grad_is_zero = value, False
 
-    def ensure_grad(self):
-        """Allocate a zero gradient if there is none yet (without touching an existing one)."""
-        if self._grad is None:
-            self._grad = np.zeros_like(self.data)
+    @property
+    def has_grad(self) -> bool:
+        return self._grad is not None
 
     def zero_grad(self):
         if self._grad is None:
@@ -50,6 +51,9 @@ class Parameter:
 
     def add_matmul(self, a, b):
         """grad += a @ b  (a 2-D GEMM; written straight into grad when grad is still zero)."""
+        if self._grad is None:
+            self._grad = np.empty_like(self.data)
+            self._grad_is_zero = True
         if self._grad_is_zero:
             np.matmul(a, b, out=self._grad)
             self._grad_is_zero = False
