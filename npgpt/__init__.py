@@ -14,6 +14,7 @@ from .loss import cross_entropy
 from .model import GPT
 from .optim import AdamW, clip_grad_norm, lr_schedule
 from .tokenizer import get_tokenizer
+from . import runtime  # noqa: F401  (npgpt.runtime.keep_freed_memory())
 
 __version__ = "0.1.0"
 __all__ = ["GPTConfig", "GPT", "cross_entropy", "AdamW", "clip_grad_norm", "lr_schedule",
