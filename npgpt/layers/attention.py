@@ -31,6 +31,13 @@ def causal_softmax_numpy(s, scale):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def causal_softmax(s, scale):
+    """The Numba kernel (in place over s) or the NumPy reference, as npgpt.kernels selects."""
+    if kernels.use_numba():
+        return kernels.causal_softmax_forward(s, scale)
+    return causal_softmax_numpy(s, scale)
+
+
 def causal_softmax_backward_numpy(da, a, scale):
     """ds for a = softmax(scale * s): ds = scale * a * (da - sum_j da * a)  (masked entries have a = 0)."""
     return scale * a * (da - (da * a).sum(axis=-1, keepdims=True))
@@ -56,11 +63,7 @@ class CausalSelfAttention(Module):
         """The attention core on (B, NH, T, hs) tensors; returns y (B, NH, T, hs)."""
         scale = 1.0 / math.sqrt(self.hs)
         s = q @ k.transpose(0, 1, 3, 2)                                # (B, NH, T, T)
-        if kernels.use_numba():
-            a = kernels.causal_softmax_forward(s, scale)               # in place over s
-        else:
-            a = causal_softmax_numpy(s, scale)
-        self.a = a
+        self.a = a = causal_softmax(s, scale)                          # (B, NH, T, T)
         self.a_drop = a_drop = self.attn_dropout(a)                    # (B, NH, T, T)
         return a_drop @ v                                              # (B, NH, T, hs)
 
@@ -107,10 +110,7 @@ class CausalSelfAttention(Module):
         s = q @ keys.transpose(0, 1, 3, 2)                             # (B, NH, T, Tk)
         if mask is not None:
             s += mask                                                  # -inf on keys a ragged row must not see
-        if kernels.use_numba():
-            a = kernels.causal_softmax_forward(s, scale)               # in place over s
-        else:
-            a = causal_softmax_numpy(s, scale)
+        a = causal_softmax(s, scale)                                   # (B, NH, T, Tk)
         y = a @ values                                                 # (B, NH, T, hs)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)                   # (B, T, C)
         return self.c_proj(y)
