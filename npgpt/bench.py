@@ -7,7 +7,6 @@ from a preset (default gpt2, 124M) or explicit --n-layer etc.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ import tempfile
 import time
 
 WORKLOADS = ("prefill", "decode", "train", "train-large", "startup")
+SHAPE = ("n_layer", "n_embd", "n_head", "n_ctx", "n_vocab")
 DEFAULTS = dict(prefill_T=256, decode_prompt=32, decode_new=128, train_B=4, train_T=64,
                 train_large_B=8, train_large_T=256)
 
@@ -236,18 +236,32 @@ def _torch_available() -> bool:
         return False
 
 
-def run(args) -> dict:
+def _config(args) -> dict:
+    """Check the options and build the model shape here, so bad input fails before any worker starts."""
+    from .cli import CLIError
     from .config import GPTConfig
-    cfg = GPTConfig.from_preset(args.model).to_hparams()
-    for k in ("n_layer", "n_embd", "n_head", "n_ctx", "n_vocab"):
-        if getattr(args, k, None):
-            cfg[k] = getattr(args, k)
+    for k in ("threads", "steps", "reps") + SHAPE:
+        v = getattr(args, k)
+        if v is not None and v < 1:
+            raise CLIError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
+    if args.compare == "torch" and not _torch_available():
+        raise CLIError("--compare torch needs torch and transformers installed "
+                       "(pip install torch==2.13.0 transformers)")
+    try:
+        cfg = GPTConfig.from_preset(args.model).to_hparams()
+    except ValueError as e:
+        raise CLIError(f"--model: {e}") from None
+    cfg.update({k: getattr(args, k) for k in SHAPE if getattr(args, k) is not None})
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise CLIError(f"--n-embd {cfg['n_embd']} is not divisible by --n-head {cfg['n_head']}")
+    return GPTConfig(**cfg).to_hparams()
+
+
+def run(args, cfg=None) -> dict:
+    cfg = cfg or _config(args)
     opts = dict(DEFAULTS, threads=args.threads, steps=args.steps, reps=args.reps)
     workloads = args.workloads or [w for w in WORKLOADS if w != "train-large"]
     compare = args.compare == "torch"
-    if compare and not _torch_available():
-        raise SystemExit("npgpt bench: --compare torch needs torch and transformers installed "
-                         "(pip install torch==2.13.0 transformers)")
     report = {"config": cfg, "threads": args.threads, "blas": blas_info(),
               "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "NPGPT_KERNELS")},
               "options": opts, "results": {}}
@@ -286,7 +300,7 @@ def _print_row(w, row, o):
 def add_parser(sub):
     b = sub.add_parser("bench", help="measure prefill/decode tokens/s, train-step time, memory, start-up")
     b.add_argument("--model", default="gpt2", help="shape preset: gpt2 (default), gpt2-medium, ... (random weights)")
-    for k in ("n_layer", "n_embd", "n_head", "n_ctx", "n_vocab"):
+    for k in SHAPE:
         b.add_argument("--" + k.replace("_", "-"), dest=k, type=int, default=None)
     b.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=None,
                    help=f"default: all but train-large ({', '.join(WORKLOADS)})")
@@ -299,11 +313,12 @@ def add_parser(sub):
 
 
 def _cli(args) -> int:
+    cfg = _config(args)
     if not args.json:
         print(f"BLAS: {blas_info()}; threads {args.threads}; "
               f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')}",
               flush=True)
-    report = run(args)
+    report = run(args, cfg)
     if args.json:
         print(json.dumps(report, indent=2))
     return 0

@@ -11,13 +11,12 @@ vocabulary cannot hold) print one line to stderr and exit with status 2.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
 
-
-class _UserError(Exception):
-    pass
+from .cli import CLIError
 
 
 def add_parser(subparsers):
@@ -50,20 +49,28 @@ def _unescape(s: str) -> str:
 
 def _check_args(args):
     if args.n < 0:
-        raise _UserError(f"-n must be >= 0, got {args.n}")
-    if args.temperature < 0:
-        raise _UserError(f"--temperature must be >= 0, got {args.temperature}")
+        raise CLIError(f"-n must be >= 0, got {args.n}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise CLIError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k < 0:
-        raise _UserError(f"--top-k must be >= 0, got {args.top_k}")
+        raise CLIError(f"--top-k must be >= 0, got {args.top_k}")
     if not 0.0 < args.top_p <= 1.0:
-        raise _UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
-        raise _UserError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
-    stops = [_unescape(s) for s in args.stop]
+        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.repetition_penalty is not None and not (math.isfinite(args.repetition_penalty)
+                                                    and args.repetition_penalty > 0):
+        raise CLIError(f"--repetition-penalty must be a finite number > 0, got {args.repetition_penalty}")
+    if args.seed is not None and args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    stops = []
+    for s in args.stop:
+        try:
+            stops.append(_unescape(s))
+        except UnicodeDecodeError as e:
+            raise CLIError(f"--stop '{s}': bad backslash escape ({e.reason})") from None
     if any(not s for s in stops):
-        raise _UserError("--stop strings must not be empty")
+        raise CLIError("--stop strings must not be empty")
     if not args.model.strip():
-        raise _UserError("--model is empty: give a model name (gpt2, ...) or a checkpoint path")
+        raise CLIError("--model is empty: give a model name (gpt2, ...) or a checkpoint path")
     return stops
 
 
@@ -72,13 +79,12 @@ def _load_model(name_or_path):
     from .model import GPT
     if not os.path.exists(name_or_path) and not os.path.exists(name_or_path + ".index") \
             and not is_model_name(name_or_path):
-        raise _UserError(f"model path {name_or_path} does not exist (nor is it a model name: "
-                         f"gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
+        raise CLIError(f"model path {name_or_path} does not exist (nor is it a model name: "
+                       f"gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
     try:
         return GPT.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        raise _UserError(f"cannot load model {name_or_path}: {msg}") from None
+        raise CLIError(f"cannot load model {name_or_path}: {str(e) or type(e).__name__}") from None
 
 
 def _write(stream, text: str):
@@ -91,11 +97,9 @@ def _write(stream, text: str):
 
 
 def run(args) -> int:
+    """User errors raise CLIError, which `npgpt.cli.main` prints as one line (exit status 2)."""
     try:
         return _run(args)
-    except _UserError as e:
-        print(f"npgpt generate: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:      # e.g. `npgpt generate ... | head`: the reader is gone, stop quietly
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -120,7 +124,7 @@ def _run(args) -> int:
     try:
         ids = encode_prompt(model, tokenizer, prompt)
     except ValueError as e:
-        raise _UserError(str(e)) from None
+        raise CLIError(str(e)) from None
 
     eos_id = tokenizer.eot_token
     streamer = TextStreamer(tokenizer, stops)
@@ -158,16 +162,3 @@ def _run(args) -> int:
             rate = f"{(n_new - 1) / t_gen:.1f} tokens/s" if n_new > 1 and t_gen > 0 else "n/a"
             print(f"generation: {n_new} tokens, {n_new - 1} after the first in {t_gen:.3f} s ({rate})", file=err)
     return 0
-
-
-def main(argv=None) -> int:
-    """Run `generate` on its own: python -m npgpt.cli_generate [options] [prompt]."""
-    import argparse
-    parser = argparse.ArgumentParser(prog="npgpt")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["generate", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

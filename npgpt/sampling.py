@@ -14,6 +14,8 @@ A Sampler owns its generator, np.random.default_rng(seed), so a seed reproduces 
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # a probability mass within this of p counts as reaching p (the sums below are float64)
@@ -31,8 +33,8 @@ def softmax(logits, axis: int = -1):
 def apply_repetition_penalty(logits, seen, penalty: float):
     """CTRL's repetition penalty on logits (B, V) for the tokens marked in seen (B, V) bool;
     returns a new array: seen positive logits / penalty, seen negative logits * penalty."""
-    if penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+    if not (math.isfinite(penalty) and penalty > 0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0, got {penalty}")
     logits = np.array(logits, dtype=np.float64)
     penalised = np.where(logits > 0, logits / penalty, logits * penalty)
     return np.where(seen, penalised, logits)
@@ -81,14 +83,14 @@ class Sampler:
     """next_tokens = Sampler(temperature=0.8, top_k=40, seed=0)(logits, seen)   logits (B, V) -> (B,)"""
 
     def __init__(self, temperature: float = 0.0, top_k=None, top_p=None, repetition_penalty=None, seed=None):
-        if temperature is None or temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and (int(top_k) != top_k or top_k < 1):
+        if temperature is None or not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        if top_k is not None and not (math.isfinite(top_k) and int(top_k) == top_k and top_k >= 1):
             raise ValueError(f"top_k must be a positive int, got {top_k}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
+        if top_p is not None and not 0.0 < top_p <= 1.0:          # also rejects nan
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if repetition_penalty is not None and repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        if repetition_penalty is not None and not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty}")
         self.temperature, self.top_k, self.top_p = float(temperature), top_k, top_p
         self.repetition_penalty = repetition_penalty
         self.rng = np.random.default_rng(seed)

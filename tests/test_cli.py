@@ -1,9 +1,12 @@
 """The `npgpt` command's gradcheck, info, convert and download subcommands, run as a user would."""
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -47,3 +50,53 @@ def test_bad_paths_are_one_line_errors(tmp_path):
         r = npgpt(*args)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def assert_one_line_error(r, command, *words):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"npgpt {command}: error: "), r.stderr
+    for w in words:
+        assert w in lines[0], r.stderr
+
+
+def test_bad_kernel_backend_is_one_line_error():
+    env = dict(os.environ, NPGPT_KERNELS="bogus")
+    for args in (("info", FIX / "tiny_hf"), ("gradcheck", "--kernels", "numpy")):
+        r = npgpt(*args, env=env)
+        assert_one_line_error(r, args[0], "NPGPT_KERNELS", "bogus")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "foo"], "--model"),
+    (["--n-embd", "768", "--n-head", "5"], "--n-head"),
+    (["--n-head", "0"], "--n-head"),
+    (["--steps", "0"], "--steps"),
+    (["--reps", "0"], "--reps"),
+    (["--threads", "0"], "--threads"),
+])
+def test_bench_bad_options_fail_before_any_worker(args, message):
+    r = npgpt("bench", "--workloads", "prefill", *args)
+    assert_one_line_error(r, "bench", message)
+    assert r.stdout == ""                                  # not even the BLAS header
+
+
+def test_info_takes_a_downloaded_model_name(tmp_path):
+    env = dict(os.environ, NPGPT_HOME=str(tmp_path), NPGPT_BASE_URL="http://127.0.0.1:9")
+    r = npgpt("info", "gpt2", env=env)                       # not downloaded: no network, a clear hint
+    assert_one_line_error(r, "info", "npgpt download gpt2")
+    assert "nor is it a model name" not in r.stderr
+    shutil.copytree(FIX / "tiny_hf", tmp_path / "gpt2")      # as `npgpt download gpt2` leaves it
+    r = npgpt("info", "124M", env=env)
+    assert r.returncode == 0, r.stderr
+    assert str(tmp_path / "gpt2") in r.stdout and "n_vocab:    101" in r.stdout
+
+
+def test_multi_line_errors_are_printed_on_one_line(tmp_path):
+    tf_dir = tmp_path / "openai" / "124M"                    # a broken "download": no network is used
+    tf_dir.mkdir(parents=True)
+    for name in ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001"):
+        (tf_dir / name).write_text("{}")
+    r = npgpt("download", "gpt2", env=dict(os.environ, NPGPT_HOME=str(tmp_path)))
+    assert_one_line_error(r, "download", "unusable", "Delete")

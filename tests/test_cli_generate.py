@@ -82,6 +82,13 @@ def test_zero_new_tokens():
     (["--model", os.path.join(ROOT, "tests"), PROMPT], "tests"),      # exists, but is not a checkpoint
     (["--model", TINY, "--top-p", "0", PROMPT], "--top-p"),
     (["--model", TINY, "--temperature", "-1", PROMPT], "--temperature"),
+    (["--model", TINY, "--temperature", "nan", PROMPT], "--temperature"),
+    (["--model", TINY, "--temperature", "inf", PROMPT], "--temperature"),
+    (["--model", TINY, "--repetition-penalty", "nan", PROMPT], "--repetition-penalty"),
+    (["--model", TINY, "--top-p", "nan", PROMPT], "--top-p"),
+    (["--model", TINY, "--top-k", "-1", PROMPT], "--top-k"),
+    (["--model", TINY, "--seed", "-1", PROMPT], "--seed"),
+    (["--model", TINY, "--stop", "\\x", PROMPT], "--stop"),             # a truncated \x escape
 ])
 def test_bad_input_one_line_error(args, message):
     r = run_cli(*args)

@@ -111,7 +111,9 @@ def test_sample_from_probs_never_draws_zero_probability():
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1.0), dict(top_k=0), dict(top_k=1.5), dict(top_p=0.0),
-                                    dict(top_p=1.5), dict(repetition_penalty=0.0)])
+                                    dict(top_p=1.5), dict(repetition_penalty=0.0), dict(temperature=float("nan")),
+                                    dict(temperature=float("inf")), dict(repetition_penalty=float("nan")),
+                                    dict(top_p=float("nan"))])
 def test_bad_sampler_arguments(kwargs):
     with pytest.raises(ValueError):
         Sampler(**{"temperature": 1.0, **kwargs})

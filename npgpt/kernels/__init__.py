@@ -13,16 +13,17 @@ BACKENDS = ("numpy", "numba")
 _backend = None
 
 
-def _check(name):
+def _check(name, what="kernel backend"):
     if name not in BACKENDS:
-        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {name!r} (NPGPT_KERNELS)")
+        raise ValueError(f"{what} must be one of {BACKENDS}, got {name!r}")
     return name
 
 
 def get_backend() -> str:
     global _backend
     if _backend is None:
-        _backend = _check(os.environ.get("NPGPT_KERNELS", "numba").strip().lower() or "numba")
+        _backend = _check(os.environ.get("NPGPT_KERNELS", "numba").strip().lower() or "numba",
+                          "the environment variable NPGPT_KERNELS")
     return _backend
 
 
