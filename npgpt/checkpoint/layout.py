@@ -6,6 +6,8 @@ prefix and Hugging Face layouts (Conv1D weights are (in, out)); there is no
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..config import GPTConfig
 
 PREFIX = "transformer."
@@ -86,3 +88,8 @@ def check_state_dict(config: GPTConfig, state_dict: dict, source: str) -> None:
     if problems:
         raise ValueError(f"{source}: state dict does not match {config}: " + "; ".join(problems[:8])
                          + (f"; and {len(problems) - 8} more problems" if len(problems) > 8 else ""))
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32 (exact: bf16 is the top half of an f32)."""
+    return (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)

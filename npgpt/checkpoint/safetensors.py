@@ -28,7 +28,7 @@ import tempfile
 import numpy as np
 
 from ..config import GPTConfig
-from .layout import PREFIX, check_state_dict, fmt_shape, hf_param_shapes
+from .layout import PREFIX, bf16_to_f32, check_state_dict, hf_param_shapes
 
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -38,11 +38,6 @@ _DTYPES = {
 }
 _FROM_NUMPY = {"b": "BOOL", "u1": "U8", "i1": "I8", "u2": "U16", "i2": "I16", "f2": "F16", "u4": "U32",
                "i4": "I32", "f4": "F32", "u8": "U64", "i8": "I64", "f8": "F64"}
-
-
-def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) -> float32 (exact: bf16 is the top half of an f32)."""
-    return (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def read_safetensors_header(path: str) -> tuple:

@@ -45,7 +45,7 @@ import numpy as np
 
 from ..config import GPTConfig
 from . import crc32c as _crc
-from .layout import fmt_shape, openai_param_map
+from .layout import bf16_to_f32, fmt_shape, openai_param_map
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
@@ -385,18 +385,9 @@ class BundleReader:
         """The tensor; bfloat16 converted to float32, other dtypes as stored."""
         arr = self.raw(name, verify)
         if self.entries[name].dtype == DT_BFLOAT16:
-            arr = (arr.astype(np.uint32) << np.uint32(16)).view(np.float32)
+            arr = bf16_to_f32(arr)
         return arr
 
-
-def read_bundle(prefix: str, verify: bool = False) -> dict:
-    """All tensors of a checkpoint as {name: array} (memory-mapped, read-only)."""
-    r = BundleReader(prefix)
-    return {name: r.read(name, verify) for name in r.entries}
-
-
-# ---------------------------------------------------------------------------
-# OpenAI GPT-2 checkpoints
 
 def find_checkpoint_prefix(path: str) -> str:
     """Resolve a directory, an ``.index``/``.data-*`` file or a prefix to a checkpoint prefix."""
