@@ -6,6 +6,8 @@ prefix and Hugging Face layouts (Conv1D weights are (in, out)); there is no
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from ..config import GPTConfig
@@ -93,3 +95,15 @@ def check_state_dict(config: GPTConfig, state_dict: dict, source: str) -> None:
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) -> float32 (exact: bf16 is the top half of an f32)."""
     return (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def read_json_object(path: str, what: str) -> dict:
+    """A JSON file that must hold an object (config.json, hparams.json); ValueError naming it if not."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path}: invalid {what}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: invalid {what}: not a JSON object")
+    return obj

@@ -28,7 +28,7 @@ import tempfile
 import numpy as np
 
 from ..config import GPTConfig
-from .layout import PREFIX, bf16_to_f32, check_state_dict, hf_param_shapes
+from .layout import PREFIX, bf16_to_f32, check_state_dict, hf_param_shapes, read_json_object
 
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -313,14 +313,7 @@ def load_hf_checkpoint(path, mmap: bool = True, writable: bool = False) -> tuple
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} does not exist: a Hugging Face checkpoint needs config.json "
                                 f"beside the weights")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-        if not isinstance(cfg, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as e:
-        raise ValueError(f"{cfg_path}: invalid JSON: {e}") from None
-    config = config_from_hf(cfg, cfg_path)
+    config = config_from_hf(read_json_object(cfg_path, "JSON"), cfg_path)
 
     raw = {}
     origin = {}

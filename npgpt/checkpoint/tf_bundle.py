@@ -36,7 +36,6 @@ The OpenAI GPT-2 mapping (``load_tf_checkpoint``):
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ import numpy as np
 
 from ..config import GPTConfig
 from . import crc32c as _crc
-from .layout import bf16_to_f32, fmt_shape, openai_param_map
+from .layout import bf16_to_f32, fmt_shape, openai_param_map, read_json_object
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
@@ -424,11 +423,8 @@ def read_hparams(path: str) -> GPTConfig:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: an OpenAI GPT-2 checkpoint needs hparams.json "
                                 f"(n_vocab, n_ctx, n_embd, n_head, n_layer) beside the checkpoint")
+    hp = read_json_object(path, "hparams")
     try:
-        with open(path, encoding="utf-8") as f:
-            hp = json.load(f)
-        if not isinstance(hp, dict):
-            raise ValueError("not a JSON object")
         return GPTConfig.from_hparams(hp)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: invalid hparams: {e}") from None
