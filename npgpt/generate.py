@@ -60,7 +60,6 @@ class Decoder:
 
     def prefill(self, prompts: Sequence[np.ndarray]):
         """prompts: B 1-D int arrays (lengths may differ) -> next-token logits (B, V)."""
-        B = len(prompts)
         lens = np.array([len(p) for p in prompts], dtype=np.int64)    # (B,)
         for b, p in enumerate(prompts):                               # bookkeeping copy, not compute
             self.tokens[b, :len(p)] = p

@@ -16,7 +16,7 @@ from .tf_bundle import load_tf_checkpoint
 
 __all__ = [
     "load_checkpoint", "load_tf_checkpoint", "load_hf_checkpoint", "save_hf_checkpoint",
-    "ensure_downloaded", "cache_dir", "download_file", "DownloadError", "read_safetensors",
+    "ensure_downloaded", "cache_dir", "canonical_name", "is_model_name", "download_file", "DownloadError", "read_safetensors",
     "save_safetensors", "hf_param_shapes", "openai_param_map", "check_state_dict", "detect_format",
 ]
 
