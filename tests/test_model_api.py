@@ -464,3 +464,21 @@ def test_adamw_state_dict_roundtrip_and_validation():
     assert other.t == 0 and not any(m.any() for m in other.m.values())   # nothing changed
     other.load_state_dict(snap)
     assert other.t == 1 and all(np.array_equal(other.m[n], snap[f"m/{n}"]) for n in other.m)
+
+
+def test_every_layer_stays_float32(backend):
+    """float32 in, float32 out, forward and backward, layer by layer (an upcast inside a backward
+    would otherwise hide behind the float32 gradient arrays it is added into)."""
+    from npgpt.layers import GELU, MLP, Block, CausalSelfAttention, Dropout, LayerNorm, Linear
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    x = rng.standard_normal((2, 5, 8)).astype(f32)
+    layers = [Linear(8, 8, dtype=f32, rng=rng), LayerNorm(8, dtype=f32), GELU(), Dropout(0.2, seed=0),
+              CausalSelfAttention(8, 2, dtype=f32, rng=rng, dropout=0.1, seed=0),
+              MLP(8, dtype=f32, rng=rng, dropout=0.1, seed=0), Block(8, 2, dtype=f32, rng=rng, dropout=0.1, seed=0)]
+    for layer in layers:
+        layer.train()
+        y = layer.forward(x)
+        dx = layer.backward(np.ones_like(y))
+        assert y.dtype == f32 and dx.dtype == f32, type(layer).__name__
+        assert all(p.grad.dtype == f32 for p in layer.parameters()), type(layer).__name__
