@@ -45,15 +45,13 @@ class Parameter:
 
     def zero_grad(self):
         if self._grad is None:
-            self._grad = np.zeros_like(self.data)
-        else:
-            self._grad_is_zero = True
+            self._grad = np.empty_like(self.data)
+        self._grad_is_zero = True
 
     def add_matmul(self, a, b):
         """grad += a @ b  (a 2-D GEMM; written straight into grad when grad is still zero)."""
         if self._grad is None:
-            self._grad = np.empty_like(self.data)
-            self._grad_is_zero = True
+            self.zero_grad()
         if self._grad_is_zero:
             np.matmul(a, b, out=self._grad)
             self._grad_is_zero = False
