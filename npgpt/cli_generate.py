@@ -6,8 +6,9 @@
 Only the continuation is printed (not the prompt), token by token, never splitting a UTF-8
 character. Generation ends at <|endoftext|>, at a --stop string (not printed) or after -n tokens.
 --stats first loads the kernels with a one-token warm-up (timed), then prints, to stderr, the
-prompt's tokens/s, the time to the first token and the generation tokens/s. User errors (bad option values, a model that cannot be loaded, a prompt the model's
-vocabulary cannot hold) print one line to stderr and exit with status 2.
+prompt's tokens/s, the time to the first token and the generation tokens/s. User errors (bad
+option values, a model that cannot be loaded, a prompt the model's vocabulary cannot hold) print
+one line to stderr and exit with status 2.
 """
 from __future__ import annotations
 
