@@ -78,12 +78,7 @@ def _check_args(args):
 
 
 def _load_model(name_or_path):
-    from .checkpoint import is_model_name
     from .model import GPT
-    if not os.path.exists(name_or_path) and not os.path.exists(name_or_path + ".index") \
-            and not is_model_name(name_or_path):
-        raise CLIError(f"model path {name_or_path} does not exist (nor is it a model name: "
-                       f"gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
     try:
         return GPT.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError) as e:

@@ -55,3 +55,4 @@ PRESETS = {
     "gpt2-xl":     dict(n_vocab=50257, n_ctx=1024, n_embd=1600, n_head=25, n_layer=48),  # 1558M
 }
 PRESET_ALIASES = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
+MODEL_NAMES = ", ".join([*PRESETS, *PRESET_ALIASES])   # for messages: what from_pretrained accepts by name

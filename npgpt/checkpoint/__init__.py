@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from ..config import MODEL_NAMES
+
 from .download import DownloadError, cache_dir, canonical_name, download_file, ensure_downloaded, is_model_name
 from .layout import check_state_dict, hf_param_shapes, openai_param_map
 from .safetensors import load_hf_checkpoint, read_safetensors, save_hf_checkpoint, save_safetensors
@@ -42,8 +44,7 @@ def detect_format(path) -> str:
                          f".index file or checkpoint prefix, or a directory)")
     if os.path.isfile(path + ".index"):
         return "tf"
-    raise FileNotFoundError(f"checkpoint path {path} does not exist (nor is it a model name: "
-                            f"gpt2, gpt2-medium, gpt2-large, gpt2-xl, 124M, 355M, 774M, 1558M)")
+    raise FileNotFoundError(f"checkpoint path {path} does not exist (nor is it a model name: {MODEL_NAMES})")
 
 
 def load_checkpoint(path_or_name, verify: bool = False, writable: bool = False) -> tuple:
