@@ -884,23 +884,25 @@ def test_ensure_downloaded_offline(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "gpt2-medium").exists()
 
 
-def test_from_pretrained_maps_copy_on_write(tmp_path):
-    """from_pretrained adopts copy-on-write maps of model.safetensors: parameters are writable,
+@pytest.mark.parametrize("fixture,weights", [(TINY_HF, "model.safetensors"),
+                                             (TINY_TF, "model.ckpt.data-00000-of-00001")])
+def test_from_pretrained_maps_copy_on_write(tmp_path, fixture, weights):
+    """from_pretrained adopts copy-on-write maps of the weights file: parameters are writable,
     and writing them (training) never changes the file."""
     import hashlib
     import shutil
 
     import npgpt
     d = tmp_path / "m"
-    shutil.copytree(TINY_HF, d)
-    digest = hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
+    shutil.copytree(fixture, d)
+    digest = hashlib.sha256((d / weights).read_bytes()).hexdigest()
     model = npgpt.GPT.from_pretrained(d)
     ref = np.load(FIX / "reference_f32.npz")
     wte = model.state_dict()["transformer.wte.weight"]
     assert np.array_equal(wte, ref["param/transformer.wte.weight"]) and wte.flags.writeable
     for p in model.parameters():
         p.data += 1.0
-    assert hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() == digest
+    assert hashlib.sha256((d / weights).read_bytes()).hexdigest() == digest
     again = npgpt.GPT.from_pretrained(d)
     assert np.array_equal(again.state_dict()["transformer.wte.weight"], ref["param/transformer.wte.weight"])
     assert np.array_equal(model.state_dict()["transformer.wte.weight"], ref["param/transformer.wte.weight"] + 1.0)

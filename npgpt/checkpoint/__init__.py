@@ -56,7 +56,7 @@ def load_checkpoint(path_or_name, verify: bool = False, writable: bool = False) 
     gpt2-large, gpt2-xl, 124M, 355M, 774M, 1558M) which is downloaded and
     converted once (see ``ensure_downloaded``).  An existing path wins over a
     name.  ``verify`` checks the CRC-32C of TensorFlow tensors.  ``writable``
-    maps safetensors copy-on-write, so the arrays can become a model's parameters
+    maps the weights copy-on-write, so the arrays can become a model's parameters
     with no copy (pages are read from the file when first used).
     """
     p = os.fspath(path_or_name)
@@ -65,4 +65,4 @@ def load_checkpoint(path_or_name, verify: bool = False, writable: bool = False) 
     fmt = detect_format(p)
     if fmt == "hf":
         return load_hf_checkpoint(p, writable=writable)
-    return load_tf_checkpoint(p, verify=verify)
+    return load_tf_checkpoint(p, verify=verify, writable=writable)

@@ -336,8 +336,8 @@ def data_file_name(prefix: str, shard: int, num_shards: int) -> str:
 class BundleReader:
     """Memory-mapped access to the tensors of one checkpoint."""
 
-    def __init__(self, prefix: str):
-        self.prefix = prefix
+    def __init__(self, prefix: str, writable: bool = False):
+        self.prefix, self.writable = prefix, writable      # writable: copy-on-write maps
         self.index_path = prefix + ".index"
         self.header, self.entries = read_bundle_index(prefix)
         self._maps = {}
@@ -350,7 +350,7 @@ class BundleReader:
             if os.path.getsize(path) == 0:
                 self._maps[shard] = (path, np.zeros(0, np.uint8))
             else:
-                self._maps[shard] = (path, np.memmap(path, dtype=np.uint8, mode="r"))
+                self._maps[shard] = (path, np.memmap(path, dtype=np.uint8, mode="c" if self.writable else "r"))
         return self._maps[shard]
 
     def raw(self, name: str, verify: bool = False) -> np.ndarray:
@@ -430,7 +430,7 @@ def read_hparams(path: str) -> GPTConfig:
         raise ValueError(f"{path}: invalid hparams: {e}") from None
 
 
-def load_tf_checkpoint(path, verify: bool = False) -> tuple:
+def load_tf_checkpoint(path, verify: bool = False, writable: bool = False) -> tuple:
     """Load an OpenAI GPT-2 TensorFlow checkpoint.
 
     ``path`` is the directory (with ``hparams.json`` and one checkpoint), the
@@ -451,7 +451,7 @@ def load_tf_checkpoint(path, verify: bool = False) -> tuple:
     if os.path.isdir(path):
         hparams_path = os.path.join(path, "hparams.json")
     config = read_hparams(hparams_path)
-    reader = BundleReader(prefix)
+    reader = BundleReader(prefix, writable=writable)
     index = reader.index_path
     mapping = openai_param_map(config)
 
