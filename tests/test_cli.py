@@ -1,4 +1,4 @@
-"""The `npgpt` command's gradcheck, info, convert and download subcommands, run as a user would."""
+"""The `npgpt` command's gradcheck, info, convert, download and bench error paths, run as a user would."""
 import os
 import shutil
 import subprocess
@@ -42,6 +42,11 @@ def test_info_convert_roundtrip(tmp_path):
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     r = npgpt("info", out)
     assert r.returncode == 0 and "Hugging Face safetensors" in r.stdout
+    from npgpt.checkpoint import load_checkpoint
+    _, state = load_checkpoint(out)
+    for k in ref.files:
+        if k.startswith("param/"):
+            assert np.array_equal(state[k[len("param/"):]], ref[k]), k
 
 
 def test_bad_paths_are_one_line_errors(tmp_path):
