@@ -77,9 +77,6 @@ class KVCache:
         view._step = None
         return view
 
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
-
     # ----------------------------------------------------------------- one forward pass
     def begin(self, T: int) -> np.ndarray:
         """Prepare to store T new positions per row; returns their positions (B, T) (for wpe).
