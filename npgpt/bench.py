@@ -297,32 +297,5 @@ def _print_row(w, row, o):
     print(line, flush=True)
 
 
-def add_parser(sub):
-    b = sub.add_parser("bench", help="measure prefill/decode tokens/s, train-step time, memory, start-up")
-    b.add_argument("--model", default="gpt2", help="shape preset: gpt2 (default), gpt2-medium, ... (random weights)")
-    for k in SHAPE:
-        b.add_argument("--" + k.replace("_", "-"), dest=k, type=int, default=None)
-    b.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=None,
-                   help=f"default: all but train-large ({', '.join(WORKLOADS)})")
-    b.add_argument("--compare", choices=["torch"], default=None, help="run the same workloads in PyTorch too")
-    b.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    b.add_argument("--steps", type=int, default=3, help="timed train steps (after one warm-up)")
-    b.add_argument("--reps", type=int, default=3, help="timed prefill/decode repetitions (after one warm-up)")
-    b.add_argument("--json", action="store_true", help="print one JSON report instead of the table")
-    b.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    cfg = _config(args)
-    if not args.json:
-        print(f"BLAS: {blas_info()}; threads {args.threads}; "
-              f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')}",
-              flush=True)
-    report = run(args, cfg)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    return 0
-
-
 if __name__ == "__main__":
     _worker(sys.argv[1:])

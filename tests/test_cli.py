@@ -105,3 +105,13 @@ def test_multi_line_errors_are_printed_on_one_line(tmp_path):
         (tf_dir / name).write_text("{}")
     r = npgpt("download", "gpt2", env=dict(os.environ, NPGPT_HOME=str(tmp_path)))
     assert_one_line_error(r, "download", "unusable", "Delete")
+
+
+def test_a_broken_command_import_is_raised_not_hidden(monkeypatch):
+    """A command module that fails to import must surface as ImportError, not as `invalid choice`."""
+    import sys as _sys
+
+    from npgpt.cli import build_parser
+    monkeypatch.setitem(_sys.modules, "npgpt.cli.generate", None)   # importing it now raises ImportError
+    with pytest.raises(ImportError):
+        build_parser()

@@ -37,14 +37,20 @@ def greedy_text(tiny):
 def test_greedy_output_equals_library(greedy_text, kernels):
     r = run_cli("--model", TINY, "-n", "16", "--temperature", "0", PROMPT, kernels=kernels)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == greedy_text and len(greedy_text) > 0
+    assert r.stdout == PROMPT + greedy_text + "\n" and len(greedy_text) > 0   # the prompt, then the continuation
     assert "Traceback" not in r.stderr
+
+
+def test_no_echo_prints_only_the_continuation(greedy_text):
+    r = run_cli("--model", TINY, "-n", "16", "--temperature", "0", "--no-echo", PROMPT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == greedy_text + "\n"
 
 
 def test_prompt_from_stdin(greedy_text):
     r = run_cli("--model", TINY, "-n", "16", "--temperature", "0", stdin=PROMPT + "\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == greedy_text
+    assert r.stdout == PROMPT + greedy_text + "\n"
 
 
 def test_seeded_sampling_is_reproducible(tiny):
@@ -57,20 +63,20 @@ def test_seeded_sampling_is_reproducible(tiny):
     assert a.stdout == b.stdout != c.stdout
     expected = npgpt.generate_text(tiny, get_tokenizer(), PROMPT, 30, temperature=1.0, top_k=40, top_p=0.95,
                                    repetition_penalty=1.1, seed=0)
-    assert a.stdout == expected
+    assert a.stdout == PROMPT + expected + "\n"
 
 
 def test_stop_string_and_stats(greedy_text):
     stop = greedy_text[5:8]
     r = run_cli("--model", TINY, "-n", "16", "--temperature", "0", "--stop", stop, "--stats", PROMPT)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == greedy_text[:greedy_text.index(stop)]
+    assert r.stdout == PROMPT + greedy_text[:greedy_text.index(stop)] + "\n"
     assert "tokens/s" in r.stderr and "first token" in r.stderr and "prompt: 5 tokens" in r.stderr
 
 
 def test_zero_new_tokens():
     r = run_cli("--model", TINY, "-n", "0", PROMPT)
-    assert r.returncode == 0 and r.stdout == "", r.stderr
+    assert r.returncode == 0 and r.stdout == PROMPT + "\n", r.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -3,8 +3,9 @@
     npgpt generate --model gpt2 -n 100 --temperature 0.8 --top-k 40 --seed 0 "Once upon a time"
     echo "Once upon a time" | npgpt generate --stop '\\n\\n' --stats
 
-Only the continuation is printed (not the prompt), token by token, never splitting a UTF-8
-character. Generation ends at <|endoftext|>, at a --stop string (not printed) or after -n tokens.
+The prompt is printed first and then the continuation, token by token, never splitting a UTF-8
+character (as llama.cpp's CLI and nanoGPT's sample.py do); --no-echo prints only the continuation.
+The output ends with a newline. Generation ends at <|endoftext|>, at a --stop string (not printed) or after -n tokens.
 --stats first loads the kernels with a one-token warm-up (timed), then prints, to stderr, the
 prompt's tokens/s, the time to the first token and the generation tokens/s. User errors (bad
 option values, a model that cannot be loaded, a prompt the model's vocabulary cannot hold) print
@@ -19,7 +20,7 @@ import time
 
 import numpy as np
 
-from .cli import CLIError
+from . import CLIError
 
 
 def add_parser(subparsers):
@@ -40,6 +41,7 @@ def add_parser(subparsers):
                    help="CTRL repetition penalty, e.g. 1.2 (default off)")
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop at this string (not printed); repeatable; backslash escapes such as \\n work")
+    p.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt before it")
     p.add_argument("--stats", action="store_true", help="print prompt and generation speed to stderr")
     p.set_defaults(func=run)
     return p
@@ -78,7 +80,7 @@ def _check_args(args):
 
 
 def _load_model(name_or_path):
-    from .model import GPT
+    from ..model import GPT
     try:
         return GPT.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError) as e:
@@ -108,8 +110,8 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from .generate import TextStreamer, encode_prompt, stream_tokens
-    from .tokenizer import get_tokenizer
+    from ..generate import TextStreamer, encode_prompt, stream_tokens
+    from ..tokenizer import get_tokenizer
 
     stops = _check_args(args)
     prompt = args.prompt
@@ -129,7 +131,7 @@ def _run(args) -> int:
     out = sys.stdout
     t_warm = None
     if args.stats:   # load the kernels (Numba's cache) first, so the prompt's tokens/s is the prefill's own
-        from .kvcache import KVCache
+        from ..kvcache import KVCache
         t_warm = time.perf_counter()
         model.forward_cached(np.zeros((1, 1), dtype=np.int64), KVCache.for_model(model, 1))
         t_warm = time.perf_counter() - t_warm
@@ -138,6 +140,8 @@ def _run(args) -> int:
     tokens = stream_tokens(model, ids, args.n, temperature=args.temperature, top_k=args.top_k or None,
                            top_p=args.top_p if args.top_p < 1.0 else None, seed=args.seed, eos_id=eos_id,
                            repetition_penalty=args.repetition_penalty)
+    if not args.no_echo:
+        _write(out, prompt)
     for t in tokens:
         if t_first is None:
             t_first = time.perf_counter()
@@ -151,7 +155,7 @@ def _run(args) -> int:
             break
     tokens.close()
     t_end = time.perf_counter()
-    _write(out, streamer.finish() + ("\n" if out.isatty() else ""))
+    _write(out, streamer.finish() + "\n")
 
     if args.stats:
         err = sys.stderr
