@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -194,10 +194,10 @@ class Data:
 
     name: str            # what --data named: a dataset name, URL or path
     tokenizer: object    # GPT2Tokenizer / CharTokenizer (encode, decode, n_vocab, name, save)
-    train_ids: np.ndarray   # (N_train,) uint16/uint32, memory-mapped
-    val_ids: np.ndarray     # (N_val,)
-    train: Windows
-    val: Windows
+    train_ids: np.ndarray = field(repr=False)   # (N_train,) uint16/uint32, memory-mapped
+    val_ids: np.ndarray = field(repr=False)     # (N_val,)
+    train: Windows = field(repr=False)
+    val: Windows = field(repr=False)
     context: int
     stride: int
 
