@@ -12,7 +12,7 @@ import numpy as np
 
 from .config import GPTConfig
 from .layers import Block, Dropout, Embedding, LayerNorm, Module, PositionEmbedding, TiedLMHead
-from .layers.module import spawn_seeds
+from .layers.module import no_grad, spawn_seeds
 
 PREFIX = "transformer."
 
@@ -148,7 +148,8 @@ class GPT(Module):
         (npgpt.kvcache.KVCache, e.g. KVCache.for_model(model, B)), and append theirs to it.
 
         Row b's tokens sit at positions cache.lengths[b] .. + T - 1: prefill with the prompt (T tokens),
-        then decode one token at a time (T = 1). Inference only: no dropout, no backward.
+        then decode one token at a time (T = 1). Inference only: runs under no_grad and eval_mode (no
+        dropout even in train mode, nothing kept for backward), through the model's own modules.
         n_valid (B,): row b holds only n_valid[b] real tokens followed by right padding; its cache then
         advances by n_valid[b] and its padding is never attended to. Returns the logits of each row's
         last real position (B, V) when last_only (the (B*T, V) projection is never computed), else
@@ -162,15 +163,13 @@ class GPT(Module):
             n_valid = np.asarray(n_valid, dtype=np.int64).reshape(B)
             if n_valid.min() < 1 or n_valid.max() > T:
                 raise ValueError(f"n_valid must be in [1, T={T}], got {n_valid.tolist()}")
-        pos = cache.begin(T)                                                       # (B, T)
-        x = self.wte.weight.data[idx] + self.wpe.weight.data[pos]                  # (B, T, C)
-        for l, block in enumerate(self.h):
-            x = block.forward_cached(x, cache.layer(l))                            # (B, T, C)
-        cache.advance(n_valid)
-        wte = self.wte.weight.data                                                 # (V, C)
-        if last_only:
-            last = np.full(B, T - 1) if n_valid is None else n_valid - 1
-            x = self.ln_f(x[np.arange(B), last])                                   # (B, C)
-            return x @ wte.T                                                       # (B, V)
-        x = self.ln_f(x).reshape(B * T, -1)                                        # (B*T, C)
-        return (x @ wte.T).reshape(B, T, -1)                                       # (B, T, V)
+        with no_grad(), self.eval_mode():
+            pos = cache.begin(T)                                                   # (B, T)
+            x = self.wte(idx) + self.wpe.forward_cached(pos)                       # (B, T, C)
+            for l, block in enumerate(self.h):
+                x = block.forward_cached(x, cache.layer(l))                        # (B, T, C)
+            cache.advance(n_valid)
+            if last_only:
+                last = np.full(B, T - 1) if n_valid is None else n_valid - 1
+                x = x[np.arange(B), last]                                          # (B, C)
+            return self.lm_head(self.ln_f(x))                                      # (B, V) | (B, T, V)

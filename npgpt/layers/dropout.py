@@ -19,12 +19,19 @@ class Dropout(Module):
 
     def forward(self, x):
         if not self.active():
-            self.mask = None
+            self.save_for_backward(mask=None)                  # identity
             return x
         keep = self.rng.random(x.shape, dtype=np.float32) >= self.p
-        self.mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))  # kept for backward
-        return x * self.mask
+        mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))
+        self.save_for_backward(mask=mask)
+        return x * mask
 
     def backward(self, dy):
         # y = x * mask  =>  dx = dy * mask (the same mask: dropped units get no gradient)
-        return dy if self.mask is None else dy * self.mask
+        return self.replay(dy)
+
+    def replay(self, x):
+        """x * mask with the last forward's mask: backward, and forward again with the same units dropped
+        (attention recomputes its dropped probabilities this way instead of keeping them)."""
+        mask = self.saved("mask")
+        return x if mask is None else x * mask

@@ -7,10 +7,46 @@ contributions with no special case.
 
 A Module finds its parameters by walking its attributes, so a layer only has to
 assign them (`self.weight = Parameter(...)`), as in PyTorch.
+
+Grad mode. A layer's forward keeps what its backward needs (its input, layernorm's xhat and
+rstd, dropout's mask, ...) through `self.save_for_backward(x=...)`, and backward reads it back
+with `self.saved("x")`. Under `npgpt.no_grad()` (a context manager and a decorator, as in
+PyTorch) nothing is kept: the attributes are set to None, so an evaluation or sampling pass
+holds no activations and leaves no stale ones, and a backward after it raises RuntimeError
+instead of using another pass's caches. `is_grad_enabled()` tells the current mode.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
+
+_grad_enabled = True
+
+
+def is_grad_enabled() -> bool:
+    """False inside `no_grad()`: forward passes keep nothing for backward."""
+    return _grad_enabled
+
+
+class no_grad(contextlib.ContextDecorator):
+    """`with npgpt.no_grad():` or `@npgpt.no_grad()`: forward passes keep no backward caches.
+
+    Only what is kept changes: dropout still applies in training mode (call .eval() to turn it off)."""
+
+    def __init__(self):
+        self._outer = []               # a stack, so one instance can be re-entered (a recursive decorated call)
+
+    def __enter__(self):
+        global _grad_enabled
+        self._outer.append(_grad_enabled)
+        _grad_enabled = False
+        return self
+
+    def __exit__(self, *exc):
+        global _grad_enabled
+        _grad_enabled = self._outer.pop()
+        return False
 
 
 class Parameter:
@@ -106,8 +142,38 @@ class Module:
     def eval(self):
         return self.train(False)
 
+    @contextlib.contextmanager
+    def eval_mode(self):
+        """`with module.eval_mode():` every submodule in eval mode (no dropout), each one's own
+        mode restored afterwards (inference inside a training run, e.g. GPT.forward_cached)."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            yield self
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
+
+    # ----------------------------------------------------------------- what backward needs
+    def save_for_backward(self, **values):
+        """self.<name> = value for each keyword, or None under no_grad (see the module docstring)."""
+        keep = _grad_enabled
+        for name, value in values.items():
+            setattr(self, name, value if keep else None)
+        self._saved = keep
+
+    def saved(self, *names):
+        """The values the last forward kept (one value for one name, else a tuple); RuntimeError if
+        that forward ran under no_grad or none ran."""
+        if not getattr(self, "_saved", False):
+            raise RuntimeError(f"{type(self).__name__}.backward: no forward pass kept its activations "
+                               f"(the last forward ran under npgpt.no_grad(), or none ran since the "
+                               f"module was built); run forward with gradients enabled first")
+        values = tuple(getattr(self, name) for name in names)
+        return values[0] if len(values) == 1 else values
 
 
 def spawn_seeds(seed, n: int):
