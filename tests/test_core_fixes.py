@@ -1,0 +1,167 @@
+"""Regression tests of issue 12: the core that training and fine-tuning stand on.
+
+Grad mode (npgpt.no_grad), inference that keeps no training caches, contiguous parameters,
+parameters with no gradient left alone by AdamW and clipping, names of a nested GPT, containers
+of parameters, sampling edge cases, gradcheck on non-contiguous inputs, Hugging Face dropout
+fields, boolean dropout masks and cross_entropy's normalizer.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import npgpt
+from npgpt import GPT, AdamW, GPTConfig, clip_grad_norm
+from npgpt.kvcache import KVCache
+from npgpt.layers import CausalSelfAttention, Dropout, Linear, Module, Parameter
+from npgpt.sampling import Sampler, sample_from_probs, top_p_filter
+
+TINY = dict(n_vocab=29, n_ctx=10, n_embd=12, n_head=3, n_layer=2)
+
+
+def tiny(randomize, dtype=np.float64, seed=0, dropout=0.0):
+    model = GPT(GPTConfig(**TINY, dropout=dropout), dtype=dtype, seed=seed)
+    return randomize(model, np.random.default_rng(seed + 1000), weight_std=0.2)
+
+
+def batch(seed=0, B=2, T=8):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, TINY["n_vocab"], (B, T)), rng.integers(0, TINY["n_vocab"], (B, T))
+
+
+def grads_of(model, idx, targets):
+    model.zero_grad()
+    _, dlogits = npgpt.cross_entropy(model.forward(idx), targets)
+    model.backward(dlogits)
+    return {n: g.copy() for n, g in model.named_grads()}
+
+
+# ----------------------------------------------------------------------------- 1. grad mode
+
+def test_cached_sample_between_forward_and_backward_is_refused_not_silently_wrong(backend, randomize):
+    """A KV-cached sample runs the model's layers under no_grad, which drops their caches: a backward of
+    the earlier training forward then raises instead of mixing the sample's activations in."""
+    model = tiny(randomize)
+    idx, targets = batch()
+    expected = grads_of(model, idx, targets)
+    model.zero_grad()
+    logits = model.forward(idx)
+    other, _ = batch(seed=1)                                     # a sample of the same shape in between
+    model.forward_cached(other, KVCache.for_model(model, other.shape[0]), last_only=False)
+    _, dlogits = npgpt.cross_entropy(logits, targets)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        model.backward(dlogits)
+    # sampling after backward (before the optimizer step) leaves the gradients exact
+    model.zero_grad()
+    _, dlogits = npgpt.cross_entropy(model.forward(idx), targets)
+    model.backward(dlogits)
+    model.forward_cached(other, KVCache.for_model(model, other.shape[0]), last_only=False)
+    for n, g in model.named_grads():
+        np.testing.assert_array_equal(g, expected[n], err_msg=n)
+
+
+def test_grad_mode_context_and_decorator():
+    assert npgpt.is_grad_enabled()
+    with npgpt.no_grad():
+        assert not npgpt.is_grad_enabled()
+        with npgpt.no_grad():
+            assert not npgpt.is_grad_enabled()
+        assert not npgpt.is_grad_enabled()
+    assert npgpt.is_grad_enabled()
+
+    @npgpt.no_grad()
+    def inside():
+        return npgpt.is_grad_enabled()
+    assert inside() is False and npgpt.is_grad_enabled()
+    with pytest.raises(KeyError):                                # restored on an exception too
+        with npgpt.no_grad():
+            raise KeyError
+    assert npgpt.is_grad_enabled()
+
+
+def activation_arrays(model):
+    return [(type(m).__name__, k) for m in model.modules() for k, v in vars(m).items() if isinstance(v, np.ndarray)]
+
+
+def test_no_grad_forward_keeps_no_activations(backend, randomize):
+    model = tiny(randomize, dropout=0.2)                         # train mode: dropout applies, no mask kept
+    idx, targets = batch()
+    model.forward(idx)
+    assert activation_arrays(model)                              # a training forward keeps its caches
+    with npgpt.no_grad():
+        logits = model.forward(idx)
+    assert activation_arrays(model) == []
+    assert np.isfinite(logits).all()
+
+
+def test_backward_after_no_grad_forward_raises(backend, randomize):
+    model = tiny(randomize)
+    idx, targets = batch()
+    grads_of(model, idx, targets)                                # stale caches a backward must not use
+    with npgpt.no_grad():
+        logits = model.forward(idx)
+    _, dlogits = npgpt.cross_entropy(logits, targets)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        model.backward(dlogits)
+    layer = Linear(3, 2, dtype=np.float64, rng=np.random.default_rng(0))
+    with pytest.raises(RuntimeError, match="forward"):           # no forward at all
+        layer.backward(np.ones((4, 2)))
+    drop = Dropout(0.0)
+    with npgpt.no_grad():
+        drop(np.ones(3))
+    with pytest.raises(RuntimeError, match="no_grad"):           # even an inactive dropout
+        drop.backward(np.ones(3))
+
+
+def test_no_grad_dropout_still_drops_in_training_mode():
+    drop = Dropout(0.5, seed=0)
+    with npgpt.no_grad():
+        y = drop(np.ones((64, 64)))
+    assert (y == 0).any() and drop.mask is None
+
+
+class Doubled(Module):
+    """A swapped-in module: the wrapped one's output times two."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return 2.0 * self.inner(x)
+
+
+def test_forward_cached_runs_the_model_own_modules(backend, randomize):
+    model = tiny(randomize).eval()
+    idx, _ = batch(T=5)
+    plain = model.forward_cached(idx, KVCache.for_model(model, 2))
+    model.lm_head = Doubled(model.lm_head)
+    model.h[1].mlp = Doubled(model.h[1].mlp)
+    got = model.forward_cached(idx, KVCache.for_model(model, 2))
+    assert model.lm_head.calls == 1 and model.h[1].mlp.calls == 1
+    model.lm_head = model.lm_head.inner
+    model.h[1].mlp = model.h[1].mlp.inner
+    assert not np.allclose(got, 2.0 * plain)                     # the doubled MLP changed the output
+    model.h[1].mlp = Doubled(model.h[1].mlp)
+    np.testing.assert_allclose(model.forward(idx)[:, -1], model.forward_cached(idx, KVCache.for_model(model, 2)),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_forward_cached_never_drops_even_in_train_mode(backend, randomize):
+    model = tiny(randomize, dropout=0.5)
+    idx, _ = batch(T=6)
+    assert model.training
+    got = model.forward_cached(idx, KVCache.for_model(model, 2), last_only=False)
+    assert all(m.training for m in model.modules())              # the mode is restored
+    with npgpt.no_grad():
+        expected = model.eval().forward(idx)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_position_embedding_forward_cached_per_row_positions():
+    from npgpt.layers import PositionEmbedding
+    wpe = PositionEmbedding(8, 3, dtype=np.float64, rng=np.random.default_rng(0))
+    pos = np.array([[2, 3], [5, 6]])
+    np.testing.assert_array_equal(wpe.forward_cached(pos), wpe.weight.data[pos])
