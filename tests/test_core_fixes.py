@@ -165,3 +165,36 @@ def test_position_embedding_forward_cached_per_row_positions():
     wpe = PositionEmbedding(8, 3, dtype=np.float64, rng=np.random.default_rng(0))
     pos = np.array([[2, 3], [5, 6]])
     np.testing.assert_array_equal(wpe.forward_cached(pos), wpe.weight.data[pos])
+
+
+# ----------------------------------------------------------------------------- 2. contiguous parameters
+
+class One(Module):
+    def __init__(self, data):
+        self.w = Parameter(data)
+
+
+def test_parameter_is_c_contiguous_and_adamw_moves_it(backend):
+    f_ordered = np.arange(6.).reshape(2, 3).T                    # (3, 2), not C-contiguous
+    m = One(f_ordered.copy(order="F"))
+    assert m.w.data.flags.c_contiguous
+    np.testing.assert_array_equal(m.w.data, f_ordered)
+    m.w.data = np.asfortranarray(np.ones((4, 5)))
+    assert m.w.data.flags.c_contiguous
+    m.w.data = f_ordered.copy(order="F")
+    m.zero_grad()
+    m.w.grad[...] = 1.0
+    before = m.w.data.copy()
+    AdamW(m, lr=0.1, weight_decay=0.0).step()
+    np.testing.assert_allclose(m.w.data, before - 0.1, rtol=1e-6)
+
+
+def test_numba_kernels_refuse_non_contiguous():
+    from npgpt.kernels import adamw
+    a = np.ones((4, 3)).T
+    with pytest.raises(ValueError, match="contiguous"):
+        adamw.adamw_update(a, a, a, a, 0.1, 0.9, 0.95, 1e-8, 0.0, 0.1, 0.05)
+    with pytest.raises(ValueError, match="contiguous"):
+        adamw.scale_(a, 0.5)
+    with pytest.raises(ValueError, match="contiguous"):
+        adamw.sum_of_squares(a)

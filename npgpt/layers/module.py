@@ -54,13 +54,23 @@ class Parameter:
     cleared when `.grad` is next read, or, by add_matmul, overwritten by a product with no
     temporary and no clearing pass (the largest gradients are all matmul products). As with
     PyTorch's zero_grad(set_to_none=True), a gradient array fetched before zero_grad() keeps
-    its old values: fetch `.grad` again after zeroing."""
-    __slots__ = ("data", "_grad", "_grad_is_zero")
+    its old values: fetch `.grad` again after zeroing.
+
+    data is always C-contiguous (converted on assignment), so kernels can update it through a flat view."""
+    __slots__ = ("_data", "_grad", "_grad_is_zero")
 
     def __init__(self, data: np.ndarray):
         self.data = data
         self._grad = None          # allocated on first use (backward): inference never pays for gradients
         self._grad_is_zero = False
+
+    @property
+    def data(self):
+        return self._data
+
+    @data.setter
+    def data(self, value):
+        self._data = np.ascontiguousarray(value)   # no copy when already C-contiguous
 
     @property
     def grad(self):
