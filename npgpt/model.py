@@ -79,10 +79,6 @@ class GPT(Module):
         for name, p in super().named_parameters(prefix, _seen):
             yield PREFIX + name, p
 
-    def named_grads(self):
-        for name, p in self.named_parameters():
-            yield name, p.grad
-
     def num_parameters(self) -> int:
         return sum(p.data.size for p in self.parameters())
 

@@ -198,3 +198,30 @@ def test_numba_kernels_refuse_non_contiguous():
         adamw.scale_(a, 0.5)
     with pytest.raises(ValueError, match="contiguous"):
         adamw.sum_of_squares(a)
+
+
+# ----------------------------------------------------------------------------- 3. no gradient, no step
+
+def test_parameters_without_gradient_are_left_alone(backend, randomize):
+    model = tiny(randomize)
+    idx, targets = batch()
+    opt = AdamW(model, lr=0.01, weight_decay=0.1)
+    grads_of(model, idx, targets)
+    opt.step()                                                   # every moment is now non-zero
+    model.zero_grad()
+    touched = model.h[0].mlp.c_fc.weight
+    touched.grad += 1.0                                          # only this one receives a gradient
+    assert touched.has_grad and not model.wpe.weight.has_grad
+    names = {n for n, g in model.named_grads() if g is not None}
+    assert names == {"transformer.h.0.mlp.c_fc.weight"}
+    before = {n: p.data.copy() for n, p in model.named_parameters()}
+    m_before = {n: m.copy() for n, m in opt.m.items()}
+    norm = clip_grad_norm(model, 1e-3)
+    assert norm == pytest.approx(math.sqrt(touched.data.size))
+    opt.step()
+    for n, p in model.named_parameters():
+        if p is touched:
+            assert not np.array_equal(p.data, before[n])
+        else:
+            np.testing.assert_array_equal(p.data, before[n], err_msg=n)
+            np.testing.assert_array_equal(opt.m[n], m_before[n], err_msg=n)

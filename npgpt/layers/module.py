@@ -56,6 +56,10 @@ class Parameter:
     PyTorch's zero_grad(set_to_none=True), a gradient array fetched before zero_grad() keeps
     its old values: fetch `.grad` again after zeroing.
 
+    has_grad tells whether a gradient arrived since the last zero_grad() (a backward, or anything
+    else, read or wrote `.grad`): AdamW and clip_grad_norm skip parameters without one, so a
+    parameter no backward reached (or a frozen one) neither decays nor moves on old momentum.
+
     data is always C-contiguous (converted on assignment), so kernels can update it through a flat view."""
     __slots__ = ("_data", "_grad", "_grad_is_zero")
 
@@ -87,7 +91,8 @@ class Parameter:
 
     @property
     def has_grad(self) -> bool:
-        return self._grad is not None
+        """True once a gradient arrived since the last zero_grad() (as PyTorch's grad is not None)."""
+        return self._grad is not None and not self._grad_is_zero
 
     def zero_grad(self):
         if self._grad is None:
@@ -139,6 +144,11 @@ class Module:
 
     def parameters(self):
         return [p for _, p in self.named_parameters()]
+
+    def named_grads(self):
+        """(dotted name, gradient array), or None for a parameter with no gradient since zero_grad()."""
+        for name, p in self.named_parameters():
+            yield name, p.grad if p.has_grad else None
 
     def zero_grad(self):
         for p in self.parameters():
