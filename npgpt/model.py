@@ -75,49 +75,26 @@ class GPT(Module):
         return idx
 
     # ----------------------------------------------------------------- parameters by HF name
-    def named_parameters(self, prefix: str = "", _seen=None):
-        for name, p in super().named_parameters(prefix, _seen):
-            yield PREFIX + name, p
+    def _members(self):
+        """As Hugging Face names them: the body under transformer. (transformer.h.0...), the head as
+        lm_head (tied to wte, so it adds no parameter unless a different head is swapped in)."""
+        for name, value in super()._members():
+            yield (name if name == "lm_head" else PREFIX + name), value
 
     def num_parameters(self) -> int:
         return sum(p.data.size for p in self.parameters())
 
-    def state_dict(self) -> dict:
-        return {name: p.data for name, p in self.named_parameters()}
-
     def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False):
-        """Copy arrays (HF GPT-2 names and layouts) into the parameters. Names, shapes and dtypes are
-        all checked before anything is copied, so a bad state dict leaves the model unchanged.
-        assign=True makes writable arrays of the model's dtype the parameters themselves (no copy)."""
-        params = dict(self.named_parameters())
+        """Module.load_state_dict (HF GPT-2 names and layouts), plus the tied head: an lm_head.weight in
+        `state` must equal transformer.wte.weight (npgpt cannot load an untied checkpoint)."""
         state = dict(state)
-        lm_head = state.pop("lm_head.weight", None)
-        missing = [k for k in params if k not in state]
-        unexpected = [k for k in state if k not in params]
-        if strict and (missing or unexpected):
-            raise ValueError(f"load_state_dict: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-        arrays = {}
-        for k, p in params.items():
-            if k not in state:
-                continue
-            a = np.asarray(state[k])
-            if a.dtype.kind not in "fiu":
-                raise ValueError(f"load_state_dict: tensor {k} has dtype {a.dtype}, expected a number type")
-            if a.shape != p.data.shape:
-                raise ValueError(f"load_state_dict: tensor {k} has shape {a.shape}, the model expects {p.data.shape}")
-            arrays[k] = a
-        wte = arrays.get(PREFIX + "wte.weight")
-        if lm_head is not None and wte is not None and (np.shape(lm_head) != wte.shape or
-                                                        not np.array_equal(lm_head, wte)):
-            raise ValueError("load_state_dict: lm_head.weight differs from transformer.wte.weight; npgpt's LM head "
-                             "is tied to the token embedding and cannot load an untied checkpoint")
-        for k, a in arrays.items():
-            if assign and a.dtype == self.dtype and a.flags.writeable and a.flags.c_contiguous:
-                params[k].data = a
-            else:
-                params[k].data[...] = a   # casts to the model's dtype
-        return self
+        if "lm_head.weight" not in dict(self.named_parameters()):   # the head is tied to wte
+            lm_head, wte = state.pop("lm_head.weight", None), state.get(PREFIX + "wte.weight")
+            if lm_head is not None and wte is not None and (np.shape(lm_head) != np.shape(wte) or
+                                                            not np.array_equal(lm_head, wte)):
+                raise ValueError("load_state_dict: lm_head.weight differs from transformer.wte.weight; npgpt's "
+                                 "LM head is tied to the token embedding and cannot load an untied checkpoint")
+        return super().load_state_dict(state, strict=strict, assign=assign)
 
     # ----------------------------------------------------------------- checkpoints
     @classmethod

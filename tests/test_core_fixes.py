@@ -225,3 +225,47 @@ def test_parameters_without_gradient_are_left_alone(backend, randomize):
         else:
             np.testing.assert_array_equal(p.data, before[n], err_msg=n)
             np.testing.assert_array_equal(opt.m[n], m_before[n], err_msg=n)
+
+
+# ----------------------------------------------------------------------------- 4. names and containers
+
+class Classifier(Module):
+    def __init__(self, gpt):
+        self.gpt = gpt
+        self.head = Linear(gpt.config.n_embd, 2, dtype=gpt.dtype, rng=np.random.default_rng(0))
+
+
+def test_nested_gpt_names_and_state_dict(randomize):
+    clf = Classifier(tiny(randomize))
+    names = [n for n, _ in clf.named_parameters()]
+    assert names[0] == "gpt.transformer.wte.weight" and names[-2:] == ["head.weight", "head.bias"]
+    assert "gpt.transformer.h.1.mlp.c_proj.bias" in names
+    state = {k: v.copy() for k, v in clf.state_dict().items()}
+    assert list(state) == names
+    other = Classifier(tiny(randomize, seed=7))
+    assert other.load_state_dict(state) is other
+    for (n, p), (_, q) in zip(clf.named_parameters(), other.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=n)
+    with pytest.raises(ValueError, match="missing"):
+        other.load_state_dict({k: v for k, v in state.items() if k != "head.bias"})
+    # a swapped, untied LM head is named as in Hugging Face: lm_head.weight
+    gpt = tiny(randomize)
+    gpt.lm_head = Linear(gpt.config.n_embd, gpt.config.n_vocab, dtype=gpt.dtype)
+    assert [n for n, _ in gpt.named_parameters()][-2:] == ["lm_head.weight", "lm_head.bias"]
+
+
+class Holder(Module):
+    def __init__(self):
+        self.layers = [Linear(2, 2, dtype=np.float64), Linear(2, 3, dtype=np.float64)]
+        self.heads = {"a": Linear(3, 1, dtype=np.float64)}
+        self.extra = (Parameter(np.zeros(4)),)
+
+
+def test_module_finds_parameters_in_lists_tuples_and_dicts():
+    m = Holder()
+    assert [n for n, _ in m.named_parameters()] == [
+        "layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias",
+        "heads.a.weight", "heads.a.bias", "extra.0"]
+    assert len(list(m.modules())) == 4
+    m.zero_grad()
+    assert set(m.state_dict()) == {n for n, _ in m.named_parameters()}

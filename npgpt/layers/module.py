@@ -117,13 +117,10 @@ class Module:
     training = True
 
     def _members(self):
-        """(name, Parameter | Module) in attribute order; lists of modules are numbered."""
+        """(name, Parameter | Module) in attribute order; inside lists and tuples they are numbered
+        (h.0, h.1, ...), inside dicts named by key (heads.a), at any depth."""
         for name, value in vars(self).items():
-            if isinstance(value, (Parameter, Module)):
-                yield name, value
-            elif isinstance(value, (list, tuple)) and value and isinstance(value[0], Module):
-                for i, m in enumerate(value):
-                    yield f"{name}.{i}", m
+            yield from _find_members(name, value)
 
     def named_parameters(self, prefix: str = "", _seen=None):
         """(dotted name, Parameter), each Parameter once (first name wins, as in PyTorch)."""
@@ -153,6 +150,39 @@ class Module:
     def zero_grad(self):
         for p in self.parameters():
             p.zero_grad()
+
+    def state_dict(self) -> dict:
+        """{dotted name: parameter array} (the arrays themselves, not copies)."""
+        return {name: p.data for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False):
+        """Copy arrays into the parameters by name. Names (with strict), shapes and number types are
+        all checked before anything is copied, so a bad state dict leaves the module unchanged.
+        assign=True makes writable C-contiguous arrays of a parameter's dtype the parameters themselves
+        (no copy); other arrays are copied, cast to the parameter's dtype."""
+        params = dict(self.named_parameters())
+        missing = [k for k in params if k not in state]
+        unexpected = [k for k in state if k not in params]
+        if strict and (missing or unexpected):
+            raise ValueError(f"load_state_dict: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        arrays = {}
+        for k, p in params.items():
+            if k not in state:
+                continue
+            a = np.asarray(state[k])
+            if a.dtype.kind not in "fiu":
+                raise ValueError(f"load_state_dict: tensor {k} has dtype {a.dtype}, expected a number type")
+            if a.shape != p.data.shape:
+                raise ValueError(f"load_state_dict: tensor {k} has shape {a.shape}, the model expects {p.data.shape}")
+            arrays[k] = a
+        for k, a in arrays.items():
+            p = params[k]
+            if assign and a.dtype == p.data.dtype and a.flags.writeable and a.flags.c_contiguous:
+                p.data = a
+            else:
+                p.data[...] = a   # casts to the parameter's dtype
+        return self
 
     def train(self, mode: bool = True):
         for m in self.modules():
@@ -194,6 +224,17 @@ class Module:
                                f"module was built); run forward with gradients enabled first")
         values = tuple(getattr(self, name) for name in names)
         return values[0] if len(values) == 1 else values
+
+
+def _find_members(name, value):
+    if isinstance(value, (Parameter, Module)):
+        yield name, value
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _find_members(f"{name}.{i}", v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _find_members(f"{name}.{k}", v)
 
 
 def spawn_seeds(seed, n: int):
