@@ -269,3 +269,20 @@ def test_module_finds_parameters_in_lists_tuples_and_dicts():
     assert len(list(m.modules())) == 4
     m.zero_grad()
     assert set(m.state_dict()) == {n for n, _ in m.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- 5. sampling
+
+def test_tiny_top_p_keeps_the_most_likely_token():
+    probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
+    for p in (1e-9, 1e-12, 1e-300):
+        np.testing.assert_array_equal(top_p_filter(probs, p), [[0, 1, 0], [1, 0, 0]])
+    tok = Sampler(1.0, top_p=1e-12, seed=0)(np.log(probs))
+    np.testing.assert_array_equal(tok, [1, 0])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_sample_from_probs_rejects_non_finite(bad):
+    probs = np.array([[0.2, 0.8], [0.5, bad]])
+    with pytest.raises(ValueError, match="finite"):
+        sample_from_probs(probs, np.random.default_rng(0))
