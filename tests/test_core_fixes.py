@@ -286,3 +286,14 @@ def test_sample_from_probs_rejects_non_finite(bad):
     probs = np.array([[0.2, 0.8], [0.5, bad]])
     with pytest.raises(ValueError, match="finite"):
         sample_from_probs(probs, np.random.default_rng(0))
+
+
+# ----------------------------------------------------------------------------- 7. smaller ones
+
+def test_gradcheck_non_contiguous_input(backend):
+    from npgpt.gradcheck import gradcheck_layer
+    layer = Linear(4, 3, dtype=np.float64, rng=np.random.default_rng(0))
+    x = np.random.default_rng(1).standard_normal((4, 5, 2)).transpose(2, 1, 0)    # (2, 5, 4), a view
+    assert not x.flags.c_contiguous
+    results = gradcheck_layer(layer, x)
+    assert all(r.passed for r in results), [(r.parameter, r.max_rel_error) for r in results]
