@@ -297,3 +297,14 @@ def test_gradcheck_non_contiguous_input(backend):
     assert not x.flags.c_contiguous
     results = gradcheck_layer(layer, x)
     assert all(r.passed for r in results), [(r.parameter, r.max_rel_error) for r in results]
+
+
+def test_config_from_hf_reads_every_dropout_field():
+    from npgpt.checkpoint.safetensors import config_from_hf
+    base = dict(model_type="gpt2", vocab_size=29, n_positions=10, n_embd=12, n_head=3, n_layer=2)
+    assert config_from_hf({**base, "resid_pdrop": 0.1, "attn_pdrop": 0.1, "embd_pdrop": 0.1}, "c").dropout == 0.1
+    assert config_from_hf(base, "c").dropout == 0.0
+    with pytest.raises(ValueError, match="attn_pdrop"):
+        config_from_hf({**base, "resid_pdrop": 0.1, "attn_pdrop": 0.2, "embd_pdrop": 0.1}, "c")
+    with pytest.raises(ValueError, match="embd_pdrop"):
+        config_from_hf({**base, "embd_pdrop": 0.1}, "c")
