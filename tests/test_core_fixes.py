@@ -308,3 +308,15 @@ def test_config_from_hf_reads_every_dropout_field():
         config_from_hf({**base, "resid_pdrop": 0.1, "attn_pdrop": 0.2, "embd_pdrop": 0.1}, "c")
     with pytest.raises(ValueError, match="embd_pdrop"):
         config_from_hf({**base, "embd_pdrop": 0.1}, "c")
+
+
+def test_dropout_mask_is_bool_and_attention_keeps_no_a_drop(backend):
+    drop = Dropout(0.3, seed=0)
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    y = drop(x)
+    assert drop.mask.dtype == bool and y.dtype == np.float32
+    np.testing.assert_allclose(y, np.where(drop.mask, x / np.float32(0.7), 0), rtol=1e-6)
+    attn = CausalSelfAttention(8, 2, dtype=np.float64, rng=np.random.default_rng(0), dropout=0.2, seed=0)
+    attn(np.random.default_rng(1).standard_normal((2, 5, 8)))
+    assert not isinstance(getattr(attn, "a_drop", None), np.ndarray)
+    assert attn.attn_dropout.mask.dtype == bool
