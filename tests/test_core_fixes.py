@@ -320,3 +320,38 @@ def test_dropout_mask_is_bool_and_attention_keeps_no_a_drop(backend):
     attn(np.random.default_rng(1).standard_normal((2, 5, 8)))
     assert not isinstance(getattr(attn, "a_drop", None), np.ndarray)
     assert attn.attn_dropout.mask.dtype == bool
+
+
+def test_cross_entropy_normalizer_accumulates_micro_batches_exactly(backend, randomize):
+    model = tiny(randomize)
+    idx, targets = batch(B=2, T=8)
+    targets[0, :5] = -100                                        # row 0: 3 targets, row 1: 8
+    n = int((targets != -100).sum())
+    full = grads_of(model, idx, targets)
+    full_loss, _ = npgpt.cross_entropy(model.forward(idx), targets)
+    model.zero_grad()
+    total = 0.0
+    for b in range(2):
+        logits = model.forward(idx[b:b + 1])
+        loss, dlogits = npgpt.cross_entropy(logits, targets[b:b + 1], normalizer=n, out=logits)
+        model.backward(dlogits)
+        total += float(loss)
+    assert total == pytest.approx(float(full_loss), rel=1e-12)
+    for name, g in model.named_grads():
+        np.testing.assert_allclose(g, full[name], rtol=0, atol=1e-12 * np.abs(full[name]).max(), err_msg=name)
+    with pytest.raises(ValueError, match="normalizer"):
+        npgpt.cross_entropy(logits, targets[:1], normalizer=0)
+
+
+def test_cross_entropy_normalizer_reference_and_kernel_agree():
+    from npgpt.kernels import cross_entropy_forward_backward
+    from npgpt.loss import cross_entropy_numpy
+    rng = np.random.default_rng(0)
+    logits, t = rng.standard_normal((6, 11)), rng.integers(0, 11, 6)
+    t[2] = -100
+    l1, d1 = cross_entropy_numpy(logits, t, normalizer=17.0)
+    l2, d2 = cross_entropy_forward_backward(logits, t, -100, normalizer=17.0)
+    l0, d0 = cross_entropy_numpy(logits, t)
+    np.testing.assert_allclose([l1, l2], l0 * 5 / 17.0, rtol=1e-12)
+    np.testing.assert_allclose(d1, d0 * 5 / 17.0, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(d2, d1, rtol=1e-12, atol=1e-15)
