@@ -120,7 +120,10 @@ class Module:
         """(name, Parameter | Module) in attribute order; inside lists and tuples they are numbered
         (h.0, h.1, ...), inside dicts named by key (heads.a), at any depth."""
         for name, value in vars(self).items():
-            yield from _find_members(name, value)
+            if isinstance(value, (Parameter, Module)):
+                yield name, value
+            elif isinstance(value, (list, tuple, dict)):
+                yield from _find_members(name, value)
 
     def named_parameters(self, prefix: str = "", _seen=None):
         """(dotted name, Parameter), each Parameter once (first name wins, as in PyTorch)."""
@@ -134,10 +137,12 @@ class Module:
                 yield from value.named_parameters(prefix + name + ".", seen)
 
     def modules(self):
-        yield self
-        for _, value in self._members():
-            if isinstance(value, Module):
-                yield from value.modules()
+        """This module and every submodule, depth first, each parent before its children."""
+        stack = [self]
+        while stack:
+            m = stack.pop()
+            yield m
+            stack += reversed([v for _, v in m._members() if isinstance(v, Module)])
 
     def parameters(self):
         return [p for _, p in self.named_parameters()]
@@ -197,7 +202,8 @@ class Module:
         """`with module.eval_mode():` every submodule in eval mode (no dropout), each one's own
         mode restored afterwards (inference inside a training run, e.g. GPT.forward_cached)."""
         modes = [(m, m.training) for m in self.modules()]
-        self.eval()
+        for m, _ in modes:
+            m.training = False
         try:
             yield self
         finally:
