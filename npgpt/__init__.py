@@ -10,6 +10,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 from .config import GPTConfig
 from .generate import generate, generate_text, stream_text, stream_tokens
 from .gradcheck import gradcheck_layer, gradcheck_model
+from .layers.module import is_grad_enabled, no_grad
 from .loss import cross_entropy
 from .model import GPT
 from .optim import AdamW, clip_grad_norm, lr_schedule
@@ -17,6 +18,6 @@ from .tokenizer import get_tokenizer
 from . import runtime  # noqa: F401  (npgpt.runtime.keep_freed_memory())
 
 __version__ = "0.1.0"
-__all__ = ["GPTConfig", "GPT", "cross_entropy", "AdamW", "clip_grad_norm", "lr_schedule",
+__all__ = ["GPTConfig", "GPT", "no_grad", "is_grad_enabled", "cross_entropy", "AdamW", "clip_grad_norm", "lr_schedule",
            "gradcheck_layer", "gradcheck_model",
            "generate", "generate_text", "stream_tokens", "stream_text", "get_tokenizer"]

@@ -57,21 +57,22 @@ def _pick(size, max_checks, rng):
 
 
 def _compare(f, x, analytic, idx, eps, floor):
-    """Max relative error between analytic[idx] and central differences of f() w.r.t. x.flat[idx].
+    """Max relative error between analytic[idx] and central differences of f() w.r.t. x.flat[idx]
+    (element i in C order; x is perturbed in place, whatever its memory layout).
 
     Fourth-order central difference: f' = (8 (f(x+h) - f(x-h)) - (f(x+2h) - f(x-2h))) / 12h,
     truncation error O(h^4) instead of O(h^2), so h can be large enough that rounding is negligible."""
-    flat, a_flat = x.reshape(-1), analytic.reshape(-1)
     worst = 0.0
     for i in idx:
-        old = flat[i]
+        at = np.unravel_index(i, x.shape)          # not x.reshape(-1)[i]: a copy when x is a strided view
+        old = x[at]
         f_at = {}
         for k in (-2, -1, 1, 2):
-            flat[i] = old + k * eps
+            x[at] = old + k * eps
             f_at[k] = f()
-        flat[i] = old
+        x[at] = old
         numeric = (8.0 * (f_at[1] - f_at[-1]) - (f_at[2] - f_at[-2])) / (12.0 * eps)
-        a = a_flat[i]
+        a = analytic[at]
         err = abs(a - numeric) / max(abs(a), abs(numeric), floor)
         worst = max(worst, err if np.isfinite(err) else np.inf)   # a NaN gradient fails
     return float(worst)

@@ -12,7 +12,7 @@ import numpy as np
 
 from .config import GPTConfig
 from .layers import Block, Dropout, Embedding, LayerNorm, Module, PositionEmbedding, TiedLMHead
-from .layers.module import spawn_seeds
+from .layers.module import no_grad, spawn_seeds
 
 PREFIX = "transformer."
 
@@ -75,53 +75,26 @@ class GPT(Module):
         return idx
 
     # ----------------------------------------------------------------- parameters by HF name
-    def named_parameters(self, prefix: str = "", _seen=None):
-        for name, p in super().named_parameters(prefix, _seen):
-            yield PREFIX + name, p
-
-    def named_grads(self):
-        for name, p in self.named_parameters():
-            yield name, p.grad
+    def _members(self):
+        """As Hugging Face names them: the body under transformer. (transformer.h.0...), the head as
+        lm_head (tied to wte, so it adds no parameter unless a different head is swapped in)."""
+        for name, value in super()._members():
+            yield (name if name == "lm_head" else PREFIX + name), value
 
     def num_parameters(self) -> int:
         return sum(p.data.size for p in self.parameters())
 
-    def state_dict(self) -> dict:
-        return {name: p.data for name, p in self.named_parameters()}
-
     def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False):
-        """Copy arrays (HF GPT-2 names and layouts) into the parameters. Names, shapes and dtypes are
-        all checked before anything is copied, so a bad state dict leaves the model unchanged.
-        assign=True makes writable arrays of the model's dtype the parameters themselves (no copy)."""
-        params = dict(self.named_parameters())
+        """Module.load_state_dict (HF GPT-2 names and layouts), plus the tied head: an lm_head.weight in
+        `state` must equal transformer.wte.weight (npgpt cannot load an untied checkpoint)."""
         state = dict(state)
-        lm_head = state.pop("lm_head.weight", None)
-        missing = [k for k in params if k not in state]
-        unexpected = [k for k in state if k not in params]
-        if strict and (missing or unexpected):
-            raise ValueError(f"load_state_dict: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-        arrays = {}
-        for k, p in params.items():
-            if k not in state:
-                continue
-            a = np.asarray(state[k])
-            if a.dtype.kind not in "fiu":
-                raise ValueError(f"load_state_dict: tensor {k} has dtype {a.dtype}, expected a number type")
-            if a.shape != p.data.shape:
-                raise ValueError(f"load_state_dict: tensor {k} has shape {a.shape}, the model expects {p.data.shape}")
-            arrays[k] = a
-        wte = arrays.get(PREFIX + "wte.weight")
-        if lm_head is not None and wte is not None and (np.shape(lm_head) != wte.shape or
-                                                        not np.array_equal(lm_head, wte)):
-            raise ValueError("load_state_dict: lm_head.weight differs from transformer.wte.weight; npgpt's LM head "
-                             "is tied to the token embedding and cannot load an untied checkpoint")
-        for k, a in arrays.items():
-            if assign and a.dtype == self.dtype and a.flags.writeable and a.flags.c_contiguous:
-                params[k].data = a
-            else:
-                params[k].data[...] = a   # casts to the model's dtype
-        return self
+        if "lm_head.weight" not in dict(self.named_parameters()):   # the head is tied to wte
+            lm_head, wte = state.pop("lm_head.weight", None), state.get(PREFIX + "wte.weight")
+            if lm_head is not None and wte is not None and (np.shape(lm_head) != np.shape(wte) or
+                                                            not np.array_equal(lm_head, wte)):
+                raise ValueError("load_state_dict: lm_head.weight differs from transformer.wte.weight; npgpt's "
+                                 "LM head is tied to the token embedding and cannot load an untied checkpoint")
+        return super().load_state_dict(state, strict=strict, assign=assign)
 
     # ----------------------------------------------------------------- checkpoints
     @classmethod
@@ -148,7 +121,8 @@ class GPT(Module):
         (npgpt.kvcache.KVCache, e.g. KVCache.for_model(model, B)), and append theirs to it.
 
         Row b's tokens sit at positions cache.lengths[b] .. + T - 1: prefill with the prompt (T tokens),
-        then decode one token at a time (T = 1). Inference only: no dropout, no backward.
+        then decode one token at a time (T = 1). Inference only: runs under no_grad and eval_mode (no
+        dropout even in train mode, nothing kept for backward), through the model's own modules.
         n_valid (B,): row b holds only n_valid[b] real tokens followed by right padding; its cache then
         advances by n_valid[b] and its padding is never attended to. Returns the logits of each row's
         last real position (B, V) when last_only (the (B*T, V) projection is never computed), else
@@ -162,15 +136,13 @@ class GPT(Module):
             n_valid = np.asarray(n_valid, dtype=np.int64).reshape(B)
             if n_valid.min() < 1 or n_valid.max() > T:
                 raise ValueError(f"n_valid must be in [1, T={T}], got {n_valid.tolist()}")
-        pos = cache.begin(T)                                                       # (B, T)
-        x = self.wte.weight.data[idx] + self.wpe.weight.data[pos]                  # (B, T, C)
-        for l, block in enumerate(self.h):
-            x = block.forward_cached(x, cache.layer(l))                            # (B, T, C)
-        cache.advance(n_valid)
-        wte = self.wte.weight.data                                                 # (V, C)
-        if last_only:
-            last = np.full(B, T - 1) if n_valid is None else n_valid - 1
-            x = self.ln_f(x[np.arange(B), last])                                   # (B, C)
-            return x @ wte.T                                                       # (B, V)
-        x = self.ln_f(x).reshape(B * T, -1)                                        # (B*T, C)
-        return (x @ wte.T).reshape(B, T, -1)                                       # (B, T, V)
+        with no_grad(), self.eval_mode():
+            pos = cache.begin(T)                                                   # (B, T)
+            x = self.wte(idx) + self.wpe.forward_cached(pos)                       # (B, T, C)
+            for l, block in enumerate(self.h):
+                x = block.forward_cached(x, cache.layer(l))                        # (B, T, C)
+            cache.advance(n_valid)
+            if last_only:
+                last = np.full(B, T - 1) if n_valid is None else n_valid - 1
+                x = x[np.arange(B), last]                                          # (B, C)
+            return self.lm_head(self.ln_f(x))                                      # (B, V) | (B, T, V)

@@ -9,7 +9,8 @@ from . import kernels
 
 
 def clip_grad_norm(model, max_norm: float) -> float:
-    """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before clipping."""
+    """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before clipping.
+    Parameters with no gradient since zero_grad() (p.has_grad False) take no part."""
     grads = [p.grad for p in model.parameters() if p.has_grad]
     if kernels.use_numba():
         total = math.sqrt(sum(kernels.sum_of_squares(g) for g in grads))
@@ -42,6 +43,10 @@ class AdamW:
         m  <- b1 m + (1 - b1) g
         v  <- b2 v + (1 - b2) g^2
         p  <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    A parameter with no gradient since zero_grad() (p.has_grad False: no backward reached it, or it
+    is frozen) is skipped: no decay, no moment update, as PyTorch with zero_grad(set_to_none=True).
+    t counts the optimizer's steps (one for all parameters), where PyTorch counts per parameter.
     """
 
     def __init__(self, model, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1):

@@ -62,7 +62,8 @@ def top_p_filter(probs, p: float):
     order = np.argsort(-probs, axis=-1, kind="stable")                 # (B, V) most probable first
     sorted_p = np.take_along_axis(probs, order, axis=-1)               # (B, V)
     mass_before = np.cumsum(sorted_p, axis=-1) - sorted_p              # (B, V) mass of the better tokens
-    keep_sorted = mass_before < p - TOP_P_TOLERANCE                    # the first token is always kept
+    keep_sorted = mass_before < p - TOP_P_TOLERANCE                    # (B, V)
+    keep_sorted[..., 0] = True                                         # the most probable token, always (tiny p)
     keep = np.empty_like(keep_sorted)
     np.put_along_axis(keep, order, keep_sorted, axis=-1)               # back to token order
     out = np.where(keep, probs, 0.0)
@@ -70,8 +71,14 @@ def top_p_filter(probs, p: float):
 
 
 def sample_from_probs(probs, rng: np.random.Generator):
-    """One token id per row of probs (B, V) (rows sum to 1, zeros are never drawn) -> (B,) int64."""
+    """One token id per row of probs (B, V) (rows sum to 1, zeros are never drawn) -> (B,) int64.
+    ValueError for NaN or infinite probabilities, negative ones, or a row with no mass."""
     probs = np.asarray(probs, dtype=np.float64)
+    if not np.isfinite(probs).all():
+        raise ValueError("sample_from_probs: the probabilities are not all finite (NaN or inf: NaN or inf "
+                         "logits, or an overflow upstream)")
+    if (probs < 0).any() or not (probs.sum(axis=-1) > 0).all():
+        raise ValueError("sample_from_probs: every row needs non-negative probabilities with a positive sum")
     cdf = np.cumsum(probs, axis=-1)                                    # (B, V)
     u = rng.random(probs.shape[0]) * cdf[:, -1]                        # (B,) uniform in [0, total)
     idx = (cdf <= u[:, None]).sum(axis=-1)                             # first token whose cdf exceeds u

@@ -231,8 +231,11 @@ def test_zero_grad_zeroes(backend):
     forward_backward(model, *batch())
     assert all(np.any(g != 0) for _, g in model.named_grads())
     model.zero_grad()
-    for n, g in model.named_grads():
-        assert g.shape == dict(model.named_parameters())[n].data.shape and np.all(g == 0), n
+    assert all(g is None for _, g in model.named_grads())       # no gradient since zero_grad
+    for n, p in model.named_parameters():
+        assert not p.has_grad
+        assert p.grad.shape == p.data.shape and np.all(p.grad == 0), n   # read: zeros, and now a gradient
+        assert p.has_grad
 
 
 def test_gradients_accumulate(backend, randomize):
@@ -280,7 +283,9 @@ def test_adamw_decays_only_matrices(backend):
     before = snapshot(model)
     lr, wd = 0.1, 0.5
     opt = AdamW(model, lr=lr, weight_decay=wd)
-    model.zero_grad()                                     # all-zero gradients: only the decay acts
+    model.zero_grad()
+    for p in model.parameters():
+        p.grad[...] = 0.0                                 # all-zero gradients: only the decay acts
     opt.step()
     for n, p in model.named_parameters():
         if p.data.ndim >= 2:

@@ -226,8 +226,13 @@ def config_from_hf(cfg: dict, source: str) -> GPTConfig:
         missing = [k for k, v in hp.items() if v is None]
         if missing:
             raise ValueError(f"missing {missing} (HF names vocab_size, n_positions, n_embd, n_head, n_layer)")
-        dropout = float(cfg.get("resid_pdrop", 0.0) or 0.0)
-        return GPTConfig(**hp, dropout=dropout)
+        # GPTConfig has one dropout for the embeddings, attention probabilities and residuals: the three
+        # Hugging Face fields must agree (a missing one counts as 0, as npgpt's own files never omit them)
+        pdrop = {k: float(cfg.get(k, 0.0) or 0.0) for k in ("resid_pdrop", "attn_pdrop", "embd_pdrop")}
+        if len(set(pdrop.values())) > 1:
+            raise ValueError(f"dropout probabilities differ ({', '.join(f'{k}={v}' for k, v in pdrop.items())}); "
+                             f"npgpt uses one dropout for all three")
+        return GPTConfig(**hp, dropout=pdrop["resid_pdrop"])
     except (ValueError, TypeError) as e:
         raise ValueError(f"{source}: unsupported GPT-2 config: {e}") from None
 

@@ -45,14 +45,22 @@ def _scale(g, c):
         g[i] *= c
 
 
+def flat(a, name):
+    """a.reshape(-1) as a view: refuses an array that is not C-contiguous, whose reshape would be a copy
+    (an update written into it would be lost)."""
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be a C-contiguous array (np.ascontiguousarray), got strides {a.strides}")
+    return a.reshape(-1)
+
+
 def adamw_update(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2):
-    _adamw(p.size, p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), lr, b1, b2, eps, wd, bc1, bc2)
+    _adamw(p.size, flat(p, "p"), flat(g, "g"), flat(m, "m"), flat(v, "v"), lr, b1, b2, eps, wd, bc1, bc2)
 
 
 def sum_of_squares(g):
-    return float(_sum_of_squares(g.size, g.reshape(-1)))
+    return float(_sum_of_squares(g.size, flat(g, "g")))
 
 
 def scale_(g, c):
     """g *= c in place, on every core (NumPy's in-place multiply runs on one)."""
-    _scale(g.size, g.reshape(-1), g.dtype.type(c))
+    _scale(g.size, flat(g, "g"), g.dtype.type(c))

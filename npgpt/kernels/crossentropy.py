@@ -3,6 +3,7 @@
     m = max_v z;  e = exp(z - m);  sumexp = sum_v e
     nll = log(sumexp) + m - z[target]                  (0 where target == ignore_index)
     loss = sum(nll) / n;  dz = (e / sumexp - onehot(target)) / n   (0 on ignored rows)
+    (n: the count of non-ignored rows, or the caller's normalizer)
 
 Three passes over the (N, V) logits: Numba writes z - m (and keeps z[target] and m per row),
 NumPy's SIMD exp (a thread per core) turns that into e in place (~0.6 ns an element against ~3 ns for the scalar
@@ -51,16 +52,16 @@ def _normalise(e, t, ignore_index, inv_n, zt, m, nll):   # e = exp(z - m) -> dz;
         e[n, t[n]] -= inv_n
 
 
-def cross_entropy_forward_backward(logits, targets, ignore_index, out=None):
+def cross_entropy_forward_backward(logits, targets, ignore_index, out=None, normalizer=None):
     V = logits.shape[-1]
     z = np.ascontiguousarray(logits).reshape(-1, V)
     t = np.ascontiguousarray(targets).reshape(-1).astype(np.int64, copy=False)
     N = len(t)
-    n = int(np.count_nonzero(t != ignore_index))
+    n = max(int(np.count_nonzero(t != ignore_index)), 1) if normalizer is None else normalizer
     dz = np.empty_like(z) if out is None else out.reshape(-1, V)
     zt, m, nll = np.empty(N), np.empty(N), np.empty(N)          # float64 per-row scalars
     _shift(z.size, z, t, ignore_index, dz, zt, m)
     ufunc_inplace(np.exp, dz)
-    _normalise(z.size, dz, t, ignore_index, 1.0 / max(n, 1), zt, m, nll)
-    loss = nll.sum() / max(n, 1)
+    _normalise(z.size, dz, t, ignore_index, 1.0 / n, zt, m, nll)
+    loss = nll.sum() / n
     return logits.dtype.type(loss), dz.reshape(logits.shape)

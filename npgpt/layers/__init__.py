@@ -1,4 +1,4 @@
-"""The layers GPT-2 is built from; each has forward (keeps a cache) and backward (adds into .grad)."""
+"""The layers GPT-2 is built from; each has forward (keeps a cache, unless under no_grad) and backward (adds into .grad)."""
 from .attention import CausalSelfAttention
 from .block import Block
 from .dropout import Dropout

@@ -63,21 +63,23 @@ class CausalSelfAttention(Module):
         """The attention core on (B, NH, T, hs) tensors; returns y (B, NH, T, hs)."""
         scale = 1.0 / math.sqrt(self.hs)
         s = q @ k.transpose(0, 1, 3, 2)                                # (B, NH, T, T)
-        self.a = a = causal_softmax(s, scale)                          # (B, NH, T, T)
-        self.a_drop = a_drop = self.attn_dropout(a)                    # (B, NH, T, T)
+        a = causal_softmax(s, scale)                                   # (B, NH, T, T)
+        self.save_for_backward(q=q, k=k, v=v, a=a)
+        a_drop = self.attn_dropout(a)                                  # (B, NH, T, T)
         return a_drop @ v                                              # (B, NH, T, hs)
 
     def forward(self, x):
         B, T, C = x.shape
         qkv = self.c_attn(x)                                           # (B, T, 3C)
-        self.q, self.k, self.v = q, k, v = self.split_heads(qkv)       # (B, NH, T, hs) each
+        q, k, v = self.split_heads(qkv)                                # (B, NH, T, hs) each
         y = self.attend(q, k, v)                                       # (B, NH, T, hs)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)                   # re-assemble heads (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
     def backward(self, dout):
         B, T, C = dout.shape
-        q, k, v, a, a_drop = self.q, self.k, self.v, self.a, self.a_drop
+        q, k, v, a = self.saved("q", "k", "v", "a")
+        a_drop = self.attn_dropout.replay(a)                           # dropout(a) with the forward's mask
         scale = 1.0 / math.sqrt(self.hs)
         # out = dropout(y @ w_proj + b_proj)
         dy = self.c_proj.backward(self.resid_dropout.backward(dout))   # (B, T, C)

@@ -10,7 +10,7 @@ import numpy as np
 from .attention import CausalSelfAttention
 from .layernorm import LayerNorm
 from .mlp import MLP
-from .module import Module, spawn_seeds
+from .module import Module, no_grad, spawn_seeds
 
 
 class Block(Module):
@@ -34,8 +34,10 @@ class Block(Module):
         return dx1 + self.ln_1.backward(self.attn.backward(dx1))
 
     def forward_cached(self, x, layer_cache):
-        """Inference with a KV cache (see CausalSelfAttention.forward_cached); never applies dropout."""
-        x = x + self.attn.forward_cached(self.ln_1(x), layer_cache)   # (B, T, C)
-        mlp = self.mlp
-        x = x + mlp.c_proj(mlp.gelu(mlp.c_fc(self.ln_2(x))))          # the MLP minus its dropout
+        """Inference with a KV cache (see CausalSelfAttention.forward_cached), keeping nothing for
+        backward. The sub-layers' own forward runs (a swapped MLP runs too), so dropout is off only in
+        eval mode: GPT.forward_cached runs every block under model.eval_mode()."""
+        with no_grad():
+            x = x + self.attn.forward_cached(self.ln_1(x), layer_cache)   # (B, T, C)
+            x = x + self.mlp(self.ln_2(x))                                # (B, T, C)
         return x

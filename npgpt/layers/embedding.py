@@ -14,16 +14,17 @@ class Embedding(Module):
         self.weight = Parameter(normal_init(rng, (n, C), std, dtype))  # (n, C); zeros if rng is None
 
     def forward(self, idx):
-        self.idx = idx
+        self.save_for_backward(idx=idx)
         return self.weight.data[idx]                                   # (B, T, C)
 
     def backward(self, dout):
         # out[b, t] = w[idx[b, t]]  =>  dw[i] += sum of dout[b, t] over every (b, t) with idx[b, t] == i
+        idx = self.saved("idx")
         if kernels.use_numba():
-            kernels.embedding_backward(self.idx, dout, self.weight.grad)
+            kernels.embedding_backward(idx, dout, self.weight.grad)
         else:
             C = dout.shape[-1]
-            np.add.at(self.weight.grad, self.idx.reshape(-1), dout.reshape(-1, C))
+            np.add.at(self.weight.grad, idx.reshape(-1), dout.reshape(-1, C))
         return None  # token ids have no gradient
 
 
@@ -34,13 +35,19 @@ class PositionEmbedding(Module):
         self.weight = Parameter(normal_init(rng, (n_ctx, C), std, dtype))  # (n_ctx, C); zeros if rng is None
 
     def forward(self, T: int, start: int = 0):
-        self.start, self.T = start, T
+        self.save_for_backward(start=start, T=T)
         return self.weight.data[start:start + T]                       # (T, C)
 
     def backward(self, dout):
         # out[b, t] = w[start + t] for every b  =>  dw[start + t] += sum_b dout[b, t]
-        self.weight.grad[self.start:self.start + self.T] += dout.sum(axis=0) if dout.ndim == 3 else dout
+        start, T = self.saved("start", "T")
+        self.weight.grad[start:start + T] += dout.sum(axis=0) if dout.ndim == 3 else dout
         return None
+
+    def forward_cached(self, pos):
+        """out[b, t] = weight[pos[b, t]] (B, T, C): each row at its own positions (a KV cache's rows
+        hold different lengths). Inference only: keeps nothing, has no backward."""
+        return self.weight.data[pos]
 
 
 class TiedLMHead(Module):
@@ -50,13 +57,14 @@ class TiedLMHead(Module):
         self.weight = wte.weight   # the same Parameter: named_parameters lists it once, as wte
 
     def forward(self, x):
-        B, T, C = x.shape
-        self.x = x2 = x.reshape(B * T, C)
-        return (x2 @ self.weight.data.T).reshape(B, T, -1)            # (B, T, V)
+        *lead, C = x.shape
+        x2 = x.reshape(-1, C)                                          # (N, C), N = B*T
+        self.save_for_backward(x=x2)
+        return (x2 @ self.weight.data.T).reshape(*lead, -1)           # (B, T, V)
 
     def backward(self, dlogits):
         # logits = x @ w^T  =>  dw += dlogits^T x   and   dx = dlogits @ w
-        x2, w = self.x, self.weight.data
+        x2, w = self.saved("x"), self.weight.data
         dl2 = dlogits.reshape(-1, w.shape[0])                          # (B*T, V)
         self.weight.add_matmul(dl2.T, x2)                              # dw += dlogits^T x  (V, C)
         return (dl2 @ w).reshape(dlogits.shape[:-1] + (w.shape[1],))   # (B, T, C)

@@ -17,7 +17,7 @@ GELU_CUBIC = 0.044715
 
 class GELU(Module):
     def forward(self, x):
-        self.x = x
+        self.save_for_backward(x=x)
         if kernels.use_numba():
             return kernels.gelu_forward(x)
         return self.forward_numpy(x)
@@ -28,9 +28,10 @@ class GELU(Module):
         return 0.5 * x * (1.0 + np.tanh(u))
 
     def backward(self, dy):
+        x = self.saved("x")
         if kernels.use_numba():
-            return kernels.gelu_backward(dy, self.x)
-        return self.backward_numpy(dy, self.x)
+            return kernels.gelu_backward(dy, x)
+        return self.backward_numpy(dy, x)
 
     @staticmethod
     def backward_numpy(dy, x):

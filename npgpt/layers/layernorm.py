@@ -15,7 +15,8 @@ class LayerNorm(Module):
 
     def forward(self, x):
         if kernels.use_numba():
-            y, self.xhat, self.rstd = kernels.layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
+            y, xhat, rstd = kernels.layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
+            self.save_for_backward(xhat=xhat, rstd=rstd)
             return y
         return self.forward_numpy(x)
 
@@ -25,18 +26,19 @@ class LayerNorm(Module):
         var = (xc * xc).mean(axis=-1, keepdims=True)                  # (..., 1) biased
         rstd = 1.0 / np.sqrt(var + self.eps)                          # (..., 1)
         xhat = xc * rstd                                              # (..., C)
-        self.xhat, self.rstd = xhat, rstd
+        self.save_for_backward(xhat=xhat, rstd=rstd)
         return xhat * self.weight.data + self.bias.data
 
     def backward(self, dy):
         if kernels.use_numba():
-            return kernels.layernorm_backward(dy, self.xhat, self.rstd, self.weight.data,
+            xhat, rstd = self.saved("xhat", "rstd")
+            return kernels.layernorm_backward(dy, xhat, rstd, self.weight.data,
                                               self.weight.grad, self.bias.grad)
         return self.backward_numpy(dy)
 
     def backward_numpy(self, dy):
         # forward: y = xhat * g + b, with xhat = (x - mean) * rstd
-        xhat, rstd, g = self.xhat, self.rstd, self.weight.data
+        (xhat, rstd), g = self.saved("xhat", "rstd"), self.weight.data
         C = xhat.shape[-1]
         sum_rows = tuple(range(dy.ndim - 1))
         self.weight.grad += (dy * xhat).sum(axis=sum_rows)           # dL/dg = sum_rows dy * xhat

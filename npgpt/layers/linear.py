@@ -13,14 +13,15 @@ class Linear(Module):
 
     def forward(self, x):
         *lead, n_in = x.shape
-        self.x = x2 = x.reshape(-1, n_in)                   # (N, in), N = B*T: one 2-D GEMM
+        x2 = x.reshape(-1, n_in)                             # (N, in), N = B*T: one 2-D GEMM
+        self.save_for_backward(x=x2)
         y = x2 @ self.weight.data                            # (N, out)
         y += self.bias.data
         return y.reshape(*lead, -1)
 
     def backward(self, dy):
         # forward: y = x @ w + b, row by row over N = B*T rows
-        x2, w = self.x, self.weight.data
+        x2, w = self.saved("x"), self.weight.data
         dy2 = dy.reshape(-1, w.shape[1])                     # (N, out)
         self.weight.add_matmul(x2.T, dy2)                    # dL/dw += x^T dy   (in, out)
         self.bias.grad += dy2.sum(axis=0)                    # dL/db = sum_n dy  (out,)

@@ -7,10 +7,46 @@ contributions with no special case.
 
 A Module finds its parameters by walking its attributes, so a layer only has to
 assign them (`self.weight = Parameter(...)`), as in PyTorch.
+
+Grad mode. A layer's forward keeps what its backward needs (its input, layernorm's xhat and
+rstd, dropout's mask, ...) through `self.save_for_backward(x=...)`, and backward reads it back
+with `self.saved("x")`. Under `npgpt.no_grad()` (a context manager and a decorator, as in
+PyTorch) nothing is kept: the attributes are set to None, so an evaluation or sampling pass
+holds no activations and leaves no stale ones, and a backward after it raises RuntimeError
+instead of using another pass's caches. `is_grad_enabled()` tells the current mode.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
+
+_grad_enabled = True
+
+
+def is_grad_enabled() -> bool:
+    """False inside `no_grad()`: forward passes keep nothing for backward."""
+    return _grad_enabled
+
+
+class no_grad(contextlib.ContextDecorator):
+    """`with npgpt.no_grad():` or `@npgpt.no_grad()`: forward passes keep no backward caches.
+
+    Only what is kept changes: dropout still applies in training mode (call .eval() to turn it off)."""
+
+    def __init__(self):
+        self._outer = []               # a stack, so one instance can be re-entered (a recursive decorated call)
+
+    def __enter__(self):
+        global _grad_enabled
+        self._outer.append(_grad_enabled)
+        _grad_enabled = False
+        return self
+
+    def __exit__(self, *exc):
+        global _grad_enabled
+        _grad_enabled = self._outer.pop()
+        return False
 
 
 class Parameter:
@@ -18,13 +54,27 @@ class Parameter:
     cleared when `.grad` is next read, or, by add_matmul, overwritten by a product with no
     temporary and no clearing pass (the largest gradients are all matmul products). As with
     PyTorch's zero_grad(set_to_none=True), a gradient array fetched before zero_grad() keeps
-    its old values: fetch `.grad` again after zeroing."""
-    __slots__ = ("data", "_grad", "_grad_is_zero")
+    its old values: fetch `.grad` again after zeroing.
+
+    has_grad tells whether a gradient arrived since the last zero_grad() (a backward, or anything
+    else, read or wrote `.grad`): AdamW and clip_grad_norm skip parameters without one, so a
+    parameter no backward reached (or a frozen one) neither decays nor moves on old momentum.
+
+    data is always C-contiguous (converted on assignment), so kernels can update it through a flat view."""
+    __slots__ = ("_data", "_grad", "_grad_is_zero")
 
     def __init__(self, data: np.ndarray):
         self.data = data
         self._grad = None          # allocated on first use (backward): inference never pays for gradients
         self._grad_is_zero = False
+
+    @property
+    def data(self):
+        return self._data
+
+    @data.setter
+    def data(self, value):
+        self._data = np.ascontiguousarray(value)   # no copy when already C-contiguous
 
     @property
     def grad(self):
@@ -41,7 +91,8 @@ class Parameter:
 
     @property
     def has_grad(self) -> bool:
-        return self._grad is not None
+        """True once a gradient arrived since the last zero_grad() (as PyTorch's grad is not None)."""
+        return self._grad is not None and not self._grad_is_zero
 
     def zero_grad(self):
         if self._grad is None:
@@ -66,13 +117,13 @@ class Module:
     training = True
 
     def _members(self):
-        """(name, Parameter | Module) in attribute order; lists of modules are numbered."""
+        """(name, Parameter | Module) in attribute order; inside lists and tuples they are numbered
+        (h.0, h.1, ...), inside dicts named by key (heads.a), at any depth."""
         for name, value in vars(self).items():
             if isinstance(value, (Parameter, Module)):
                 yield name, value
-            elif isinstance(value, (list, tuple)) and value and isinstance(value[0], Module):
-                for i, m in enumerate(value):
-                    yield f"{name}.{i}", m
+            elif isinstance(value, (list, tuple, dict)):
+                yield from _find_members(name, value)
 
     def named_parameters(self, prefix: str = "", _seen=None):
         """(dotted name, Parameter), each Parameter once (first name wins, as in PyTorch)."""
@@ -86,17 +137,57 @@ class Module:
                 yield from value.named_parameters(prefix + name + ".", seen)
 
     def modules(self):
-        yield self
-        for _, value in self._members():
-            if isinstance(value, Module):
-                yield from value.modules()
+        """This module and every submodule, depth first, each parent before its children."""
+        stack = [self]
+        while stack:
+            m = stack.pop()
+            yield m
+            stack += reversed([v for _, v in m._members() if isinstance(v, Module)])
 
     def parameters(self):
         return [p for _, p in self.named_parameters()]
 
+    def named_grads(self):
+        """(dotted name, gradient array), or None for a parameter with no gradient since zero_grad()."""
+        for name, p in self.named_parameters():
+            yield name, p.grad if p.has_grad else None
+
     def zero_grad(self):
         for p in self.parameters():
             p.zero_grad()
+
+    def state_dict(self) -> dict:
+        """{dotted name: parameter array} (the arrays themselves, not copies)."""
+        return {name: p.data for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False):
+        """Copy arrays into the parameters by name. Names (with strict), shapes and number types are
+        all checked before anything is copied, so a bad state dict leaves the module unchanged.
+        assign=True makes writable C-contiguous arrays of a parameter's dtype the parameters themselves
+        (no copy); other arrays are copied, cast to the parameter's dtype."""
+        params = dict(self.named_parameters())
+        missing = [k for k in params if k not in state]
+        unexpected = [k for k in state if k not in params]
+        if strict and (missing or unexpected):
+            raise ValueError(f"load_state_dict: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        arrays = {}
+        for k, p in params.items():
+            if k not in state:
+                continue
+            a = np.asarray(state[k])
+            if a.dtype.kind not in "fiu":
+                raise ValueError(f"load_state_dict: tensor {k} has dtype {a.dtype}, expected a number type")
+            if a.shape != p.data.shape:
+                raise ValueError(f"load_state_dict: tensor {k} has shape {a.shape}, the model expects {p.data.shape}")
+            arrays[k] = a
+        for k, a in arrays.items():
+            p = params[k]
+            if assign and a.dtype == p.data.dtype and a.flags.writeable and a.flags.c_contiguous:
+                p.data = a
+            else:
+                p.data[...] = a   # casts to the parameter's dtype
+        return self
 
     def train(self, mode: bool = True):
         for m in self.modules():
@@ -106,8 +197,50 @@ class Module:
     def eval(self):
         return self.train(False)
 
+    @contextlib.contextmanager
+    def eval_mode(self):
+        """`with module.eval_mode():` every submodule in eval mode (no dropout), each one's own
+        mode restored afterwards (inference inside a training run, e.g. GPT.forward_cached)."""
+        modes = [(m, m.training) for m in self.modules()]
+        for m, _ in modes:
+            m.training = False
+        try:
+            yield self
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
+
+    # ----------------------------------------------------------------- what backward needs
+    def save_for_backward(self, **values):
+        """self.<name> = value for each keyword, or None under no_grad (see the module docstring)."""
+        keep = _grad_enabled
+        for name, value in values.items():
+            setattr(self, name, value if keep else None)
+        self._saved = keep
+
+    def saved(self, *names):
+        """The values the last forward kept (one value for one name, else a tuple); RuntimeError if
+        that forward ran under no_grad or none ran."""
+        if not getattr(self, "_saved", False):
+            raise RuntimeError(f"{type(self).__name__}.backward: no forward pass kept its activations "
+                               f"(the last forward ran under npgpt.no_grad(), or none ran since the "
+                               f"module was built); run forward with gradients enabled first")
+        values = tuple(getattr(self, name) for name in names)
+        return values[0] if len(values) == 1 else values
+
+
+def _find_members(name, value):
+    if isinstance(value, (Parameter, Module)):
+        yield name, value
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _find_members(f"{name}.{i}", v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _find_members(f"{name}.{k}", v)
 
 
 def spawn_seeds(seed, n: int):
