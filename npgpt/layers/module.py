@@ -11,9 +11,10 @@ assign them (`self.weight = Parameter(...)`), as in PyTorch.
 Grad mode. A layer's forward keeps what its backward needs (its input, layernorm's xhat and
 rstd, dropout's mask, ...) through `self.save_for_backward(x=...)`, and backward reads it back
 with `self.saved("x")`. Under `npgpt.no_grad()` (a context manager and a decorator, as in
-PyTorch) nothing is kept: the attributes are set to None, so an evaluation or sampling pass
-holds no activations and leaves no stale ones, and a backward after it raises RuntimeError
-instead of using another pass's caches. `is_grad_enabled()` tells the current mode.
+PyTorch) a forward keeps nothing and leaves what an earlier training forward kept untouched: an
+evaluation or a KV-cached sample holds no activations of its own, and a sample taken between a
+training forward and its backward does not change that backward. A backward with no training
+forward behind it raises RuntimeError. `is_grad_enabled()` tells the current mode.
 """
 from __future__ import annotations
 
@@ -215,19 +216,20 @@ class Module:
 
     # ----------------------------------------------------------------- what backward needs
     def save_for_backward(self, **values):
-        """self.<name> = value for each keyword, or None under no_grad (see the module docstring)."""
-        keep = _grad_enabled
+        """self.<name> = value for each keyword; under no_grad nothing (see the module docstring)."""
+        if not _grad_enabled:
+            return
         for name, value in values.items():
-            setattr(self, name, value if keep else None)
-        self._saved = keep
+            setattr(self, name, value)
+        self._saved = True
 
     def saved(self, *names):
-        """The values the last forward kept (one value for one name, else a tuple); RuntimeError if
-        that forward ran under no_grad or none ran."""
+        """The values the last training forward kept (one value for one name, else a tuple);
+        RuntimeError if no forward ran with gradients enabled."""
         if not getattr(self, "_saved", False):
             raise RuntimeError(f"{type(self).__name__}.backward: no forward pass kept its activations "
-                               f"(the last forward ran under npgpt.no_grad(), or none ran since the "
-                               f"module was built); run forward with gradients enabled first")
+                               f"(forward ran only under npgpt.no_grad(), or not at all); run forward "
+                               f"with gradients enabled first")
         values = tuple(getattr(self, name) for name in names)
         return values[0] if len(values) == 1 else values
 
