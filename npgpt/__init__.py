@@ -21,3 +21,11 @@ __version__ = "0.1.0"
 __all__ = ["GPTConfig", "GPT", "no_grad", "is_grad_enabled", "cross_entropy", "AdamW", "clip_grad_norm", "lr_schedule",
            "gradcheck_layer", "gradcheck_model",
            "generate", "generate_text", "stream_tokens", "stream_text", "get_tokenizer"]
+
+
+def __getattr__(name):
+    """npgpt.train is imported on first use (the generate command never pays for it)."""
+    if name == "train":
+        import importlib
+        return importlib.import_module(".train", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 
-WORKLOADS = ("prefill", "decode", "train", "train-large", "startup")
+WORKLOADS = ("prefill", "decode", "train", "train-large", "train-loop", "startup")
 SHAPE = ("n_layer", "n_embd", "n_head", "n_ctx", "n_vocab")
 DEFAULTS = dict(prefill_T=256, decode_prompt=32, decode_new=128, train_B=4, train_T=64,
                 train_large_B=8, train_large_T=256)
@@ -68,6 +68,34 @@ def npgpt_train(cfg, B, T, steps):
         opt.step()
         times.append(time.perf_counter() - t0)
     return {"seconds": _median(times[1:]), "all": times[1:], "loss": float(loss)}
+
+
+def npgpt_train_loop(cfg, B, T, steps):
+    """The same updates bare (train_step alone) and through the whole training loop (fit: data stream,
+    schedule, progress bar), alternately, in one process: the loop's overhead over a bare step."""
+    import numpy as np
+
+    import npgpt
+    from npgpt.train.data import BatchStream, Windows
+    from npgpt.train.lm import count_targets, lm_loss
+    from npgpt.train.loop import LoopConfig, fit, train_step
+    model = _npgpt_model(cfg)
+    opt = npgpt.AdamW(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ids = np.random.default_rng(0).integers(0, cfg["n_vocab"], 64 * B * T + 1)
+    stream = BatchStream(Windows(ids, T), B, shuffle=True, seed=0)
+    loop = LoopConfig(steps=1, lr=1e-4)
+    train_step(model, opt, stream.next(), 1e-4, loss_fn=lm_loss, count_fn=count_targets)   # warm-up
+    bare, looped = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        train_step(model, opt, stream.next(), loop.lr_at(0), loss_fn=lm_loss, count_fn=count_targets)
+        bare.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fit(model, opt, stream, loop, loss_fn=lm_loss, count_fn=count_targets, progress=True)
+        looped.append(time.perf_counter() - t0)
+    t_bare, t_loop = sum(bare) / steps, sum(looped) / steps
+    return {"seconds": t_loop, "bare_seconds": t_bare, "tokens_per_s": B * T / t_loop,
+            "bare_tokens_per_s": B * T / t_bare, "overhead": t_loop / t_bare - 1.0}
 
 
 def npgpt_prefill(cfg, T, reps):
@@ -200,6 +228,7 @@ def _worker(argv):
     t_import = time.perf_counter()
     fn = {("npgpt", "train"): lambda: npgpt_train(cfg, o["train_B"], o["train_T"], o["steps"]),
           ("npgpt", "train-large"): lambda: npgpt_train(cfg, o["train_large_B"], o["train_large_T"], o["steps"]),
+          ("npgpt", "train-loop"): lambda: npgpt_train_loop(cfg, o["train_B"], o["train_T"], o["steps"]),
           ("npgpt", "prefill"): lambda: npgpt_prefill(cfg, o["prefill_T"], o["reps"]),
           ("npgpt", "decode"): lambda: npgpt_decode(cfg, o["decode_prompt"], o["decode_new"], o["reps"]),
           ("npgpt", "startup"): lambda: npgpt_startup(cfg),
@@ -267,7 +296,7 @@ def run(args, cfg=None) -> dict:
               "options": opts, "results": {}}
     for w in workloads:
         row = {"npgpt": _run_worker("npgpt", w, cfg, opts)}
-        if compare and w != "startup":
+        if compare and w not in ("startup", "train-loop"):
             row["torch"] = _run_worker("torch", w, cfg, opts)
         report["results"][w] = row
         if not args.json:
@@ -277,6 +306,11 @@ def run(args, cfg=None) -> dict:
 
 def _print_row(w, row, o):
     n, t = row["npgpt"], row.get("torch")
+    if w == "train-loop":
+        label = f"training loop B={o['train_B']} T={o['train_T']}"
+        print(f"{label:<44} fit {n['tokens_per_s']:.0f} tok/s, "
+              f"bare train step {n['bare_tokens_per_s']:.0f} tok/s: loop overhead {100 * n['overhead']:+.1f}%", flush=True)
+        return
     if w == "startup":
         print(f"{'npgpt generate start to first token':<44} cold (no Numba cache) {n['cold_first_token_s']:.2f} s, "
               f"warm {n['warm_first_token_s']:.2f} s")

@@ -25,7 +25,7 @@ __all__ = [
 
 def detect_format(path) -> str:
     """'hf' or 'tf' for an existing path; FileNotFoundError / ValueError otherwise."""
-    path = os.fspath(path)
+    path = resolve_run_dir(os.fspath(path))
     if os.path.isdir(path):
         entries = os.listdir(path)
         if ("model.safetensors" in entries or "model.safetensors.index.json" in entries
@@ -47,10 +47,18 @@ def detect_format(path) -> str:
     raise FileNotFoundError(f"checkpoint path {path} does not exist (nor is it a model name: {MODEL_NAMES})")
 
 
+def resolve_run_dir(path: str) -> str:
+    """A training run directory (npgpt train --out DIR) stands for its newest checkpoint, DIR/checkpoint."""
+    inner = os.path.join(path, "checkpoint")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(inner, "config.json")):
+        return inner
+    return path
+
+
 def load_checkpoint(path_or_name, verify: bool = False, writable: bool = False) -> tuple:
     """Load a checkpoint -> (GPTConfig, state_dict).
 
-    ``path_or_name``: a directory (Hugging Face: config.json + model.safetensors;
+    ``path_or_name``: a training run directory (its newest checkpoint), a directory (Hugging Face: config.json + model.safetensors;
     OpenAI: hparams.json + model.ckpt.*), a ``.safetensors`` file, a TensorFlow
     ``.index`` file or checkpoint prefix, or a model name (gpt2, gpt2-medium,
     gpt2-large, gpt2-xl, 124M, 355M, 774M, 1558M) which is downloaded and
@@ -59,7 +67,7 @@ def load_checkpoint(path_or_name, verify: bool = False, writable: bool = False) 
     maps the weights copy-on-write, so the arrays can become a model's parameters
     with no copy (pages are read from the file when first used).
     """
-    p = os.fspath(path_or_name)
+    p = resolve_run_dir(os.fspath(path_or_name))
     if not os.path.exists(p) and not os.path.exists(p + ".index") and is_model_name(p):
         return load_hf_checkpoint(ensure_downloaded(p), writable=writable)
     fmt = detect_format(p)

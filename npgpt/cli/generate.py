@@ -87,6 +87,19 @@ def _load_model(name_or_path):
         raise CLIError(f"cannot load model {name_or_path}: {str(e) or type(e).__name__}") from None
 
 
+def _tokenizer_for(path):
+    """The tokenizer a training run saved beside its model (npgpt train: DIR/tokenizer.json), else None."""
+    from ..checkpoint import resolve_run_dir
+    from ..train.tokenizers import load_tokenizer
+    for d in (path, resolve_run_dir(path)):
+        if os.path.isdir(d) and os.path.isfile(os.path.join(d, "tokenizer.json")):
+            try:
+                return load_tokenizer(os.path.join(d, "tokenizer.json"))
+            except (OSError, ValueError) as e:
+                raise CLIError(str(e)) from None
+    return None
+
+
 def _write(stream, text: str):
     try:
         stream.write(text)
@@ -120,7 +133,9 @@ def _run(args) -> int:
         if prompt.endswith("\n"):
             prompt = prompt[:-1]
     model = _load_model(args.model)
-    tokenizer = get_tokenizer()
+    tokenizer = _tokenizer_for(args.model) or get_tokenizer()
+    if not prompt and tokenizer.eot_token is None:
+        raise CLIError("a character-level model has no <|endoftext|> to start from: give a prompt")
     try:
         ids = encode_prompt(model, tokenizer, prompt)
     except ValueError as e:

@@ -41,8 +41,16 @@ class GPT2Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
 
+    @property
+    def encoding(self):
+        """The tiktoken encoding (what npgpt.tokenizer.StreamDecoder reads bytes from)."""
+        return self._tok.encoding
+
+    def to_json(self) -> dict:
+        return {"type": "gpt2"}
+
     def save(self, path) -> None:
-        _write_json(path, {"type": "gpt2"})
+        _write_json(path, self.to_json())
 
     def __repr__(self) -> str:
         return f"GPT2Tokenizer(n_vocab={self.n_vocab})"
@@ -84,8 +92,22 @@ class CharTokenizer:
             raise ValueError(f"token id {bad[0]} is outside the character vocabulary (0..{self.n_vocab - 1})")
         return "".join(self.chars[i] for i in ids)
 
+    # the two byte-level methods npgpt.tokenizer.StreamDecoder needs, so generation streams char models too
+    @property
+    def encoding(self):
+        return self
+
+    def decode_single_token_bytes(self, i: int) -> bytes:
+        return self.decode([i]).encode("utf-8", "surrogatepass")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.decode(ids).encode("utf-8", "surrogatepass")
+
+    def to_json(self) -> dict:
+        return {"type": "char", "chars": self.chars}
+
     def save(self, path) -> None:
-        _write_json(path, {"type": "char", "chars": self.chars})
+        _write_json(path, self.to_json())
 
     def __repr__(self) -> str:
         return f"CharTokenizer(n_vocab={self.n_vocab})"
@@ -122,6 +144,12 @@ def load_tokenizer(path):
     if kind == "char" and isinstance(d.get("chars"), str):
         return CharTokenizer(d["chars"])
     raise ValueError(f"tokenizer file {path}: unknown tokenizer description (type {kind!r})")
+
+
+def tokenizer_file(tok) -> dict:
+    """{"tokenizer.json": bytes}: what a run directory and each of its checkpoints keep, so that
+    generation reads text with the tokenizer the model was trained with."""
+    return {"tokenizer.json": json.dumps(tok.to_json(), ensure_ascii=True).encode("utf-8")}
 
 
 def _write_json(path, obj) -> None:

@@ -1,0 +1,230 @@
+"""The training loop, written once. Pretraining, fine-tuning and multi-process training all run
+through `fit`; what differs between them is passed in:
+
+    loss_fn(model, micro_batch, normalizer) -> float   forward + backward of one micro-batch: adds
+                                                        d(loss)/d(param) into every .grad and returns
+                                                        its share of the step's loss
+    count_fn(batch) -> int                              how many targets the *global* batch holds
+    evaluate(model) -> {"train_loss": .., ...}          run every eval_every updates (eval mode)
+    sample(model) -> str                                text printed with each evaluation
+    dist                                                rank, world size, gradient all-reduce
+
+One update (`train_step`), with n = count_fn(global batch):
+
+    grads = sum over micro-batches of d(sum of per-target losses)/d(param) / n
+    loss  = sum over micro-batches of (sum of per-target losses) / n       (the batch's mean)
+    norm  = ||grads||;  grads *= min(1, clip / norm)
+    AdamW step at lr = lr_schedule(step)
+
+Because every micro-batch divides by the same global n, batch 8 and batch 4 with grad_accum 2
+(or 2 processes of batch 4) compute the same gradient.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from ..optim import clip_grad_norm, lr_schedule
+from .run import Metrics, load_checkpoint_state, plot_losses, rng_states, save_checkpoint
+
+
+@dataclass
+class LoopConfig:
+    steps: int                      # updates in the whole run
+    lr: float = 6e-4                # peak learning rate
+    min_lr: float | None = None     # cosine floor (None: lr / 10)
+    warmup: int = 0                 # linear warmup updates, then cosine decay to min_lr at `steps`
+    clip: float = 1.0               # global gradient-norm clip; 0 = off (the norm is still measured)
+    grad_accum: int = 1             # micro-batches per update
+    eval_every: int = 0             # evaluate every this many updates (0: only after the last)
+    sample_every: int = 0           # print a sample every this many updates (0: never)
+    save_every: int = 0             # checkpoint every this many updates (0: only at the end)
+
+    def __post_init__(self):
+        for name in ("steps", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every", "sample_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "clip") + (("min_lr",) if self.min_lr is not None else ()):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of update `step` (0-based)."""
+        min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
+        return lr_schedule(step, self.lr, self.warmup, self.steps, min_lr)
+
+
+class SingleProcess:
+    """The `dist` of one process: rank 0 of 1, nothing to reduce."""
+    rank, world_size, is_main = 0, 1, True
+
+    def allreduce_grads(self, model):
+        pass
+
+    def allreduce_sum(self, x: float) -> float:
+        return x
+
+
+def split_rows(batch: tuple, parts: int, index: int | None = None):
+    """Cut every array of `batch` into `parts` equal, contiguous row blocks; all of them, or block `index`."""
+    B = len(batch[0])
+    if B % parts:
+        raise ValueError(f"batch {B} does not split into {parts} equal parts")
+    n = B // parts
+    blocks = [tuple(a[i * n:(i + 1) * n] for a in batch) for i in range(parts)]
+    return blocks if index is None else blocks[index]
+
+
+def train_step(model, optimizer, batch, lr: float, *, loss_fn, count_fn, grad_accum: int = 1,
+               clip: float = 1.0, dist=None) -> tuple:
+    """One update on the global `batch` (a tuple of arrays, rows first). Returns (loss, grad_norm):
+    the batch's mean loss before the update and the gradient norm before clipping."""
+    dist = dist or SingleProcess()
+    n = max(count_fn(batch), 1)                             # targets in the global batch
+    mine = split_rows(batch, dist.world_size, dist.rank)    # this process's contiguous rows
+    model.zero_grad()
+    loss = 0.0
+    for micro in split_rows(mine, grad_accum):
+        loss += loss_fn(model, micro, n)                    # grads += d(sum of losses)/dparam / n
+    dist.allreduce_grads(model)                             # sum the processes' gradients
+    loss = dist.allreduce_sum(loss)
+    norm = clip_grad_norm(model, clip if clip > 0 else math.inf)
+    optimizer.step(lr=lr)
+    return loss, norm
+
+
+class _StopOnSigint:
+    """The first Ctrl-C asks the loop to stop after the update in progress (then it checkpoints);
+    a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+@dataclass
+class FitResult:
+    step: int                       # updates done in all (including before a resume)
+    interrupted: bool               # stopped early by Ctrl-C (a checkpoint was written)
+    last_eval: dict | None          # the last evaluation's row
+    checkpoint: str | None          # the last checkpoint written
+
+
+def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, evaluate=None, sample=None,
+        run_dir=None, resume: bool = False, extra_files: dict | None = None, dist=None, progress: bool = True,
+        log=None) -> FitResult:
+    """Train `model` for config.steps updates on `batches` (an object with next() -> global batch
+    tuple, state_dict() and load_state_dict(d)). With run_dir, write metrics.jsonl, loss.png and
+    checkpoints there; resume=True continues from its checkpoint, bit for bit."""
+    from tqdm.auto import tqdm
+    dist = dist or SingleProcess()
+    main = dist.is_main
+    log = log or (lambda msg: tqdm.write(msg))
+    step, tokens = 0, 0
+    metrics = None
+    if resume:
+        if run_dir is None:
+            raise ValueError("resume needs a run directory")
+        state = load_checkpoint_state(run_dir, model, optimizer)
+        batches.load_state_dict(state["data"])
+        step, tokens = state["step"], state["tokens"]
+        if main:
+            metrics = Metrics(run_dir, resume_bytes=state["metrics_bytes"])
+    elif run_dir is not None and main:
+        metrics = Metrics(run_dir)
+    last_eval, last_ckpt, last_saved = None, None, step if resume else None
+
+    def run_eval():
+        nonlocal last_eval
+        model.eval()
+        losses = evaluate(model)
+        model.train()
+        last_eval = {"step": step, **{k: float(v) for k, v in losses.items()}, "tokens": tokens}
+        if metrics:
+            metrics.write(last_eval)
+            plot_losses(metrics.path, _join(run_dir, "loss.png"))
+        log(f"step {step:>6}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in losses.items()))
+
+    def run_sample():
+        model.eval()
+        text = sample(model)
+        model.train()
+        log(f"step {step:>6} sample:\n{text}")
+
+    def checkpoint():
+        nonlocal last_ckpt, last_saved
+        if run_dir is None or not main:
+            return
+        state = {"step": step, "tokens": tokens, "data": batches.state_dict(), "rngs": rng_states(model),
+                 "metrics_bytes": metrics.tell(), "loop": asdict(config)}
+        last_ckpt = save_checkpoint(run_dir, model, optimizer, state, extra_files)
+        last_saved = step
+
+    model.train()
+    if not resume and evaluate is not None and config.eval_every and main:
+        run_eval()                                          # the untrained model's loss, at step 0
+    bar = tqdm(total=config.steps, initial=step, disable=not (progress and main), dynamic_ncols=True, unit="step")
+    interrupted = False
+    with _StopOnSigint() as stop:
+        while step < config.steps:
+            batch = batches.next()
+            lr = config.lr_at(step)
+            t0 = time.perf_counter()
+            loss, norm = train_step(model, optimizer, batch, lr, loss_fn=loss_fn, count_fn=count_fn,
+                                    grad_accum=config.grad_accum, clip=config.clip, dist=dist)
+            dt = time.perf_counter() - t0
+            step += 1
+            n_tokens = int(batch[0].size)
+            tokens += n_tokens
+            tok_s = n_tokens / dt if dt > 0 else float("nan")
+            if metrics:
+                metrics.write({"step": step, "loss": float(loss), "lr": lr, "grad_norm": float(norm),
+                               "tokens_per_s": tok_s, "tokens": tokens})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            if not math.isfinite(loss):
+                bar.close()
+                raise FloatingPointError(f"the loss became {loss} at step {step}; lower the learning rate")
+            last = step == config.steps
+            if evaluate is not None and main and (last or (config.eval_every and step % config.eval_every == 0)):
+                run_eval()
+            if sample is not None and main and config.sample_every and (last or step % config.sample_every == 0):
+                run_sample()
+            if last or (config.save_every and step % config.save_every == 0):
+                checkpoint()
+            if stop.requested:
+                interrupted = True
+                break
+    bar.close()
+    if interrupted and last_saved != step:
+        checkpoint()
+    if metrics:
+        metrics.close()
+    model.eval()
+    return FitResult(step=step, interrupted=interrupted, last_eval=last_eval, checkpoint=last_ckpt)
+
+
+def _join(a, b):
+    import os
+    return os.path.join(os.fspath(a), b)
