@@ -7,7 +7,8 @@ The same run from the command line:
 
     npgpt train --data the-verdict --config gpt2 --context 256 --batch 2 --epochs 10 --lr 4e-4 \\
         --min-lr 4e-4 --beta2 0.999 --weight-decay 0.1 --dropout 0.1 --clip 0 --eval-every 5 \\
-        --eval-batches 5 --prompt "Every effort moves you" --seed 123 --out runs/the-verdict-book
+        --eval-batches 5 --sample-every 9 --save-every 0 --prompt "Every effort moves you" --seed 123 \\
+        --out runs/the-verdict-book
 
 The book: context 256, batch 2 (last partial batch dropped, shuffled), AdamW lr 4e-4 constant,
 weight decay 0.1, betas (0.9, 0.999), dropout 0.1, no gradient clipping, 10 epochs, evaluation

@@ -6,7 +6,7 @@ import sys
 
 def test_bench_json_tiny_config():
     cmd = [sys.executable, "-m", "npgpt", "bench", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
-           "--n-vocab", "101", "--n-ctx", "256", "--workloads", "train", "prefill", "decode", "startup",
+           "--n-vocab", "101", "--n-ctx", "256", "--workloads", "train", "train-loop", "prefill", "decode", "startup",
            "--steps", "1", "--reps", "1", "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -17,4 +17,6 @@ def test_bench_json_tiny_config():
     assert res["train"]["npgpt"]["seconds"] > 0 and res["train"]["npgpt"]["peak_rss_mb"] > 0
     assert res["prefill"]["npgpt"]["tokens_per_s"] > 0 and res["decode"]["npgpt"]["tokens_per_s"] > 0
     assert 0 < res["startup"]["npgpt"]["warm_first_token_s"] < 60
+    loop = res["train-loop"]["npgpt"]                       # the training loop's overhead over a bare step
+    assert loop["tokens_per_s"] > 0 and loop["bare_tokens_per_s"] > 0 and loop["overhead"] > -1
     assert "torch" not in res["train"]                      # no --compare: npgpt alone

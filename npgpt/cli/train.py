@@ -51,7 +51,7 @@ def add_parser(sub):
     m.add_argument("--dropout", type=float, default=0.0, help="dropout on embeddings, attention, residuals (0.0)")
     s = p.add_argument_group("shape")
     s.add_argument("--context", type=int, default=256, help="tokens per window, the model's n_ctx when new (256)")
-    s.add_argument("--batch", type=int, default=8, help="windows per update (global batch; default 8)")
+    s.add_argument("--batch", type=int, default=2, help="windows per update (global batch; default 2, the book's)")
     s.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (batch / grad-accum rows each)")
     s.add_argument("--steps", type=int, default=None, help="updates in the run (default: --epochs 10 of them)")
     s.add_argument("--epochs", type=float, default=None, help="passes over the training windows (default 10)")
