@@ -88,3 +88,41 @@ def test_bad_input_one_line_error_and_nothing_written(tmp_path, case):
     assert len(lines) == 1 and "error" in lines[0] and needle in lines[0], (case, r.stderr)
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    """Ctrl-C (SIGINT) during `npgpt train` writes a checkpoint and exits 130; `--resume` in a new
+    process then ends bit for bit where an uninterrupted run ends (parameters and metrics rows)."""
+    import signal
+    import time
+    args = ["train", "--data", VERDICT, "--tokenizer", "char", "--config", "tiny", "--context", "32", "--batch", "4",
+            "--steps", "150", "--eval-every", "50", "--eval-batches", "2", "--sample-every", "0", "--save-every", "0",
+            "--dropout", "0.1", "--warmup", "20", "--no-progress"]
+    full = npgpt_cli(*args, "--out", tmp_path / "full", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NPGPT_HOME=str(tmp_path / ".npgpt-home"))
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "npgpt", *map(str, args), "--out", str(run)], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 5):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "--resume" in err
+    stopped = json.loads(open(run / "checkpoint" / "trainer.json").read())["step"]
+    assert 0 < stopped < 150
+
+    r = npgpt_cli("train", "--out", run, "--resume", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    a = npgpt.GPT.from_pretrained(tmp_path / "full").state_dict()
+    b = npgpt.GPT.from_pretrained(run).state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+    def rows(d):
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+                for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows(run) == rows(tmp_path / "full") and len(rows(run)) == 150 + 4
