@@ -22,6 +22,7 @@ Because every micro-batch divides by the same global n, batch 8 and batch 4 with
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -163,7 +164,7 @@ def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, eva
         last_eval = {"step": step, **{k: float(v) for k, v in losses.items()}, "tokens": tokens}
         if metrics:
             metrics.write(last_eval)
-            plot_losses(metrics.path, _join(run_dir, "loss.png"))
+            plot_losses(metrics.path, os.path.join(os.fspath(run_dir), "loss.png"))
         log(f"step {step:>6}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in losses.items()))
 
     def run_sample():
@@ -223,8 +224,3 @@ def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, eva
         metrics.close()
     model.eval()
     return FitResult(step=step, interrupted=interrupted, last_eval=last_eval, checkpoint=last_ckpt)
-
-
-def _join(a, b):
-    import os
-    return os.path.join(os.fspath(a), b)
