@@ -153,3 +153,15 @@ def test_finetune_cli_errors(tmp_path, tiny_dir):
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (extra, r.stderr)
     r = cli("classify", "--model", tmp_path / "nothing", "hi", cwd=tmp_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.skipif(not SMS.exists(), reason="SMSSpamCollection.tsv not present")
+def test_finetune_cli_trainable_blocks_keeps_frozen_weights_bit_identical(tmp_path, tiny_dir):
+    out = tmp_path / "frozen"
+    r = cli("finetune", "classify", "--data", SMS, "--init", tiny_dir, "--out", out, "--epochs", 1, "--limit", 400,
+            "--trainable-blocks", 1, "--max-length", 16, "--lr", "1e-3", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    before, after = npgpt.GPT.from_pretrained(tiny_dir).state_dict(), npgpt.GPT.from_pretrained(out).state_dict()
+    trained = [k for k in before if ".h.1." in k or ".ln_f." in k]
+    assert all(np.array_equal(before[k], after[k]) for k in before if k not in trained)
+    assert not np.array_equal(before["transformer.h.1.mlp.c_fc.weight"], after["transformer.h.1.mlp.c_fc.weight"])
