@@ -7,6 +7,7 @@ import os
 # it, so it only takes effect when npgpt is imported before NumPy (as the `npgpt` command does).
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
+from .classifier import Classifier
 from .config import GPTConfig
 from .generate import generate, generate_text, stream_text, stream_tokens
 from .gradcheck import gradcheck_layer, gradcheck_model
@@ -18,7 +19,7 @@ from .tokenizer import get_tokenizer
 from . import runtime  # noqa: F401  (npgpt.runtime.keep_freed_memory())
 
 __version__ = "0.1.0"
-__all__ = ["GPTConfig", "GPT", "no_grad", "is_grad_enabled", "cross_entropy", "AdamW", "clip_grad_norm", "lr_schedule",
+__all__ = ["GPTConfig", "GPT", "Classifier", "no_grad", "is_grad_enabled", "cross_entropy", "AdamW", "clip_grad_norm", "lr_schedule",
            "gradcheck_layer", "gradcheck_model",
            "generate", "generate_text", "stream_tokens", "stream_text", "get_tokenizer"]
 

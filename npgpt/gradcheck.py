@@ -145,6 +145,31 @@ def gradcheck_model(model, idx, targets, *, eps=DEFAULT_EPS, tol=DEFAULT_TOL, fl
     return results
 
 
+def gradcheck_classifier(model, ids, lengths, labels, *, eps=DEFAULT_EPS, tol=DEFAULT_TOL, floor=DEFAULT_FLOOR,
+                         max_checks: int | None = None, seed: int = 0, name: str = "Classifier"):
+    """Check a Classifier: L = cross_entropy(model.forward(ids, lengths), labels), every parameter.
+    With right-padded ids (lengths < T) this also checks that the padding gets no gradient's worth
+    of influence: a head reading the wrong position fails."""
+    params = list(model.named_parameters())
+    _check_float64([(n, p.data) for n, p in params], "parameters")
+    rng = np.random.default_rng(seed)
+    restore = _rng_snapshot(model)
+    model.zero_grad()
+    loss, dlogits = cross_entropy(model.forward(ids, lengths), labels)
+    model.backward(dlogits)
+
+    def f():
+        restore()
+        return float(cross_entropy(model.forward(ids, lengths), labels)[0])
+
+    results = []
+    for pname, p in params:
+        layer, _, short = pname.rpartition(".")
+        err = _compare(f, p.data, p.grad, _pick(p.data.size, max_checks, rng), eps, floor)
+        results.append(GradCheckResult(f"{name}.{layer}", short, err, min(p.data.size, max_checks or p.data.size), tol))
+    return results
+
+
 def format_table(results) -> str:
     rows = [("layer", "parameter", "checked", "max rel error", "")]
     rows += [(r.layer, r.parameter, str(r.checked), f"{r.max_rel_error:.2e}", "PASS" if r.passed else "FAIL")
@@ -174,8 +199,9 @@ def _randomize(module: Module, rng, std: float = 0.3):
 def check_everything(seed: int = 0, dropout: float = 0.1):
     """Every layer, the loss and a whole tiny GPT-2 in float64: the list behind `npgpt gradcheck`."""
     from .config import GPTConfig
-    from .layers import (GELU, MLP, Block, CausalSelfAttention, Embedding, LayerNorm, Linear, PositionEmbedding,
-                         TiedLMHead)
+    from .classifier import Classifier
+    from .layers import (GELU, MLP, Block, CausalSelfAttention, Embedding, LastTokenHead, LayerNorm, Linear,
+                         PositionEmbedding, TiedLMHead)
     from .model import GPT
 
     f64 = np.float64
@@ -194,6 +220,7 @@ def check_everything(seed: int = 0, dropout: float = 0.1):
         ("MLP", MLP(C, dtype=f64, rng=rng, dropout=dropout, seed=seed), (x,)),
         ("Block", Block(C, NH, dtype=f64, rng=rng, dropout=dropout, seed=seed), (x,)),
         ("TiedLMHead", TiedLMHead(wte), (x,)),
+        ("LastTokenHead (padded)", LastTokenHead(C, 3, dtype=f64, rng=rng), (x, np.array([2, T]))),
     ]
     results = []
     for name, layer, inputs in checks:
@@ -215,4 +242,9 @@ def check_everything(seed: int = 0, dropout: float = 0.1):
     config = GPTConfig(n_vocab=V, n_ctx=8, n_embd=C, n_head=NH, n_layer=2, dropout=dropout)
     model = _randomize(GPT(config, dtype=f64, seed=seed), rng)
     results += gradcheck_model(model, idx, targets, seed=seed)
+
+    # a classifier on right-padded rows: row 0 has 3 real tokens, then padding
+    clf = _randomize(Classifier(GPT(config, dtype=f64, seed=seed), ["a", "b", "c"], seed=seed), rng)
+    lengths, labels = np.array([3, T]), np.array([2, 0])
+    results += gradcheck_classifier(clf, idx, lengths, labels, seed=seed, name="Classifier (padded)")
     return results

@@ -36,24 +36,39 @@ class GPT(Module):
 
     # ----------------------------------------------------------------- forward / backward
     def forward(self, idx, start_pos: int = 0):
+        return self.lm_head(self.forward_hidden(idx, start_pos))  # (B, T, V)
+
+    def forward_hidden(self, idx, start_pos: int = 0):
+        """The final hidden states ln_f(x) (B, T, C), for heads other than the LM head."""
         idx = self._check_idx(idx, start_pos)
         B, T = idx.shape
         x = self.wte(idx) + self.wpe(T, start_pos)                # (B, T, C)
         x = self.drop(x)
         for block in self.h:
             x = block(x)                                          # (B, T, C)
-        x = self.ln_f(x)
-        return self.lm_head(x)                                    # (B, T, V)
+        return self.ln_f(x)                                       # (B, T, C)
 
     def backward(self, dlogits):
-        """Adds dL/dparam into every parameter's .grad (call zero_grad() first)."""
+        """Adds dL/dparam into every trainable parameter's .grad (call zero_grad() first)."""
         dlogits = np.asarray(dlogits, dtype=self.dtype)
         # logits = ln_f(x) @ wte^T
         dx = self.lm_head.backward(dlogits)                       # (B, T, C); adds into wte.grad
+        self.backward_hidden(dx)
+
+    def backward_hidden(self, dhidden):
+        """Backward from dL/d(hidden) (B, T, C), hidden = forward_hidden(idx). Stops as soon as nothing
+        below needs a gradient: blocks under the lowest trainable one never run, and frozen embeddings
+        get no scatter-add."""
+        dx = np.asarray(dhidden, dtype=self.dtype)
+        embeddings = self.wte.weight.requires_grad or self.wpe.weight.requires_grad
+        lowest = 0 if embeddings else next((l for l, b in enumerate(self.h) if b.needs_grad()), len(self.h))
+        # hidden = ln_f(x)
         dx = self.ln_f.backward(dx)
-        # x = block_{L-1}(... block_0(x0)): walk the blocks in reverse
-        for block in reversed(self.h):
+        # x = block_{L-1}(... block_0(x0)): walk the blocks in reverse, down to the lowest that needs it
+        for block in reversed(self.h[lowest:]):
             dx = block.backward(dx)
+        if not embeddings:
+            return
         # x0 = drop(wte[idx] + wpe[0:T])
         dx = self.drop.backward(dx)
         # x = wte[idx] + wpe[0:T]: the sum passes dx to both tables

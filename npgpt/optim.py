@@ -47,11 +47,13 @@ class AdamW:
     A parameter with no gradient since zero_grad() (p.has_grad False: no backward reached it, or it
     is frozen) is skipped: no decay, no moment update, as PyTorch with zero_grad(set_to_none=True).
     t counts the optimizer's steps (one for all parameters), where PyTorch counts per parameter.
+    Only the parameters trainable when the optimizer is built (requires_grad) get moments and updates:
+    freeze before building it.
     """
 
     def __init__(self, model, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1):
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
-        self.named = list(model.named_parameters())
+        self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]   # frozen: no state
         self.decay = {name: p.data.ndim >= 2 for name, p in self.named}
         self.m = {name: np.zeros_like(p.data) for name, p in self.named}
         self.v = {name: np.zeros_like(p.data) for name, p in self.named}

@@ -4,10 +4,11 @@ from .block import Block
 from .dropout import Dropout
 from .embedding import Embedding, PositionEmbedding, TiedLMHead
 from .gelu import GELU
+from .last_token import LastTokenHead
 from .layernorm import LayerNorm
 from .linear import Linear
 from .mlp import MLP
 from .module import Module, Parameter
 
 __all__ = ["Module", "Parameter", "Linear", "LayerNorm", "GELU", "Dropout", "Embedding", "PositionEmbedding",
-           "TiedLMHead", "CausalSelfAttention", "MLP", "Block"]
+           "TiedLMHead", "LastTokenHead", "CausalSelfAttention", "MLP", "Block"]

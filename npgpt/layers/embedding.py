@@ -20,6 +20,8 @@ class Embedding(Module):
     def backward(self, dout):
         # out[b, t] = w[idx[b, t]]  =>  dw[i] += sum of dout[b, t] over every (b, t) with idx[b, t] == i
         idx = self.saved("idx")
+        if not self.weight.requires_grad:
+            return None                                                # frozen: no scatter-add at all
         if kernels.use_numba():
             kernels.embedding_backward(idx, dout, self.weight.grad)
         else:
@@ -41,6 +43,8 @@ class PositionEmbedding(Module):
     def backward(self, dout):
         # out[b, t] = w[start + t] for every b  =>  dw[start + t] += sum_b dout[b, t]
         start, T = self.saved("start", "T")
+        if not self.weight.requires_grad:
+            return None
         self.weight.grad[start:start + T] += dout.sum(axis=0) if dout.ndim == 3 else dout
         return None
 
@@ -66,5 +70,6 @@ class TiedLMHead(Module):
         # logits = x @ w^T  =>  dw += dlogits^T x   and   dx = dlogits @ w
         x2, w = self.saved("x"), self.weight.data
         dl2 = dlogits.reshape(-1, w.shape[0])                          # (B*T, V)
-        self.weight.add_matmul(dl2.T, x2)                              # dw += dlogits^T x  (V, C)
+        if self.weight.requires_grad:
+            self.weight.add_matmul(dl2.T, x2)                          # dw += dlogits^T x  (V, C)
         return (dl2 @ w).reshape(dlogits.shape[:-1] + (w.shape[1],))   # (B, T, C)

@@ -33,16 +33,23 @@ class LayerNorm(Module):
         if kernels.use_numba():
             xhat, rstd = self.saved("xhat", "rstd")
             return kernels.layernorm_backward(dy, xhat, rstd, self.weight.data,
-                                              self.weight.grad, self.bias.grad)
+                                              self._grad_sink(self.weight), self._grad_sink(self.bias))
         return self.backward_numpy(dy)
+
+    @staticmethod
+    def _grad_sink(p):
+        """Where the kernel adds p's gradient: p.grad, or a throwaway array when p is frozen."""
+        return p.grad if p.requires_grad else np.zeros_like(p.data)
 
     def backward_numpy(self, dy):
         # forward: y = xhat * g + b, with xhat = (x - mean) * rstd
         (xhat, rstd), g = self.saved("xhat", "rstd"), self.weight.data
         C = xhat.shape[-1]
         sum_rows = tuple(range(dy.ndim - 1))
-        self.weight.grad += (dy * xhat).sum(axis=sum_rows)           # dL/dg = sum_rows dy * xhat
-        self.bias.grad += dy.sum(axis=sum_rows)                      # dL/db = sum_rows dy
+        if self.weight.requires_grad:
+            self.weight.grad += (dy * xhat).sum(axis=sum_rows)       # dL/dg = sum_rows dy * xhat
+        if self.bias.requires_grad:
+            self.bias.grad += dy.sum(axis=sum_rows)                  # dL/db = sum_rows dy
         dxhat = dy * g                                               # dL/dxhat
         # xhat depends on x directly, through the mean, and through rstd:
         #   dx = rstd * ( dxhat                                   <- term 1: direct

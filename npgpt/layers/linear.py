@@ -23,7 +23,9 @@ class Linear(Module):
         # forward: y = x @ w + b, row by row over N = B*T rows
         x2, w = self.saved("x"), self.weight.data
         dy2 = dy.reshape(-1, w.shape[1])                     # (N, out)
-        self.weight.add_matmul(x2.T, dy2)                    # dL/dw += x^T dy   (in, out)
-        self.bias.grad += dy2.sum(axis=0)                    # dL/db = sum_n dy  (out,)
+        if self.weight.requires_grad:                        # frozen: skip a third of the backward's work
+            self.weight.add_matmul(x2.T, dy2)                # dL/dw += x^T dy   (in, out)
+        if self.bias.requires_grad:
+            self.bias.grad += dy2.sum(axis=0)                # dL/db = sum_n dy  (out,)
         dx = dy2 @ w.T                                       # dL/dx = dy w^T    (N, in)
         return dx.reshape(*dy.shape[:-1], w.shape[0])

@@ -61,13 +61,17 @@ class Parameter:
     else, read or wrote `.grad`): AdamW and clip_grad_norm skip parameters without one, so a
     parameter no backward reached (or a frozen one) neither decays nor moves on old momentum.
 
-    data is always C-contiguous (converted on assignment), so kernels can update it through a flat view."""
-    __slots__ = ("_data", "_grad", "_grad_is_zero")
+    requires_grad = False freezes the parameter: backward passes compute no gradient for it (a frozen
+    Linear skips its dL/dw GEMM), so it never has one, and AdamW keeps no moments for it.
 
-    def __init__(self, data: np.ndarray):
+    data is always C-contiguous (converted on assignment), so kernels can update it through a flat view."""
+    __slots__ = ("_data", "_grad", "_grad_is_zero", "requires_grad")
+
+    def __init__(self, data: np.ndarray, requires_grad: bool = True):
         self.data = data
         self._grad = None          # allocated on first use (backward): inference never pays for gradients
         self._grad_is_zero = False
+        self.requires_grad = requires_grad
 
     @property
     def data(self):
@@ -97,6 +101,8 @@ class Parameter:
 
     def zero_grad(self):
         if self._grad is None:
+            if not self.requires_grad:
+                return             # frozen: never allocate a gradient
             self._grad = np.empty_like(self.data)
         self._grad_is_zero = True
 
@@ -111,7 +117,8 @@ class Parameter:
             self.grad += a @ b
 
     def __repr__(self):
-        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+        frozen = "" if self.requires_grad else ", frozen"
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype}{frozen})"
 
 
 class Module:
@@ -156,6 +163,23 @@ class Module:
     def zero_grad(self):
         for p in self.parameters():
             p.zero_grad()
+
+    # ----------------------------------------------------------------- freezing
+    def requires_grad_(self, flag: bool = True):
+        """Set requires_grad on every parameter (False freezes them all); returns self."""
+        for p in self.parameters():
+            p.requires_grad = flag
+        return self
+
+    def freeze(self):
+        return self.requires_grad_(False)
+
+    def unfreeze(self):
+        return self.requires_grad_(True)
+
+    def needs_grad(self) -> bool:
+        """True if any parameter of this module is trainable (its backward has gradients to compute)."""
+        return any(p.requires_grad for p in self.parameters())
 
     def state_dict(self) -> dict:
         """{dotted name: parameter array} (the arrays themselves, not copies)."""

@@ -1,0 +1,96 @@
+"""A GPT-2 text classifier (the book's chapter 6): the GPT body, then a Linear head on each row's
+last real token.
+
+    hidden = gpt.forward_hidden(ids)                      (B, T, C)   final layernorm's output
+    logits = head(hidden[b, lengths[b] - 1])              (B, K)      K classes
+
+Batches are padded on the right; lengths (B,) holds each row's count of real tokens. A saved
+classifier is a directory: the GPT in Hugging Face layout (config.json, model.safetensors; it
+loads with GPT.from_pretrained), plus classifier.safetensors (head.weight, head.bias) and
+classifier.json (the label names).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .layers import LastTokenHead, Module
+from .model import GPT
+
+HEAD_FILE = "classifier.safetensors"
+LABELS_FILE = "classifier.json"
+
+
+class Classifier(Module):
+    def __init__(self, gpt: GPT, labels, seed=None, init: bool = True):
+        labels = [str(x) for x in labels]
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError(f"a classifier needs at least two distinct labels, got {labels}")
+        self.gpt, self.labels = gpt, labels
+        rng = np.random.default_rng(seed) if init else None
+        self.head = LastTokenHead(gpt.config.n_embd, len(labels), dtype=gpt.dtype, rng=rng)   # weight (C, K)
+
+    @property
+    def dtype(self):
+        return self.gpt.dtype
+
+    def forward(self, ids, lengths):
+        hidden = self.gpt.forward_hidden(ids)                 # (B, T, C)
+        return self.head(hidden, lengths)                     # (B, K)
+
+    def backward(self, dlogits):
+        dlogits = np.asarray(dlogits, dtype=self.dtype)
+        # logits = head(hidden at the last real tokens)
+        dhidden = self.head.backward(dlogits)                 # (B, T, C), zero off the last real tokens
+        # hidden = gpt.forward_hidden(ids)
+        self.gpt.backward_hidden(dhidden)
+
+    def set_trainable(self, blocks: int | None = None):
+        """Freeze everything but the last `blocks` transformer blocks, the final layernorm and the head
+        (None: everything trainable). Build the optimizer afterwards."""
+        L = len(self.gpt.h)
+        if blocks is None:
+            return self.requires_grad_(True)
+        if not 0 <= blocks <= L:
+            raise ValueError(f"trainable blocks must be in [0, {L}], got {blocks}")
+        self.requires_grad_(False)
+        for m in self.gpt.h[L - blocks:] + [self.gpt.ln_f, self.head]:
+            m.requires_grad_(True)
+        return self
+
+    # ----------------------------------------------------------------- saving and loading
+    def save(self, directory) -> str:
+        """config.json + model.safetensors (the GPT) and classifier.safetensors + classifier.json."""
+        from .checkpoint.safetensors import atomic_write, save_safetensors
+        directory = os.fspath(directory)
+        self.gpt.save(directory)
+        save_safetensors(os.path.join(directory, HEAD_FILE),
+                         {"head.weight": self.head.weight.data, "head.bias": self.head.bias.data},
+                         {"format": "npgpt-classifier"})
+        with atomic_write(os.path.join(directory, LABELS_FILE)) as f:
+            f.write((json.dumps({"labels": self.labels}, indent=1) + "\n").encode("utf-8"))
+        return directory
+
+    @classmethod
+    def load(cls, path, dtype=np.float32) -> "Classifier":
+        """A directory written by save(), or a `npgpt finetune classify` run directory (its checkpoint)."""
+        from .checkpoint import resolve_run_dir
+        from .checkpoint.safetensors import read_safetensors
+        path = resolve_run_dir(os.fspath(path))
+        head_path, labels_path = os.path.join(path, HEAD_FILE), os.path.join(path, LABELS_FILE)
+        for p in (head_path, labels_path):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"{path} is not a saved classifier (no {os.path.basename(p)})")
+        with open(labels_path, encoding="utf-8") as f:
+            labels = json.load(f)["labels"]
+        model = cls(GPT.from_pretrained(path, dtype=dtype), labels, init=False)
+        head, _ = read_safetensors(head_path, mmap=False)
+        model.head.load_state_dict({"weight": head["head.weight"], "bias": head["head.bias"]})
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, labels, dtype=np.float32, seed=None) -> "Classifier":
+        """A new head (random, seeded) on a pretrained GPT: a model name, checkpoint or run directory."""
+        return cls(GPT.from_pretrained(name_or_path, dtype=dtype), labels, seed=seed)
