@@ -1,0 +1,196 @@
+"""Data-parallel training over MPI: `mpiexec -n 2 npgpt train` against one process, a rank that dies,
+a rank that raises, and npgpt.distributed with no MPI at all.
+
+The MPI tests start `mpiexec -n 2` (MPICH's hydra from the mpich wheel, fork launcher, localhost) as
+subprocesses and skip when mpiexec or mpi4py is missing; `pip install -e ".[test]"` installs both."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+
+import numpy as np
+import pytest
+
+import npgpt
+from npgpt.distributed import MPI_ENV
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _mpiexec():
+    local = os.path.join(sysconfig.get_path("scripts"), "mpiexec")      # the mpich wheel's
+    return local if os.access(local, os.X_OK) else shutil.which("mpiexec")
+
+
+def _have_mpi4py():
+    try:
+        import importlib.util
+        return importlib.util.find_spec("mpi4py") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+MPIEXEC = _mpiexec()
+needs_mpi = pytest.mark.skipif(MPIEXEC is None or not _have_mpi4py(), reason="mpiexec or mpi4py not installed")
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in MPI_ENV}
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["HYDRA_LAUNCHER"] = "fork"                     # no ssh: every rank on this machine
+    env.setdefault("OMP_NUM_THREADS", "1")             # 2 ranks on a small CI machine
+    return env
+
+
+def _mpi_cmd(n, *args):
+    return [MPIEXEC, "-n", str(n), "-launcher", "fork", "-hosts", "127.0.0.1", sys.executable, *map(str, args)]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "d.txt"
+    rng = random.Random(0)
+    path.write_text("".join(rng.choice("abcdefgh ij\n") for _ in range(12000)))
+    return path
+
+
+def _train_args(text, out, dtype, steps=4, extra=()):
+    return ["-m", "npgpt", "train", "--config", "tiny", "--tokenizer", "char", "--data", text, "--context", 16,
+            "--batch", 4, "--steps", steps, "--eval-every", 0, "--eval-batches", 1, "--sample-tokens", 4,
+            "--dtype", dtype, "--no-progress", "--out", out, *extra]
+
+
+def _run(cmd, timeout=60):
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def _weights(run_dir, dtype):
+    return dict(npgpt.GPT.from_pretrained(str(run_dir), dtype=np.dtype(dtype)).state_dict())
+
+
+# ----------------------------------------------------------------------------- no MPI
+def test_single_process_imports_no_mpi():
+    code = ("import sys, npgpt.distributed as d; x = d.init(); "
+            "print(x.rank, x.world_size, x.is_main, d.rank(), d.world_size(), d.is_main(), 'mpi4py' in sys.modules)")
+    r = _run([sys.executable, "-c", code])
+    assert r.stdout.split() == ["0", "1", "True", "0", "1", "True", "False"]
+
+
+def test_launch_detection():
+    from npgpt.distributed import launched_by_mpi
+    assert not launched_by_mpi({"PATH": "/bin"})
+    for k in ("PMI_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS"):
+        assert launched_by_mpi({k: "0"})
+
+
+# ----------------------------------------------------------------------------- MPI
+@needs_mpi
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+def test_two_ranks_train_what_one_process_trains(tmp_path, text, dtype, tol):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, *map(str, _train_args(text, one, dtype))])
+    r = _run(_mpi_cmd(2, *_train_args(text, two, dtype)))
+    assert r.stdout.count("npgpt train: done") == 1             # only rank 0 prints
+    a, b = _weights(one, dtype), _weights(two, dtype)
+    assert a.keys() == b.keys()
+    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    assert worst <= tol, worst
+    rows_one = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    rows_two = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows_one) == len(rows_two)
+    for x, y in zip(rows_one, rows_two):
+        for k in ("loss", "grad_norm", "val_loss"):
+            if k in x:
+                assert abs(x[k] - y[k]) <= 1e3 * tol, (k, x[k], y[k])
+
+
+@needs_mpi
+def test_dropout_ranks_draw_their_own_masks_and_resume_across_rank_counts(tmp_path, text):
+    out = tmp_path / "drop"
+    _run(_mpi_cmd(2, *_train_args(text, out, "float32", steps=2, extra=["--dropout", "0.1"])))
+    state = json.loads((out / "checkpoint" / "trainer.json").read_text())
+    r0, r1 = state["rank_rngs"]
+    assert r0 == state["rngs"] and r0 != r1                      # rank 1 has its own streams, saved too
+    # a finished run resumed with another rank count: loads on every rank, nothing left to do
+    r = _run([sys.executable, "-m", "npgpt", "train", "--out", str(out), "--resume", "--no-progress"])
+    assert r.stdout.count("done, 2 updates") == 1
+
+
+@needs_mpi
+def test_batch_must_split_over_ranks_and_grad_accum(tmp_path, text):
+    r = subprocess.run(_mpi_cmd(2, *_train_args(text, tmp_path / "x", "float32", extra=["--grad-accum", "4"])),
+                       capture_output=True, text=True, env=_env(), timeout=60, cwd=ROOT)
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if x.startswith("npgpt train: error")]
+    assert len(lines) == 1 and "2 processes x --grad-accum 4" in lines[0], r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@needs_mpi
+def test_an_exception_on_one_rank_ends_the_job(tmp_path):
+    script = tmp_path / "boom.py"
+    script.write_text(
+        "import argparse\n"
+        "import npgpt.distributed as d\n"
+        "from npgpt.cli import _main_mpi\n"
+        "def f(args):\n"
+        "    if d.rank() == 1:\n"
+        "        raise RuntimeError('boom')\n"
+        "    d.init().barrier()                      # rank 0 would wait here forever\n"
+        "_main_mpi(argparse.Namespace(command='test', func=f))\n")
+    t0 = time.monotonic()
+    r = subprocess.run(_mpi_cmd(2, script), capture_output=True, text=True, env=_env(), timeout=30, cwd=ROOT)
+    assert r.returncode != 0
+    assert time.monotonic() - t0 < 20
+    assert "npgpt test: error on rank 1 of 2: RuntimeError: boom" in r.stderr, r.stderr
+
+
+def _pid_of_rank(tag, rank):
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
+        except OSError:
+            continue
+        if env.get(b"NPGPT_TEST_TAG") == tag.encode() and env.get(b"PMI_RANK") == str(rank).encode():
+            return int(pid)
+    return None
+
+
+@needs_mpi
+def test_killing_a_rank_ends_the_job_and_the_checkpoint_loads(tmp_path, text):
+    out = tmp_path / "killed"
+    tag = f"kill-{os.getpid()}-{time.time_ns()}"
+    env = {**_env(), "NPGPT_TEST_TAG": tag}
+    cmd = _mpi_cmd(2, *_train_args(text, out, "float32", steps=100000, extra=["--save-every", 5]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "checkpoint").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert (out / "checkpoint").exists(), "no checkpoint was written"
+        pid = _pid_of_rank(tag, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        outs, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 15
+        assert proc.returncode != 0
+        assert "BAD TERMINATION" in outs + err and "signal 9" in outs + err, outs[-2000:] + err[-2000:]   # hydra's report
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    model = npgpt.GPT.from_pretrained(str(out))
+    assert model.num_parameters() > 0
