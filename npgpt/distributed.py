@@ -184,6 +184,8 @@ def set_threads(threads: int | None = None, local_ranks: int = 1) -> int | None:
         if os.environ.get("OMP_NUM_THREADS") or os.environ.get("NUMBA_NUM_THREADS"):
             return None
         threads = max(1, cores() // max(1, local_ranks))
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):   # BLAS libraries loaded later (SciPy's, via Numba)
+        os.environ[var] = str(threads)
     try:
         from threadpoolctl import threadpool_limits
         threadpool_limits(limits=threads)
