@@ -41,8 +41,11 @@ MPIEXEC = _mpiexec()
 needs_mpi = pytest.mark.skipif(MPIEXEC is None or not _have_mpi4py(), reason="mpiexec or mpi4py not installed")
 
 
-def _env():
+def _env(kernels="numpy"):
+    """The subprocesses' environment. NumPy kernels by default: what MPI does is independent of the
+    backend, and they spare each process Numba's compilation (the float32 test runs Numba)."""
     env = {k: v for k, v in os.environ.items() if k not in MPI_ENV}
+    env["NPGPT_KERNELS"] = kernels
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["HYDRA_LAUNCHER"] = "fork"                     # no ssh: every rank on this machine
     env.setdefault("OMP_NUM_THREADS", "1")             # 2 ranks on a small CI machine
@@ -67,8 +70,18 @@ def _train_args(text, out, dtype, steps=4, extra=()):
             "--dtype", dtype, "--no-progress", "--out", out, *extra]
 
 
-def _run(cmd, timeout=60):
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=ROOT)
+REF64 = dict(dtype="float64", steps=12, extra=["--save-every", 3])      # the 1-process float64 reference run
+
+
+@pytest.fixture(scope="module")
+def ref64(tmp_path_factory, text):
+    out = tmp_path_factory.mktemp("ref") / "ref64"
+    _run([sys.executable, *map(str, _train_args(text, out, **REF64))])
+    return out
+
+
+def _run(cmd, timeout=60, kernels="numpy"):
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(kernels), timeout=timeout, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     return r
 
@@ -93,13 +106,7 @@ def test_launch_detection():
 
 
 # ----------------------------------------------------------------------------- MPI
-@needs_mpi
-@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
-def test_two_ranks_train_what_one_process_trains(tmp_path, text, dtype, tol):
-    one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, *map(str, _train_args(text, one, dtype))])
-    r = _run(_mpi_cmd(2, *_train_args(text, two, dtype)))
-    assert r.stdout.count("npgpt train: done") == 1             # only rank 0 prints
+def _compare(one, two, dtype, tol):
     a, b = _weights(one, dtype), _weights(two, dtype)
     assert a.keys() == b.keys()
     worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
@@ -111,6 +118,22 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, text, dtype, tol):
         for k in ("loss", "grad_norm", "val_loss"):
             if k in x:
                 assert abs(x[k] - y[k]) <= 1e3 * tol, (k, x[k], y[k])
+
+
+@needs_mpi
+def test_two_ranks_train_what_one_process_trains_float64(tmp_path, text, ref64):
+    two = tmp_path / "two"
+    r = _run(_mpi_cmd(2, *_train_args(text, two, **REF64)))
+    assert r.stdout.count("npgpt train: done") == 1             # only rank 0 prints
+    _compare(ref64, two, "float64", 1e-10)
+
+
+@needs_mpi
+def test_two_ranks_train_what_one_process_trains_float32(tmp_path, text):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, *map(str, _train_args(text, one, "float32"))], kernels="numba")
+    _run(_mpi_cmd(2, *_train_args(text, two, "float32")), kernels="numba")
+    _compare(one, two, "float32", 1e-5)
 
 
 @needs_mpi
@@ -194,3 +217,23 @@ def test_killing_a_rank_ends_the_job_and_the_checkpoint_loads(tmp_path, text):
             proc.communicate()
     model = npgpt.GPT.from_pretrained(str(out))
     assert model.num_parameters() > 0
+
+
+@needs_mpi
+def test_a_one_process_run_interrupted_resumes_exactly_on_two_ranks(tmp_path, text, ref64):
+    """Ctrl-C a 1-process float64 run after its first checkpoint, resume it with mpiexec -n 2: the final
+    weights are the uninterrupted 1-process run's (any rank count that divides the batch resumes)."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, *map(str, _train_args(text, run, **REF64))], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not (run / "checkpoint").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    stopped = json.loads((run / "checkpoint" / "trainer.json").read_text())["step"]
+    r = _run(_mpi_cmd(2, "-m", "npgpt", "train", "--out", run, "--resume", "--no-progress"))
+    assert r.stdout.count(f"done, {REF64['steps']} updates") == 1
+    a, b = _weights(ref64, "float64"), _weights(run, "float64")
+    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    assert worst <= 1e-10, (stopped, worst)
