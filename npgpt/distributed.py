@@ -92,7 +92,7 @@ class MPIDist:
                 where.append((dt, off, p.data.size))
                 sizes[dt] = off + p.data.size
             for dt, n in sizes.items():
-                buffers[dt] = np.empty(n, dtype=dt)
+                buffers[dt] = np.zeros(n, dtype=dt)    # slots of never-reached parameters stay 0
             plan = self._plans[key] = (buffers, where)
         return plan
 

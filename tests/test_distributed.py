@@ -237,3 +237,31 @@ def test_a_one_process_run_interrupted_resumes_exactly_on_two_ranks(tmp_path, te
     a, b = _weights(ref64, "float64"), _weights(run, "float64")
     worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
     assert worst <= 1e-10, (stopped, worst)
+
+
+@needs_mpi
+def test_allreduce_grads_sums_and_agrees_on_parameters_without_gradients(tmp_path):
+    """Bucketed flat Allreduce: sums; a gradient on one rank only is reduced with zeros from the other;
+    a parameter with no gradient anywhere stays without one on every rank (AdamW skips it everywhere)."""
+    script = tmp_path / "grads.py"
+    script.write_text(
+        "import json, numpy as np, npgpt.distributed as d\n"
+        "from npgpt.layers.module import Module, Parameter\n"
+        "class M(Module):\n"
+        "    def __init__(self):\n"
+        "        self.a = Parameter(np.zeros((3, 4))); self.b = Parameter(np.zeros(5, np.float32))\n"
+        "        self.c = Parameter(np.zeros(2)); self.e = Parameter(np.zeros(7))\n"
+        "d.BUCKET_BYTES = 16                           # several buckets even for this tiny model\n"
+        "x = d.init(); m = M(); m.zero_grad(); r = x.rank\n"
+        "m.a.grad[...] = r + 1; m.b.grad[...] = 10 * (r + 1)\n"
+        "if r == 1: m.c.grad[...] = 7\n"
+        "x.allreduce_grads(m)\n"
+        "out = {k: (p.has_grad, p.grad.tolist() if p.has_grad else None) for k, p in m.named_parameters()}\n"
+        "print(json.dumps([r, out, x.bytes_per_step]))\n")
+    r = _run(_mpi_cmd(2, script))
+    rows = sorted(json.loads(line) for line in r.stdout.splitlines() if line.startswith("["))
+    assert len(rows) == 2 and rows[0][1] == rows[1][1]
+    got = rows[0][1]
+    assert np.all(np.array(got["a"][1]) == 3) and np.all(np.array(got["b"][1]) == 30)
+    assert got["c"] == [True, [7.0, 7.0]] and got["e"] == [False, None]
+    assert rows[0][2] == (12 + 2 + 7) * 8 + 5 * 4            # float64 and float32 buffers, every parameter
