@@ -195,9 +195,9 @@ def run(args) -> int:
     if not args.resume and checkpoint_dir(out) is not None:
         raise CLIError(f"--out {out} already holds a run; continue it with --resume or choose another --out")
 
-    init_model = _load_init(args) if args.init is not None else None     # its n_ctx bounds --context
     if not main:
-        dist.barrier()                                    # rank 0 downloads / caches the data first
+        dist.barrier()                                    # rank 0 downloads / caches weights and data first
+    init_model = _load_init(args) if args.init is not None else None     # its n_ctx bounds --context
     try:
         data = prepare_data(args.data, tokenizer=_tokenizer(args), context=args.context, stride=args.stride,
                             train_ratio=args.train_ratio, progress=main and not args.no_progress)
