@@ -197,6 +197,7 @@ def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, eva
             return
         gather = getattr(dist, "gather", None)
         all_rngs = gather(rng_states(model)) if dist.world_size > 1 and gather else None   # collective
+        last_saved = step                                   # on every rank: they decide alike below
         if not main:
             return
         state = {"step": step, "tokens": tokens, "data": batches.state_dict(), "rngs": rng_states(model),
