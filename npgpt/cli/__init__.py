@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -33,6 +34,41 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from ..runtime import keep_freed_memory
     keep_freed_memory()
+    from ..distributed import launched_by_mpi
+    if launched_by_mpi():
+        return _main_mpi(args)
+    return _main(args)
+
+
+def _main_mpi(args) -> int:
+    """Under mpiexec: an exception on any rank prints one line naming the rank and aborts the whole
+    job (MPI Abort), so no rank waits forever in a collective for a rank that is gone. A user error
+    (CLIError) raised alike on every rank is printed once, by rank 0."""
+    import time
+    import traceback
+
+    from .. import distributed
+    dist = distributed.init()
+    try:
+        return _main(args, raise_user_errors=True)           # a normal return (0, 130) ends every rank alike
+    except CLIError as e:
+        if not dist.is_main:
+            time.sleep(2.0)              # rank 0 most likely hit the same error: let it report and abort
+        where = "" if dist.world_size == 1 else (f" (rank {dist.rank} of {dist.world_size})" if dist.rank else "")
+        print(f"npgpt {args.command}: error{where}: {one_line(e)}", file=sys.stderr, flush=True)
+        code = 2
+    except BaseException as e:           # noqa: BLE001  (SystemExit, KeyboardInterrupt too: the job must end)
+        if os.environ.get("NPGPT_TRACEBACK"):
+            traceback.print_exc()
+        print(f"npgpt {args.command}: error on rank {dist.rank} of {dist.world_size}: "
+              f"{type(e).__name__}: {one_line(e)}", file=sys.stderr, flush=True)
+        code = 1
+    if dist.world_size > 1:
+        dist.abort(code)
+    return code
+
+
+def _main(args, raise_user_errors: bool = False) -> int:
     try:
         from .. import kernels
         try:
@@ -41,6 +77,8 @@ def main(argv=None) -> int:
             raise CLIError(str(e)) from None
         return args.func(args)
     except CLIError as e:
+        if raise_user_errors:
+            raise
         print(f"npgpt {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

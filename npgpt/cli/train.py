@@ -8,6 +8,9 @@
 Everything is checked before anything is written: bad input prints one line and exits with status 2.
 Ctrl-C finishes the update in progress, writes a checkpoint and exits (status 130); --resume then
 ends bit for bit where the uninterrupted run would have.
+
+Data-parallel over MPI: `mpiexec -n K npgpt train ...` (pip install -e ".[mpi]"); --batch stays the
+global batch, each rank computes batch / K rows of it; only rank 0 prints, evaluates and writes.
 """
 from __future__ import annotations
 
@@ -77,16 +80,19 @@ def add_parser(sub):
     r.add_argument("--save-every", type=int, default=None, help="checkpoint every N updates (default: each eval)")
     r.add_argument("--seed", type=int, default=0, help="initial weights, shuffling and dropout (0)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--threads", type=int, default=None,
+                   help="BLAS and Numba threads of this process (under mpiexec default: cores // ranks on the "
+                        "machine, unless OMP_NUM_THREADS / NUMBA_NUM_THREADS are set)")
     p.set_defaults(func=run)
     return p
 
 
 # ----------------------------------------------------------------------------- checks
-def _check(args):
+def _check(args, world_size: int = 1):
     """Every flag on its own, before any file is read or written."""
     ints = {"context": 1, "batch": 1, "grad_accum": 1, "steps": 1, "warmup": 0, "eval_every": 0, "eval_batches": 0,
             "sample_every": 0, "save_every": 0, "sample_tokens": 0, "seed": 0, "n_layer": 1, "n_head": 1,
-            "n_embd": 1, "stride": 1}
+            "n_embd": 1, "stride": 1, "threads": 1}
     for k, lo in ints.items():
         v = getattr(args, k)
         if v is not None and v < lo:
@@ -112,6 +118,9 @@ def _check(args):
         raise CLIError("--n-layer/--n-head/--n-embd shape a new model; they cannot change an --init checkpoint")
     if args.batch % args.grad_accum:
         raise CLIError(f"--batch {args.batch} must be a multiple of --grad-accum {args.grad_accum}")
+    if args.batch % (world_size * args.grad_accum):
+        raise CLIError(f"--batch {args.batch} must be a multiple of {world_size} processes x --grad-accum "
+                       f"{args.grad_accum} = {world_size * args.grad_accum} (--batch is the global batch)")
     if not str(args.data).strip():
         raise CLIError("--data is empty")
 
@@ -175,21 +184,29 @@ def run(args) -> int:
     from ..train.loop import LoopConfig, fit
     from ..train.run import checkpoint_dir
     from ..train.tokenizers import tokenizer_file
+    from .. import distributed
 
+    dist = distributed.init(args.threads)                 # one process, or this rank of mpiexec's job
+    main = dist.is_main
     out = args.out or _default_out(args)
     if args.resume:
         args = _resumed_args(args, out)
-    _check(args)
+    _check(args, dist.world_size)
     if not args.resume and checkpoint_dir(out) is not None:
         raise CLIError(f"--out {out} already holds a run; continue it with --resume or choose another --out")
 
+    if not main:
+        dist.barrier()                                    # rank 0 downloads / caches weights and data first
     init_model = _load_init(args) if args.init is not None else None     # its n_ctx bounds --context
     try:
         data = prepare_data(args.data, tokenizer=_tokenizer(args), context=args.context, stride=args.stride,
-                            train_ratio=args.train_ratio, progress=not args.no_progress)
+                            train_ratio=args.train_ratio, progress=main and not args.no_progress)
     except (OSError, ValueError) as e:
         raise CLIError(str(e)) from None
+    if main and dist.world_size > 1:
+        dist.barrier()
     model = _build_model(args, data.n_vocab, init_model)
+    dist.broadcast_parameters(model)                      # every rank starts from rank 0's weights
     batches = data.batches(args.batch, shuffle=args.shuffle, seed=args.seed)
     steps = args.steps or max(1, int(round((args.epochs or 10) * batches.batches_per_epoch)))
     try:
@@ -202,28 +219,34 @@ def run(args) -> int:
     opt = AdamW(model, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, weight_decay=args.weight_decay)
     prompt = args.prompt if args.prompt is not None else _default_prompt(data)
 
-    if not args.resume:
+    if not args.resume and main:
         os.makedirs(out, exist_ok=True)
         from ..train.run import write_json
         write_json(os.path.join(out, RUN_FILE), {k: v for k, v in vars(args).items() if k not in ("func",)})
-    data.tokenizer.save(os.path.join(out, "tokenizer.json"))      # generation reads it back,
+    if main:
+        data.tokenizer.save(os.path.join(out, "tokenizer.json"))  # generation reads it back,
     extra = tokenizer_file(data.tokenizer)                           # and every checkpoint carries a copy
     n_params = model.num_parameters()
-    print(f"npgpt train: {data.name}; {len(data.train_ids):,} train / {len(data.val_ids):,} val tokens; "
-          f"{batches.batches_per_epoch} batches of {args.batch}x{args.context} per epoch; "
-          f"{n_params / 1e6:.2f}M parameters, {args.dtype}; {steps} updates -> {out}", flush=True)
+    procs = f"; {dist.world_size} processes x {args.batch // dist.world_size} rows" if dist.world_size > 1 else ""
+    if main:
+        print(f"npgpt train: {data.name}; {len(data.train_ids):,} train / {len(data.val_ids):,} val tokens; "
+              f"{batches.batches_per_epoch} batches of {args.batch}x{args.context} per epoch; "
+              f"{n_params / 1e6:.2f}M parameters, {args.dtype}; {steps} updates{procs} -> {out}", flush=True)
     try:
         result = fit(model, opt, batches, loop, loss_fn=lm_loss, count_fn=count_targets,
                      evaluate=lm_evaluator(data, args.batch, args.eval_batches),
                      sample=lm_sampler(data.tokenizer, prompt, args.sample_tokens, seed=args.seed),
-                     run_dir=out, resume=args.resume, extra_files=extra, progress=not args.no_progress)
+                     run_dir=out, resume=args.resume, extra_files=extra, progress=not args.no_progress,
+                     dist=dist)
     except FileNotFoundError as e:
         raise CLIError(str(e)) from None
     if result.interrupted:
-        print(f"npgpt train: interrupted at step {result.step}; checkpoint written. Continue with: "
-              f"npgpt train --out {out} --resume", file=sys.stderr)
+        if main:
+            print(f"npgpt train: interrupted at step {result.step}; checkpoint written. Continue with: "
+                  f"npgpt train --out {out} --resume", file=sys.stderr)
         return 130
-    print(f"npgpt train: done, {result.step} updates; model in {out} (npgpt generate --model {out})")
+    if main:
+        print(f"npgpt train: done, {result.step} updates; model in {out} (npgpt generate --model {out})")
     return 0
 
 
@@ -258,4 +281,5 @@ def _resumed_args(args, out):
         saved = json.load(f)
     merged = argparse.Namespace(**{**vars(args), **saved})
     merged.resume, merged.out, merged.no_progress, merged.func = True, out, args.no_progress, args.func
+    merged.threads = args.threads
     return merged

@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from ..optim import clip_grad_norm, lr_schedule
-from .run import Metrics, load_checkpoint_state, plot_losses, rng_states, save_checkpoint
+from .run import Metrics, jump_rngs, load_checkpoint_state, plot_losses, rng_states, save_checkpoint, set_rng_states
 
 
 @dataclass
@@ -71,6 +71,9 @@ class SingleProcess:
 
     def allreduce_sum(self, x: float) -> float:
         return x
+
+    def gather(self, obj):
+        return [obj]
 
 
 def split_rows(batch: tuple, parts: int, index: int | None = None):
@@ -137,7 +140,15 @@ def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, eva
         log=None) -> FitResult:
     """Train `model` for config.steps updates on `batches` (an object with next() -> global batch
     tuple, state_dict() and load_state_dict(d)). With run_dir, write metrics.jsonl, loss.png and
-    checkpoints there; resume=True continues from its checkpoint, bit for bit."""
+    checkpoints there; resume=True continues from its checkpoint, bit for bit.
+
+    Several processes (dist.world_size > 1): every rank calls fit with the same arguments and the
+    same starting weights; only dist.is_main writes metrics and checkpoints, evaluates, samples and
+    shows progress; resume loads the checkpoint on every rank. Dropout: rank r draws from its own
+    stream (each Dropout generator jumped r times, PCG64 jumps of 2^127 draws: disjoint streams, and
+    rank 0's is the single-process stream); checkpoints keep every rank's states ("rank_rngs"), so a
+    resume with the same rank count continues bit for bit; with another count, ranks the checkpoint
+    has no state for start from rank 0's state jumped r times."""
     from tqdm.auto import tqdm
     dist = dist or SingleProcess()
     main = dist.is_main
@@ -150,10 +161,18 @@ def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, eva
         state = load_checkpoint_state(run_dir, model, optimizer)
         batches.load_state_dict(state["data"])
         step, tokens = state["step"], state["tokens"]
+        saved = state.get("rank_rngs") or []
+        if dist.world_size > 1 and 0 < dist.rank < len(saved):
+            set_rng_states(model, saved[dist.rank])
+        elif dist.rank:
+            jump_rngs(model, dist.rank)
         if main:
             metrics = Metrics(run_dir, resume_bytes=state["metrics_bytes"])
-    elif run_dir is not None and main:
-        metrics = Metrics(run_dir)
+    else:
+        if dist.rank:
+            jump_rngs(model, dist.rank)                     # this rank's own dropout stream
+        if run_dir is not None and main:
+            metrics = Metrics(run_dir)
     last_eval, last_ckpt, last_saved = None, None, step if resume else None
 
     def run_eval():
@@ -175,10 +194,17 @@ def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, eva
 
     def checkpoint():
         nonlocal last_ckpt, last_saved
-        if run_dir is None or not main:
+        if run_dir is None:
+            return
+        gather = getattr(dist, "gather", None)
+        all_rngs = gather(rng_states(model)) if dist.world_size > 1 and gather else None   # collective
+        last_saved = step                                   # on every rank: they decide alike below
+        if not main:
             return
         state = {"step": step, "tokens": tokens, "data": batches.state_dict(), "rngs": rng_states(model),
                  "metrics_bytes": metrics.tell(), "loop": asdict(config)}
+        if all_rngs is not None:
+            state["rank_rngs"] = all_rngs
         last_ckpt = save_checkpoint(run_dir, model, optimizer, state, extra_files)
         last_saved = step
 
@@ -214,7 +240,10 @@ def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, eva
                 run_sample()
             if last or (config.save_every and step % config.save_every == 0):
                 checkpoint()
-            if stop.requested:
+            requested = stop.requested
+            if dist.world_size > 1:                        # every rank stops at the same update
+                requested = dist.allreduce_sum(1.0 if requested else 0.0) > 0
+            if requested:
                 interrupted = True
                 break
     bar.close()

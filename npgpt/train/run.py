@@ -69,6 +69,15 @@ def set_rng_states(model, states: list) -> None:
         g.bit_generator.state = s
 
 
+def jump_rngs(model, n: int) -> None:
+    """Move every dropout generator to its n-th disjoint stream (PCG64.jumped(n): 2^127 * n draws ahead).
+    A rank r of a multi-process run does this once, so ranks never draw the same masks."""
+    if n:
+        for m in model.modules():
+            if isinstance(m, Dropout):
+                m.rng = np.random.Generator(m.rng.bit_generator.jumped(n))
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run_dir, model, optimizer, trainer_state: dict, extra_files: dict | None = None) -> str:
     """Write model + optimizer + trainer state as DIR/ckpt-STEP and point DIR/checkpoint at it.

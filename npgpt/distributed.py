@@ -1,0 +1,223 @@
+"""Data-parallel training over MPI (mpi4py), or one process with nothing to do.
+
+    mpiexec -n 2 npgpt train --config small ...       # 2 ranks, each computes half of every batch
+
+`init()` returns the `dist` object `npgpt.train.fit` takes. Launched by mpiexec (detected from the
+launcher's environment: PMI_RANK/PMI_SIZE of MPICH's hydra, OMPI_COMM_WORLD_SIZE of Open MPI, ...)
+it is an `MPIDist` over MPI.COMM_WORLD; otherwise a `LocalDist` of rank 0 of 1, and mpi4py is never
+imported: one process needs no MPI installed.
+
+Gradients are summed by `allreduce_grads(model)`: every parameter's gradient is copied into one
+flat, contiguous buffer per dtype (allocated once), reduced in place with one MPI Allreduce per
+bucket of at most BUCKET_BYTES (32 MB), and copied back. Each rank's loss was divided by the
+global batch's target count, so the sum is the gradient one process computes on the whole batch.
+
+Parameters with no gradient this step (`has_grad` False on a rank): the ranks first agree, with a
+one-byte-per-parameter MAX reduce, on which parameters received a gradient anywhere. Those are
+reduced on every rank (a rank without one contributes zeros); the others stay without a gradient
+on every rank, so AdamW and clipping skip the same set everywhere.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+BUCKET_BYTES = 32 * 2**20
+
+# Set by the launchers: MPICH/Intel hydra (PMI_*, MPI_LOCALNRANKS), Open MPI (OMPI_*), PMIx (PMIX_RANK).
+MPI_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "MPI_LOCALNRANKS", "PMIX_RANK")
+
+
+def launched_by_mpi(environ=None) -> bool:
+    """True when this process was started by mpiexec/mpirun (judged from the environment only)."""
+    env = os.environ if environ is None else environ
+    return any(k in env for k in MPI_ENV)
+
+
+class LocalDist:
+    """One process: rank 0 of 1, nothing to reduce or broadcast."""
+    rank, world_size, local_size, is_main = 0, 1, 1, True
+
+    def allreduce_grads(self, model):
+        pass
+
+    def allreduce_sum(self, x: float) -> float:
+        return x
+
+    def broadcast_parameters(self, model):
+        pass
+
+    def bcast(self, obj):
+        return obj
+
+    def gather(self, obj):
+        return [obj]
+
+    def barrier(self):
+        pass
+
+    def abort(self, code: int = 1):
+        raise SystemExit(code)
+
+
+class MPIDist:
+    """MPI.COMM_WORLD: rank, world_size, gradient all-reduce, weight broadcast."""
+
+    def __init__(self, comm=None):
+        from mpi4py import MPI
+        self.MPI = MPI
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.world_size = self.comm.Get_size()
+        self.is_main = self.rank == 0
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)    # the ranks on this machine
+        self.local_size = node.Get_size()
+        node.Free()
+        self._plans = {}
+        self.bytes_per_step = 0            # bytes this rank's last allreduce_grads handed to MPI
+        self.allreduce_seconds = 0.0       # time the last allreduce_grads spent in MPI (incl. waiting)
+
+    # ------------------------------------------------------------------ gradients
+    def _plan(self, params):
+        """Flat buffers (one per dtype) and each parameter's slice of its buffer, made once per model."""
+        key = tuple(id(p) for p in params)
+        plan = self._plans.get(key)
+        if plan is None:
+            sizes, buffers, where = {}, {}, []
+            for p in params:
+                dt = p.data.dtype
+                off = sizes.get(dt, 0)
+                where.append((dt, off, p.data.size))
+                sizes[dt] = off + p.data.size
+            for dt, n in sizes.items():
+                buffers[dt] = np.zeros(n, dtype=dt)    # slots of never-reached parameters stay 0
+            plan = self._plans[key] = (buffers, where)
+        return plan
+
+    def allreduce_grads(self, model):
+        import time
+        params = list(model.parameters())
+        if not params:
+            return
+        buffers, where = self._plan(params)
+        t0 = time.perf_counter()
+        flags = np.fromiter((p.has_grad for p in params), dtype=np.uint8, count=len(params))
+        self.comm.Allreduce(self.MPI.IN_PLACE, flags, op=self.MPI.MAX)      # a gradient on any rank?
+        for p, (dt, off, n), f in zip(params, where, flags):
+            if f:
+                dst = buffers[dt][off:off + n]
+                if p.has_grad:
+                    np.copyto(dst, p.grad.reshape(-1))
+                else:
+                    dst.fill(0)
+        sent = 0
+        for dt, buf in buffers.items():
+            step = max(1, BUCKET_BYTES // buf.itemsize)
+            for lo in range(0, buf.size, step):
+                chunk = buf[lo:lo + step]
+                self.comm.Allreduce(self.MPI.IN_PLACE, chunk, op=self.MPI.SUM)
+                sent += chunk.nbytes
+        for p, (dt, off, n), f in zip(params, where, flags):
+            if f:
+                p.grad.reshape(-1)[...] = buffers[dt][off:off + n]   # .grad of a gradless one: zeros first
+        self.bytes_per_step = sent
+        self.allreduce_seconds = time.perf_counter() - t0
+
+    def allreduce_sum(self, x: float) -> float:
+        return float(self.comm.allreduce(float(x), op=self.MPI.SUM))
+
+    # ------------------------------------------------------------------ weights and objects
+    def broadcast_parameters(self, model):
+        """Rank 0's weights into every rank's parameters (after init, after loading)."""
+        for p in model.parameters():
+            self.comm.Bcast(p.data, root=0)
+
+    def bcast(self, obj):
+        return self.comm.bcast(obj, root=0)
+
+    def gather(self, obj):
+        """Every rank's obj as a list on rank 0 (None elsewhere)."""
+        return self.comm.gather(obj, root=0)
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def abort(self, code: int = 1):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+_DIST = None
+
+
+def init(threads: int | None = None):
+    """The process's dist object (made once): MPIDist under mpiexec, LocalDist otherwise. Under MPI it
+    also sets this rank's BLAS and Numba threads (see set_threads)."""
+    global _DIST
+    if _DIST is None:
+        if launched_by_mpi():
+            _DIST = MPIDist()
+            set_threads(threads, _DIST.local_size)
+        else:
+            _DIST = LocalDist()
+            if threads:
+                set_threads(threads, 1)
+    elif threads:
+        set_threads(threads, _DIST.local_size)
+    return _DIST
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None = None, local_ranks: int = 1) -> int | None:
+    """BLAS (threadpoolctl) and Numba threads: `threads` if given, else max(1, cores // local_ranks),
+    unless the user set OMP_NUM_THREADS / NUMBA_NUM_THREADS (then those stand). Returns what was set."""
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS") or os.environ.get("NUMBA_NUM_THREADS"):
+            return None
+        threads = max(1, cores() // max(1, local_ranks))
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):   # BLAS libraries loaded later (SciPy's, via Numba)
+        os.environ[var] = str(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=threads)
+    except ImportError:
+        pass
+    try:
+        import numba
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+    return threads
+
+
+def rank() -> int:
+    return init().rank
+
+
+def world_size() -> int:
+    return init().world_size
+
+
+def is_main() -> bool:
+    return init().is_main
+
+
+def allreduce_grads(model) -> None:
+    init().allreduce_grads(model)
+
+
+def allreduce_sum(x: float) -> float:
+    return init().allreduce_sum(x)
+
+
+def broadcast_parameters(model) -> None:
+    init().broadcast_parameters(model)

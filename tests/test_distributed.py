@@ -1,0 +1,267 @@
+"""Data-parallel training over MPI: `mpiexec -n 2 npgpt train` against one process, a rank that dies,
+a rank that raises, and npgpt.distributed with no MPI at all.
+
+The MPI tests start `mpiexec -n 2` (MPICH's hydra from the mpich wheel, fork launcher, localhost) as
+subprocesses and skip when mpiexec or mpi4py is missing; `pip install -e ".[test]"` installs both."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+
+import numpy as np
+import pytest
+
+import npgpt
+from npgpt.distributed import MPI_ENV
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _mpiexec():
+    local = os.path.join(sysconfig.get_path("scripts"), "mpiexec")      # the mpich wheel's
+    return local if os.access(local, os.X_OK) else shutil.which("mpiexec")
+
+
+def _have_mpi4py():
+    try:
+        import importlib.util
+        return importlib.util.find_spec("mpi4py") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+MPIEXEC = _mpiexec()
+needs_mpi = pytest.mark.skipif(MPIEXEC is None or not _have_mpi4py(), reason="mpiexec or mpi4py not installed")
+
+
+def _env(kernels="numpy"):
+    """The subprocesses' environment. NumPy kernels by default: what MPI does is independent of the
+    backend, and they spare each process Numba's compilation (the float32 test runs Numba)."""
+    env = {k: v for k, v in os.environ.items() if k not in MPI_ENV}
+    env["NPGPT_KERNELS"] = kernels
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["HYDRA_LAUNCHER"] = "fork"                     # no ssh: every rank on this machine
+    env.setdefault("OMP_NUM_THREADS", "1")             # 2 ranks on a small CI machine
+    return env
+
+
+def _mpi_cmd(n, *args):
+    return [MPIEXEC, "-n", str(n), "-launcher", "fork", "-hosts", "127.0.0.1", sys.executable, *map(str, args)]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "d.txt"
+    rng = random.Random(0)
+    path.write_text("".join(rng.choice("abcdefgh ij\n") for _ in range(12000)))
+    return path
+
+
+def _train_args(text, out, dtype, steps=4, extra=()):
+    return ["-m", "npgpt", "train", "--config", "tiny", "--tokenizer", "char", "--data", text, "--context", 16,
+            "--batch", 4, "--steps", steps, "--eval-every", 0, "--eval-batches", 1, "--sample-tokens", 4,
+            "--dtype", dtype, "--no-progress", "--out", out, *extra]
+
+
+REF64 = dict(dtype="float64", steps=12, extra=["--save-every", 3])      # the 1-process float64 reference run
+
+
+@pytest.fixture(scope="module")
+def ref64(tmp_path_factory, text):
+    out = tmp_path_factory.mktemp("ref") / "ref64"
+    _run([sys.executable, *map(str, _train_args(text, out, **REF64))])
+    return out
+
+
+def _run(cmd, timeout=60, kernels="numpy"):
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(kernels), timeout=timeout, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def _weights(run_dir, dtype):
+    return dict(npgpt.GPT.from_pretrained(str(run_dir), dtype=np.dtype(dtype)).state_dict())
+
+
+# ----------------------------------------------------------------------------- no MPI
+def test_single_process_imports_no_mpi():
+    code = ("import sys, npgpt.distributed as d; x = d.init(); "
+            "print(x.rank, x.world_size, x.is_main, d.rank(), d.world_size(), d.is_main(), 'mpi4py' in sys.modules)")
+    r = _run([sys.executable, "-c", code])
+    assert r.stdout.split() == ["0", "1", "True", "0", "1", "True", "False"]
+
+
+def test_launch_detection():
+    from npgpt.distributed import launched_by_mpi
+    assert not launched_by_mpi({"PATH": "/bin"})
+    for k in ("PMI_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS"):
+        assert launched_by_mpi({k: "0"})
+
+
+# ----------------------------------------------------------------------------- MPI
+def _compare(one, two, dtype, tol):
+    a, b = _weights(one, dtype), _weights(two, dtype)
+    assert a.keys() == b.keys()
+    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    assert worst <= tol, worst
+    rows_one = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    rows_two = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows_one) == len(rows_two)
+    for x, y in zip(rows_one, rows_two):
+        for k in ("loss", "grad_norm", "val_loss"):
+            if k in x:
+                assert abs(x[k] - y[k]) <= 1e3 * tol, (k, x[k], y[k])
+
+
+@needs_mpi
+def test_two_ranks_train_what_one_process_trains_float64(tmp_path, text, ref64):
+    two = tmp_path / "two"
+    r = _run(_mpi_cmd(2, *_train_args(text, two, **REF64)))
+    assert r.stdout.count("npgpt train: done") == 1             # only rank 0 prints
+    _compare(ref64, two, "float64", 1e-10)
+
+
+@needs_mpi
+def test_two_ranks_train_what_one_process_trains_float32(tmp_path, text):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, *map(str, _train_args(text, one, "float32"))], kernels="numba")
+    _run(_mpi_cmd(2, *_train_args(text, two, "float32")), kernels="numba")
+    _compare(one, two, "float32", 1e-5)
+
+
+@needs_mpi
+def test_dropout_ranks_draw_their_own_masks_and_resume_across_rank_counts(tmp_path, text):
+    out = tmp_path / "drop"
+    _run(_mpi_cmd(2, *_train_args(text, out, "float32", steps=2, extra=["--dropout", "0.1"])))
+    state = json.loads((out / "checkpoint" / "trainer.json").read_text())
+    r0, r1 = state["rank_rngs"]
+    assert r0 == state["rngs"] and r0 != r1                      # rank 1 has its own streams, saved too
+    # a finished run resumed with another rank count: loads on every rank, nothing left to do
+    r = _run([sys.executable, "-m", "npgpt", "train", "--out", str(out), "--resume", "--no-progress"])
+    assert r.stdout.count("done, 2 updates") == 1
+
+
+@needs_mpi
+def test_batch_must_split_over_ranks_and_grad_accum(tmp_path, text):
+    r = subprocess.run(_mpi_cmd(2, *_train_args(text, tmp_path / "x", "float32", extra=["--grad-accum", "4"])),
+                       capture_output=True, text=True, env=_env(), timeout=60, cwd=ROOT)
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if x.startswith("npgpt train: error")]
+    assert len(lines) == 1 and "2 processes x --grad-accum 4" in lines[0], r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@needs_mpi
+def test_an_exception_on_one_rank_ends_the_job(tmp_path):
+    script = tmp_path / "boom.py"
+    script.write_text(
+        "import argparse\n"
+        "import npgpt.distributed as d\n"
+        "from npgpt.cli import _main_mpi\n"
+        "def f(args):\n"
+        "    if d.rank() == 1:\n"
+        "        raise RuntimeError('boom')\n"
+        "    d.init().barrier()                      # rank 0 would wait here forever\n"
+        "_main_mpi(argparse.Namespace(command='test', func=f))\n")
+    t0 = time.monotonic()
+    r = subprocess.run(_mpi_cmd(2, script), capture_output=True, text=True, env=_env(), timeout=30, cwd=ROOT)
+    assert r.returncode != 0
+    assert time.monotonic() - t0 < 20
+    assert "npgpt test: error on rank 1 of 2: RuntimeError: boom" in r.stderr, r.stderr
+
+
+def _pid_of_rank(tag, rank):
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
+        except OSError:
+            continue
+        if env.get(b"NPGPT_TEST_TAG") == tag.encode() and env.get(b"PMI_RANK") == str(rank).encode():
+            return int(pid)
+    return None
+
+
+@needs_mpi
+def test_killing_a_rank_ends_the_job_and_the_checkpoint_loads(tmp_path, text):
+    out = tmp_path / "killed"
+    tag = f"kill-{os.getpid()}-{time.time_ns()}"
+    env = {**_env(), "NPGPT_TEST_TAG": tag}
+    cmd = _mpi_cmd(2, *_train_args(text, out, "float32", steps=100000, extra=["--save-every", 5]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "checkpoint").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert (out / "checkpoint").exists(), "no checkpoint was written"
+        pid = _pid_of_rank(tag, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        outs, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 15
+        assert proc.returncode != 0
+        assert "BAD TERMINATION" in outs + err and "signal 9" in outs + err, outs[-2000:] + err[-2000:]   # hydra's report
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    model = npgpt.GPT.from_pretrained(str(out))
+    assert model.num_parameters() > 0
+
+
+@needs_mpi
+def test_a_one_process_run_interrupted_resumes_exactly_on_two_ranks(tmp_path, text, ref64):
+    """Ctrl-C a 1-process float64 run after its first checkpoint, resume it with mpiexec -n 2: the final
+    weights are the uninterrupted 1-process run's (any rank count that divides the batch resumes)."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, *map(str, _train_args(text, run, **REF64))], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not (run / "checkpoint").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    stopped = json.loads((run / "checkpoint" / "trainer.json").read_text())["step"]
+    r = _run(_mpi_cmd(2, "-m", "npgpt", "train", "--out", run, "--resume", "--no-progress"))
+    assert r.stdout.count(f"done, {REF64['steps']} updates") == 1
+    a, b = _weights(ref64, "float64"), _weights(run, "float64")
+    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    assert worst <= 1e-10, (stopped, worst)
+
+
+@needs_mpi
+def test_allreduce_grads_sums_and_agrees_on_parameters_without_gradients(tmp_path):
+    """Bucketed flat Allreduce: sums; a gradient on one rank only is reduced with zeros from the other;
+    a parameter with no gradient anywhere stays without one on every rank (AdamW skips it everywhere)."""
+    script = tmp_path / "grads.py"
+    script.write_text(
+        "import json, numpy as np, npgpt.distributed as d\n"
+        "from npgpt.layers.module import Module, Parameter\n"
+        "class M(Module):\n"
+        "    def __init__(self):\n"
+        "        self.a = Parameter(np.zeros((3, 4))); self.b = Parameter(np.zeros(5, np.float32))\n"
+        "        self.c = Parameter(np.zeros(2)); self.e = Parameter(np.zeros(7))\n"
+        "d.BUCKET_BYTES = 16                           # several buckets even for this tiny model\n"
+        "x = d.init(); m = M(); m.zero_grad(); r = x.rank\n"
+        "m.a.grad[...] = r + 1; m.b.grad[...] = 10 * (r + 1)\n"
+        "if r == 1: m.c.grad[...] = 7\n"
+        "x.allreduce_grads(m)\n"
+        "out = {k: (p.has_grad, p.grad.tolist() if p.has_grad else None) for k, p in m.named_parameters()}\n"
+        "print(json.dumps([r, out, x.bytes_per_step]))\n")
+    r = _run(_mpi_cmd(2, script))
+    rows = sorted(json.loads(line) for line in r.stdout.splitlines() if line.startswith("["))
+    assert len(rows) == 2 and rows[0][1] == rows[1][1]
+    got = rows[0][1]
+    assert np.all(np.array(got["a"][1]) == 3) and np.all(np.array(got["b"][1]) == 30)
+    assert got["c"] == [True, [7.0, 7.0]] and got["e"] == [False, None]
+    assert rows[0][2] == (12 + 2 + 7) * 8 + 5 * 4            # float64 and float32 buffers, every parameter
