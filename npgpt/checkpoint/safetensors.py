@@ -199,7 +199,10 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None, dtypes: 
     """Write ``tensors`` ({name: array}) to ``path`` atomically (temp file + rename). ``dtypes``
     ({name: "BF16"}) stores a uint16 array under another safetensors dtype of the same size."""
     with atomic_write(path) as f:
-        _write_safetensors_to(f, tensors, metadata, dtypes)
+        if dtypes:
+            _write_safetensors_to(f, tensors, metadata, dtypes)
+        else:
+            _write_safetensors_to(f, tensors, metadata)
 
 
 # ---------------------------------------------------------------------------

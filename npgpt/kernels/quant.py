@@ -46,12 +46,22 @@ def _int8_matmul(x, q, scale, b, y):
     # y[n, o] = scale[o] * sum_k x[n, k] * q[o, k] + b[o]
     N, K = x.shape
     O = q.shape[0]
-    for o in prange(O):
-        for n in range(N):
-            acc = np.float32(0.0)
-            for k in range(K):
-                acc += x[n, k] * np.float32(q[o, k])
-            y[n, o] = acc * scale[o] + b[o]
+    for c in prange((O + CHUNK - 1) // CHUNK):
+        row = np.empty(K, np.float32)
+        for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
+            if N == 1:                              # one row of x: convert on the fly
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += x[0, k] * np.float32(q[o, k])
+                y[0, o] = acc * scale[o] + b[o]
+                continue
+            for k in range(K):                      # several rows: convert the weight row once
+                row[k] = np.float32(q[o, k])
+            for n in range(N):
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += x[n, k] * row[k]
+                y[n, o] = acc * scale[o] + b[o]
 
 
 @pjit
