@@ -98,11 +98,16 @@ def npgpt_train_loop(cfg, B, T, steps):
             "bare_tokens_per_s": B * T / t_bare, "overhead": t_loop / t_bare - 1.0}
 
 
-def npgpt_prefill(cfg, T, reps):
+def _npgpt_inference_model(cfg, weights):
+    import npgpt.quant
+    return npgpt.quant.quantize(_npgpt_model(cfg).eval(), weights)
+
+
+def npgpt_prefill(cfg, T, reps, weights="fp32"):
     import numpy as np
 
     from npgpt.kvcache import KVCache
-    model = _npgpt_model(cfg).eval()
+    model = _npgpt_inference_model(cfg, weights)
     idx = np.random.default_rng(0).integers(0, cfg["n_vocab"], (1, T))
     times = []
     for _ in range(reps + 1):
@@ -113,22 +118,24 @@ def npgpt_prefill(cfg, T, reps):
     return {"tokens_per_s": T / _median(times[1:]), "seconds": _median(times[1:])}
 
 
-def npgpt_decode(cfg, prompt, new, reps):
+def npgpt_decode(cfg, prompt, new, reps, weights="fp32", B=1):
     import numpy as np
 
     from npgpt.kvcache import KVCache
-    model = _npgpt_model(cfg).eval()
-    idx = np.random.default_rng(0).integers(0, cfg["n_vocab"], (1, prompt))
+    from npgpt.quant import weight_bytes
+    model = _npgpt_inference_model(cfg, weights)
+    idx = np.random.default_rng(0).integers(0, cfg["n_vocab"], (B, prompt))
     times = []
     for _ in range(reps + 1):
-        cache = KVCache.for_model(model, 1)
+        cache = KVCache.for_model(model, B)
         logits = model.forward_cached(idx, cache)
         t0 = time.perf_counter()
         for _ in range(new):
             nxt = logits.argmax(-1)[:, None]         # greedy
             logits = model.forward_cached(nxt, cache)
         times.append(time.perf_counter() - t0)
-    return {"tokens_per_s": new / _median(times[1:]), "seconds": _median(times[1:])}
+    return {"tokens_per_s": B * new / _median(times[1:]), "seconds": _median(times[1:]),
+            "weights": weights, "weight_bytes": weight_bytes(model)}
 
 
 def npgpt_startup(cfg):
@@ -197,10 +204,10 @@ def torch_prefill(cfg, T, reps):
     return {"tokens_per_s": T / _median(times[1:]), "seconds": _median(times[1:])}
 
 
-def torch_decode(cfg, prompt, new, reps):
+def torch_decode(cfg, prompt, new, reps, B=1):
     import torch
     model = _torch_model(cfg, train=False)
-    idx = torch.randint(0, cfg["n_vocab"], (1, prompt), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, cfg["n_vocab"], (B, prompt), generator=torch.Generator().manual_seed(0))
     times = []
     with torch.inference_mode():
         for _ in range(reps + 1):
@@ -212,7 +219,7 @@ def torch_decode(cfg, prompt, new, reps):
                 out = model(nxt, past_key_values=past, use_cache=True)
                 past, logits = out.past_key_values, out.logits[:, -1]
             times.append(time.perf_counter() - t0)
-    return {"tokens_per_s": new / _median(times[1:]), "seconds": _median(times[1:])}
+    return {"tokens_per_s": B * new / _median(times[1:]), "seconds": _median(times[1:])}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -229,13 +236,15 @@ def _worker(argv):
     fn = {("npgpt", "train"): lambda: npgpt_train(cfg, o["train_B"], o["train_T"], o["steps"]),
           ("npgpt", "train-large"): lambda: npgpt_train(cfg, o["train_large_B"], o["train_large_T"], o["steps"]),
           ("npgpt", "train-loop"): lambda: npgpt_train_loop(cfg, o["train_B"], o["train_T"], o["steps"]),
-          ("npgpt", "prefill"): lambda: npgpt_prefill(cfg, o["prefill_T"], o["reps"]),
-          ("npgpt", "decode"): lambda: npgpt_decode(cfg, o["decode_prompt"], o["decode_new"], o["reps"]),
+          ("npgpt", "prefill"): lambda: npgpt_prefill(cfg, o["prefill_T"], o["reps"], o.get("weights", "fp32")),
+          ("npgpt", "decode"): lambda: npgpt_decode(cfg, o["decode_prompt"], o["decode_new"], o["reps"],
+                                                    o.get("weights", "fp32"), o.get("decode_B", 1)),
           ("npgpt", "startup"): lambda: npgpt_startup(cfg),
           ("torch", "train"): lambda: torch_train(cfg, o["train_B"], o["train_T"], o["steps"]),
           ("torch", "train-large"): lambda: torch_train(cfg, o["train_large_B"], o["train_large_T"], o["steps"]),
           ("torch", "prefill"): lambda: torch_prefill(cfg, o["prefill_T"], o["reps"]),
-          ("torch", "decode"): lambda: torch_decode(cfg, o["decode_prompt"], o["decode_new"], o["reps"])}[
+          ("torch", "decode"): lambda: torch_decode(cfg, o["decode_prompt"], o["decode_new"], o["reps"],
+                                                    o.get("decode_B", 1))}[
         (framework, workload)]
     result = fn()
     result["peak_rss_mb"] = _peak_rss_mb()
@@ -269,8 +278,8 @@ def _config(args) -> dict:
     """Check the options and build the model shape here, so bad input fails before any worker starts."""
     from .cli import CLIError
     from .config import GPTConfig
-    for k in ("threads", "steps", "reps") + SHAPE:
-        v = getattr(args, k)
+    for k in ("threads", "steps", "reps", "decode_batch") + SHAPE:
+        v = getattr(args, k, None)
         if v is not None and v < 1:
             raise CLIError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
     if args.compare == "torch" and not _torch_available():
@@ -288,7 +297,8 @@ def _config(args) -> dict:
 
 def run(args, cfg=None) -> dict:
     cfg = cfg or _config(args)
-    opts = dict(DEFAULTS, threads=args.threads, steps=args.steps, reps=args.reps)
+    opts = dict(DEFAULTS, threads=args.threads, steps=args.steps, reps=args.reps,
+                weights=getattr(args, "weights", None) or "fp32", decode_B=getattr(args, "decode_batch", None) or 1)
     workloads = args.workloads or [w for w in WORKLOADS if w != "train-large"]
     compare = args.compare == "torch"
     report = {"config": cfg, "threads": args.threads, "blas": blas_info(),
@@ -318,7 +328,9 @@ def _print_row(w, row, o):
     label = {"train": f"train step B={o['train_B']} T={o['train_T']}",
              "train-large": f"train step B={o['train_large_B']} T={o['train_large_T']}",
              "prefill": f"prefill B=1 T={o['prefill_T']}",
-             "decode": f"decode {o['decode_prompt']}-token prompt + {o['decode_new']} new"}[w]
+             "decode": f"decode B={o.get('decode_B', 1)} {o['decode_prompt']}-token prompt + {o['decode_new']} new"}[w]
+    if w in ("prefill", "decode") and o.get("weights", "fp32") != "fp32":
+        label += f" [{o['weights']}]"
     if "seconds" in n and w.startswith("train"):
         line = f"{label:<44} npgpt {n['seconds']:.3f} s  peak {n['peak_rss_mb'] / 1024:.2f} GB"
         if t:

@@ -18,6 +18,8 @@ PREFIX = "transformer."
 
 
 class GPT(Module):
+    weights = "fp32"   # "bf16" | "int8" once npgpt.quant.quantize swapped packed modules in
+
     def __init__(self, config: GPTConfig, dtype=np.float32, seed=None, init: bool = True):
         """init=False allocates zero weights without drawing random numbers (for loading checkpoints)."""
         dtype = np.dtype(dtype)
@@ -113,20 +115,35 @@ class GPT(Module):
 
     # ----------------------------------------------------------------- checkpoints
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype=np.float32, verify: bool = False) -> "GPT":
+    def from_pretrained(cls, name_or_path, dtype=np.float32, verify: bool = False, weights=None) -> "GPT":
         """Load OpenAI's GPT-2 by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; 124M ... 1558M: downloaded
         once into $NPGPT_HOME), or a path: a Hugging Face directory / .safetensors file, or OpenAI's
         TensorFlow checkpoint directory / prefix. verify=True also checks TensorFlow CRC-32Cs.
-        The model is returned in eval mode (no dropout)."""
+        The model is returned in eval mode (no dropout).
+        weights="bf16" | "int8" packs the weights for inference (npgpt.quant.quantize); a checkpoint
+        saved quantized is memory-mapped as stored (weights None or its own kind)."""
+        from . import quant
         from .checkpoint import load_checkpoint
+        stored = quant.checkpoint_kind(name_or_path)
+        if stored is not None:
+            if weights not in (None, stored):
+                raise ValueError(f"{name_or_path} holds {stored} weights; cannot load them as {weights}")
+            return quant.load_quantized(name_or_path)
+        weights = quant.check_kind(weights)
+        if weights != "fp32" and np.dtype(dtype) != np.float32:
+            raise ValueError(f"weights={weights} needs dtype float32")
         config, state = load_checkpoint(name_or_path, verify=verify, writable=True)
         # copy-on-write maps of the file become the parameters: nothing is copied, and pages are
         # read from the page cache when first used (fresh anonymous memory is slow to fault in)
         model = cls(config, dtype=dtype, init=False).load_state_dict(state, assign=True)
-        return model.eval()   # like Hugging Face: call .train() to fine-tune with the checkpoint's dropout
+        return quant.quantize(model, weights).eval()   # like Hugging Face: call .train() to fine-tune with the checkpoint's dropout
 
     def save(self, directory) -> str:
-        """Write config.json + model.safetensors (Hugging Face GPT-2 layout) atomically; returns the path."""
+        """Write config.json + model.safetensors (Hugging Face GPT-2 layout) atomically; returns the path.
+        A quantized model writes its packed weights (npgpt.quant.save_quantized)."""
+        if self.weights != "fp32":
+            from .quant import save_quantized
+            return save_quantized(self, directory)
         from .checkpoint import save_hf_checkpoint
         return save_hf_checkpoint(directory, self.config, self.state_dict(), dtype=self.dtype)
 

@@ -20,3 +20,15 @@ def test_bench_json_tiny_config():
     loop = res["train-loop"]["npgpt"]                       # the training loop's overhead over a bare step
     assert loop["tokens_per_s"] > 0 and loop["bare_tokens_per_s"] > 0 and loop["overhead"] > -1
     assert "torch" not in res["train"]                      # no --compare: npgpt alone
+
+
+def test_bench_weights_int8_decode_batch():
+    cmd = [sys.executable, "-m", "npgpt", "bench", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+           "--n-vocab", "101", "--n-ctx", "256", "--workloads", "prefill", "decode", "--weights", "int8",
+           "--decode-batch", "3", "--reps", "1", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["options"]["weights"] == "int8" and report["options"]["decode_B"] == 3
+    dec = report["results"]["decode"]["npgpt"]
+    assert dec["weights"] == "int8" and dec["tokens_per_s"] > 0 and dec["weight_bytes"] > 0

@@ -92,13 +92,14 @@ def read_safetensors_header(path: str) -> tuple:
     return header, meta, data_start, size
 
 
-def read_safetensors(path, mmap: bool = True, writable: bool = False) -> tuple:
+def read_safetensors(path, mmap: bool = True, writable: bool = False, raw_bf16: bool = False) -> tuple:
     """Read a .safetensors file -> ({name: array}, metadata).
 
     With ``mmap=True`` tensors are read-only views of a memory map of the file
     (nothing is read until used), or with ``writable=True`` copy-on-write views
     (writes go to private memory, never to the file); otherwise they are ordinary
-    in-memory arrays. BF16 tensors are converted to float32.
+    in-memory arrays. BF16 tensors are converted to float32, or with ``raw_bf16=True`` kept as
+    their uint16 bit patterns (views of the map, for npgpt.quant's packed weights).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -120,7 +121,7 @@ def read_safetensors(path, mmap: bool = True, writable: bool = False) -> tuple:
         dt = np.dtype(_DTYPES[info["dtype"]])
         shape = tuple(info["shape"])
         arr = np.ndarray(shape, dtype=dt, buffer=data[begin:end]) if end > begin else np.zeros(shape, dt)
-        if info["dtype"] == "BF16":
+        if info["dtype"] == "BF16" and not raw_bf16:
             arr = bf16_to_f32(arr)
         out[name] = arr
     return out, meta
@@ -139,7 +140,7 @@ def _fsync_dir(path: str):
         os.close(fd)
 
 
-def _write_safetensors_to(f, tensors: dict, metadata) -> None:
+def _write_safetensors_to(f, tensors: dict, metadata, dtypes=None) -> None:
     header = {}
     arrays = []
     offset = 0
@@ -155,7 +156,10 @@ def _write_safetensors_to(f, tensors: dict, metadata) -> None:
         if key not in _FROM_NUMPY:
             raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
         arr = np.asarray(arr, dtype=arr.dtype.newbyteorder("<"), order="C")   # keeps 0-d arrays 0-d
-        header[name] = {"dtype": _FROM_NUMPY[key], "shape": list(arr.shape),
+        st = (dtypes or {}).get(name, _FROM_NUMPY[key])
+        if st != _FROM_NUMPY[key] and np.dtype(_DTYPES[st]) != arr.dtype:
+            raise ValueError(f"tensor {name!r}: cannot store {arr.dtype} as {st}")
+        header[name] = {"dtype": st, "shape": list(arr.shape),
                         "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
         arrays.append(arr)
@@ -191,10 +195,14 @@ def atomic_write(path):
     _fsync_dir(d)
 
 
-def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write ``tensors`` ({name: array}) to ``path`` atomically (temp file + rename)."""
+def save_safetensors(path, tensors: dict, metadata: dict | None = None, dtypes: dict | None = None) -> None:
+    """Write ``tensors`` ({name: array}) to ``path`` atomically (temp file + rename). ``dtypes``
+    ({name: "BF16"}) stores a uint16 array under another safetensors dtype of the same size."""
     with atomic_write(path) as f:
-        _write_safetensors_to(f, tensors, metadata)
+        if dtypes:
+            _write_safetensors_to(f, tensors, metadata, dtypes)
+        else:
+            _write_safetensors_to(f, tensors, metadata)
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,9 @@ def add_parser(sub):
     b.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=None,
                    help=f"default: all but train-large ({', '.join(WORKLOADS)})")
     b.add_argument("--compare", choices=["torch"], default=None, help="run the same workloads in PyTorch too")
+    b.add_argument("--weights", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="npgpt's weights for the prefill/decode workloads (npgpt.quant); torch stays float32")
+    b.add_argument("--decode-batch", type=int, default=1, help="rows decoded together in the decode workload")
     b.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     b.add_argument("--steps", type=int, default=3, help="timed train steps (after one warm-up)")
     b.add_argument("--reps", type=int, default=3, help="timed prefill/decode repetitions (after one warm-up)")

@@ -32,6 +32,9 @@ def add_parser(subparsers):
                    help="the prompt text (default: read stdin; one trailing newline is dropped)")
     p.add_argument("--model", default="gpt2",
                    help="a model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a checkpoint path (default gpt2)")
+    p.add_argument("--weights", choices=["fp32", "bf16", "int8"], default=None,
+                   help="pack the weights for faster decoding: bf16 (2 bytes a weight) or int8 (1 byte, per-channel "
+                        "scales); default: as the checkpoint stores them (fp32, or a quantized checkpoint's own)")
     p.add_argument("-n", "--max-new-tokens", dest="n", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 = off (default 40)")
@@ -79,10 +82,10 @@ def _check_args(args):
     return stops
 
 
-def _load_model(name_or_path):
+def _load_model(name_or_path, weights=None):
     from ..model import GPT
     try:
-        return GPT.from_pretrained(name_or_path)
+        return GPT.from_pretrained(name_or_path, weights=weights)
     except (OSError, ValueError, KeyError) as e:
         raise CLIError(f"cannot load model {name_or_path}: {str(e) or type(e).__name__}") from None
 
@@ -132,7 +135,7 @@ def _run(args) -> int:
         prompt = sys.stdin.read()
         if prompt.endswith("\n"):
             prompt = prompt[:-1]
-    model = _load_model(args.model)
+    model = _load_model(args.model, getattr(args, "weights", None))
     tokenizer = _tokenizer_for(args.model) or get_tokenizer()
     if not prompt and tokenizer.eot_token is None:
         raise CLIError("a character-level model has no <|endoftext|> to start from: give a prompt")

@@ -1,0 +1,114 @@
+"""Weight-only quantized products for decoding: few rows of x times a packed weight, float32 sums.
+
+Weights are packed (out, in), one output channel per row, so each output channel reads one
+contiguous row; the work is split over output channels (prange). NumPy they mirror:
+
+    # bf16: w16 (out, in) uint16, the top half of float32 bit patterns
+    w = (w16.astype(np.uint32) << 16).view(np.float32)     # (out, in)
+    y = x @ w.T + b                                        # (N, out)
+
+    # int8: q (out, in) int8, scale (out,) float32, symmetric per output channel
+    y = (x @ q.astype(np.float32).T) * scale + b           # (N, out)
+
+Sums run in float32 (reassociated into SIMD lanes). Made for the N <= ~16 rows of decoding,
+where reading the weights from DRAM is the cost and packed weights read 2x / 4x fewer bytes;
+for many rows (a long prompt) `dequantize_rows` unpacks a block of output channels into a
+float32 scratch and BLAS does the product (see npgpt/quant.py).
+"""
+import numpy as np
+from numba import prange
+
+from ._jit import pjit
+
+CHUNK = 16          # output channels per parallel task (one float32 row buffer each)
+
+
+@pjit(reductions=True)
+def _bf16_matmul(x, w16, b, y):
+    # y[n, o] = sum_k x[n, k] * f32(w16[o, k]) + b[o]
+    N, K = x.shape
+    O = w16.shape[0]
+    for c in prange((O + CHUNK - 1) // CHUNK):
+        bits = np.empty(K, np.uint32)
+        row = bits.view(np.float32)
+        for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
+            for k in range(K):                      # w = (w16 << 16).view(float32)
+                bits[k] = np.uint32(w16[o, k]) << np.uint32(16)
+            for n in range(N):
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += x[n, k] * row[k]
+                y[n, o] = acc + b[o]
+
+
+@pjit(reductions=True)
+def _int8_matmul(x, q, scale, b, y):
+    # y[n, o] = scale[o] * sum_k x[n, k] * q[o, k] + b[o]
+    N, K = x.shape
+    O = q.shape[0]
+    for c in prange((O + CHUNK - 1) // CHUNK):
+        row = np.empty(K, np.float32)
+        for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
+            if N == 1:                              # one row of x: convert on the fly
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += x[0, k] * np.float32(q[o, k])
+                y[0, o] = acc * scale[o] + b[o]
+                continue
+            for k in range(K):                      # several rows: convert the weight row once
+                row[k] = np.float32(q[o, k])
+            for n in range(N):
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += x[n, k] * row[k]
+                y[n, o] = acc * scale[o] + b[o]
+
+
+@pjit
+def _bf16_rows(w16, rows, out):
+    # out[i] = f32(w16[rows[i]])
+    K = w16.shape[1]
+    bits = out.view(np.uint32)
+    for i in prange(rows.size):
+        r = rows[i]
+        for k in range(K):
+            bits[i, k] = np.uint32(w16[r, k]) << np.uint32(16)
+
+
+@pjit
+def _int8_rows(q, scale, rows, out):
+    # out[i] = q[rows[i]] * scale[rows[i]]
+    K = q.shape[1]
+    for i in prange(rows.size):
+        r = rows[i]
+        s = scale[r]
+        for k in range(K):
+            out[i, k] = np.float32(q[r, k]) * s
+
+
+def packed_matmul(x, packed, scale, bias, out=None):
+    """y (N, out) = x (N, in) @ W^T + bias for a packed W (out, in): uint16 bf16 bits (scale None)
+    or int8 with per-output-channel float32 scales. bias (out,) float32 or None."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    N, K = x.shape
+    O = packed.shape[0]
+    y = np.empty((N, O), np.float32) if out is None else out
+    b = np.zeros(O, np.float32) if bias is None else bias
+    work = N * O * K
+    if packed.dtype == np.uint16:
+        _bf16_matmul(work, x, packed, b, y)
+    else:
+        _int8_matmul(work, x, packed, scale, b, y)
+    return y
+
+
+def dequantize_rows(packed, scale, rows, out=None):
+    """float32 (len(rows), in): the packed rows `rows` (output channels, or wte token rows) unpacked."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
+    K = packed.shape[1]
+    out = np.empty((rows.size, K), np.float32) if out is None else out
+    if packed.dtype == np.uint16:
+        _bf16_rows(rows.size * K, packed, rows, out)
+    else:
+        _int8_rows(rows.size * K, packed, scale, rows, out)
+    return out

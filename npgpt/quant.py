@@ -1,0 +1,324 @@
+"""Weight-only 16- and 8-bit inference: packed weights, float32 activations and sums.
+
+Decoding reads every weight once per token and little else, so its speed is the DRAM bandwidth
+divided by the weights' bytes. Two packings, both one output channel per row, (out, in):
+
+    bf16: w16 = the top 16 bits of each float32 weight, rounded to nearest even
+          w   = (w16.astype(np.uint32) << 16).view(np.float32)            (2 bytes a weight)
+    int8: scale[o] = max_k |w[o, k]| / 127     (symmetric, per output channel, float32)
+          q[o, k]  = round(w[o, k] / scale[o])  in [-127, 127]
+          w        = q * scale[:, None]                                      (1 byte a weight)
+
+`quantize(model, "bf16" | "int8")` swaps QuantLinear in for every Linear and one QuantEmbedding
+for the tied token embedding: wte is packed ONCE (V, C) and serves both of its uses, the input
+lookup (unpacking only the looked-up rows) and the LM head (which reads the packed matrix).
+LayerNorms, biases and wpe stay float32. A quantized model is inference-only: backward raises.
+
+Products with few rows (decoding, N <= PACKED_MAX_ROWS) run the Numba kernels of
+npgpt/kernels/quant.py straight from the packed weights; with more rows (a long prompt) a block
+of output channels at a time is unpacked into a float32 scratch and multiplied by BLAS.
+
+Checkpoints: `save_quantized(model, dir)` (or model.save) writes config.json + model.safetensors
+with the packed weights under their usual names in (out, in) layout, as BF16 or I8, the int8
+scales beside them as `name.scale` (F32), and metadata npgpt.weights = bf16 | int8;
+`GPT.from_pretrained(dir)` maps them back with no copy (`load_quantized`).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from . import kernels
+from .layers.embedding import Embedding, TiedLMHead
+from .layers.linear import Linear
+from .layers.module import Module, Parameter
+
+KINDS = ("fp32", "bf16", "int8")
+PACKED_MAX_ROWS = 16             # up to this many rows: packed kernels; above: unpack a block + BLAS
+SCRATCH_FLOATS = 1 << 22         # float32 scratch for the unpacked block (16 MB)
+META_KEY = "npgpt.weights"
+
+
+def check_kind(kind) -> str:
+    kind = "fp32" if kind is None else str(kind).lower()
+    if kind not in KINDS:
+        raise ValueError(f"weights must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
+# ----------------------------------------------------------------------------- packing (NumPy)
+def to_bf16(w) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest, ties to even; NaN stays NaN."""
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    nan = np.isnan(w)
+    if nan.any():
+        rounded = np.where(nan, (bits >> np.uint32(16)) | np.uint32(0x40), rounded)
+    return rounded.astype(np.uint16)
+
+
+def to_int8(w) -> tuple:
+    """w (out, in) float -> (q int8 (out, in), scale float32 (out,)): symmetric per output channel."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    amax = np.abs(w).max(axis=1)
+    scale = (amax / np.float32(127.0)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1.0))
+    q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def pack(w_out_in, kind) -> tuple:
+    """(packed (out, in), scale (out,) | None) of a float weight already laid out (out, in)."""
+    if kind == "bf16":
+        return to_bf16(w_out_in), None
+    if kind == "int8":
+        return to_int8(w_out_in)
+    raise ValueError(f"cannot pack weights as {kind!r} (bf16 or int8)")
+
+
+def unpack(packed, scale=None) -> np.ndarray:
+    """The float32 weights (out, in) a packing stands for (the NumPy reference of the kernels)."""
+    if packed.dtype == np.uint16:
+        return (packed.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return packed.astype(np.float32) * scale[:, None]
+
+
+def kind_of(packed) -> str:
+    return "bf16" if packed.dtype == np.uint16 else "int8"
+
+
+# ----------------------------------------------------------------------------- products
+_scratch = None
+
+
+def _block_scratch(n: int) -> np.ndarray:
+    global _scratch
+    if _scratch is None or _scratch.size < n:
+        _scratch = np.empty(n, np.float32)
+    return _scratch[:n]
+
+
+def packed_linear(x2, packed, scale, bias):
+    """y (N, out) = x2 (N, in) @ W^T + bias, W the float32 weights `packed` stands for."""
+    N, K = x2.shape
+    O = packed.shape[0]
+    if not kernels.use_numba():
+        y = np.asarray(x2, np.float32) @ unpack(packed, scale).T
+        return y + bias if bias is not None else y
+    from .kernels.quant import dequantize_rows, packed_matmul
+    if N <= PACKED_MAX_ROWS:
+        return packed_matmul(x2, packed, scale, bias)
+    x2 = np.ascontiguousarray(x2, dtype=np.float32)
+    y = np.empty((N, O), np.float32)
+    step = max(1, min(O, SCRATCH_FLOATS // K))
+    for o0 in range(0, O, step):                     # unpack a block of output channels, then BLAS
+        o1 = min(O, o0 + step)
+        w = dequantize_rows(packed, scale, np.arange(o0, o1), out=_block_scratch((o1 - o0) * K).reshape(o1 - o0, K))
+        np.matmul(x2, w.T, out=y[:, o0:o1])
+    if bias is not None:
+        y += bias
+    return y
+
+
+def _inference_only(self, *_):
+    raise RuntimeError(f"{type(self).__name__} holds {self.kind} weights: a quantized model is inference-only "
+                       f"(no backward); train the float32 model and quantize it afterwards")
+
+
+class QuantLinear(Module):
+    """y = x @ W^T + b with W (out, in) packed as bf16 or int8; the float32 bias stays a Parameter."""
+
+    def __init__(self, packed, scale=None, bias=None):
+        self.packed = np.ascontiguousarray(packed)         # (out, in) uint16 | int8; no copy if contiguous
+        self.scale = scale                                 # (out,) float32 for int8, else None
+        self.kind = kind_of(packed)
+        if self.kind == "int8" and scale is None:
+            raise ValueError("int8 weights need their per-channel scales")
+        self.bias = Parameter(np.zeros(packed.shape[0], np.float32) if bias is None else bias)
+
+    @classmethod
+    def from_linear(cls, lin: Linear, kind: str) -> "QuantLinear":
+        packed, scale = pack(lin.weight.data.T, kind)      # Linear keeps (in, out); pack (out, in)
+        return cls(packed, scale, np.array(lin.bias.data, dtype=np.float32))
+
+    def forward(self, x):
+        *lead, n_in = x.shape
+        y = packed_linear(x.reshape(-1, n_in), self.packed, self.scale, self.bias.data)
+        return y.reshape(*lead, -1)
+
+    backward = _inference_only
+
+
+class QuantEmbedding(Module):
+    """The tied token embedding, packed once (V, C): forward looks rows up and unpacks only those."""
+
+    def __init__(self, packed, scale=None):
+        self.packed, self.scale, self.kind = np.ascontiguousarray(packed), scale, kind_of(packed)
+
+    @classmethod
+    def from_embedding(cls, emb: Embedding, kind: str) -> "QuantEmbedding":
+        return cls(*pack(emb.weight.data, kind))           # wte (V, C) is already (out, in) for the head
+
+    def forward(self, idx):
+        idx = np.asarray(idx)
+        if kernels.use_numba():
+            from .kernels.quant import dequantize_rows
+            rows = dequantize_rows(self.packed, self.scale, idx)
+        else:
+            flat = idx.reshape(-1)
+            rows = unpack(self.packed[flat], None if self.scale is None else self.scale[flat])
+        return rows.reshape(*idx.shape, self.packed.shape[1])
+
+    backward = _inference_only
+
+
+class QuantTiedLMHead(Module):
+    """logits = x @ wte^T straight from the embedding's packed matrix (the same arrays, no copy)."""
+
+    def __init__(self, wte: QuantEmbedding):
+        self.packed, self.scale, self.kind = wte.packed, wte.scale, wte.kind
+
+    def forward(self, x):
+        *lead, C = x.shape
+        return packed_linear(x.reshape(-1, C), self.packed, self.scale, None).reshape(*lead, -1)
+
+    backward = _inference_only
+
+
+# ----------------------------------------------------------------------------- whole models
+def _linears(model):
+    """(owner module, attribute name, Linear) for every Linear in the model."""
+    for m in list(model.modules()):
+        for name, v in list(vars(m).items()):
+            if isinstance(v, Linear):
+                yield m, name, v
+
+
+def quantize(model, kind: str = "int8"):
+    """Swap packed bf16 / int8 modules into `model` in place (and return it): every Linear becomes a
+    QuantLinear, the tied wte a QuantEmbedding packed once and the head a QuantTiedLMHead over the
+    same arrays. The float32 weights are dropped. "fp32" returns the model unchanged."""
+    kind = check_kind(kind)
+    if kind == "fp32":
+        return model
+    current = getattr(model, "weights", "fp32")
+    if current != "fp32":
+        raise ValueError(f"the model already holds {current} weights; quantize its float32 original")
+    if model.dtype != np.float32:
+        raise ValueError(f"quantize needs a float32 model, got {model.dtype}")
+    if not (isinstance(model.lm_head, TiedLMHead) and model.lm_head.weight is model.wte.weight):
+        raise ValueError("quantize expects the LM head tied to wte")
+    for owner, name, lin in list(_linears(model)):
+        setattr(owner, name, QuantLinear.from_linear(lin, kind))
+    model.wte = QuantEmbedding.from_embedding(model.wte, kind)
+    model.lm_head = QuantTiedLMHead(model.wte)
+    model.weights = kind
+    return model.eval()
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every weight the model holds (float parameters + packed matrices + scales), each once."""
+    seen, total = set(), 0
+    arrays = [p.data for p in model.parameters()]
+    for m in model.modules():
+        for attr in ("packed", "scale"):
+            a = getattr(m, attr, None)
+            if isinstance(a, np.ndarray):
+                arrays.append(a)
+    for a in arrays:
+        if id(a) not in seen:
+            seen.add(id(a))
+            total += a.nbytes
+    return total
+
+
+def _named_modules(module, prefix=""):
+    yield prefix, module
+    for name, v in module._members():
+        if isinstance(v, Module):
+            yield from _named_modules(v, prefix + name + ".")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_quantized(model, directory) -> str:
+    """config.json + model.safetensors of a quantized model (see the module docstring); atomic."""
+    from .checkpoint.safetensors import _write_bytes_atomic, hf_config_dict, save_safetensors
+    kind = getattr(model, "weights", "fp32")
+    if kind == "fp32":
+        raise ValueError("save_quantized: the model holds float32 weights (use model.save)")
+    tensors, dtypes = {}, {}
+    for name, p in model.named_parameters():
+        tensors[name] = p.data
+    for prefix, m in _named_modules(model):
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            name = prefix + "weight"
+            tensors[name] = m.packed
+            if m.kind == "bf16":
+                dtypes[name] = "BF16"
+            else:
+                tensors[name + ".scale"] = m.scale
+    os.makedirs(directory, exist_ok=True)
+    meta = {"format": "npgpt", META_KEY: kind,
+            "npgpt.layout": "packed weights are (out, in): Conv1D weights transposed, wte as is"}
+    save_safetensors(os.path.join(directory, "model.safetensors"), tensors, meta, dtypes=dtypes)
+    cfg = hf_config_dict(model.config)
+    cfg["torch_dtype"] = {"bf16": "bfloat16", "int8": "int8"}[kind]
+    cfg["npgpt_weights"] = kind
+    _write_bytes_atomic(os.path.join(directory, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
+    return os.fspath(directory)
+
+
+def _weights_file(path):
+    from .checkpoint import resolve_run_dir
+    path = resolve_run_dir(os.fspath(path))
+    f = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    return f if f.endswith(".safetensors") and os.path.isfile(f) else None
+
+
+def checkpoint_kind(path):
+    """'bf16' / 'int8' for a quantized npgpt checkpoint, else None (float checkpoints, model names)."""
+    from .checkpoint.safetensors import read_safetensors_header
+    f = _weights_file(path)
+    if f is None:
+        return None
+    _, meta, _, _ = read_safetensors_header(f)
+    return meta.get(META_KEY)
+
+
+def load_quantized(path):
+    """A GPT whose packed weights are read-only views of a memory map of the file (no copy)."""
+    from .checkpoint.safetensors import config_from_hf, read_safetensors
+    from .checkpoint.layout import read_json_object
+    from .model import GPT
+    f = _weights_file(path)
+    cfg_path = os.path.join(os.path.dirname(f) or ".", "config.json")
+    config = config_from_hf(read_json_object(cfg_path, "JSON"), cfg_path)
+    tensors, meta = read_safetensors(f, mmap=True, writable=False, raw_bf16=True)
+    kind = check_kind(meta.get(META_KEY))
+    model = GPT(config, init=False)
+
+    def take(name, shape):
+        packed = tensors.pop(name, None)
+        scale = tensors.pop(name + ".scale", None)
+        want = np.uint16 if kind == "bf16" else np.int8
+        if packed is None or packed.shape != shape or packed.dtype != want:
+            raise ValueError(f"{f}: {name} must be {np.dtype(want)}{list(shape)} for {kind} weights, got "
+                             f"{None if packed is None else (packed.dtype, packed.shape)}")
+        if kind == "int8" and (scale is None or scale.shape != shape[:1] or scale.dtype != np.float32):
+            raise ValueError(f"{f}: {name}.scale must be float32[{shape[0]}]")
+        return packed, scale
+
+    for prefix, m in list(_named_modules(model)):
+        for attr, v in list(vars(m).items()):
+            if isinstance(v, Linear):
+                n_in, n_out = v.weight.data.shape
+                packed, scale = take(f"{prefix}{attr}.weight", (n_out, n_in))
+                setattr(m, attr, QuantLinear(packed, scale, np.zeros(n_out, np.float32)))
+    V, C = model.wte.weight.data.shape
+    model.wte = QuantEmbedding(*take("transformer.wte.weight", (V, C)))
+    model.lm_head = QuantTiedLMHead(model.wte)
+    model.weights = kind
+    model.load_state_dict(tensors, strict=True, assign=True)   # LayerNorms, biases, wpe (small copies)
+    return model.eval()

@@ -1,0 +1,155 @@
+"""npgpt.quant: packed bf16 / int8 weights, their kernels against the NumPy lines they mirror, the
+quantized model against float32, checkpoints and the CLI option."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import npgpt
+from npgpt import quant
+from npgpt.kvcache import KVCache
+
+KINDS = ["bf16", "int8"]
+CFG = dict(n_layer=2, n_embd=48, n_head=4, n_ctx=64, n_vocab=97)
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_bf16_rounds_to_nearest_even():
+    f = np.array([1.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 1.0 + 2 ** -9, -2.5, np.inf, np.nan, 0.0], np.float32)
+    w = quant.unpack(quant.to_bf16(f))
+    # 1 + 2^-8 is a tie: rounds to the even 1.0; 1 + 3*2^-8 is a tie: rounds up to the even 1 + 2^-6
+    np.testing.assert_array_equal(w[[0, 1, 2, 3, 4, 5, 7]], [1.0, 1.0, 1.0 + 2 ** -6, 1.0, -2.5, np.inf, 0.0])
+    assert np.isnan(w[6])
+    x = np.random.default_rng(0).standard_normal(10000).astype(np.float32)
+    assert np.abs(quant.unpack(quant.to_bf16(x)) - x).max() <= np.abs(x).max() * 2 ** -8
+
+
+def test_int8_symmetric_per_output_channel():
+    w = np.random.default_rng(1).standard_normal((7, 13)).astype(np.float32)
+    w[3] = 0.0                                                   # an all-zero channel
+    q, s = quant.to_int8(w)
+    assert q.dtype == np.int8 and s.dtype == np.float32 and s.shape == (7,)
+    np.testing.assert_allclose(s, np.abs(w).max(axis=1) / 127, rtol=1e-6)
+    assert np.abs(q).max() == 127 and q.min() >= -127
+    assert np.abs(quant.unpack(q, s) - w).max() <= s.max() / 2 + 1e-7
+    np.testing.assert_array_equal(quant.unpack(q, s)[3], 0.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("N", [1, 5])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_packed_matmul_matches_numpy(kind, N, parallel, monkeypatch):
+    from npgpt.kernels import _jit
+    from npgpt.kernels.quant import packed_matmul
+    if parallel:
+        monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 0)
+    rng = np.random.default_rng(N)
+    O, K = 37, 53                                                # odd shapes, O not a multiple of the chunk
+    packed, scale = quant.pack(rng.standard_normal((O, K)).astype(np.float32), kind)
+    x = rng.standard_normal((N, K)).astype(np.float32)
+    b = rng.standard_normal(O).astype(np.float32)
+    ref = x @ quant.unpack(packed, scale).T + b                  # the NumPy lines the kernel mirrors
+    y = packed_matmul(x, packed, scale, b)
+    assert y.shape == (N, O) and y.dtype == np.float32
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dequantize_rows_and_blocked_prefill(kind, monkeypatch):
+    from npgpt.kernels.quant import dequantize_rows
+    rng = np.random.default_rng(2)
+    O, K = 41, 19
+    packed, scale = quant.pack(rng.standard_normal((O, K)).astype(np.float32), kind)
+    full = quant.unpack(packed, scale)
+    rows = np.array([[3, 0], [40, 3]])
+    np.testing.assert_array_equal(dequantize_rows(packed, scale, rows), full[rows.reshape(-1)])
+    monkeypatch.setattr(quant, "SCRATCH_FLOATS", 5 * K)          # several blocks of output channels
+    x = rng.standard_normal((quant.PACKED_MAX_ROWS + 7, K)).astype(np.float32)
+    b = rng.standard_normal(O).astype(np.float32)
+    np.testing.assert_allclose(quant.packed_linear(x, packed, scale, b), x @ full.T + b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantized_model_close_to_float32(kind, backend):
+    cfg = npgpt.GPTConfig(**CFG)
+    ref_model = npgpt.GPT(cfg, seed=0).eval()
+    model = npgpt.quant.quantize(npgpt.GPT(cfg, seed=0), kind)
+    assert model.weights == kind
+    # one packed wte for both uses
+    assert model.lm_head.packed is model.wte.packed
+    idx = np.random.default_rng(0).integers(0, cfg.n_vocab, (2, 30))
+    with npgpt.no_grad():
+        ref, out = ref_model.forward(idx), model.forward(idx)      # 60 rows: the blocked BLAS path
+    tol = {"bf16": 0.01, "int8": 0.03}[kind]
+    assert _rel(out, ref) < tol
+    # KV-cached prefill + decode, B=5 (the packed kernels)
+    cache, rcache = KVCache.for_model(model, 2), KVCache.for_model(ref_model, 2)
+    model.forward_cached(idx[:, :20], cache), ref_model.forward_cached(idx[:, :20], rcache)
+    for t in range(20, 25):
+        lq, lr = model.forward_cached(idx[:, t:t + 1], cache), ref_model.forward_cached(idx[:, t:t + 1], rcache)
+        assert _rel(lq, lr) < tol
+    np.testing.assert_allclose(lq, out[:, 24], rtol=1e-4, atol=1e-4)
+
+
+def test_weight_bytes_shrink():
+    cfg = npgpt.GPTConfig(**CFG)
+    fp = quant.weight_bytes(npgpt.GPT(cfg, seed=0))
+    b16 = quant.weight_bytes(quant.quantize(npgpt.GPT(cfg, seed=0), "bf16"))
+    i8 = quant.weight_bytes(quant.quantize(npgpt.GPT(cfg, seed=0), "int8"))
+    assert b16 < 0.6 * fp and i8 < 0.35 * fp
+
+
+def test_backward_is_an_error():
+    model = quant.quantize(npgpt.GPT(npgpt.GPTConfig(**CFG), seed=0), "int8").train()
+    logits = model.forward(np.zeros((1, 4), np.int64))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model.backward(np.ones_like(logits))
+    with pytest.raises(ValueError, match="already holds int8"):
+        quant.quantize(model, "bf16")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        quant.quantize(npgpt.GPT(npgpt.GPTConfig(**CFG), seed=0), "int4")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_checkpoint_roundtrip_memory_mapped(kind, tmp_path):
+    from npgpt.checkpoint import read_safetensors
+    cfg = npgpt.GPTConfig(**CFG)
+    npgpt.GPT(cfg, seed=0).save(tmp_path / "fp32")
+    model = npgpt.GPT.from_pretrained(tmp_path / "fp32", weights=kind)
+    assert model.weights == kind
+    model.save(tmp_path / "q")
+    tensors, meta = read_safetensors(tmp_path / "q" / "model.safetensors", raw_bf16=True)
+    assert meta["npgpt.weights"] == kind
+    w = tensors["transformer.h.0.mlp.c_fc.weight"]
+    assert w.shape == (4 * cfg.n_embd, cfg.n_embd)                   # packed (out, in)
+    if kind == "int8":
+        assert w.dtype == np.int8 and tensors["transformer.h.0.mlp.c_fc.weight.scale"].dtype == np.float32
+    else:
+        assert w.dtype == np.uint16
+    loaded = npgpt.GPT.from_pretrained(tmp_path / "q")
+    assert loaded.weights == kind
+    packed = loaded.h[1].mlp.c_proj.packed
+    base = packed
+    while base.base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    assert isinstance(base, np.memmap)                                   # copy-free: a view of the file
+    np.testing.assert_array_equal(packed, model.h[1].mlp.c_proj.packed)
+    idx = np.arange(10)[None]
+    np.testing.assert_array_equal(loaded.forward(idx), model.forward(idx))
+    other = "int8" if kind == "bf16" else "bf16"
+    with pytest.raises(ValueError, match=f"holds {kind}"):
+        npgpt.GPT.from_pretrained(tmp_path / "q", weights=other)
+
+
+def test_cli_generate_weights(tmp_path, capsys):
+    from npgpt.cli import main
+    npgpt.GPT(npgpt.GPTConfig(n_layer=1, n_embd=32, n_head=2, n_ctx=32, n_vocab=50257), seed=0).save(tmp_path / "m")
+    outs = {}
+    for w in ["fp32", "bf16", "int8"]:
+        assert main(["generate", "--model", str(tmp_path / "m"), "--weights", w, "-n", "3",
+                     "--temperature", "0", "hi"]) == 0
+        outs[w] = capsys.readouterr().out
+        assert outs[w].startswith("hi")
