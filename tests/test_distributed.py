@@ -265,3 +265,32 @@ def test_allreduce_grads_sums_and_agrees_on_parameters_without_gradients(tmp_pat
     assert np.all(np.array(got["a"][1]) == 3) and np.all(np.array(got["b"][1]) == 30)
     assert got["c"] == [True, [7.0, 7.0]] and got["e"] == [False, None]
     assert rows[0][2] == (12 + 2 + 7) * 8 + 5 * 4            # float64 and float32 buffers, every parameter
+
+
+@needs_mpi
+def test_two_ranks_fine_tune_a_classifier_as_one_process_does(tmp_path):
+    """`mpiexec -n 2 npgpt finetune classify` ends on the weights of the one-process run (same global batch)."""
+    from npgpt.classifier import Classifier
+    base = tmp_path / "base"
+    npgpt.GPT(npgpt.GPTConfig(n_vocab=50257, n_ctx=32, n_embd=32, n_head=2, n_layer=2), seed=0).save(base)
+    rng = random.Random(0)
+    words = {"spam": "win free cash prize call now claim".split(), "ham": "see you at lunch later ok thanks".split()}
+    rows = [f"{c}\t{' '.join(rng.choice(words[c]) for _ in range(rng.randint(2, 9)))}"
+            for c in ["spam", "ham"] * 30]
+    data = tmp_path / "d.tsv"
+    data.write_text("\n".join(rows) + "\n")
+
+    def args(out):
+        return ["-m", "npgpt", "finetune", "classify", "--data", data, "--init", base, "--out", out, "--epochs", 2,
+                "--batch", 4, "--trainable-blocks", "all", "--lr", 1e-3, "--max-length", 16, "--no-progress"]
+    _run([sys.executable, *map(str, args(tmp_path / "one"))])
+    _run(_mpi_cmd(2, *args(tmp_path / "two")))
+    one = Classifier.load(tmp_path / "one").state_dict()
+    two = Classifier.load(tmp_path / "two").state_dict()
+    assert one.keys() == two.keys()
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-5 * max(1.0, np.abs(one[k]).max()), err_msg=k)
+    start = npgpt.GPT.from_pretrained(base).state_dict()
+    assert not np.array_equal(one["gpt.transformer.h.0.mlp.c_fc.weight"], start["transformer.h.0.mlp.c_fc.weight"])
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == json.loads((tmp_path / "one" / "metrics.json").read_text())["test_accuracy"]

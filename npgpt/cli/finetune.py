@@ -64,8 +64,13 @@ def run(args) -> int:
         read_table
     from ..train.loop import LoopConfig, fit
     from ..train.run import write_json
+    from .. import distributed
 
+    dist = distributed.init()                    # one process, or this rank of `mpiexec -n K npgpt finetune ...`
+    main = dist.is_main
     _check(args)
+    if args.batch % dist.world_size:
+        raise CLIError(f"--batch {args.batch} must be a multiple of the {dist.world_size} MPI processes")
     try:
         texts, labels = read_table(args.data, args.text_col, args.label_col)
     except (OSError, ValueError, UnicodeDecodeError) as e:
@@ -90,6 +95,7 @@ def run(args) -> int:
     if k is not None and k > L:
         raise CLIError(f"--trainable-blocks {k}: the model has {L} blocks")
     model.set_trainable(k)
+    dist.broadcast_parameters(model)             # every rank starts from rank 0's head
 
     tok = get_tokenizer()
     index = {c: i for i, c in enumerate(names)}
@@ -110,12 +116,15 @@ def run(args) -> int:
     loop = LoopConfig(steps=args.epochs * bpe, lr=args.lr, min_lr=args.lr, eval_every=bpe, save_every=0)
     opt = AdamW(model, lr=args.lr, weight_decay=args.weight_decay)
     trainable = sum(p.data.size for p in model.parameters() if p.requires_grad)
-    print(f"npgpt finetune classify: {len(train_ix)} train / {len(val_ix)} val / {len(test_ix)} test rows, "
-          f"classes {names}; {trainable / 1e6:.2f}M of {model.gpt.num_parameters() / 1e6:.2f}M parameters "
-          f"trainable; {args.epochs} epochs of {bpe} batches of {args.batch} -> {args.out}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
+    if main:
+        print(f"npgpt finetune classify: {len(train_ix)} train / {len(val_ix)} val / {len(test_ix)} test rows, "
+              f"classes {names}; {trainable / 1e6:.2f}M of {model.gpt.num_parameters() / 1e6:.2f}M parameters "
+              f"trainable; {args.epochs} epochs of {bpe} batches of {args.batch} -> {args.out}", flush=True)
+        os.makedirs(args.out, exist_ok=True)
     fit(model, opt, batches, loop, loss_fn=classify_loss, count_fn=count_rows, evaluate=evaluate,
-        run_dir=args.out, progress=not args.no_progress)
+        run_dir=args.out, progress=not args.no_progress, dist=dist)
+    if not main:                                 # rank 0 evaluates and writes
+        return 0
     last = epoch_rows[-1]
     write_json(os.path.join(args.out, "metrics.json"),
                {"train_accuracy": last["train_accuracy"], "val_accuracy": last["val_accuracy"],

@@ -1,0 +1,35 @@
+"""Validation perplexity of a model trained with `npgpt train`, with float32, bf16 and int8 weights.
+
+    python examples/quant_perplexity.py runs/shakespeare-char [--batch 32]
+
+The run's own data settings (run.json: --data, --tokenizer, --context, --train-ratio) rebuild its
+validation split; every window of it is evaluated (as --eval-batches 0 does).
+"""
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+
+import npgpt
+from npgpt.train import load_tokenizer, mean_loss, prepare_data
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("run")
+p.add_argument("--batch", type=int, default=32)
+args = p.parse_args()
+npgpt.runtime.keep_freed_memory()
+
+run = json.load(open(os.path.join(args.run, "run.json")))
+tok = load_tokenizer(os.path.join(args.run, "tokenizer.json"))
+data = prepare_data(run["data"], tokenizer=tok, context=run["context"], stride=run.get("stride"),
+                    train_ratio=run["train_ratio"], progress=False)
+print(f"{args.run}: {len(data.val)} validation windows of {data.context} tokens")
+base = None
+for weights in ("fp32", "bf16", "int8"):
+    model = npgpt.GPT.from_pretrained(args.run, weights=weights)
+    loss = mean_loss(model, data.eval_batches("val", args.batch, 0))
+    ppl = math.exp(loss)
+    base = base or ppl
+    print(f"{weights:>5}: val loss {loss:.5f}  perplexity {ppl:.4f}  change {100 * (ppl / base - 1):+.3f}%")
