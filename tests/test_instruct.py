@@ -83,7 +83,8 @@ def test_batches_shuffle_drop_last_and_resume():
     seqs = [[i] * (1 + i % 4) for i in range(10)]
     b = InstructBatches(seqs, [1] * 10, batch_size=3, seed=1)
     assert b.batches_per_epoch == 3                                          # 10 // 3: the last entry waits
-    firsts = {int(b.next()[0][r, 0]) for _ in range(3) for r in range(3)}
+    epoch = [b.next()[0] for _ in range(3)]
+    firsts = {int(x[r, 0]) for x in epoch for r in range(3)}
     assert len(firsts) == 9                                                  # an epoch: 9 different entries
     b.next()
     state = json.loads(json.dumps(b.state_dict()))                           # as a checkpoint stores it
@@ -116,9 +117,9 @@ def test_masked_instruction_loss_gradcheck_with_negative_control(backend):
     seqs = [rng.integers(0, V - 1, k).tolist() for k in (4, 2, 5, 3)]
     batch = collate(seqs, [2, 1, 3, 2], end_id=V - 1)
     assert (batch[1] == M).sum() == (1 + 0 + 2 + 1) + (1 + 3 + 0 + 2)        # prompt targets, padding targets
-    good = gradcheck_loss_fn(model, batch, loss_fn=lm_loss, count_fn=count_targets, micro_batches=2, max_checks=12)
+    good = gradcheck_loss_fn(model, batch, loss_fn=lm_loss, count_fn=count_targets, micro_batches=2, max_checks=5)
     assert all(r.passed for r in good), [r for r in good if not r.passed]
-    bad = gradcheck_loss_fn(model, batch, loss_fn=leaky_loss, count_fn=count_targets, micro_batches=2, max_checks=12)
+    bad = gradcheck_loss_fn(model, batch, loss_fn=leaky_loss, count_fn=count_targets, micro_batches=2, max_checks=2)
     assert not all(r.passed for r in bad)
     assert not [r for r in bad if r.parameter == "weight" and r.layer.endswith("wte")][0].passed
 
@@ -169,19 +170,24 @@ def test_finetune_instruct_end_to_end(finetuned):
     assert npgpt.GPT.from_pretrained(out).config.n_ctx == 256                # the run directory loads
 
 
-def test_chat_with_piped_stdin(finetuned):
+@pytest.mark.parametrize("which", ["random", "finetuned"])
+def test_chat_with_piped_stdin(which, tiny_dir, request):
+    """One answer per non-empty line, each the stripped greedy continuation of its prompt, as the library
+    decodes it; the random model's answers are not empty (the tiny fine-tuned one may stop at once)."""
     from npgpt.cli.chat import STOP
-    out, _ = finetuned
-    questions = ["Name a colour.", "", "What is the capital of France?"]
-    r = cli("chat", "--model", out, "-n", 8, cwd=out.parent, stdin="\n".join(questions) + "\n")
+    model_dir = tiny_dir if which == "random" else request.getfixturevalue("finetuned")[0]
+    questions = ["Name a colour.", "", "  What is the capital of France?"]
+    r = cli("chat", "--model", model_dir, "-n", 8, cwd=model_dir.parent, stdin="\n".join(questions) + "\n")
     assert r.returncode == 0, r.stderr
-    model, tok = npgpt.GPT.from_pretrained(out), npgpt.get_tokenizer()
+    model, tok = npgpt.GPT.from_pretrained(model_dir), npgpt.get_tokenizer()
     with npgpt.kernels.use_backend("numpy"):
-        want = [npgpt.generate_text(model, tok, format_prompt({"instruction": q}), 8, stop=[STOP]).strip()
+        want = [npgpt.generate_text(model, tok, format_prompt({"instruction": q.strip()}), 8, stop=[STOP]).strip()
                 for q in questions if q]
     assert r.stdout == "".join(a + "\n" for a in want)
-    empty = cli("chat", "--model", out, cwd=out.parent, stdin="")
-    assert empty.returncode == 0 and empty.stdout == ""
+    if which == "random":
+        assert all(want), want
+        empty = cli("chat", "--model", model_dir, cwd=model_dir.parent, stdin="")
+        assert empty.returncode == 0 and empty.stdout == ""
 
 
 def test_instruct_cli_errors(tmp_path, tiny_dir):
