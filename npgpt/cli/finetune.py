@@ -20,7 +20,7 @@ from . import CLIError
 
 
 def add_parser(sub):
-    p = sub.add_parser("finetune", help="fine-tune a GPT-2 (classify: a text classifier)")
+    p = sub.add_parser("finetune", help="fine-tune a GPT-2 (classify: a text classifier; instruct: instruction following)")
     tasks = p.add_subparsers(dest="task", required=True)
     _add_instruct(tasks)
     c = tasks.add_parser("classify", help="train a classification head (and the last blocks) on labelled texts")
