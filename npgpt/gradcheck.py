@@ -170,6 +170,41 @@ def gradcheck_classifier(model, ids, lengths, labels, *, eps=DEFAULT_EPS, tol=DE
     return results
 
 
+def gradcheck_loss_fn(model, batch, *, loss_fn, count_fn, micro_batches: int = 1, eps=DEFAULT_EPS, tol=DEFAULT_TOL,
+                      floor=DEFAULT_FLOOR, max_checks: int | None = None, seed: int = 0, name: str = "loss_fn"):
+    """Check a training loss function the way train_step runs it: L = the sum over `micro_batches`
+    row blocks of loss_fn(model, micro, n), n = count_fn(batch) (the global count), and the analytic
+    gradient is what those calls' backward passes add into the .grad arrays. Every parameter.
+    For instruction fine-tuning, batch = collate(...) with -100 targets: a loss whose value ignores
+    a masked position but whose backward does not (or the reverse) fails."""
+    from .train.loop import split_rows
+    params = list(model.named_parameters())
+    _check_float64([(n, p.data) for n, p in params], "parameters")
+    rng = np.random.default_rng(seed)
+    restore = _rng_snapshot(model)
+    n = max(count_fn(batch), 1)
+
+    def f():
+        restore()
+        model.zero_grad()
+        return sum(float(loss_fn(model, micro, n)) for micro in split_rows(batch, micro_batches))
+
+    f()
+    grads = [p.grad.copy() for _, p in params]     # the analytic gradient (f() below overwrites .grad)
+    results = []
+    for (pname, p), g in zip(params, grads):
+        layer, _, short = pname.rpartition(".")
+        err = _compare(f, p.data, g, _pick(p.data.size, max_checks, rng), eps, floor)
+        results.append(GradCheckResult(f"{name}.{layer}", short, err, min(p.data.size, max_checks or p.data.size), tol))
+    return results
+
+
+def summarize(results, layer: str, parameter: str) -> GradCheckResult:
+    """One row for many: the worst error, the elements checked in all; FAIL if any failed."""
+    worst = max(results, key=lambda r: r.max_rel_error / r.tol)
+    return GradCheckResult(layer, parameter, worst.max_rel_error, sum(r.checked for r in results), worst.tol)
+
+
 def format_table(results) -> str:
     rows = [("layer", "parameter", "checked", "max rel error", "")]
     rows += [(r.layer, r.parameter, str(r.checked), f"{r.max_rel_error:.2e}", "PASS" if r.passed else "FAIL")
@@ -247,4 +282,16 @@ def check_everything(seed: int = 0, dropout: float = 0.1):
     clf = _randomize(Classifier(GPT(config, dtype=f64, seed=seed), ["a", "b", "c"], seed=seed), rng)
     lengths, labels = np.array([3, T]), np.array([2, 0])
     results += gradcheck_classifier(clf, idx, lengths, labels, seed=seed, name="Classifier (padded)")
+
+    # instruction fine-tuning's loss: entries of different lengths + an end token, padded with it;
+    # targets after each row's first end token and (mask_prompt) the prompt's targets are -100;
+    # two micro-batches dividing by the global count (as train_step runs lm_loss)
+    from .train.instruct import collate
+    from .train.lm import count_targets, lm_loss
+    seqs = [rng.integers(0, V - 1, k).tolist() for k in (4, 2, 5, 3)]
+    batch = collate(seqs, prompt_lens=[2, 1, 3, 2], end_id=V - 1)
+    rows = gradcheck_loss_fn(model, batch, loss_fn=lm_loss, count_fn=count_targets, micro_batches=2, max_checks=8,
+                             seed=seed)
+    results.append(summarize(rows, "instruction loss (padded, masked, 2 micro-batches)",
+                             f"all {len(rows)} GPT parameters"))
     return results

@@ -5,6 +5,11 @@
 
 The table is TSV/CSV (`label<TAB>text` with no header works as is); classes are balanced by
 undersampling and split 70/10/20 (seeded). Bad input prints one line and exits with status 2.
+
+    npgpt finetune instruct --data instruction-data.json --init gpt2-medium --out runs/instruct
+    npgpt chat --model runs/instruct
+
+Instruction fine-tuning (the book's chapter 7): see npgpt/train/instruct.py.
 """
 from __future__ import annotations
 
@@ -15,8 +20,9 @@ from . import CLIError
 
 
 def add_parser(sub):
-    p = sub.add_parser("finetune", help="fine-tune a GPT-2 (classify: a text classifier)")
+    p = sub.add_parser("finetune", help="fine-tune a GPT-2 (classify: a text classifier; instruct: instruction following)")
     tasks = p.add_subparsers(dest="task", required=True)
+    _add_instruct(tasks)
     c = tasks.add_parser("classify", help="train a classification head (and the last blocks) on labelled texts")
     c.add_argument("--data", required=True, help="a TSV/CSV file of labelled texts")
     c.add_argument("--init", required=True, help="the GPT: a model name, a checkpoint or an npgpt train run directory")
@@ -132,4 +138,131 @@ def run(args) -> int:
                 "before_training": epoch_rows[0], "args": {k: v for k, v in vars(args).items() if k != "func"}})
     print(f"npgpt finetune classify: test accuracy {last['test_accuracy']:.4f}; model in {args.out} "
           f"(npgpt classify --model {args.out} TEXT)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- finetune instruct
+def _add_instruct(tasks):
+    c = tasks.add_parser("instruct", help="train the whole GPT to follow instructions (Alpaca-style JSON)",
+                         description="Instruction fine-tuning: a JSON list of {instruction, input, output} is split "
+                                     "85/10/5 (train/test/val, in file order), the model is trained on the train "
+                                     "entries in the Alpaca prompt format, and its greedy responses to the test "
+                                     "entries are written to OUT/test-responses.json.")
+    c.add_argument("--data", required=True, help="a JSON file: a list of {instruction, input, output} objects")
+    c.add_argument("--init", required=True, help="the GPT: a model name, a checkpoint or an npgpt run directory")
+    c.add_argument("--out", required=True, help="the run directory (model, metrics, test-responses.json)")
+    c.add_argument("--epochs", type=int, default=2, help="passes over the training entries (2)")
+    c.add_argument("--batch", type=int, default=8, help="entries per update (8)")
+    c.add_argument("--lr", type=float, default=5e-5, help="learning rate, constant (5e-5)")
+    c.add_argument("--weight-decay", type=float, default=0.1)
+    c.add_argument("--max-length", type=int, default=None,
+                   help="at most this many input tokens per entry, truncating (default: n_ctx)")
+    c.add_argument("--limit", type=int, default=None, help="use only the first N entries of the file")
+    c.add_argument("--mask-prompt", action="store_true",
+                   help="learn the responses only: the prompt's targets are masked too")
+    c.add_argument("--eval-every", type=int, default=5, help="evaluate every this many updates; 0: at the end (5)")
+    c.add_argument("--eval-batches", type=int, default=5,
+                   help="evaluate on the first N batches of the train and val entries; 0: all (5)")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="longest test response, in tokens (256)")
+    c.add_argument("--seed", type=int, default=0, help="shuffling of the training entries (0)")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=run_instruct)
+    return c
+
+
+def _check_instruct(args):
+    for k, lo in (("epochs", 1), ("batch", 1), ("max_length", 1), ("limit", 1), ("seed", 0), ("eval_every", 0),
+                  ("eval_batches", 0), ("max_new_tokens", 0)):
+        v = getattr(args, k)
+        if v is not None and v < lo:
+            raise CLIError(f"--{k.replace('_', '-')} must be >= {lo}, got {v}")
+    for k in ("lr", "weight_decay"):
+        v = getattr(args, k)
+        if not (math.isfinite(v) and v >= 0):
+            raise CLIError(f"--{k.replace('_', '-')} must be a finite number >= 0, got {v}")
+    if not os.path.isfile(args.data):
+        raise CLIError(f"--data {args.data}: no such file")
+    for name in ("metrics.json", "test-responses.json", "checkpoint"):
+        if os.path.lexists(os.path.join(args.out, name)):
+            raise CLIError(f"--out {args.out} already holds a run ({name}); choose another --out")
+
+
+def run_instruct(args) -> int:
+    import json
+
+    from ..checkpoint.safetensors import atomic_write
+    from ..model import GPT
+    from ..optim import AdamW
+    from ..tokenizer import get_tokenizer
+    from ..train.instruct import InstructBatches, encode_entry, eval_batches, generate_responses, \
+        instruct_evaluator, read_entries, split_entries
+    from ..train.lm import count_targets, lm_loss, mean_loss
+    from ..train.loop import LoopConfig, fit
+    from ..train.run import write_json
+
+    _check_instruct(args)
+    try:
+        entries = read_entries(args.data)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CLIError(f"--data {args.data}: {e}") from None
+    if args.limit:
+        entries = entries[:args.limit]
+    train, test, val = split_entries(entries)
+    if len(train) < args.batch:
+        raise CLIError(f"--data {args.data}: {len(train)} training entries (85% of {len(entries)}) make no batch "
+                       f"of {args.batch}; use more entries or a smaller --batch")
+    try:
+        model = GPT.from_pretrained(args.init)
+    except (OSError, ValueError, KeyError) as e:
+        raise CLIError(f"--init {args.init}: {e}") from None
+    if model.weights != "fp32":
+        raise CLIError(f"--init {args.init}: holds {model.weights} weights, which are inference-only")
+    n_ctx, V = model.config.n_ctx, model.config.n_vocab
+    if V < 50257:
+        raise CLIError(f"--init {args.init}: its vocabulary has {V} tokens; instructions are GPT-2 BPE (50257)")
+    max_length = min(args.max_length or n_ctx, n_ctx)
+
+    tok = get_tokenizer()
+
+    def encode(split):
+        pairs = [encode_entry(tok, e) for e in split]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+    splits = {"train": encode(train), "val": encode(val), "test": encode(test)}
+    truncated = sum(len(s) > max_length for s in splits["train"][0])   # cut: loses its end token
+    batches = InstructBatches(*splits["train"], args.batch, max_length, args.mask_prompt, seed=args.seed)
+    bpe = batches.batches_per_epoch
+    evaluate = instruct_evaluator({"train": splits["train"], "val": splits["val"]}, args.batch, args.eval_batches,
+                                  max_length, args.mask_prompt)
+    loop = LoopConfig(steps=args.epochs * bpe, lr=args.lr, min_lr=args.lr, eval_every=args.eval_every, save_every=0)
+    opt = AdamW(model, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    print(f"npgpt finetune instruct: {len(train)} train / {len(test)} test / {len(val)} val entries"
+          f"{f' ({truncated} training entries cut at --max-length {max_length})' if truncated else ''}; "
+          f"{model.num_parameters() / 1e6:.2f}M parameters; {args.epochs} epochs of {bpe} batches of {args.batch}"
+          f"{', prompt masked' if args.mask_prompt else ''} -> {args.out}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    result = fit(model, opt, batches, loop, loss_fn=lm_loss, count_fn=count_targets, evaluate=evaluate,
+                 run_dir=args.out, progress=not args.no_progress)
+    if result.interrupted:
+        print(f"npgpt finetune instruct: interrupted after {result.step} updates; model in {args.out}; "
+              "no test responses written", flush=True)
+        return 130
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(test), disable=args.no_progress, desc="test responses", unit="entry")
+    responses = generate_responses(model, tok, test, args.max_new_tokens, batch_size=args.batch,
+                                   progress=lambda n: bar.update(n - bar.n))
+    bar.close()
+    out_entries = [{**e, "model_response": r} for e, r in zip(test, responses)]
+    path = os.path.join(args.out, "test-responses.json")
+    with atomic_write(path) as f:
+        f.write((json.dumps(out_entries, indent=4) + "\n").encode("utf-8"))
+    test_loss = mean_loss(model, eval_batches(*splits["test"], args.batch, 0, max_length, args.mask_prompt))
+    last = result.last_eval or {}
+    write_json(os.path.join(args.out, "metrics.json"),
+               {"train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"), "test_loss": test_loss,
+                "steps": result.step, "entries": {"train": len(train), "test": len(test), "val": len(val)},
+                "truncated_train_entries": truncated,
+                "args": {k: v for k, v in vars(args).items() if k != "func"}})
+    print(f"npgpt finetune instruct: test loss {test_loss:.4f}; {len(out_entries)} responses in {path}; "
+          f"model in {args.out} (npgpt chat --model {args.out})")
     return 0
