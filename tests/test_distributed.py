@@ -257,9 +257,10 @@ def test_allreduce_grads_sums_and_agrees_on_parameters_without_gradients(tmp_pat
         "if r == 1: m.c.grad[...] = 7\n"
         "x.allreduce_grads(m)\n"
         "out = {k: (p.has_grad, p.grad.tolist() if p.has_grad else None) for k, p in m.named_parameters()}\n"
-        "print(json.dumps([r, out, x.bytes_per_step]))\n")
-    r = _run(_mpi_cmd(2, script))
-    rows = sorted(json.loads(line) for line in r.stdout.splitlines() if line.startswith("["))
+        "import sys; open(sys.argv[1] + f'.{r}', 'w').write(json.dumps([r, out, x.bytes_per_step]))\n")
+    # each rank writes its own file: the launcher may merge two ranks' stdout lines into one
+    _run(_mpi_cmd(2, script, tmp_path / "out"))
+    rows = sorted(json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2))
     assert len(rows) == 2 and rows[0][1] == rows[1][1]
     got = rows[0][1]
     assert np.all(np.array(got["a"][1]) == 3) and np.all(np.array(got["b"][1]) == 30)
