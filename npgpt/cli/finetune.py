@@ -1,6 +1,7 @@
 """`npgpt finetune classify`: fine-tune a GPT-2 as a text classifier (the book's chapter 6).
 
     npgpt finetune classify --data SMSSpamCollection.tsv --init gpt2 --out runs/spam --trainable-blocks 1
+    npgpt finetune classify --data SMSSpamCollection.tsv --init gpt2 --out runs/spam-lora --lora-rank 16 --lora-alpha 16
     npgpt classify --model runs/spam "You won a prize! Text WIN to 80082"
 
 The table is TSV/CSV (`label<TAB>text` with no header works as is); classes are balanced by
@@ -12,6 +13,7 @@ import math
 import os
 
 from . import CLIError
+from ..lora import add_lora_args, finish_lora, setup_lora
 
 
 def add_parser(sub):
@@ -33,6 +35,7 @@ def add_parser(sub):
     c.add_argument("--limit", type=int, default=None, help="use only the first N rows of the file")
     c.add_argument("--seed", type=int, default=0, help="split, shuffling and the head's initial weights (0)")
     c.add_argument("--no-progress", action="store_true")
+    add_lora_args(c)                                   # --lora-rank --lora-alpha --lora-targets --merge (npgpt.lora)
     c.set_defaults(func=run)
     return p
 
@@ -90,6 +93,7 @@ def run(args) -> int:
     if k is not None and k > L:
         raise CLIError(f"--trainable-blocks {k}: the model has {L} blocks")
     model.set_trainable(k)
+    setup_lora(model, args)                            # --lora-rank: only adapters and the head train
 
     tok = get_tokenizer()
     index = {c: i for i, c in enumerate(names)}
@@ -114,8 +118,9 @@ def run(args) -> int:
           f"classes {names}; {trainable / 1e6:.2f}M of {model.gpt.num_parameters() / 1e6:.2f}M parameters "
           f"trainable; {args.epochs} epochs of {bpe} batches of {args.batch} -> {args.out}", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    fit(model, opt, batches, loop, loss_fn=classify_loss, count_fn=count_rows, evaluate=evaluate,
-        run_dir=args.out, progress=not args.no_progress)
+    result = fit(model, opt, batches, loop, loss_fn=classify_loss, count_fn=count_rows, evaluate=evaluate,
+                 run_dir=args.out, progress=not args.no_progress)
+    finish_lora(model, args, args.out, result.checkpoint)   # RUN/adapter; --merge: merged checkpoint
     last = epoch_rows[-1]
     write_json(os.path.join(args.out, "metrics.json"),
                {"train_accuracy": last["train_accuracy"], "val_accuracy": last["val_accuracy"],
