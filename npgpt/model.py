@@ -121,7 +121,9 @@ class GPT(Module):
         TensorFlow checkpoint directory / prefix. verify=True also checks TensorFlow CRC-32Cs.
         The model is returned in eval mode (no dropout).
         weights="bf16" | "int8" packs the weights for inference (npgpt.quant.quantize); a checkpoint
-        saved quantized is memory-mapped as stored (weights None or its own kind)."""
+        saved quantized is memory-mapped as stored (weights None or its own kind).
+        A directory that also holds a LoRA adapter (adapter_config.json, as GPT.save writes for a model with
+        adapters) comes back with the adapter applied (npgpt.lora.load_adapter), merged when packed."""
         from . import lora, quant
         from .checkpoint import load_checkpoint
         stored = quant.checkpoint_kind(name_or_path)
