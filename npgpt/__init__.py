@@ -18,6 +18,7 @@ from .optim import AdamW, clip_grad_norm, lr_schedule
 from .tokenizer import get_tokenizer
 from . import runtime  # noqa: F401  (npgpt.runtime.keep_freed_memory())
 from . import quant  # noqa: F401  (npgpt.quant.quantize(model, "int8"))
+from . import lora  # noqa: F401  (npgpt.lora.apply_lora(model, rank=16, alpha=16))
 
 __version__ = "0.1.0"
 __all__ = ["GPTConfig", "GPT", "Classifier", "no_grad", "is_grad_enabled", "cross_entropy", "AdamW", "clip_grad_norm", "lr_schedule",

@@ -86,11 +86,12 @@ def _check_float64(arrays, what):
 
 def gradcheck_layer(layer: Module, *inputs, name: str | None = None, eps=DEFAULT_EPS, tol=DEFAULT_TOL,
                     floor=DEFAULT_FLOOR, max_checks: int | None = 200, seed: int = 0):
-    """Check layer.backward against finite differences for every float input and every parameter.
+    """Check layer.backward against finite differences for every float input and every trainable
+    parameter (a frozen one, requires_grad False, gets no gradient by design and is not checked).
 
-    Returns a list of GradCheckResult (one per input and per parameter)."""
+    Returns a list of GradCheckResult (one per input and per trainable parameter)."""
     name = name or type(layer).__name__
-    params = list(layer.named_parameters())
+    params = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]   # frozen: no gradient by design
     _check_float64([(n, p.data) for n, p in params], "parameters")
     float_inputs = [(i, x) for i, x in enumerate(inputs) if isinstance(x, np.ndarray) and x.dtype.kind == "f"]
     _check_float64([(f"input {i}", x) for i, x in float_inputs], "inputs")
@@ -124,8 +125,8 @@ def gradcheck_layer(layer: Module, *inputs, name: str | None = None, eps=DEFAULT
 
 def gradcheck_model(model, idx, targets, *, eps=DEFAULT_EPS, tol=DEFAULT_TOL, floor=DEFAULT_FLOOR,
                     max_checks: int | None = None, seed: int = 0):
-    """Check the whole model: L = cross_entropy(model.forward(idx), targets), every parameter."""
-    params = list(model.named_parameters())
+    """Check the whole model: L = cross_entropy(model.forward(idx), targets), every trainable parameter."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]   # frozen: no gradient by design
     _check_float64([(n, p.data) for n, p in params], "parameters")
     rng = np.random.default_rng(seed)
     restore = _rng_snapshot(model)
@@ -150,7 +151,7 @@ def gradcheck_classifier(model, ids, lengths, labels, *, eps=DEFAULT_EPS, tol=DE
     """Check a Classifier: L = cross_entropy(model.forward(ids, lengths), labels), every parameter.
     With right-padded ids (lengths < T) this also checks that the padding gets no gradient's worth
     of influence: a head reading the wrong position fails."""
-    params = list(model.named_parameters())
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]   # frozen: no gradient by design
     _check_float64([(n, p.data) for n, p in params], "parameters")
     rng = np.random.default_rng(seed)
     restore = _rng_snapshot(model)
@@ -232,11 +233,14 @@ def _randomize(module: Module, rng, std: float = 0.3):
 
 
 def check_everything(seed: int = 0, dropout: float = 0.1):
-    """Every layer, the loss and a whole tiny GPT-2 in float64: the list behind `npgpt gradcheck`."""
+    """Every layer, the loss, a whole tiny GPT-2 and classifiers (plain and with LoRA adapters) in float64:
+    the list behind `npgpt gradcheck`."""
     from .config import GPTConfig
     from .classifier import Classifier
     from .layers import (GELU, MLP, Block, CausalSelfAttention, Embedding, LastTokenHead, LayerNorm, Linear,
                          PositionEmbedding, TiedLMHead)
+    from .layers.lora import LoRALinear
+    from .lora import apply_lora, lora_layers
     from .model import GPT
 
     f64 = np.float64
@@ -256,6 +260,10 @@ def check_everything(seed: int = 0, dropout: float = 0.1):
         ("Block", Block(C, NH, dtype=f64, rng=rng, dropout=dropout, seed=seed), (x,)),
         ("TiedLMHead", TiedLMHead(wte), (x,)),
         ("LastTokenHead (padded)", LastTokenHead(C, 3, dtype=f64, rng=rng), (x, np.array([2, T]))),
+        # LoRA: y = x W + b + (alpha/r) (x A) B with alpha/r = 1.5, so a dropped scale cannot pass; base frozen
+        ("LoRALinear", LoRALinear(Linear(C, 3, dtype=f64, rng=rng), 2, 3.0, rng=rng), (x,)),
+        ("LoRALinear (base trainable)", LoRALinear(Linear(C, 3, dtype=f64, rng=rng), 2, 3.0, rng=rng,
+                                                   freeze_base=False), (x,)),
     ]
     results = []
     for name, layer, inputs in checks:
@@ -294,4 +302,11 @@ def check_everything(seed: int = 0, dropout: float = 0.1):
                              seed=seed)
     results.append(summarize(rows, "instruction loss (padded, masked, 2 micro-batches)",
                              f"all {len(rows)} GPT parameters"))
+
+    # the same classifier with LoRA adapters on every Linear (B made nonzero): only adapters and head train
+    clf = _randomize(Classifier(GPT(config, dtype=f64, seed=seed), ["a", "b", "c"], seed=seed), rng)
+    apply_lora(clf, rank=2, alpha=3.0, seed=seed)
+    for _, layer in lora_layers(clf):
+        layer.lora_B.data[...] = 0.3 * rng.standard_normal(layer.lora_B.data.shape)
+    results += gradcheck_classifier(clf, idx, lengths, labels, seed=seed, name="Classifier + LoRA (padded)")
     return results

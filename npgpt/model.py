@@ -121,8 +121,10 @@ class GPT(Module):
         TensorFlow checkpoint directory / prefix. verify=True also checks TensorFlow CRC-32Cs.
         The model is returned in eval mode (no dropout).
         weights="bf16" | "int8" packs the weights for inference (npgpt.quant.quantize); a checkpoint
-        saved quantized is memory-mapped as stored (weights None or its own kind)."""
-        from . import quant
+        saved quantized is memory-mapped as stored (weights None or its own kind).
+        A directory that also holds a LoRA adapter (adapter_config.json, as GPT.save writes for a model with
+        adapters) comes back with the adapter applied (npgpt.lora.load_adapter), merged when packed."""
+        from . import lora, quant
         from .checkpoint import load_checkpoint
         stored = quant.checkpoint_kind(name_or_path)
         if stored is not None:
@@ -136,14 +138,23 @@ class GPT(Module):
         # copy-on-write maps of the file become the parameters: nothing is copied, and pages are
         # read from the page cache when first used (fresh anonymous memory is slow to fault in)
         model = cls(config, dtype=dtype, init=False).load_state_dict(state, assign=True)
+        adapter = lora.adapter_dir(name_or_path)        # a LoRA run or save: base weights + adapter files
+        if adapter is not None:
+            lora.load_adapter(model, adapter)
+            if weights != "fp32":
+                lora.merge(model)                       # packed weights hold the merged W + s A B
         return quant.quantize(model, weights).eval()   # like Hugging Face: call .train() to fine-tune with the checkpoint's dropout
 
     def save(self, directory) -> str:
         """Write config.json + model.safetensors (Hugging Face GPT-2 layout) atomically; returns the path.
-        A quantized model writes its packed weights (npgpt.quant.save_quantized)."""
+        A quantized model writes its packed weights (npgpt.quant.save_quantized); a model holding LoRA
+        adapters its base weights plus the adapter in PEFT's layout (npgpt.lora), which from_pretrained applies."""
         if self.weights != "fp32":
             from .quant import save_quantized
             return save_quantized(self, directory)
+        from .lora import lora_layers, save_with_adapter
+        if lora_layers(self):
+            return save_with_adapter(self, directory)   # base weights + adapter_config.json + adapter_model.safetensors
         from .checkpoint import save_hf_checkpoint
         return save_hf_checkpoint(directory, self.config, self.state_dict(), dtype=self.dtype)
 

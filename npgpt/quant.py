@@ -208,6 +208,9 @@ def quantize(model, kind: str = "int8"):
         raise ValueError(f"the model already holds {current} weights; quantize its float32 original")
     if model.dtype != np.float32:
         raise ValueError(f"quantize needs a float32 model, got {model.dtype}")
+    from .layers.lora import LoRALinear
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model holds LoRA adapters: npgpt.lora.merge(model) first, then quantize")
     if not (isinstance(model.lm_head, TiedLMHead) and model.lm_head.weight is model.wte.weight):
         raise ValueError("quantize expects the LM head tied to wte")
     for owner, name, lin in list(_linears(model)):

@@ -24,7 +24,7 @@ def test_gradcheck_command_prints_table_all_pass():
     rows = [line for line in lines if line.rstrip().endswith(("PASS", "FAIL")) and not line.startswith(("layer", "-"))]
     assert len(rows) > 100 and all(line.rstrip().endswith("PASS") for line in rows)
     for name in ("LayerNorm", "CausalSelfAttention", "cross_entropy", "transformer.h.1.attn.c_attn", "TiedLMHead",
-                 "instruction loss (padded, masked"):
+                 "instruction loss (padded, masked", "LoRALinear", "Classifier + LoRA"):
         assert name in r.stdout
     assert r.stdout.count("PASS\n") >= 2 * 60 and "kernels=numpy" in r.stdout and "kernels=numba" in r.stdout
 

@@ -208,3 +208,21 @@ def test_instruct_cli_errors(tmp_path, tiny_dir):
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (extra, r.stderr)
     r = cli("chat", "--model", tmp_path / "no-model", cwd=tmp_path, stdin="hi\n")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_finetune_instruct_with_lora_trains_only_the_adapters(tiny_dir):
+    if not DATA.exists():
+        pytest.skip("instruction-data.json not present")
+    out = tiny_dir.parent / "lora"
+    r = cli("finetune", "instruct", "--data", DATA, "--init", tiny_dir, "--out", out, "--limit", 20, "--epochs", 1,
+            "--batch", 4, "--lr", "1e-2", "--max-length", 48, "--eval-every", 0, "--max-new-tokens", 2,
+            "--lora-rank", 4, "--lora-alpha", 8, "--no-progress", cwd=tiny_dir.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    base = npgpt.GPT.from_pretrained(tiny_dir).state_dict()
+    from npgpt.checkpoint import load_checkpoint
+    _, saved = load_checkpoint(out)                                   # the checkpoint's base weights: untouched
+    assert all(np.array_equal(saved[k], base[k]) for k in base)
+    assert (out / "adapter" / "adapter_config.json").exists()       # the adapter alone, PEFT's layout
+    tuned = npgpt.GPT.from_pretrained(out)                            # base + adapter
+    ids = np.arange(10)[None]
+    assert not np.allclose(tuned.forward(ids), npgpt.GPT.from_pretrained(tiny_dir).forward(ids))

@@ -411,8 +411,9 @@ def save_hf_checkpoint(path, config: GPTConfig, state_dict: dict, dtype=np.float
         os.chmod(tmpdir, 0o755)
         if os.path.isdir(path):
             for name in os.listdir(path):     # keep the user's other files (a tokenizer, a README)
-                if name not in ("model.safetensors", "config.json", "model.safetensors.index.json") \
-                        and not name.startswith("model-"):
+                if name not in ("model.safetensors", "config.json", "model.safetensors.index.json",
+                                "adapter_config.json", "adapter_model.safetensors") \
+                        and not name.startswith("model-"):   # (an old LoRA adapter belongs to the old weights)
                     src = os.path.join(path, name)
                     (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmpdir, name))
             old = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=".old")

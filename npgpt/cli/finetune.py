@@ -1,6 +1,7 @@
 """`npgpt finetune classify`: fine-tune a GPT-2 as a text classifier (the book's chapter 6).
 
     npgpt finetune classify --data SMSSpamCollection.tsv --init gpt2 --out runs/spam --trainable-blocks 1
+    npgpt finetune classify --data SMSSpamCollection.tsv --init gpt2 --out runs/spam-lora --lora-rank 16 --lora-alpha 16
     npgpt classify --model runs/spam "You won a prize! Text WIN to 80082"
 
 The table is TSV/CSV (`label<TAB>text` with no header works as is); classes are balanced by
@@ -17,6 +18,7 @@ import math
 import os
 
 from . import CLIError
+from ..lora import add_lora_args, finish_lora, setup_lora
 
 
 def add_parser(sub):
@@ -39,6 +41,7 @@ def add_parser(sub):
     c.add_argument("--limit", type=int, default=None, help="use only the first N rows of the file")
     c.add_argument("--seed", type=int, default=0, help="split, shuffling and the head's initial weights (0)")
     c.add_argument("--no-progress", action="store_true")
+    add_lora_args(c)                                   # --lora-rank --lora-alpha --lora-targets --merge (npgpt.lora)
     c.set_defaults(func=run)
     return p
 
@@ -101,7 +104,8 @@ def run(args) -> int:
     if k is not None and k > L:
         raise CLIError(f"--trainable-blocks {k}: the model has {L} blocks")
     model.set_trainable(k)
-    dist.broadcast_parameters(model)             # every rank starts from rank 0's head
+    setup_lora(model, args)                      # --lora-rank: only adapters and the head train
+    dist.broadcast_parameters(model)             # every rank starts from rank 0's head (and adapters)
 
     tok = get_tokenizer()
     index = {c: i for i, c in enumerate(names)}
@@ -127,10 +131,11 @@ def run(args) -> int:
               f"classes {names}; {trainable / 1e6:.2f}M of {model.gpt.num_parameters() / 1e6:.2f}M parameters "
               f"trainable; {args.epochs} epochs of {bpe} batches of {args.batch} -> {args.out}", flush=True)
         os.makedirs(args.out, exist_ok=True)
-    fit(model, opt, batches, loop, loss_fn=classify_loss, count_fn=count_rows, evaluate=evaluate,
-        run_dir=args.out, progress=not args.no_progress, dist=dist)
+    result = fit(model, opt, batches, loop, loss_fn=classify_loss, count_fn=count_rows, evaluate=evaluate,
+                 run_dir=args.out, progress=not args.no_progress, dist=dist)
     if not main:                                 # rank 0 evaluates and writes
         return 0
+    finish_lora(model, args, args.out, result.checkpoint)   # RUN/adapter; --merge: merged checkpoint
     last = epoch_rows[-1]
     write_json(os.path.join(args.out, "metrics.json"),
                {"train_accuracy": last["train_accuracy"], "val_accuracy": last["val_accuracy"],
@@ -166,6 +171,7 @@ def _add_instruct(tasks):
     c.add_argument("--max-new-tokens", type=int, default=256, help="longest test response, in tokens (256)")
     c.add_argument("--seed", type=int, default=0, help="shuffling of the training entries (0)")
     c.add_argument("--no-progress", action="store_true")
+    add_lora_args(c)                             # --lora-rank --lora-alpha --lora-targets --merge (npgpt.lora)
     c.set_defaults(func=run_instruct)
     return c
 
@@ -199,8 +205,13 @@ def run_instruct(args) -> int:
     from ..train.lm import count_targets, lm_loss, mean_loss
     from ..train.loop import LoopConfig, fit
     from ..train.run import write_json
+    from .. import distributed
 
+    dist = distributed.init()                    # one process, or this rank of `mpiexec -n K npgpt finetune ...`
+    main = dist.is_main
     _check_instruct(args)
+    if args.batch % dist.world_size:
+        raise CLIError(f"--batch {args.batch} must be a multiple of the {dist.world_size} MPI processes")
     try:
         entries = read_entries(args.data)
     except (OSError, ValueError, UnicodeDecodeError) as e:
@@ -221,6 +232,8 @@ def run_instruct(args) -> int:
     if V < 50257:
         raise CLIError(f"--init {args.init}: its vocabulary has {V} tokens; instructions are GPT-2 BPE (50257)")
     max_length = min(args.max_length or n_ctx, n_ctx)
+    setup_lora(model, args)                      # --lora-rank: only the adapters train
+    dist.broadcast_parameters(model)
 
     tok = get_tokenizer()
 
@@ -235,13 +248,19 @@ def run_instruct(args) -> int:
                                   max_length, args.mask_prompt)
     loop = LoopConfig(steps=args.epochs * bpe, lr=args.lr, min_lr=args.lr, eval_every=args.eval_every, save_every=0)
     opt = AdamW(model, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    print(f"npgpt finetune instruct: {len(train)} train / {len(test)} test / {len(val)} val entries"
-          f"{f' ({truncated} training entries cut at --max-length {max_length})' if truncated else ''}; "
-          f"{model.num_parameters() / 1e6:.2f}M parameters; {args.epochs} epochs of {bpe} batches of {args.batch}"
-          f"{', prompt masked' if args.mask_prompt else ''} -> {args.out}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
+    trainable = sum(p.data.size for p in model.parameters() if p.requires_grad)
+    if main:
+        print(f"npgpt finetune instruct: {len(train)} train / {len(test)} test / {len(val)} val entries"
+              f"{f' ({truncated} training entries cut at --max-length {max_length})' if truncated else ''}; "
+              f"{trainable / 1e6:.2f}M of {model.num_parameters() / 1e6:.2f}M parameters trainable; "
+              f"{args.epochs} epochs of {bpe} batches of {args.batch}"
+              f"{', prompt masked' if args.mask_prompt else ''} -> {args.out}", flush=True)
+        os.makedirs(args.out, exist_ok=True)
     result = fit(model, opt, batches, loop, loss_fn=lm_loss, count_fn=count_targets, evaluate=evaluate,
-                 run_dir=args.out, progress=not args.no_progress)
+                 run_dir=args.out, progress=not args.no_progress, dist=dist)
+    if not main:                                 # rank 0 generates the test responses and writes
+        return 0
+    finish_lora(model, args, args.out, result.checkpoint)   # RUN/adapter; --merge: merged checkpoint
     if result.interrupted:
         print(f"npgpt finetune instruct: interrupted after {result.step} updates; model in {args.out}; "
               "no test responses written", flush=True)

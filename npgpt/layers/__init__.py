@@ -7,8 +7,9 @@ from .gelu import GELU
 from .last_token import LastTokenHead
 from .layernorm import LayerNorm
 from .linear import Linear
+from .lora import LoRALinear
 from .mlp import MLP
 from .module import Module, Parameter
 
 __all__ = ["Module", "Parameter", "Linear", "LayerNorm", "GELU", "Dropout", "Embedding", "PositionEmbedding",
-           "TiedLMHead", "LastTokenHead", "CausalSelfAttention", "MLP", "Block"]
+           "TiedLMHead", "LastTokenHead", "LoRALinear", "CausalSelfAttention", "MLP", "Block"]
