@@ -52,6 +52,7 @@ _KERNELS = {
     "layernorm_forward": "layernorm", "layernorm_backward": "layernorm",
     "gelu_forward": "gelu", "gelu_backward": "gelu",
     "causal_softmax_forward": "attention", "causal_softmax_backward": "attention",
+    "flash_attention_forward": "flash_attention", "flash_attention_backward": "flash_attention",
     "cross_entropy_forward_backward": "crossentropy",
     "embedding_backward": "embedding",
     "adamw_update": "adamw", "sum_of_squares": "adamw", "scale_": "adamw",
