@@ -31,7 +31,7 @@ from .linear import Linear
 from .module import Module, spawn_seeds
 
 
-FLASH_MIN_T = int(os.environ.get("NPGPT_FLASH_MIN_T", "256"))
+FLASH_MIN_T = int(os.environ.get("NPGPT_FLASH_MIN_T", "128"))   # measured crossover: BENCHMARKS.md
 
 
 def causal_softmax_numpy(s, scale):
