@@ -13,6 +13,7 @@ from npgpt.layers import attention as attention_mod
 from npgpt.layers.attention import causal_softmax_backward_numpy, causal_softmax_numpy
 
 pytest.importorskip("numba")
+pytest.importorskip("scipy")          # Numba's np.dot (the kernel's tile products) runs on SciPy's BLAS
 from npgpt.kernels import _jit  # noqa: E402
 
 

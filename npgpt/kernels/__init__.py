@@ -46,6 +46,19 @@ def use_numba() -> bool:
     return get_backend() == "numba"
 
 
+_has_scipy = None
+
+
+def flash_attention_available() -> bool:
+    """The fused attention kernel multiplies its tiles with np.dot, which Numba runs through SciPy's
+    BLAS: without SciPy installed the layers keep the materialised path."""
+    global _has_scipy
+    if _has_scipy is None:
+        import importlib.util
+        _has_scipy = importlib.util.find_spec("scipy") is not None
+    return _has_scipy
+
+
 # Kernel name -> module. Imported on first use, so the NumPy path never imports Numba and a
 # program compiles (or loads from Numba's cache) only the kernels it calls.
 _KERNELS = {

@@ -25,7 +25,8 @@ blocks of `block` columns; a (block x block) tile of scores lives only while it 
                 dq_i += scale dS k_j;  dk_j += dS^T (scale q_i)
 
 The products of tiles go through np.dot on contiguous tile slices (BLAS: a 64 x 64 x 64 product
-is one small, single-threaded GEMM); the softmax parts are loops over the tile. Sums are kept in
+is one small, single-threaded GEMM; Numba takes it from SciPy, so the kernel needs SciPy installed:
+without it CausalSelfAttention keeps the readable path); the softmax parts are loops over the tile. Sums are kept in
 the input dtype (float32 or float64), as the reference does.
 
 Dropout on the probabilities is not implemented here: CausalSelfAttention uses this kernel only

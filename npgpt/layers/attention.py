@@ -16,7 +16,8 @@ The layer takes the fused kernel when the Numba backend is on, attention dropout
 (p = 0, or eval mode: the kernel has no dropout) and T >= the threshold: the module constant
 FLASH_MIN_T (set from measurements, see BENCHMARKS.md; the environment variable
 NPGPT_FLASH_MIN_T overrides it at import), or a layer's own `flash_min_T` attribute when set
-(0 = always fused, a huge value = never).
+(0 = always fused, a huge value = never). The kernel needs SciPy (Numba's np.dot calls its BLAS);
+without it the readable path runs.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ class CausalSelfAttention(Module):
 
     def fused(self, T: int) -> bool:
         """True when this forward runs the fused kernel (see the module docstring)."""
-        if not kernels.use_numba() or self.attn_dropout.active():
+        if not kernels.use_numba() or self.attn_dropout.active() or not kernels.flash_attention_available():
             return False
         threshold = FLASH_MIN_T if self.flash_min_T is None else self.flash_min_T
         return T >= threshold
