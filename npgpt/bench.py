@@ -260,6 +260,8 @@ def _run_worker(framework, workload, cfg, opts):
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(opts["threads"]))
     env.setdefault("NUMBA_NUM_THREADS", str(opts["threads"]))
+    if framework == "npgpt" and opts.get("attention", "auto") != "auto":   # read by npgpt.layers.attention
+        env["NPGPT_FLASH_MIN_T"] = "0" if opts["attention"] == "fused" else str(1 << 30)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {framework}/{workload} failed:\n{proc.stderr[-2000:]}")
@@ -278,7 +280,7 @@ def _config(args) -> dict:
     """Check the options and build the model shape here, so bad input fails before any worker starts."""
     from .cli import CLIError
     from .config import GPTConfig
-    for k in ("threads", "steps", "reps", "decode_batch") + SHAPE:
+    for k in ("threads", "steps", "reps", "decode_batch", "prefill_T", "train_large_B", "train_large_T") + SHAPE:
         v = getattr(args, k, None)
         if v is not None and v < 1:
             raise CLIError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
@@ -298,11 +300,16 @@ def _config(args) -> dict:
 def run(args, cfg=None) -> dict:
     cfg = cfg or _config(args)
     opts = dict(DEFAULTS, threads=args.threads, steps=args.steps, reps=args.reps,
-                weights=getattr(args, "weights", None) or "fp32", decode_B=getattr(args, "decode_batch", None) or 1)
+                weights=getattr(args, "weights", None) or "fp32", decode_B=getattr(args, "decode_batch", None) or 1,
+                attention=getattr(args, "attention", None) or "auto")
+    for k in ("prefill_T", "train_large_B", "train_large_T"):
+        if getattr(args, k, None) is not None:
+            opts[k] = getattr(args, k)
     workloads = args.workloads or [w for w in WORKLOADS if w != "train-large"]
     compare = args.compare == "torch"
     report = {"config": cfg, "threads": args.threads, "blas": blas_info(),
-              "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "NPGPT_KERNELS")},
+              "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "NPGPT_KERNELS",
+                                                     "NPGPT_FLASH_MIN_T")},
               "options": opts, "results": {}}
     for w in workloads:
         row = {"npgpt": _run_worker("npgpt", w, cfg, opts)}
@@ -331,6 +338,8 @@ def _print_row(w, row, o):
              "decode": f"decode B={o.get('decode_B', 1)} {o['decode_prompt']}-token prompt + {o['decode_new']} new"}[w]
     if w in ("prefill", "decode") and o.get("weights", "fp32") != "fp32":
         label += f" [{o['weights']}]"
+    if o.get("attention", "auto") != "auto" and w != "decode":
+        label += f" [{o['attention']}]"
     if "seconds" in n and w.startswith("train"):
         line = f"{label:<44} npgpt {n['seconds']:.3f} s  peak {n['peak_rss_mb'] / 1024:.2f} GB"
         if t:

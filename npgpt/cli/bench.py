@@ -20,6 +20,12 @@ def add_parser(sub):
     b.add_argument("--weights", choices=["fp32", "bf16", "int8"], default="fp32",
                    help="npgpt's weights for the prefill/decode workloads (npgpt.quant); torch stays float32")
     b.add_argument("--decode-batch", type=int, default=1, help="rows decoded together in the decode workload")
+    b.add_argument("--prefill-T", dest="prefill_T", type=int, default=None, help="prompt length of prefill (default 256)")
+    b.add_argument("--train-large-B", dest="train_large_B", type=int, default=None, help="batch of train-large (default 8)")
+    b.add_argument("--train-large-T", dest="train_large_T", type=int, default=None, help="context of train-large (default 256)")
+    b.add_argument("--attention", choices=["auto", "fused", "materialised"], default="auto",
+                   help="npgpt's attention core: auto (fused kernel from NPGPT_FLASH_MIN_T / the layer's "
+                        "threshold up), always fused, or always the materialised (B, NH, T, T) path")
     b.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     b.add_argument("--steps", type=int, default=3, help="timed train steps (after one warm-up)")
     b.add_argument("--reps", type=int, default=3, help="timed prefill/decode repetitions (after one warm-up)")

@@ -46,12 +46,26 @@ def use_numba() -> bool:
     return get_backend() == "numba"
 
 
+_has_scipy = None
+
+
+def flash_attention_available() -> bool:
+    """The fused attention kernel multiplies its tiles with np.dot, which Numba runs through SciPy's
+    BLAS: without SciPy installed the layers keep the materialised path."""
+    global _has_scipy
+    if _has_scipy is None:
+        import importlib.util
+        _has_scipy = importlib.util.find_spec("scipy") is not None
+    return _has_scipy
+
+
 # Kernel name -> module. Imported on first use, so the NumPy path never imports Numba and a
 # program compiles (or loads from Numba's cache) only the kernels it calls.
 _KERNELS = {
     "layernorm_forward": "layernorm", "layernorm_backward": "layernorm",
     "gelu_forward": "gelu", "gelu_backward": "gelu",
     "causal_softmax_forward": "attention", "causal_softmax_backward": "attention",
+    "flash_attention_forward": "flash_attention", "flash_attention_backward": "flash_attention",
     "cross_entropy_forward_backward": "crossentropy",
     "embedding_backward": "embedding",
     "adamw_update": "adamw", "sum_of_squares": "adamw", "scale_": "adamw",

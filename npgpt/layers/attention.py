@@ -6,10 +6,23 @@
           key j masked out (a = 0) for query i when j > i;  then dropout     (B, NH, T, T)
     y   = a @ v                                                  (B, NH, T, hs) -> (B, T, C)
     out = y @ w_proj + b_proj,  then residual dropout            (B, T, C)
+
+Two implementations of the attention core (s, a, y and their backward):
+  - the readable one below (`attend` and `backward`), which holds the (B, NH, T, T) probabilities
+    between forward and backward; it is the reference, and the only path with NPGPT_KERNELS=numpy;
+  - the fused Numba kernel npgpt/kernels/flash_attention.py (FlashAttention-2 tiling): it keeps
+    only one logsumexp per query row and recomputes the probabilities block by block in backward.
+The layer takes the fused kernel when the Numba backend is on, attention dropout is inactive
+(p = 0, or eval mode: the kernel has no dropout) and T >= the threshold: the module constant
+FLASH_MIN_T (set from measurements, see BENCHMARKS.md; the environment variable
+NPGPT_FLASH_MIN_T overrides it at import), or a layer's own `flash_min_T` attribute when set
+(0 = always fused, a huge value = never). The kernel needs SciPy (Numba's np.dot calls its BLAS);
+without it the readable path runs.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -17,6 +30,9 @@ from .. import kernels
 from .dropout import Dropout
 from .linear import Linear
 from .module import Module, spawn_seeds
+
+
+FLASH_MIN_T = int(os.environ.get("NPGPT_FLASH_MIN_T", "128"))   # measured crossover: BENCHMARKS.md
 
 
 def causal_softmax_numpy(s, scale):
@@ -44,6 +60,8 @@ def causal_softmax_backward_numpy(da, a, scale):
 
 
 class CausalSelfAttention(Module):
+    flash_min_T = None          # per-layer override of the module's FLASH_MIN_T (None: use the module's)
+
     def __init__(self, C: int, NH: int, *, dtype=np.float32, rng=None, dropout: float = 0.0,
                  n_layer: int = 1, seed=None):
         self.C, self.NH, self.hs = C, NH, C // NH
@@ -59,12 +77,19 @@ class CausalSelfAttention(Module):
         qkv = qkv.reshape(B, T, 3, self.NH, self.hs)
         return [qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]
 
+    def fused(self, T: int) -> bool:
+        """True when this forward runs the fused kernel (see the module docstring)."""
+        if not kernels.use_numba() or self.attn_dropout.active() or not kernels.flash_attention_available():
+            return False
+        threshold = FLASH_MIN_T if self.flash_min_T is None else self.flash_min_T
+        return T >= threshold
+
     def attend(self, q, k, v):
         """The attention core on (B, NH, T, hs) tensors; returns y (B, NH, T, hs)."""
         scale = 1.0 / math.sqrt(self.hs)
         s = q @ k.transpose(0, 1, 3, 2)                                # (B, NH, T, T)
         a = causal_softmax(s, scale)                                   # (B, NH, T, T)
-        self.save_for_backward(q=q, k=k, v=v, a=a)
+        self.save_for_backward(q=q, k=k, v=v, a=a, y=None, L=None)
         a_drop = self.attn_dropout(a)                                  # (B, NH, T, T)
         return a_drop @ v                                              # (B, NH, T, hs)
 
@@ -72,20 +97,35 @@ class CausalSelfAttention(Module):
         B, T, C = x.shape
         qkv = self.c_attn(x)                                           # (B, T, 3C)
         q, k, v = self.split_heads(qkv)                                # (B, NH, T, hs) each
-        y = self.attend(q, k, v)                                       # (B, NH, T, hs)
-        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)                   # re-assemble heads (B, T, C)
+        if self.fused(T):
+            y = np.empty((B, T, C), dtype=qkv.dtype)                   # heads written straight in place
+            _, L = kernels.flash_attention_forward(q, k, v, 1.0 / math.sqrt(self.hs),
+                                                   out=self.heads_view(y))
+            self.save_for_backward(q=q, k=k, v=v, a=None, y=y, L=L)    # y is c_proj's input: no copy
+        else:
+            y = self.attend(q, k, v)                                   # (B, NH, T, hs)
+            y = y.transpose(0, 2, 1, 3).reshape(B, T, C)               # re-assemble heads (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def heads_view(self, y):
+        """(B, T, C) -> its (B, NH, T, hs) view (no copy)."""
+        B, T, _ = y.shape
+        return y.reshape(B, T, self.NH, self.hs).transpose(0, 2, 1, 3)
 
     def backward(self, dout):
         B, T, C = dout.shape
         q, k, v, a = self.saved("q", "k", "v", "a")
-        a_drop = self.attn_dropout.replay(a)                           # dropout(a) with the forward's mask
         scale = 1.0 / math.sqrt(self.hs)
         # out = dropout(y @ w_proj + b_proj)
         dy = self.c_proj.backward(self.resid_dropout.backward(dout))   # (B, T, C)
         dy = dy.reshape(B, T, self.NH, self.hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
         dqkv = np.empty((B, T, 3, self.NH, self.hs), dtype=dout.dtype)
         dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # views (B, NH, T, hs)
+        if a is None:                                                  # the forward ran the fused kernel
+            y, L = self.saved("y", "L")
+            kernels.flash_attention_backward(q, k, v, self.heads_view(y), L, dy, scale, dq, dk, dv)
+            return self.c_attn.backward(dqkv.reshape(B, T, 3 * C))
+        a_drop = self.attn_dropout.replay(a)                           # dropout(a) with the forward's mask
         # y = a_drop @ v  =>  da_drop = dy v^T,  dv = a_drop^T dy
         da = dy @ v.transpose(0, 1, 3, 2)                              # (B, NH, T, T)
         np.matmul(a_drop.transpose(0, 1, 3, 2), dy, out=dv)
@@ -109,6 +149,10 @@ class CausalSelfAttention(Module):
         q, k, v = self.split_heads(self.c_attn(x))                     # (B, NH, T, hs) each
         keys, values, mask = layer_cache.store(k, v)                   # (B, NH, Tk, hs); mask (B, 1, T, Tk) | None
         scale = 1.0 / math.sqrt(self.hs)
+        if mask is None and keys.shape[2] == T and self.fused(T):      # a prompt into an empty cache
+            y = np.empty((B, T, C), dtype=q.dtype)
+            kernels.flash_attention_forward(q, k, v, scale, out=self.heads_view(y))
+            return self.c_proj(y)
         s = q @ keys.transpose(0, 1, 3, 2)                             # (B, NH, T, Tk)
         if mask is not None:
             s += mask                                                  # -inf on keys a ragged row must not see

@@ -1,0 +1,180 @@
+"""Fused causal attention for training (FlashAttention-2's tiling, written for a CPU). It mirrors
+npgpt/layers/attention.py (CausalSelfAttention.attend and the attention part of its backward):
+
+    s  = q @ k^T                                   (B, NH, T, T)
+    a  = softmax(scale * s), key j masked out for query i when j > i
+    y  = a @ v                                     (B, NH, T, hs)
+    # backward, from dy:
+    da = dy @ v^T;  dv = a^T @ dy
+    ds = scale * a * (da - rowsum(da * a))
+    dq = ds @ k;    dk = ds^T @ q
+
+without ever holding the (B, NH, T, T) scores or probabilities. Per (batch row, head), in
+parallel over B * NH (prange), the queries are cut into blocks of `block` rows and the keys into
+blocks of `block` columns; a (block x block) tile of scores lives only while it is used:
+
+  forward   for each query block: for each key block left of (or on) the diagonal (blocks above
+            it are skipped, every key there is masked):
+                S = (scale q_i) k_j^T; online softmax: m_new = max(m, rowmax S), P = exp(S - m_new),
+                l = l * exp(m - m_new) + rowsum P,  acc = acc * exp(m - m_new) + P v_j
+            y_i = acc / l; keep only L = m + log(l) per query row (the row's logsumexp).
+  backward  D = rowsum(dy * y) (= rowsum(da * a), since da * a summed over j is dy . (a v));
+            for each key block j: for each query block i on or below the diagonal:
+                P = exp((scale q_i) k_j^T - L_i)     (recomputed, exactly the forward's a)
+                dv_j += P^T dy_i;  dP = dy_i v_j^T;  dS = P * (dP - D_i)
+                dq_i += scale dS k_j;  dk_j += dS^T (scale q_i)
+
+The products of tiles go through np.dot on contiguous tile slices (BLAS: a 64 x 64 x 64 product
+is one small, single-threaded GEMM; Numba takes it from SciPy, so the kernel needs SciPy installed:
+without it CausalSelfAttention keeps the readable path); the softmax parts are loops over the tile. Sums are kept in
+the input dtype (float32 or float64), as the reference does.
+
+Dropout on the probabilities is not implemented here: CausalSelfAttention uses this kernel only
+when attention dropout is inactive (p = 0 or eval mode) and takes the readable path otherwise.
+"""
+import numpy as np
+from numba import prange
+
+from ._jit import pjit
+
+BLOCK = 64                          # query and key block size (rows of a tile)
+
+
+@pjit(reductions=True)
+def _forward(q, k, v, scale, block, y, L):
+    """q, k, v, y (B, NH, T, hs) any strides; L (B, NH, T) logsumexp of scale * s per query row."""
+    B, NH, T, hs = q.shape
+    dt = q.dtype
+    for bh in prange(B * NH):
+        b, h = bh // NH, bh % NH
+        Q = np.empty((T, hs), dt)                  # this head's q * scale, k, v, contiguous
+        K = np.empty((T, hs), dt)
+        V = np.empty((T, hs), dt)
+        for t in range(T):
+            for d in range(hs):
+                Q[t, d] = q[b, h, t, d] * scale
+                K[t, d] = k[b, h, t, d]
+                V[t, d] = v[b, h, t, d]
+        m = np.empty(block, dt)                    # running row max of scale * s
+        l = np.empty(block, dt)                    # running row sum of exp(scale * s - m)
+        for i0 in range(0, T, block):
+            i1 = min(i0 + block, T)
+            nr = i1 - i0
+            Qi = Q[i0:i1]
+            acc = np.zeros((nr, hs), dt)           # unnormalised y rows
+            for r in range(nr):
+                m[r] = -np.inf
+                l[r] = 0.0
+            for j0 in range(0, i1, block):         # key blocks above the diagonal are skipped
+                j1 = min(j0 + block, i1)
+                nc = j1 - j0
+                S = np.dot(Qi, K[j0:j1].T)         # (nr, nc) scores, already scaled
+                for r in range(nr):
+                    last = min(nc, i0 + r - j0 + 1)    # keys j0 .. j0 + last - 1 are visible
+                    mx = m[r]
+                    for c in range(last):
+                        if S[r, c] > mx:
+                            mx = S[r, c]
+                    alpha = np.exp(m[r] - mx)      # 0 on the first block (m = -inf)
+                    rs = 0.0
+                    for c in range(last):
+                        p = np.exp(S[r, c] - mx)
+                        S[r, c] = p
+                        rs += p
+                    for c in range(last, nc):
+                        S[r, c] = 0.0
+                    l[r] = l[r] * alpha + rs
+                    m[r] = mx
+                    for d in range(hs):
+                        acc[r, d] *= alpha
+                acc += np.dot(S, V[j0:j1])
+            for r in range(nr):
+                inv = 1.0 / l[r]
+                for d in range(hs):
+                    y[b, h, i0 + r, d] = acc[r, d] * inv
+                L[b, h, i0 + r] = m[r] + np.log(l[r])
+
+
+@pjit(reductions=True)
+def _backward(q, k, v, y, L, dy, scale, block, dq, dk, dv):
+    """Writes dq, dk, dv (B, NH, T, hs) (any strides) from dy and the forward's y and L."""
+    B, NH, T, hs = q.shape
+    dt = q.dtype
+    for bh in prange(B * NH):
+        b, h = bh // NH, bh % NH
+        Q = np.empty((T, hs), dt)                  # q * scale
+        K = np.empty((T, hs), dt)
+        V = np.empty((T, hs), dt)
+        dO = np.empty((T, hs), dt)
+        D = np.empty(T, dt)                        # rowsum(dy * y) = rowsum(da * a)
+        for t in range(T):
+            acc = 0.0
+            for d in range(hs):
+                Q[t, d] = q[b, h, t, d] * scale
+                K[t, d] = k[b, h, t, d]
+                V[t, d] = v[b, h, t, d]
+                g = dy[b, h, t, d]
+                dO[t, d] = g
+                acc += g * y[b, h, t, d]
+            D[t] = acc
+        dQ = np.zeros((T, hs), dt)                 # without the factor scale (applied when written)
+        dK = np.zeros((T, hs), dt)
+        dV = np.zeros((T, hs), dt)
+        for j0 in range(0, T, block):
+            j1 = min(j0 + block, T)
+            nc = j1 - j0
+            Kj = K[j0:j1]
+            Vj = V[j0:j1]
+            for i0 in range(j0, T, block):         # query blocks on or below the diagonal
+                i1 = min(i0 + block, T)
+                nr = i1 - i0
+                P = np.dot(Q[i0:i1], Kj.T)         # (nr, nc) scaled scores -> probabilities
+                for r in range(nr):
+                    last = min(nc, i0 + r - j0 + 1)
+                    Li = L[b, h, i0 + r]
+                    for c in range(last):
+                        P[r, c] = np.exp(P[r, c] - Li)
+                    for c in range(last, nc):
+                        P[r, c] = 0.0
+                dOi = dO[i0:i1]
+                dV[j0:j1] += np.dot(P.T, dOi)
+                dS = np.dot(dOi, Vj.T)             # dP, then dS = P * (dP - D) in place
+                for r in range(nr):
+                    Di = D[i0 + r]
+                    for c in range(nc):
+                        dS[r, c] = P[r, c] * (dS[r, c] - Di)
+                dQ[i0:i1] += np.dot(dS, Kj)
+                dK[j0:j1] += np.dot(dS.T, Q[i0:i1])    # = scale * ds^T q
+        for t in range(T):
+            for d in range(hs):
+                dq[b, h, t, d] = dQ[t, d] * scale
+                dk[b, h, t, d] = dK[t, d]
+                dv[b, h, t, d] = dV[t, d]
+
+
+def _work(q):
+    B, NH, T, hs = q.shape
+    return B * NH * T * (T + 1) // 2 * hs // 64    # ~ elements of the causal score triangle (hs = 64)
+
+
+def flash_attention_forward(q, k, v, scale, out=None, block=BLOCK):
+    """y = causal softmax(scale * q k^T) v for q, k, v (B, NH, T, hs) (views of any strides, one dtype).
+
+    Writes y into `out` (B, NH, T, hs) when given (e.g. a transposed view of the (B, T, C) buffer the
+    heads are re-assembled in), else a new array. Returns (y, L) with L (B, NH, T) the logsumexp of
+    each query row's scaled scores, all that flash_attention_backward needs besides q, k, v, y."""
+    B, NH, T, hs = q.shape
+    y = np.empty(q.shape, q.dtype) if out is None else out
+    L = np.empty((B, NH, T), q.dtype)
+    _forward(_work(q), q, k, v, scale, int(block), y, L)
+    return y, L
+
+
+def flash_attention_backward(q, k, v, y, L, dy, scale, dq=None, dk=None, dv=None, block=BLOCK):
+    """(dq, dk, dv) of the forward above from dy (B, NH, T, hs); written into dq, dk, dv when given
+    (e.g. views of the (B, T, 3, NH, hs) gradient of the fused qkv projection), else new arrays."""
+    dq = np.empty(q.shape, q.dtype) if dq is None else dq
+    dk = np.empty(q.shape, q.dtype) if dk is None else dk
+    dv = np.empty(q.shape, q.dtype) if dv is None else dv
+    _backward(2 * _work(q), q, k, v, y, L, dy, scale, int(block), dq, dk, dv)
+    return dq, dk, dv

@@ -1,0 +1,176 @@
+"""The fused causal attention kernel (npgpt/kernels/flash_attention.py) against the readable
+attention path it mirrors: the forward output, dq, dk, dv, and through CausalSelfAttention the
+layer's output, dx and the c_attn / c_proj gradients. Odd T (a partial last block), several block
+sizes, (B, NH, hs) shapes, float64 (tight) and float32, serial and parallel builds."""
+import math
+
+import numpy as np
+import pytest
+
+from npgpt import kernels
+from npgpt.layers import CausalSelfAttention
+from npgpt.layers import attention as attention_mod
+from npgpt.layers.attention import causal_softmax_backward_numpy, causal_softmax_numpy
+
+pytest.importorskip("numba")
+pytest.importorskip("scipy")          # Numba's np.dot (the kernel's tile products) runs on SciPy's BLAS
+from npgpt.kernels import _jit  # noqa: E402
+
+
+@pytest.fixture(autouse=True, params=["serial", "parallel"])
+def threading(request, monkeypatch):
+    monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 1 << 62 if request.param == "serial" else 0)
+    return request.param
+
+
+DTYPES = [np.float64, np.float32]
+# float64: both paths do the same sums in another order; float32: the kernel's tiles add in
+# another order than BLAS over whole rows, and the online softmax rescales partial sums.
+RTOL = {np.float64: 1e-12, np.float32: 1e-5}
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+
+
+def reference(q, k, v, dy, scale):
+    """The readable path's attention core and its backward, in NumPy."""
+    s = q @ k.transpose(0, 1, 3, 2)
+    a = causal_softmax_numpy(s, scale)
+    y = a @ v
+    da = dy @ v.transpose(0, 1, 3, 2)
+    dv = a.transpose(0, 1, 3, 2) @ dy
+    ds = causal_softmax_backward_numpy(da, a, scale)
+    return y, ds @ k, ds.transpose(0, 1, 3, 2) @ q, dv
+
+
+def head_views(buf, NH, hs):
+    """(B, T, n*NH*hs) buffer -> n (B, NH, T, hs) strided views, as the layer hands them over."""
+    B, T, W = buf.shape
+    n = W // (NH * hs)
+    b = buf.reshape(B, T, n, NH, hs)
+    return [b[:, :, i].transpose(0, 2, 1, 3) for i in range(n)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,NH,T,hs,block", [
+    (1, 1, 1, 8, 64), (2, 3, 7, 16, 64), (1, 2, 67, 64, 32), (2, 2, 67, 64, 64),
+    (1, 4, 130, 12, 32), (1, 1, 64, 64, 64), (2, 1, 33, 5, 16)])
+def test_kernel_matches_reference(dtype, B, NH, T, hs, block):
+    rng = np.random.default_rng(T * 7 + hs)
+    qkv = (2 * rng.standard_normal((B, T, 3 * NH * hs))).astype(dtype)
+    q, k, v = head_views(qkv, NH, hs)
+    dy_buf = rng.standard_normal((B, T, NH * hs)).astype(dtype)
+    (dy,) = head_views(dy_buf, NH, hs)
+    scale = 1.0 / math.sqrt(hs)
+    y_ref, dq_ref, dk_ref, dv_ref = reference(*(np.asarray(x, np.float64) for x in (q, k, v, dy)), scale)
+
+    y_buf = np.full((B, T, NH * hs), np.nan, dtype)
+    (y,) = head_views(y_buf, NH, hs)
+    _, L = kernels.flash_attention_forward(q, k, v, scale, out=y, block=block)
+    assert L.shape == (B, NH, T) and L.dtype == dtype and y_buf.dtype == dtype
+    assert rel_err(y_buf, y_ref.transpose(0, 2, 1, 3).reshape(B, T, -1)) <= RTOL[dtype]
+    s = np.asarray(q, np.float64) @ np.asarray(k, np.float64).transpose(0, 1, 3, 2) * scale
+    s[..., np.triu(np.ones((T, T), bool), 1)] = -np.inf
+    L_ref = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
+    assert rel_err(L, L_ref) <= RTOL[dtype] * 10
+
+    dqkv = np.full((B, T, 3 * NH * hs), np.nan, dtype)
+    dq, dk, dv = head_views(dqkv, NH, hs)
+    kernels.flash_attention_backward(q, k, v, y, L, dy, scale, dq, dk, dv, block=block)
+    for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
+        assert rel_err(got, want) <= RTOL[dtype]
+
+
+def test_kernel_new_arrays():
+    """Without out= arrays the kernel allocates contiguous outputs (same values)."""
+    rng = np.random.default_rng(0)
+    q, k, v, dy = (rng.standard_normal((1, 2, 9, 4)) for _ in range(4))
+    y, L = kernels.flash_attention_forward(q, k, v, 0.5)
+    y_ref, dq_ref, dk_ref, dv_ref = reference(q, k, v, dy, 0.5)
+    assert rel_err(y, y_ref) <= 1e-12
+    for got, want in zip(kernels.flash_attention_backward(q, k, v, y, L, dy, 0.5), (dq_ref, dk_ref, dv_ref)):
+        assert rel_err(got, want) <= 1e-12
+
+
+def layer_run(dtype, B, T, C, NH, fused, seed=0):
+    """Output, dx and the parameter gradients of one CausalSelfAttention forward + backward."""
+    rng = np.random.default_rng(seed)
+    layer = CausalSelfAttention(C, NH, dtype=dtype, rng=np.random.default_rng(1))
+    layer.c_attn.weight.data[...] = rng.standard_normal(layer.c_attn.weight.data.shape) * 0.3
+    layer.c_attn.bias.data[...] = rng.standard_normal(3 * C) * 0.1
+    x = rng.standard_normal((B, T, C)).astype(dtype)
+    dout = rng.standard_normal((B, T, C)).astype(dtype)
+    layer.flash_min_T = 0 if fused else 1 << 30
+    with kernels.use_backend("numba" if fused else "numpy"):
+        assert layer.fused(T) == fused
+        layer.zero_grad()
+        out = layer.forward(x)
+        assert (layer.a is None) == fused
+        dx = layer.backward(dout)
+    grads = {n: g.copy() for n, g in layer.named_grads()}
+    return out, dx, grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,C,NH", [(1, 1, 8, 2), (2, 7, 12, 3), (1, 67, 128, 2), (2, 130, 48, 4)])
+def test_layer_fused_matches_readable(dtype, B, T, C, NH):
+    out_ref, dx_ref, g_ref = layer_run(dtype, B, T, C, NH, fused=False)
+    out, dx, g = layer_run(dtype, B, T, C, NH, fused=True)
+    assert out.dtype == dx.dtype == dtype
+    assert rel_err(out, out_ref) <= RTOL[dtype]
+    assert rel_err(dx, dx_ref) <= RTOL[dtype]
+    assert set(g) == set(g_ref) == {"c_attn.weight", "c_attn.bias", "c_proj.weight", "c_proj.bias"}
+    for name in g:
+        assert rel_err(g[name], g_ref[name]) <= RTOL[dtype], name
+
+
+def test_when_the_fused_kernel_runs(monkeypatch):
+    layer = CausalSelfAttention(8, 2, dtype=np.float64, rng=np.random.default_rng(0), dropout=0.1, seed=0)
+    monkeypatch.setattr(attention_mod, "FLASH_MIN_T", 16)
+    with kernels.use_backend("numba"):
+        assert not layer.fused(64)                     # attention dropout active: readable path
+        layer.eval()
+        assert layer.fused(64) and layer.fused(16) and not layer.fused(15)   # module threshold
+        layer.flash_min_T = 100                        # the layer's own threshold wins
+        assert not layer.fused(64) and layer.fused(100)
+    with kernels.use_backend("numpy"):
+        assert not layer.fused(4096)                   # NPGPT_KERNELS=numpy: always readable
+    layer.train()
+    layer.attn_dropout.p = 0.0
+    with kernels.use_backend("numba"):
+        assert layer.fused(100)                        # dropout p = 0 in training: fused
+
+
+def test_switching_paths_between_calls():
+    """One layer, fused then readable then fused: each backward uses its own forward's state."""
+    rng = np.random.default_rng(0)
+    layer = CausalSelfAttention(8, 2, dtype=np.float64, rng=rng)
+    x, dout = rng.standard_normal((2, 2, 9, 8))
+    dxs = []
+    for threshold in (0, 1 << 30, 0):
+        layer.flash_min_T = threshold
+        with kernels.use_backend("numba"):
+            layer.forward(x)
+            dxs.append(layer.backward(dout))
+    assert rel_err(dxs[0], dxs[1]) <= 1e-12 and np.array_equal(dxs[0], dxs[2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_uses_fused_kernel(dtype, monkeypatch):
+    """GPT.forward_cached on an empty cache (a prompt) matches the readable path."""
+    import npgpt
+    from npgpt.kvcache import KVCache
+    cfg = npgpt.GPTConfig(n_vocab=50, n_ctx=80, n_embd=16, n_head=2, n_layer=2)
+    model = npgpt.GPT(cfg, dtype=dtype, seed=0)
+    idx = np.random.default_rng(0).integers(0, 50, (2, 70))
+    outs = []
+    for threshold in (1 << 30, 0):
+        monkeypatch.setattr(attention_mod, "FLASH_MIN_T", threshold)
+        cache = KVCache.for_model(model, 2)
+        first = model.forward_cached(idx, cache, last_only=False)
+        nxt = model.forward_cached(idx[:, :1], cache)          # then one decode step (readable path)
+        outs.append((first, nxt))
+    for a, b in zip(outs[0], outs[1]):
+        assert rel_err(b, a) <= RTOL[dtype] * 10
