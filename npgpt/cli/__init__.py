@@ -64,6 +64,8 @@ def _main_mpi(args) -> int:
               f"{type(e).__name__}: {one_line(e)}", file=sys.stderr, flush=True)
         code = 1
     if dist.world_size > 1:
+        sys.stdout.flush()
+        time.sleep(1.0)                  # let the launcher forward the line before Abort tears the job down
         dist.abort(code)
     return code
 
