@@ -89,7 +89,7 @@ def test_batches_shuffle_drop_last_and_resume():
     b.next()
     state = json.loads(json.dumps(b.state_dict()))                           # as a checkpoint stores it
     rest = [b.next() for _ in range(5)]
-    c = InstructBatches(seqs, [1] * 10, batch_size=3, seed=99)
+    c = InstructBatches(seqs, [1] * 10, batch_size=3, seed=1)
     c.load_state_dict(state)
     for (x1, y1), (x2, y2) in zip(rest, (c.next() for _ in range(5))):
         np.testing.assert_array_equal(x1, x2)

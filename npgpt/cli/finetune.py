@@ -64,13 +64,13 @@ def _check(args):
 
 
 def run(args) -> int:
-    import numpy as np
 
     from ..classifier import Classifier
     from ..optim import AdamW
     from ..tokenizer import get_tokenizer
-    from ..train.classify import ClassBatches, balance_and_split, classify_evaluator, classify_loss, count_rows, \
+    from ..train.classify import ClassRows, balance_and_split, classify_evaluator, classify_loss, count_rows, \
         read_table
+    from ..train.data import BatchStream
     from ..train.loop import LoopConfig, fit
     from ..train.run import write_json
     from .. import distributed
@@ -116,13 +116,13 @@ def run(args) -> int:
         return [ids[i] for i in ix], [y[i] for i in ix]
     splits = {"train": rows(train_ix), "val": rows(val_ix), "test": rows(test_ix)}
     try:
-        batches = ClassBatches(*splits["train"], args.batch, max_length, seed=args.seed)
+        batches = BatchStream(ClassRows(*splits["train"], max_length), args.batch, seed=args.seed)
     except ValueError as e:
         raise CLIError(str(e)) from None
     bpe = batches.batches_per_epoch
     epoch_rows = []
     evaluate = classify_evaluator(splits, max(args.batch, 16), max_length, rows=epoch_rows,
-                                  epoch_of=lambda: batches.epoch + (batches.pos == bpe))
+                                  epoch_of=lambda: batches.epoch + (batches.position == bpe))
     loop = LoopConfig(steps=args.epochs * bpe, lr=args.lr, min_lr=args.lr, eval_every=bpe, save_every=0)
     opt = AdamW(model, lr=args.lr, weight_decay=args.weight_decay)
     trainable = sum(p.data.size for p in model.parameters() if p.requires_grad)

@@ -4,7 +4,6 @@ accuracy."""
 from __future__ import annotations
 
 import csv
-import os
 
 import numpy as np
 
@@ -79,34 +78,19 @@ def pad_batch(seqs, max_length=None, pad_id: int = PAD_ID):
     return ids, np.array([len(s) for s in seqs], dtype=np.int64)
 
 
-class ClassBatches:
-    """Shuffled (seeded) batches of (ids, lengths, labels) over the training rows, dropping a last
-    partial batch, reshuffled each epoch; next(), state_dict() and load_state_dict() as fit needs."""
+class ClassRows:
+    """The training rows as BatchStream reads them: get(rows) -> (ids, lengths, labels), padded."""
+    what = "rows"
 
-    def __init__(self, tokens, labels, batch_size: int, max_length=None, seed: int = 0):
-        self.tokens, self.labels = tokens, np.asarray(labels, dtype=np.int64)
-        self.batch_size, self.max_length = batch_size, max_length
-        self.batches_per_epoch = len(tokens) // batch_size
-        if self.batches_per_epoch < 1:
-            raise ValueError(f"{len(tokens)} training rows make no batch of {batch_size}")
-        self.rng = np.random.default_rng(seed)
-        self.epoch, self.pos, self.order = 0, 0, self.rng.permutation(len(tokens))
+    def __init__(self, tokens, labels, max_length=None):
+        self.tokens, self.labels, self.max_length = tokens, np.asarray(labels, dtype=np.int64), max_length
 
-    def next(self):
-        if self.pos == self.batches_per_epoch:
-            self.epoch, self.pos, self.order = self.epoch + 1, 0, self.rng.permutation(len(self.tokens))
-        rows = self.order[self.pos * self.batch_size:(self.pos + 1) * self.batch_size]
-        self.pos += 1
+    def __len__(self):
+        return len(self.tokens)
+
+    def get(self, rows):
         ids, lengths = pad_batch([self.tokens[i] for i in rows], self.max_length)
         return ids, lengths, self.labels[rows]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "order": self.order.tolist(),
-                "rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, d: dict):
-        self.epoch, self.pos, self.order = d["epoch"], d["pos"], np.asarray(d["order"])
-        self.rng.bit_generator.state = d["rng"]
 
 
 def classify_loss(model, batch, normalizer: int) -> float:

@@ -107,18 +107,24 @@ class Windows:
 class BatchStream:
     """Training batches from ``windows``, one ``next()`` after another across epochs.
 
+    ``windows`` is anything with ``len()`` and ``get(index) -> batch`` (index: an int array of rows):
+    pretraining's token ``Windows``, and fine-tuning's padded rows (npgpt.train.classify.ClassRows,
+    npgpt.train.instruct.InstructRows), so every training stream shuffles and resumes the same way.
+
     Each epoch visits ``batches_per_epoch = len(windows) // batch_size`` batches (the
     last partial batch is dropped). With ``shuffle`` the window order of epoch ``e`` is
     ``np.random.default_rng([seed, e]).permutation(len(windows))``, a pure function of
     (seed, e), so the position (epoch, batch within epoch) is all a resume needs.
     ``epoch`` is the epoch of the batch returned last (0 before the first)."""
 
-    def __init__(self, windows: Windows, batch_size: int, shuffle: bool = True, seed: int = 0):
+    def __init__(self, windows, batch_size: int, shuffle: bool = True, seed: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if len(windows) < batch_size:
-            raise ValueError(f"the training split has {len(windows)} windows, fewer than one batch "
-                             f"of batch_size={batch_size}; lower the batch size, context or stride")
+            what = getattr(windows, "what", "windows")
+            raise ValueError(f"the training split has {len(windows)} {what}, fewer than one batch "
+                             f"of batch_size={batch_size}" + ("; lower the batch size, context or stride"
+                                                               if what == "windows" else ""))
         self.windows, self.batch_size, self.shuffle, self.seed = windows, batch_size, shuffle, seed
         self.batches_per_epoch = len(windows) // batch_size
         self.epoch = 0
@@ -134,8 +140,9 @@ class BatchStream:
             self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
         return self._order[1]
 
-    def next(self) -> tuple[np.ndarray, np.ndarray]:
-        """The next batch: inputs x and targets y, int64 (batch_size, context)."""
+    def next(self) -> tuple:
+        """The next batch: windows.get of the next batch_size rows (for Windows: inputs x and targets y,
+        int64 (batch_size, context))."""
         if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
         b = self.batch_size

@@ -122,36 +122,27 @@ def collate(seqs, prompt_lens=None, max_length: int | None = None, end_id: int =
     return x, y
 
 
-class InstructBatches:
-    """Shuffled (seeded) batches of (inputs, targets) over the training entries, reshuffled each epoch;
-    the last partial batch of an epoch is dropped (as the book's training loader does), so every
-    update has batch_size rows. next(), state_dict() and load_state_dict() as fit needs."""
+class InstructRows:
+    """The training entries as BatchStream reads them: get(rows) -> (inputs, targets), padded and masked."""
+    what = "entries"
 
-    def __init__(self, seqs, prompt_lens, batch_size: int, max_length=None, mask_prompt: bool = False,
-                 seed: int = 0):
+    def __init__(self, seqs, prompt_lens, max_length=None, mask_prompt: bool = False):
         self.seqs, self.prompt_lens = list(seqs), list(prompt_lens)
-        self.batch_size, self.max_length, self.mask_prompt = batch_size, max_length, mask_prompt
-        self.batches_per_epoch = len(self.seqs) // batch_size
-        if self.batches_per_epoch < 1:
-            raise ValueError(f"{len(self.seqs)} training entries make no batch of {batch_size}")
-        self.rng = np.random.default_rng(seed)
-        self.epoch, self.pos, self.order = 0, 0, self.rng.permutation(len(self.seqs))
+        self.max_length, self.mask_prompt = max_length, mask_prompt
 
-    def next(self):
-        if self.pos == self.batches_per_epoch:
-            self.epoch, self.pos, self.order = self.epoch + 1, 0, self.rng.permutation(len(self.seqs))
-        rows = self.order[self.pos * self.batch_size:(self.pos + 1) * self.batch_size]
-        self.pos += 1
+    def __len__(self):
+        return len(self.seqs)
+
+    def get(self, rows):
         return collate([self.seqs[i] for i in rows],
                        [self.prompt_lens[i] for i in rows] if self.mask_prompt else None, self.max_length)
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "order": self.order.tolist(),
-                "rng": self.rng.bit_generator.state}
 
-    def load_state_dict(self, d: dict):
-        self.epoch, self.pos, self.order = d["epoch"], d["pos"], np.asarray(d["order"])
-        self.rng.bit_generator.state = d["rng"]
+def InstructBatches(seqs, prompt_lens, batch_size: int, max_length=None, mask_prompt: bool = False, seed: int = 0):
+    """Shuffled (seeded) batches of (inputs, targets), reshuffled each epoch; the last partial batch of an
+    epoch is dropped (as the book's training loader does), so every update has batch_size rows."""
+    from .data import BatchStream
+    return BatchStream(InstructRows(seqs, prompt_lens, max_length, mask_prompt), batch_size, seed=seed)
 
 
 def eval_batches(seqs, prompt_lens, batch_size: int, n_batches: int = 0, max_length=None,
