@@ -21,6 +21,7 @@ import os
 import sys
 
 from . import CLIError
+from .generate import add_sampling_args
 
 STOP = "\n\n### "
 
@@ -32,16 +33,7 @@ def add_parser(subparsers):
                     "wrapped in the training prompt format and its answer is streamed. Reads a terminal "
                     "interactively, or one question per line of piped stdin, until EOF.")
     p.add_argument("--model", required=True, help="an instruction fine-tuning run directory, or any checkpoint")
-    p.add_argument("--weights", choices=["fp32", "bf16", "int8"], default=None,
-                   help="pack the weights for faster decoding (as in npgpt generate)")
-    p.add_argument("-n", "--max-new-tokens", dest="n", type=int, default=256,
-                   help="longest answer, in tokens (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
-    p.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 = off (default 40)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 = off (default 0.95)")
-    p.add_argument("--seed", type=int, default=None, help="random seed of each answer's sampling (default: random)")
-    p.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
-                   help="CTRL repetition penalty, e.g. 1.2 (default off)")
+    add_sampling_args(p, n=256, temperature=0.0)                # as npgpt generate, greedy by default
     p.set_defaults(func=run, stop=[])
     return p
 

@@ -46,8 +46,9 @@ def add_parser(sub):
     return p
 
 
-def _check(args):
-    for k, lo in (("epochs", 1), ("batch", 1), ("max_length", 1), ("limit", 1), ("seed", 0)):
+def _check_common(args, more_ints=()):
+    """The flags both tasks share: integer lower bounds, a finite non-negative lr and weight decay, --data."""
+    for k, lo in (("epochs", 1), ("batch", 1), ("max_length", 1), ("limit", 1), ("seed", 0), *more_ints):
         v = getattr(args, k)
         if v is not None and v < lo:
             raise CLIError(f"--{k.replace('_', '-')} must be >= {lo}, got {v}")
@@ -55,16 +56,19 @@ def _check(args):
         v = getattr(args, k)
         if not (math.isfinite(v) and v >= 0):
             raise CLIError(f"--{k.replace('_', '-')} must be a finite number >= 0, got {v}")
-    if args.trainable_blocks != "all" and not (args.trainable_blocks.isdigit()):
-        raise CLIError(f"--trainable-blocks must be a number >= 0 or all, got {args.trainable_blocks!r}")
     if not os.path.isfile(args.data):
         raise CLIError(f"--data {args.data}: no such file")
+
+
+def _check(args):
+    _check_common(args)
+    if args.trainable_blocks != "all" and not (args.trainable_blocks.isdigit()):
+        raise CLIError(f"--trainable-blocks must be a number >= 0 or all, got {args.trainable_blocks!r}")
     if os.path.exists(os.path.join(args.out, "metrics.json")):
         raise CLIError(f"--out {args.out} already holds a fine-tuning run; choose another --out")
 
 
 def run(args) -> int:
-
     from ..classifier import Classifier
     from ..optim import AdamW
     from ..tokenizer import get_tokenizer
@@ -177,17 +181,7 @@ def _add_instruct(tasks):
 
 
 def _check_instruct(args):
-    for k, lo in (("epochs", 1), ("batch", 1), ("max_length", 1), ("limit", 1), ("seed", 0), ("eval_every", 0),
-                  ("eval_batches", 0), ("max_new_tokens", 0)):
-        v = getattr(args, k)
-        if v is not None and v < lo:
-            raise CLIError(f"--{k.replace('_', '-')} must be >= {lo}, got {v}")
-    for k in ("lr", "weight_decay"):
-        v = getattr(args, k)
-        if not (math.isfinite(v) and v >= 0):
-            raise CLIError(f"--{k.replace('_', '-')} must be a finite number >= 0, got {v}")
-    if not os.path.isfile(args.data):
-        raise CLIError(f"--data {args.data}: no such file")
+    _check_common(args, (("eval_every", 0), ("eval_batches", 0), ("max_new_tokens", 0)))
     for name in ("metrics.json", "test-responses.json", "checkpoint"):
         if os.path.lexists(os.path.join(args.out, name)):
             raise CLIError(f"--out {args.out} already holds a run ({name}); choose another --out")

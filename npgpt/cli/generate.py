@@ -32,22 +32,28 @@ def add_parser(subparsers):
                    help="the prompt text (default: read stdin; one trailing newline is dropped)")
     p.add_argument("--model", default="gpt2",
                    help="a model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a checkpoint path (default gpt2)")
-    p.add_argument("--weights", choices=["fp32", "bf16", "int8"], default=None,
-                   help="pack the weights for faster decoding: bf16 (2 bytes a weight) or int8 (1 byte, per-channel "
-                        "scales); default: as the checkpoint stores them (fp32, or a quantized checkpoint's own)")
-    p.add_argument("-n", "--max-new-tokens", dest="n", type=int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 = off (default 40)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 = off (default 0.95)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling (default: random)")
-    p.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
-                   help="CTRL repetition penalty, e.g. 1.2 (default off)")
+    add_sampling_args(p, n=200, temperature=0.8)
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop at this string (not printed); repeatable; backslash escapes such as \\n work")
     p.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt before it")
     p.add_argument("--stats", action="store_true", help="print prompt and generation speed to stderr")
     p.set_defaults(func=run)
     return p
+
+
+def add_sampling_args(p, n: int, temperature: float):
+    """--weights, -n, --temperature, --top-k, --top-p, --seed, --repetition-penalty (generate and chat),
+    checked by _check_args."""
+    p.add_argument("--weights", choices=["fp32", "bf16", "int8"], default=None,
+                   help="pack the weights for faster decoding: bf16 (2 bytes a weight) or int8 (1 byte, per-channel "
+                        "scales); default: as the checkpoint stores them (fp32, or a quantized checkpoint's own)")
+    p.add_argument("-n", "--max-new-tokens", dest="n", type=int, default=n, help=f"tokens to generate (default {n})")
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature:g})")
+    p.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 = off (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 = off (default 0.95)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling (default: random)")
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                   help="CTRL repetition penalty, e.g. 1.2 (default off)")
 
 
 def _unescape(s: str) -> str:
