@@ -49,25 +49,81 @@ def _npgpt_model(cfg):
     return npgpt.GPT(npgpt.GPTConfig(**cfg), dtype=np.float32, seed=0)
 
 
-def npgpt_train(cfg, B, T, steps):
+def gemm_replay(cfg, B, T, dtype=None):
+    """A callable that runs every GEMM of one GPT-2 train step at (B, T), same shapes and layouts,
+    and nothing else (no activations, losses, kernels or optimizer): the step's GEMM-only time on
+    this machine and BLAS. Returns (run, flops)."""
+    import numpy as np
+    dtype = np.float32 if dtype is None else dtype
+    rng = np.random.default_rng(0)
+    C, V, NH, L = cfg["n_embd"], cfg["n_vocab"], cfg["n_head"], cfg["n_layer"]
+    N, hs = B * T, C // NH
+    linears = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)] * L
+    W = [rng.standard_normal(s, dtype=dtype) for s in linears]
+    dW = [np.empty_like(w) for w in W]
+    act = {n: rng.standard_normal((N, n), dtype=dtype) for n in (C, 3 * C, 4 * C)}
+    wte, dwte = rng.standard_normal((V, C), dtype=dtype), np.empty((V, C), dtype)
+    logits = np.empty((N, V), dtype)
+    q = rng.standard_normal((B, NH, T, hs), dtype=dtype)
+    att = rng.standard_normal((B, NH, T, T), dtype=dtype)
+
+    def run():
+        for w in W:                                     # forward of the linears
+            act[w.shape[0]] @ w
+        for _ in range(L):                              # attention: s = q k^T, y = a v
+            q @ q.transpose(0, 1, 3, 2)
+            att @ q
+        np.matmul(act[C], wte.T, out=logits)            # LM head
+        np.matmul(logits, wte)                          # its backward: dx and dwte
+        np.matmul(logits.T, act[C], out=dwte)
+        for w, dw in zip(W, dW):                        # backward of the linears: dW and dx
+            np.matmul(act[w.shape[0]].T, act[w.shape[1]], out=dw)
+            act[w.shape[1]] @ w.T
+        for _ in range(L):                              # backward of attention: da, dv, dq, dk
+            att @ q
+            att.transpose(0, 1, 3, 2) @ q
+            att @ q
+            att.transpose(0, 1, 3, 2) @ q
+    flops = 2 * N * sum(a * b for a, b in linears) * 3 + 2 * N * C * V * 3 + L * 6 * 2 * B * NH * T * T * hs
+    return run, flops
+
+
+def npgpt_train(cfg, B, T, steps, replay=True):
+    """The training loop's own step (npgpt.train.loop.train_step: forward, backward, gradient norm,
+    AdamW with the clipping folded in), timed after two warm-up steps (kernel compile or cache load,
+    then the allocator's first reuse of freed blocks); the peak RSS is taken then. With replay, the
+    GEMM-only replay of the same step (gemm_replay) is built afterwards and `steps` more steps run
+    alternating with it, so the two are compared under the same conditions (over_gemm)."""
     import numpy as np
 
     import npgpt
+    from npgpt.train.lm import count_targets, lm_loss
+    from npgpt.train.loop import train_step
     model = _npgpt_model(cfg)
     opt = npgpt.AdamW(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     rng = np.random.default_rng(0)
-    times = []
-    for s in range(steps + 1):                       # step 0 warms up (kernel compile/cache load)
+
+    def step():
         idx = rng.integers(0, cfg["n_vocab"], (B, T))
         t0 = time.perf_counter()
-        model.zero_grad()
-        logits = model.forward(idx)
-        loss, dlogits = npgpt.cross_entropy(logits, np.roll(idx, -1, axis=1), out=logits)
-        model.backward(dlogits)
-        npgpt.clip_grad_norm(model, 1.0)
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return {"seconds": _median(times[1:]), "all": times[1:], "loss": float(loss)}
+        loss, _ = train_step(model, opt, (idx, np.roll(idx, -1, axis=1)), 1e-4, loss_fn=lm_loss,
+                             count_fn=count_targets, clip=1.0)
+        return time.perf_counter() - t0, loss
+
+    times = [step()[0] for _ in range(steps + 2)][2:]
+    out = {"seconds": _median(times), "all": times, "peak_rss_mb": _peak_rss_mb()}
+    if replay:
+        run_gemms, flops = gemm_replay(cfg, B, T)
+        run_gemms()
+        paired, gemm_times = [], []
+        for _ in range(steps):
+            paired.append(step()[0])
+            t0 = time.perf_counter()
+            run_gemms()
+            gemm_times.append(time.perf_counter() - t0)
+        out.update(paired_seconds=_median(paired), gemm_seconds=_median(gemm_times), gemm_flops=flops,
+                   paired_all=paired, gemm_all=gemm_times, over_gemm=_median(paired) / _median(gemm_times))
+    return out
 
 
 def npgpt_train_loop(cfg, B, T, steps):
@@ -178,7 +234,7 @@ def torch_train(cfg, B, T, steps):
                             lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
     g = torch.Generator().manual_seed(0)
     times = []
-    for s in range(steps + 1):
+    for s in range(steps + 2):                       # two warm-up steps, as npgpt's
         idx = torch.randint(0, cfg["n_vocab"], (B, T), generator=g)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -188,7 +244,7 @@ def torch_train(cfg, B, T, steps):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         times.append(time.perf_counter() - t0)
-    return {"seconds": _median(times[1:]), "all": times[1:], "loss": float(loss)}
+    return {"seconds": _median(times[2:]), "all": times[2:], "loss": float(loss)}
 
 
 def torch_prefill(cfg, T, reps):
@@ -247,7 +303,7 @@ def _worker(argv):
                                                     o.get("decode_B", 1))}[
         (framework, workload)]
     result = fn()
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result.setdefault("peak_rss_mb", _peak_rss_mb())
     result["wall_s"] = time.perf_counter() - t_import
     if framework == "torch":
         import torch
@@ -345,6 +401,9 @@ def _print_row(w, row, o):
         if t:
             line += (f" | torch {t['seconds']:.3f} s  peak {t['peak_rss_mb'] / 1024:.2f} GB"
                      f" | time ratio npgpt/torch {n['seconds'] / t['seconds']:.2f}x")
+        if "gemm_seconds" in n:
+            line += (f" | step {n['paired_seconds']:.3f} s against its GEMMs alone {n['gemm_seconds']:.3f} s"
+                     f" ({n['gemm_flops'] / n['gemm_seconds'] / 1e9:.0f} GFLOP/s): {n['over_gemm']:.2f}x")
     else:
         line = f"{label:<44} npgpt {n['tokens_per_s']:.0f} tok/s"
         if t:

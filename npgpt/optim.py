@@ -8,15 +8,27 @@ import numpy as np
 from . import kernels
 
 
-def clip_grad_norm(model, max_norm: float) -> float:
-    """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before clipping.
-    Parameters with no gradient since zero_grad() (p.has_grad False) take no part."""
+def grad_norm(model) -> float:
+    """The global L2 norm of all gradients (parameters with no gradient since zero_grad() take no part)."""
     grads = [p.grad for p in model.parameters() if p.has_grad]
     if kernels.use_numba():
-        total = math.sqrt(sum(kernels.sum_of_squares(g) for g in grads))
-    else:
-        total = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
-    coef = max_norm / (total + 1e-6)
+        return math.sqrt(sum(kernels.sum_of_squares(g) for g in grads))
+    return math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
+
+
+def clip_coef(norm: float, max_norm: float) -> float:
+    """The factor clipping multiplies the gradients by: min(1, max_norm / (norm + 1e-6))."""
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before clipping.
+    Parameters with no gradient since zero_grad() (p.has_grad False) take no part.
+    (A training loop saves the pass that scales them: `norm = grad_norm(model)`, then
+    `optimizer.step(grad_scale=clip_coef(norm, max_norm))` applies the factor inside the update.)"""
+    grads = [p.grad for p in model.parameters() if p.has_grad]
+    total = grad_norm(model)
+    coef = clip_coef(total, max_norm)
     if coef < 1.0:
         for g in grads:
             if kernels.use_numba():
@@ -59,7 +71,10 @@ class AdamW:
         self.v = {name: np.zeros_like(p.data) for name, p in self.named}
         self.t = 0
 
-    def step(self, lr: float | None = None):
+    def step(self, lr: float | None = None, grad_scale: float = 1.0):
+        """One update. grad_scale multiplies every gradient as it is read (g <- grad_scale * g, rounded
+        to g's dtype as clip_grad_norm's in-place scaling would): gradient clipping without its own
+        pass over the gradients. The gradients themselves are left unchanged."""
         lr = self.lr if lr is None else lr
         self.t += 1
         b1, b2 = self.betas
@@ -69,9 +84,11 @@ class AdamW:
                 continue
             wd = self.weight_decay if self.decay[name] else 0.0
             if kernels.use_numba():
-                kernels.adamw_update(p.data, p.grad, self.m[name], self.v[name], lr, b1, b2, self.eps, wd, bc1, bc2)
+                kernels.adamw_update(p.data, p.grad, self.m[name], self.v[name], lr, b1, b2, self.eps, wd, bc1, bc2,
+                                     grad_scale)
             else:
-                adamw_update_numpy(p.data, p.grad, self.m[name], self.v[name], lr, b1, b2, self.eps, wd, bc1, bc2)
+                g = p.grad if grad_scale == 1.0 else p.grad * p.grad.dtype.type(grad_scale)
+                adamw_update_numpy(p.data, g, self.m[name], self.v[name], lr, b1, b2, self.eps, wd, bc1, bc2)
 
     def state_dict(self) -> dict:
         """A snapshot (copies) of the step count and both moments, keyed m/<name>, v/<name>."""

@@ -346,6 +346,29 @@ def test_clip_grad_norm(backend, randomize):
         np.testing.assert_allclose(g, grads[n] * (max_norm / (norm + 1e-6)), rtol=1e-12, atol=1e-18, err_msg=n)
 
 
+@pytest.mark.parametrize("max_norm_factor", [0.2, 5.0])
+def test_step_with_grad_scale_is_clip_then_step(backend, max_norm_factor):
+    """The training loop's fused clipping (grad_norm, then step(grad_scale=clip_coef)) gives bit for bit
+    the parameters of clip_grad_norm followed by step, and leaves the gradients as they were."""
+    from npgpt.optim import clip_coef, grad_norm
+    a, b = tiny(seed=3), tiny(seed=3)
+    opt_a, opt_b = AdamW(a, lr=1e-2), AdamW(b, lr=1e-2)
+    for step in range(3):
+        for model in (a, b):
+            model.zero_grad()
+            forward_backward(model, *batch(seed=step))
+        norm_a = clip_grad_norm(a, max_norm_factor)
+        opt_a.step()
+        grads = {n: g.copy() for n, g in b.named_grads()}
+        norm_b = grad_norm(b)
+        assert norm_b == norm_a
+        assert (clip_coef(norm_b, max_norm_factor) < 1) == (max_norm_factor < 1)   # both cases are exercised
+        opt_b.step(grad_scale=clip_coef(norm_b, max_norm_factor))
+        for n, g in b.named_grads():
+            assert np.array_equal(g, grads[n]), n
+        assert_params_equal(b, snapshot(a))
+
+
 def test_lr_schedule():
     max_lr, min_lr, warmup, max_steps = 6e-4, 6e-5, 10, 110
     lrs = [lr_schedule(s, max_lr, warmup, max_steps, min_lr) for s in range(130)]

@@ -1,6 +1,7 @@
 """Fused AdamW update and the squared-norm reduction used by gradient clipping.
 They mirror npgpt/optim.py:
 
+    g = c g                       (c: the clipping factor, 1 without clipping; g itself is not written)
     p *= 1 - lr * wd
     m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
     p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
@@ -17,12 +18,12 @@ from ._jit import pjit
 
 
 @pjit
-def _adamw(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2):
+def _adamw(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2, c):
     decay = 1.0 - lr * wd
     step = lr / bc1
     rbc2 = 1.0 / math.sqrt(bc2)
     for i in prange(p.size):
-        gi = g[i]
+        gi = g[i] * c                    # c has g's dtype: the product rounds as clipping's g *= c does
         mi = b1 * m[i] + (1.0 - b1) * gi
         vi = b2 * v[i] + (1.0 - b2) * gi * gi
         m[i] = mi
@@ -53,8 +54,9 @@ def flat(a, name):
     return a.reshape(-1)
 
 
-def adamw_update(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2):
-    _adamw(p.size, flat(p, "p"), flat(g, "g"), flat(m, "m"), flat(v, "v"), lr, b1, b2, eps, wd, bc1, bc2)
+def adamw_update(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2, grad_scale=1.0):
+    _adamw(p.size, flat(p, "p"), flat(g, "g"), flat(m, "m"), flat(v, "v"), lr, b1, b2, eps, wd, bc1, bc2,
+           g.dtype.type(grad_scale))
 
 
 def sum_of_squares(g):

@@ -4,12 +4,14 @@
     ds = scale * a * (da - sum_j da * a)
 
 Both work in place on the (B, NH, Tq, Tk) score array (prange over rows); only the unmasked
-prefix j <= i + (Tk - Tq) of each row is touched, the rest is set to 0.
+prefix j <= i + (Tk - Tq) of each row is touched, the rest is set to 0. The exp is the vectorised one of
+npgpt/kernels/_math.py.
 """
 import numpy as np
 from numba import prange
 
 from ._jit import pjit
+from ._math import exp
 
 
 @pjit(reductions=True)
@@ -19,14 +21,14 @@ def _forward(s, scale):                       # s (R, Tq, Tk), in place
     for r in prange(R * Tq):
         b, i = r // Tq, r % Tq
         last = i + off                        # keys 0..last are visible
-        mx = -np.inf
-        for j in range(last + 1):
+        mx = s[b, i, 0] * scale               # key 0 is always visible (scale has s's dtype)
+        for j in range(1, last + 1):
             v = s[b, i, j] * scale
             if v > mx:
                 mx = v
         total = 0.0
         for j in range(last + 1):
-            e = np.exp(s[b, i, j] * scale - mx)
+            e = exp(s[b, i, j] * scale - mx)
             s[b, i, j] = e
             total += e
         inv = 1.0 / total
@@ -55,7 +57,7 @@ def _backward(da, a, scale):                  # da, a (R, Tq, Tk); da becomes ds
 def causal_softmax_forward(s, scale):
     """In place over s (..., Tq, Tk) when it is contiguous; returns the probabilities."""
     s = np.ascontiguousarray(s)
-    _forward(s.size, s.reshape(-1, s.shape[-2], s.shape[-1]), scale)
+    _forward(s.size, s.reshape(-1, s.shape[-2], s.shape[-1]), s.dtype.type(scale))
     return s
 
 

@@ -27,7 +27,8 @@ blocks of `block` columns; a (block x block) tile of scores lives only while it 
 The products of tiles go through np.dot on contiguous tile slices (BLAS: a 64 x 64 x 64 product
 is one small, single-threaded GEMM; Numba takes it from SciPy, so the kernel needs SciPy installed:
 without it CausalSelfAttention keeps the readable path); the softmax parts are loops over the tile. Sums are kept in
-the input dtype (float32 or float64), as the reference does.
+the input dtype (float32 or float64), as the reference does; exp is the vectorised one of
+npgpt/kernels/_math.py.
 
 Dropout on the probabilities is not implemented here: CausalSelfAttention uses this kernel only
 when attention dropout is inactive (p = 0 or eval mode) and takes the readable path otherwise.
@@ -36,6 +37,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import pjit
+from ._math import exp
 
 BLOCK = 64                          # query and key block size (rows of a tile)
 
@@ -75,10 +77,10 @@ def _forward(q, k, v, scale, block, y, L):
                     for c in range(last):
                         if S[r, c] > mx:
                             mx = S[r, c]
-                    alpha = np.exp(m[r] - mx)      # 0 on the first block (m = -inf)
+                    alpha = exp(m[r] - mx)      # 0 on the first block (m = -inf)
                     rs = 0.0
                     for c in range(last):
-                        p = np.exp(S[r, c] - mx)
+                        p = exp(S[r, c] - mx)
                         S[r, c] = p
                         rs += p
                     for c in range(last, nc):
@@ -133,7 +135,7 @@ def _backward(q, k, v, y, L, dy, scale, block, dq, dk, dv):
                     last = min(nc, i0 + r - j0 + 1)
                     Li = L[b, h, i0 + r]
                     for c in range(last):
-                        P[r, c] = np.exp(P[r, c] - Li)
+                        P[r, c] = exp(P[r, c] - Li)
                     for c in range(last, nc):
                         P[r, c] = 0.0
                 dOi = dO[i0:i1]

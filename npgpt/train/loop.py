@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from ..optim import clip_grad_norm, lr_schedule
+from ..optim import clip_coef, grad_norm, lr_schedule
 from .run import Metrics, jump_rngs, load_checkpoint_state, plot_losses, rng_states, save_checkpoint, set_rng_states
 
 
@@ -99,8 +99,8 @@ def train_step(model, optimizer, batch, lr: float, *, loss_fn, count_fn, grad_ac
         loss += loss_fn(model, micro, n)                    # grads += d(sum of losses)/dparam / n
     dist.allreduce_grads(model)                             # sum the processes' gradients
     loss = dist.allreduce_sum(loss)
-    norm = clip_grad_norm(model, clip if clip > 0 else math.inf)
-    optimizer.step(lr=lr)
+    norm = grad_norm(model)
+    optimizer.step(lr=lr, grad_scale=clip_coef(norm, clip if clip > 0 else math.inf))   # clipping inside the update
     return loss, norm
 
 
