@@ -14,6 +14,8 @@ import sys
 import tempfile
 import time
 
+from .runtime import INFERENCE_SPIN_COUNT
+
 WORKLOADS = ("prefill", "decode", "train", "train-large", "train-loop", "startup")
 SHAPE = ("n_layer", "n_embd", "n_head", "n_ctx", "n_vocab")
 DEFAULTS = dict(prefill_T=256, decode_prompt=32, decode_new=128, train_B=4, train_T=64,
@@ -175,20 +177,21 @@ def npgpt_prefill(cfg, T, reps, weights="fp32"):
 
 
 def npgpt_decode(cfg, prompt, new, reps, weights="fp32", B=1):
+    """Greedy decoding the way npgpt.generate runs it (npgpt.generate.Decoder: prefill, then one
+    step per token); the time covers the `new` steps after the prefill."""
     import numpy as np
 
-    from npgpt.kvcache import KVCache
+    from npgpt.generate import Decoder
     from npgpt.quant import weight_bytes
     model = _npgpt_inference_model(cfg, weights)
     idx = np.random.default_rng(0).integers(0, cfg["n_vocab"], (B, prompt))
     times = []
     for _ in range(reps + 1):
-        cache = KVCache.for_model(model, B)
-        logits = model.forward_cached(idx, cache)
+        dec = Decoder(model, B, prompt + new)
+        logits = dec.prefill(list(idx))
         t0 = time.perf_counter()
         for _ in range(new):
-            nxt = logits.argmax(-1)[:, None]         # greedy
-            logits = model.forward_cached(nxt, cache)
+            logits = dec.step(logits.argmax(-1))         # greedy
         times.append(time.perf_counter() - t0)
     return {"tokens_per_s": B * new / _median(times[1:]), "seconds": _median(times[1:]),
             "weights": weights, "weight_bytes": weight_bytes(model)}
@@ -316,6 +319,8 @@ def _run_worker(framework, workload, cfg, opts):
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(opts["threads"]))
     env.setdefault("NUMBA_NUM_THREADS", str(opts["threads"]))
+    if framework == "npgpt" and workload in ("prefill", "decode", "startup"):
+        env.setdefault("GOMP_SPINCOUNT", INFERENCE_SPIN_COUNT)          # as `npgpt generate` runs
     if framework == "npgpt" and opts.get("attention", "auto") != "auto":   # read by npgpt.layers.attention
         env["NPGPT_FLASH_MIN_T"] = "0" if opts["attention"] == "fused" else str(1 << 30)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

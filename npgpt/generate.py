@@ -57,6 +57,11 @@ class Decoder:
         self.n = np.zeros(B, dtype=np.int64)                   # (B,) tokens per row
         self.start = np.zeros(B, dtype=np.int64)               # (B,) first token of each row's window
         self.slides = 0                                        # how many row-windows have slid
+        self._modules = list(model.modules())                  # for eval_mode: walked once, not per token
+
+    def _forward(self, idx, cache, n_valid=None):
+        with self.model.eval_mode(self._modules):
+            return self.model.forward_cached(idx, cache, n_valid=n_valid)
 
     def prefill(self, prompts: Sequence[np.ndarray]):
         """prompts: B 1-D int arrays (lengths may differ) -> next-token logits (B, V)."""
@@ -71,7 +76,7 @@ class Decoder:
         batch = np.take_along_axis(self.tokens, np.minimum(cols, lens[:, None] - 1), axis=1)  # (B, W)
         self.cache.reset()
         ragged = bool(w.min() != W)
-        return self.model.forward_cached(batch, self.cache, n_valid=w if ragged else None)   # (B, V)
+        return self._forward(batch, self.cache, n_valid=w if ragged else None)   # (B, V)
 
     def step(self, next_tokens):
         """Append next_tokens (B,) to every row and return the logits that follow them (B, V)."""
@@ -82,7 +87,7 @@ class Decoder:
         B = len(next_tokens)
         self.tokens[np.arange(B), self.n] = next_tokens
         self.n += 1
-        return self.model.forward_cached(next_tokens[:, None], self.cache)   # (B, V)
+        return self._forward(next_tokens[:, None], self.cache)             # (B, V)
 
     def _slide(self, rows):
         """Refill the cache rows `rows` with their last keep - 1 tokens; the token about to be fed
@@ -98,7 +103,7 @@ class Decoder:
             cache.reset()
             if k > 0:
                 cols = self.n[rs, None] - k + np.arange(k)            # (R, k)
-                self.model.forward_cached(np.take_along_axis(self.tokens[rs], cols, axis=1), cache)
+                self._forward(np.take_along_axis(self.tokens[rs], cols, axis=1), cache)
 
 
 # ----------------------------------------------------------------------------- input checks

@@ -7,12 +7,24 @@ too): measured 7.05 -> 6.26 s for a GPT-2 124M train step at B=8, T=256, same pe
 With mmap off and trimming off, freed blocks stay in the heap and the next step reuses them.
 The cost: the process keeps its peak heap until it exits, which is what a training or
 generation run does anyway. Library users can call it themselves.
+
+spin_between_kernels(): the Numba kernels' OpenMP threads sleep as soon as a parallel loop ends
+(OMP_WAIT_POLICY=PASSIVE, set in npgpt/kernels/_jit.py, so that they leave the cores to OpenBLAS
+during training). Waking them costs ~80 us a launch on 2 cores, and decoding launches ~60 small
+parallel kernels per token, one after the other: 4-5 ms of a 14 ms int8 token. Spinning ~10k
+rounds (~0.1-0.3 ms) before sleeping makes the next launch ~5 us. Training is better off without
+it (its kernels sit between GEMMs that need both cores), so only the inference commands
+(generate, chat, classify) turn it on. libgomp reads it once, at the first parallel launch.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import sys
+
+import os
+
+INFERENCE_SPIN_COUNT = "10000"     # GOMP_SPINCOUNT for inference: covers the gaps between decoding's kernels
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -30,3 +42,13 @@ def keep_freed_memory() -> bool:
     ok = mallopt(M_MMAP_MAX, 0) == 1
     ok &= mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
     return bool(ok)
+
+
+def spin_between_kernels() -> bool:
+    """Let the kernels' idle threads spin briefly before sleeping (see the module docstring). Takes
+    effect only before the first parallel kernel runs; returns False if GOMP_SPINCOUNT was already
+    set (the user's value wins)."""
+    if "GOMP_SPINCOUNT" in os.environ:
+        return False
+    os.environ["GOMP_SPINCOUNT"] = INFERENCE_SPIN_COUNT
+    return True

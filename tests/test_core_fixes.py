@@ -8,6 +8,7 @@ fields, boolean dropout masks and cross_entropy's normalizer.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -362,3 +363,41 @@ def test_cross_entropy_normalizer_reference_and_kernel_agree():
     np.testing.assert_allclose([l1, l2], l0 * 5 / 17.0, rtol=1e-12)
     np.testing.assert_allclose(d1, d0 * 5 / 17.0, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(d2, d1, rtol=1e-12, atol=1e-15)
+
+
+def test_eval_mode_reentered_and_with_a_given_module_list():
+    """eval_mode inside eval_mode of the same module does not walk or restore twice; with the module
+    list given it sets exactly those; every mode comes back afterwards."""
+    model = GPT(GPTConfig(n_vocab=32, n_ctx=8, n_embd=8, n_head=2, n_layer=2, dropout=0.1), dtype=np.float64, seed=0)
+    model.train()
+    model.h[1].eval()                                       # a mixed state, restored exactly
+    before = [m.training for m in model.modules()]
+    mods = list(model.modules())
+    with model.eval_mode(mods):
+        assert not any(m.training for m in model.modules())
+        with model.eval_mode():
+            assert not any(m.training for m in model.modules())
+        assert not any(m.training for m in model.modules())    # the inner exit restored nothing
+    assert [m.training for m in model.modules()] == before
+
+
+def test_decoder_leaves_training_mode_alone():
+    """Sampling from a model in training mode (as fit's sampler does) runs without dropout and leaves
+    every module's mode as it was."""
+    from npgpt.generate import generate
+    model = GPT(GPTConfig(n_vocab=32, n_ctx=16, n_embd=8, n_head=2, n_layer=2, dropout=0.5), dtype=np.float64, seed=0)
+    model.train()
+    a = generate(model, np.array([[1, 2, 3]]), 5)
+    b = generate(model, np.array([[1, 2, 3]]), 5)
+    np.testing.assert_array_equal(a, b)                     # no dropout: greedy decoding is deterministic
+    assert all(m.training for m in model.modules())
+
+
+def test_spin_between_kernels_sets_gomp_spincount_once(monkeypatch):
+    from npgpt import runtime
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert runtime.spin_between_kernels() is True
+    assert os.environ["GOMP_SPINCOUNT"] == runtime.INFERENCE_SPIN_COUNT
+    monkeypatch.setenv("GOMP_SPINCOUNT", "123")
+    assert runtime.spin_between_kernels() is False        # the user's value wins
+    assert os.environ["GOMP_SPINCOUNT"] == "123"

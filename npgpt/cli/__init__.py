@@ -29,11 +29,16 @@ def one_line(msg) -> str:
     return " ".join(line.strip() for line in str(msg).splitlines() if line.strip())
 
 
+INFERENCE_COMMANDS = ("generate", "chat", "classify")   # many small kernels per token: spin, don't sleep
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..runtime import keep_freed_memory
+    from ..runtime import keep_freed_memory, spin_between_kernels
     keep_freed_memory()
+    if args.command in INFERENCE_COMMANDS:
+        spin_between_kernels()
     from ..distributed import launched_by_mpi
     if launched_by_mpi():
         return _main_mpi(args)

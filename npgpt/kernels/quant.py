@@ -10,7 +10,9 @@ contiguous row; the work is split over output channels (prange). NumPy they mirr
     # int8: q (out, in) int8, scale (out,) float32, symmetric per output channel
     y = (x @ q.astype(np.float32).T) * scale + b           # (N, out)
 
-Sums run in float32 (reassociated into SIMD lanes). Made for the N <= ~16 rows of decoding,
+Sums run in float32 (reassociated into SIMD lanes). A bf16 weight becomes a float32 in a register
+(a zero-extend, a shift and a bit cast: npgpt/kernels/_math.py), so both kernels read each packed
+weight once and do one multiply-add with it. Made for the N <= ~16 rows of decoding,
 where reading the weights from DRAM is the cost and packed weights read 2x / 4x fewer bytes;
 for many rows (a long prompt) `dequantize_rows` unpacks a block of output channels into a
 float32 scratch and BLAS does the product (see npgpt/quant.py).
@@ -19,6 +21,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import pjit
+from ._math import bits_to_float32
 
 CHUNK = 16          # output channels per parallel task (one float32 row buffer each)
 
@@ -29,11 +32,16 @@ def _bf16_matmul(x, w16, b, y):
     N, K = x.shape
     O = w16.shape[0]
     for c in prange((O + CHUNK - 1) // CHUNK):
-        bits = np.empty(K, np.uint32)
-        row = bits.view(np.float32)
+        row = np.empty(K, np.float32)
         for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
-            for k in range(K):                      # w = (w16 << 16).view(float32)
-                bits[k] = np.uint32(w16[o, k]) << np.uint32(16)
+            if N == 1:                              # one row of x: unpack on the fly, in registers
+                acc = np.float32(0.0)
+                for k in range(K):                  # w = (w16 << 16).view(float32)
+                    acc += x[0, k] * bits_to_float32(np.uint32(w16[o, k]) << np.uint32(16))
+                y[0, o] = acc + b[o]
+                continue
+            for k in range(K):                      # several rows: unpack the weight row once
+                row[k] = bits_to_float32(np.uint32(w16[o, k]) << np.uint32(16))
             for n in range(N):
                 acc = np.float32(0.0)
                 for k in range(K):
@@ -68,11 +76,10 @@ def _int8_matmul(x, q, scale, b, y):
 def _bf16_rows(w16, rows, out):
     # out[i] = f32(w16[rows[i]])
     K = w16.shape[1]
-    bits = out.view(np.uint32)
     for i in prange(rows.size):
         r = rows[i]
         for k in range(K):
-            bits[i, k] = np.uint32(w16[r, k]) << np.uint32(16)
+            out[i, k] = bits_to_float32(np.uint32(w16[r, k]) << np.uint32(16))
 
 
 @pjit

@@ -223,15 +223,22 @@ class Module:
         return self.train(False)
 
     @contextlib.contextmanager
-    def eval_mode(self):
+    def eval_mode(self, modules=None):
         """`with module.eval_mode():` every submodule in eval mode (no dropout), each one's own
-        mode restored afterwards (inference inside a training run, e.g. GPT.forward_cached)."""
-        modes = [(m, m.training) for m in self.modules()]
+        mode restored afterwards (inference inside a training run, e.g. GPT.forward_cached).
+        Re-entering it on the same module inside that block costs nothing. modules: list(self.modules()),
+        when the caller already holds it (a decoding loop collects it once, not at every token)."""
+        if getattr(self, "_in_eval_mode", False):
+            yield self
+            return
+        modes = [(m, m.training) for m in (self.modules() if modules is None else modules)]
         for m, _ in modes:
             m.training = False
+        self._in_eval_mode = True
         try:
             yield self
         finally:
+            self._in_eval_mode = False
             for m, mode in modes:
                 m.training = mode
 
