@@ -74,8 +74,10 @@ class Classifier(Module):
         return directory
 
     @classmethod
-    def load(cls, path, dtype=np.float32) -> "Classifier":
-        """A directory written by save(), or a `npgpt finetune classify` run directory (its checkpoint)."""
+    def load(cls, path, dtype=np.float32, weights=None) -> "Classifier":
+        """A directory written by save(), or a `npgpt finetune classify` run directory (its checkpoint).
+        weights="bf16" | "int8" packs the transformer's weights for inference (GPT.from_pretrained); the
+        small head stays in float32."""
         from .checkpoint import resolve_run_dir
         from .checkpoint.safetensors import read_safetensors
         path = resolve_run_dir(os.fspath(path))
@@ -85,7 +87,7 @@ class Classifier(Module):
                 raise FileNotFoundError(f"{path} is not a saved classifier (no {os.path.basename(p)})")
         with open(labels_path, encoding="utf-8") as f:
             labels = json.load(f)["labels"]
-        model = cls(GPT.from_pretrained(path, dtype=dtype), labels, init=False)
+        model = cls(GPT.from_pretrained(path, dtype=dtype, weights=weights), labels, init=False)
         head, _ = read_safetensors(head_path, mmap=False)
         model.head.load_state_dict({"weight": head["head.weight"], "bias": head["head.bias"]})
         return model.eval()

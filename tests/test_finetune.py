@@ -110,6 +110,23 @@ def test_classifier_save_load(tmp_path):
     assert npgpt.GPT.from_pretrained(tmp_path / "c").config.n_layer == 2   # the body loads as a GPT
 
 
+@pytest.mark.parametrize("weights,tol", [("bf16", 2e-2), ("int8", 5e-2)])
+def test_classifier_load_packed_weights(tmp_path, weights, tol):
+    """Classifier.load(weights=...) packs the transformer (the head stays float32) and classifies as the
+    float32 classifier does, up to the packing's rounding; the CLI takes --weights."""
+    clf = npgpt.Classifier(tiny(), ["ham", "spam", "eggs"], seed=3)
+    clf.save(tmp_path / "c")
+    packed = npgpt.Classifier.load(tmp_path / "c", weights=weights)
+    assert packed.gpt.weights == weights and packed.head.weight.data.dtype == np.float32
+    ids, lengths = np.array([[1, 2, 3, 4], [5, 6, 7, 0]]), np.array([4, 3])
+    ref = clf.eval()(ids, lengths)
+    got = packed(ids, lengths)
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert 0 < err < tol, err
+    r = cli("classify", "--model", tmp_path / "c", "--weights", weights, "hello", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.split("\t")[0] in ("ham", "spam", "eggs"), r.stderr
+
+
 def cli(*args, cwd):
     env = dict(os.environ, PYTHONPATH=str(ROOT), NPGPT_HOME=str(Path(cwd) / ".npgpt-home"))
     return subprocess.run([sys.executable, "-m", "npgpt", *map(str, args)], capture_output=True, text=True,
