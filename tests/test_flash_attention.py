@@ -174,3 +174,16 @@ def test_prefill_uses_fused_kernel(dtype, monkeypatch):
         outs.append((first, nxt))
     for a, b in zip(outs[0], outs[1]):
         assert rel_err(b, a) <= RTOL[dtype] * 10
+
+
+def test_tile_blas_is_single_threaded_after_first_use():
+    """The BLAS Numba's np.dot calls (SciPy's bundled OpenBLAS) runs one thread once the kernel ran."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from npgpt.kernels.flash_attention import flash_attention_forward
+    q = np.ones((1, 1, 8, 4), np.float32)
+    flash_attention_forward(q, q, q, 0.5)
+    scipy_blas = [i for i in threadpoolctl.threadpool_info()
+                  if i["internal_api"] == "openblas" and "scipy.libs" in i["filepath"]]
+    if not scipy_blas:
+        pytest.skip("SciPy is not using a bundled OpenBLAS here")
+    assert all(i["num_threads"] == 1 for i in scipy_blas), scipy_blas

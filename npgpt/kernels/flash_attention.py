@@ -154,6 +154,44 @@ def _backward(q, k, v, y, L, dy, scale, block, dq, dk, dv):
                 dv[b, h, t, d] = dV[t, d]
 
 
+_tile_blas_checked = False
+
+
+def single_threaded_tile_blas() -> bool:
+    """Make the BLAS the tiles' np.dot runs on single-threaded, once per process.
+
+    Numba takes np.dot from SciPy (scipy.linalg.cython_blas), and SciPy's wheels bundle an OpenBLAS of
+    their own, apart from NumPy's, with a thread per core. Called from inside the prange loop, it
+    would start threads inside threads: on 2 cores that made the backward at B=2, T=1024 168 ms
+    instead of 117 (and 64-row tiles the largest that did not collapse). Returns True if a SciPy
+    OpenBLAS was found and set to one thread (a SciPy built on another BLAS is left as it is).
+    SciPy's own linear algebra in this process then runs on one thread."""
+    global _tile_blas_checked
+    if _tile_blas_checked:
+        return False
+    _tile_blas_checked = True
+    import ctypes
+    import glob
+    import os
+
+    import scipy
+    import scipy.linalg.cython_blas  # noqa: F401  (loads the library Numba calls)
+    libs = os.path.join(os.path.dirname(scipy.__file__), os.pardir, "scipy.libs")     # where the wheel keeps it
+    done = False
+    for path in glob.glob(os.path.join(os.path.normpath(libs), "libscipy_openblas*.so*")):
+        try:
+            lib = ctypes.CDLL(path)                    # already loaded: the same library, no second copy
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn(1)
+                done = True
+                break
+    return done
+
+
 def _work(q):
     B, NH, T, hs = q.shape
     return B * NH * T * (T + 1) // 2 * hs // 64    # ~ elements of the causal score triangle (hs = 64)
@@ -166,6 +204,7 @@ def flash_attention_forward(q, k, v, scale, out=None, block=BLOCK):
     heads are re-assembled in), else a new array. Returns (y, L) with L (B, NH, T) the logsumexp of
     each query row's scaled scores, all that flash_attention_backward needs besides q, k, v, y."""
     B, NH, T, hs = q.shape
+    single_threaded_tile_blas()
     y = np.empty(q.shape, q.dtype) if out is None else out
     L = np.empty((B, NH, T), q.dtype)
     _forward(_work(q), q, k, v, scale, int(block), y, L)
@@ -175,6 +214,7 @@ def flash_attention_forward(q, k, v, scale, out=None, block=BLOCK):
 def flash_attention_backward(q, k, v, y, L, dy, scale, dq=None, dk=None, dv=None, block=BLOCK):
     """(dq, dk, dv) of the forward above from dy (B, NH, T, hs); written into dq, dk, dv when given
     (e.g. views of the (B, T, 3, NH, hs) gradient of the fused qkv projection), else new arrays."""
+    single_threaded_tile_blas()
     dq = np.empty(q.shape, q.dtype) if dq is None else dq
     dk = np.empty(q.shape, q.dtype) if dk is None else dk
     dv = np.empty(q.shape, q.dtype) if dv is None else dv
