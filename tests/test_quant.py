@@ -39,7 +39,7 @@ def test_int8_symmetric_per_output_channel():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("N", [1, 5])
+@pytest.mark.parametrize("N", [1, 3, 4, 9])          # one row; fewer than, exactly, and more than a block of four
 @pytest.mark.parametrize("parallel", [False, True])
 def test_packed_matmul_matches_numpy(kind, N, parallel, monkeypatch):
     from npgpt.kernels import _jit

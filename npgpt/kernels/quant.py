@@ -18,12 +18,42 @@ for many rows (a long prompt) `dequantize_rows` unpacks a block of output channe
 float32 scratch and BLAS does the product (see npgpt/quant.py).
 """
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
-from ._jit import pjit
+from ._jit import REDUCTION_MATH, pjit
 from ._math import bits_to_float32
 
 CHUNK = 16          # output channels per parallel task (one float32 row buffer each)
+
+
+@njit(cache=True, nogil=True, fastmath=REDUCTION_MATH, error_model="numpy")
+def _dot_rows(x, w, s, b, y, o):
+    # y[n, o] = s * (x[n] . w) + b for every row n of x, four rows per pass over w (w read once
+    # for four multiply-adds; one row at a time would load w and x[n] for each)
+    N, K = x.shape
+    n = 0
+    while n + 4 <= N:
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
+        for k in range(K):
+            wk = w[k]
+            a0 += x[n, k] * wk
+            a1 += x[n + 1, k] * wk
+            a2 += x[n + 2, k] * wk
+            a3 += x[n + 3, k] * wk
+        y[n, o] = a0 * s + b
+        y[n + 1, o] = a1 * s + b
+        y[n + 2, o] = a2 * s + b
+        y[n + 3, o] = a3 * s + b
+        n += 4
+    while n < N:
+        acc = np.float32(0.0)
+        for k in range(K):
+            acc += x[n, k] * w[k]
+        y[n, o] = acc * s + b
+        n += 1
 
 
 @pjit(reductions=True)
@@ -42,11 +72,7 @@ def _bf16_matmul(x, w16, b, y):
                 continue
             for k in range(K):                      # several rows: unpack the weight row once
                 row[k] = bits_to_float32(np.uint32(w16[o, k]) << np.uint32(16))
-            for n in range(N):
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += x[n, k] * row[k]
-                y[n, o] = acc + b[o]
+            _dot_rows(x, row, np.float32(1.0), b[o], y, o)
 
 
 @pjit(reductions=True)
@@ -65,11 +91,7 @@ def _int8_matmul(x, q, scale, b, y):
                 continue
             for k in range(K):                      # several rows: convert the weight row once
                 row[k] = np.float32(q[o, k])
-            for n in range(N):
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += x[n, k] * row[k]
-                y[n, o] = acc * scale[o] + b[o]
+            _dot_rows(x, row, scale[o], b[o], y, o)
 
 
 @pjit
