@@ -10,7 +10,6 @@ import json
 import math
 import os
 
-import numpy as np
 
 import npgpt
 from npgpt.train import load_tokenizer, mean_loss, prepare_data

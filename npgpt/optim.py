@@ -8,9 +8,17 @@ import numpy as np
 from . import kernels
 
 
+def _grads(model) -> list:
+    """The gradient arrays of the parameters that got one since zero_grad() (p.has_grad)."""
+    return [p.grad for p in model.parameters() if p.has_grad]
+
+
 def grad_norm(model) -> float:
     """The global L2 norm of all gradients (parameters with no gradient since zero_grad() take no part)."""
-    grads = [p.grad for p in model.parameters() if p.has_grad]
+    return _l2_norm(_grads(model))
+
+
+def _l2_norm(grads) -> float:
     if kernels.use_numba():
         return math.sqrt(sum(kernels.sum_of_squares(g) for g in grads))
     return math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
@@ -26,8 +34,8 @@ def clip_grad_norm(model, max_norm: float) -> float:
     Parameters with no gradient since zero_grad() (p.has_grad False) take no part.
     (A training loop saves the pass that scales them: `norm = grad_norm(model)`, then
     `optimizer.step(grad_scale=clip_coef(norm, max_norm))` applies the factor inside the update.)"""
-    grads = [p.grad for p in model.parameters() if p.has_grad]
-    total = grad_norm(model)
+    grads = _grads(model)
+    total = _l2_norm(grads)
     coef = clip_coef(total, max_norm)
     if coef < 1.0:
         for g in grads:

@@ -2,7 +2,8 @@
 
 `backend` runs a test once per kernel backend ("numpy", the readable reference, and
 "numba", the fast kernels); `kernel_build` adds a third run, "numba-parallel", with every
-Numba kernel forced onto its parallel build.
+Numba kernel forced onto its parallel build; `kernel_threads` runs a kernel test on its serial
+and its parallel build.
 """
 from __future__ import annotations
 
@@ -35,6 +36,15 @@ def kernel_build(request, monkeypatch):
         monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 0)
     with npgpt.kernels.use_backend("numpy" if name == "numpy" else "numba"):
         yield name
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def kernel_threads(request, monkeypatch):
+    """Runs a kernel test on both builds of every Numba kernel: "serial" (prange as range, what small
+    work gets) and "parallel" (forced, whatever the size). Kernel test modules use it for every test."""
+    from npgpt.kernels import _jit
+    monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 1 << 62 if request.param == "serial" else 0)
+    return request.param
 
 
 @pytest.fixture(scope="session")

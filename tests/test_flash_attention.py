@@ -14,13 +14,9 @@ from npgpt.layers.attention import causal_softmax_backward_numpy, causal_softmax
 
 pytest.importorskip("numba")
 pytest.importorskip("scipy")          # Numba's np.dot (the kernel's tile products) runs on SciPy's BLAS
-from npgpt.kernels import _jit  # noqa: E402
 
 
-@pytest.fixture(autouse=True, params=["serial", "parallel"])
-def threading(request, monkeypatch):
-    monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 1 << 62 if request.param == "serial" else 0)
-    return request.param
+pytestmark = pytest.mark.usefixtures("kernel_threads")     # every test on the serial and the parallel build
 
 
 DTYPES = [np.float64, np.float32]

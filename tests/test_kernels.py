@@ -12,14 +12,9 @@ from npgpt.loss import cross_entropy_numpy
 from npgpt.optim import adamw_update_numpy
 
 pytest.importorskip("numba")
-from npgpt.kernels import _jit  # noqa: E402
 
 
-@pytest.fixture(autouse=True, params=["serial", "parallel"])
-def threading(request, monkeypatch):
-    """Every kernel test runs on both builds: serial (small work) and parallel (prange)."""
-    monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 1 << 62 if request.param == "serial" else 0)
-    return request.param
+pytestmark = pytest.mark.usefixtures("kernel_threads")     # every test on the serial and the parallel build
 
 DTYPES = [np.float32, np.float64]
 # float32 kernels accumulate in float64 while NumPy reduces in float32 (pairwise), so they

@@ -24,6 +24,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_on_broken_pipe(run, args) -> int:
+    """run(args) for a command that streams to stdout: when the reader goes away (`npgpt generate ...
+    | head`), stop quietly with status 0 instead of a traceback (stdout is pointed at /dev/null so
+    Python's final flush does not fail again)."""
+    try:
+        return run(args)
+    except BrokenPipeError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+
+
 def one_line(msg) -> str:
     """A possibly multi-line message as one line."""
     return " ".join(line.strip() for line in str(msg).splitlines() if line.strip())

@@ -17,10 +17,9 @@ answer, and ends at EOF.
 """
 from __future__ import annotations
 
-import os
 import sys
 
-from . import CLIError
+from . import CLIError, quiet_on_broken_pipe
 from .generate import add_sampling_args
 
 STOP = "\n\n### "
@@ -39,15 +38,7 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    try:
-        return _run(args)
-    except BrokenPipeError:      # the reader of stdout is gone: stop quietly
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
-        return 0
+    return quiet_on_broken_pipe(_run, args)
 
 
 def _questions(interactive: bool):

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from . import CLIError
+from . import CLIError, quiet_on_broken_pipe
 
 
 def add_parser(subparsers):
@@ -120,15 +120,7 @@ def _write(stream, text: str):
 
 def run(args) -> int:
     """User errors raise CLIError, which `npgpt.cli.main` prints as one line (exit status 2)."""
-    try:
-        return _run(args)
-    except BrokenPipeError:      # e.g. `npgpt generate ... | head`: the reader is gone, stop quietly
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
-        return 0
+    return quiet_on_broken_pipe(_run, args)
 
 
 def _run(args) -> int:

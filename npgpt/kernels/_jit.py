@@ -57,23 +57,3 @@ def pjit(fn=None, *, reductions: bool = False):
         return lambda f: _SerialOrParallel(f, fastmath)
     return _SerialOrParallel(fn, fastmath)
 
-
-_pool = None
-
-
-def ufunc_inplace(ufunc, a):
-    """ufunc(a, out=a) for a contiguous array, split over threads: NumPy's SIMD exp and tanh run
-    on one core, but release the GIL, so a thread per chunk uses every core."""
-    global _pool
-    import numba
-    flat = a.reshape(-1)
-    n = numba.get_num_threads()
-    if n == 1 or flat.size < 16 * PARALLEL_MIN_WORK:
-        ufunc(flat, out=flat)
-        return a
-    if _pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="npgpt-ufunc")
-    step = -(-flat.size // n)
-    list(_pool.map(lambda i: ufunc(flat[i:i + step], out=flat[i:i + step]), range(0, flat.size, step)))
-    return a
