@@ -7,7 +7,9 @@ They mirror npgpt/optim.py:
     p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
     ||g||^2 = vdot(g, g);   g *= c   (clipping)
 
-One read and one write of p, g, m, v per element instead of NumPy's ~10 passes.
+One read and one write of p, g, m, v per element instead of NumPy's ~10 passes. The update's
+arithmetic is in p's dtype, as in the NumPy reference (NumPy keeps Python scalars weak) and in
+PyTorch's float32 AdamW; in float64 it ran ~10% slower, its sqrt and division at half the SIMD width.
 """
 import math
 
@@ -18,14 +20,11 @@ from ._jit import pjit
 
 
 @pjit
-def _adamw(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2, c):
-    decay = 1.0 - lr * wd
-    step = lr / bc1
-    rbc2 = 1.0 / math.sqrt(bc2)
+def _adamw(p, g, m, v, c, decay, b1, a1, b2, a2, step, rbc2, eps):   # scalars in p's dtype; a1 = 1 - b1, a2 = 1 - b2
     for i in prange(p.size):
-        gi = g[i] * c                    # c has g's dtype: the product rounds as clipping's g *= c does
-        mi = b1 * m[i] + (1.0 - b1) * gi
-        vi = b2 * v[i] + (1.0 - b2) * gi * gi
+        gi = g[i] * c                    # rounds as clipping's g *= c does
+        mi = b1 * m[i] + a1 * gi
+        vi = b2 * v[i] + a2 * gi * gi
         m[i] = mi
         v[i] = vi
         p[i] = p[i] * decay - step * mi / (np.sqrt(vi) * rbc2 + eps)
@@ -55,8 +54,9 @@ def flat(a, name):
 
 
 def adamw_update(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2, grad_scale=1.0):
-    _adamw(p.size, flat(p, "p"), flat(g, "g"), flat(m, "m"), flat(v, "v"), lr, b1, b2, eps, wd, bc1, bc2,
-           g.dtype.type(grad_scale))
+    f = p.dtype.type                     # every scalar in p's dtype, as NumPy's and PyTorch's float32 AdamW
+    _adamw(p.size, flat(p, "p"), flat(g, "g"), flat(m, "m"), flat(v, "v"), g.dtype.type(grad_scale),
+           f(1.0 - lr * wd), f(b1), f(1.0 - b1), f(b2), f(1.0 - b2), f(lr / bc1), f(1.0 / math.sqrt(bc2)), f(eps))
 
 
 def sum_of_squares(g):
