@@ -120,12 +120,14 @@ class LayerKV:
     def __init__(self, cache: KVCache, l: int):
         self.cache, self.k, self.v = cache, cache.k[l], cache.v[l]     # (B, NH, n_ctx, hs) each
 
-    def store(self, k, v):
+    def store(self, k, v, keep=None):
         """Write the new keys/values k, v (B, NH, T, hs) after each row's cached positions.
 
         Returns (keys, values, mask): all keys and values to attend to (B, NH, Tk, hs), views into
         the buffers, and the additive mask (B, 1, T, Tk) or None when the kernel's causal offset
-        Tk - T is exact (all rows hold the same length)."""
+        Tk - T is exact (all rows hold the same length). keep (B,): only query keep[b] of row b
+        will attend (the one position whose output is needed); the mask is then (B, 1, 1, Tk),
+        hiding the keys past that query's own position, or None when there are none."""
         pos, Tk, mask = self.cache._step
         T = pos.shape[1]
         if mask is None:
@@ -137,4 +139,8 @@ class LayerKV:
             # advanced indices on axes 0 and 2 -> the indexed view is (B, T, NH, hs)
             self.k[rows, :, pos] = k.transpose(0, 2, 1, 3)
             self.v[rows, :, pos] = v.transpose(0, 2, 1, 3)
+        if keep is not None:
+            at = pos[np.arange(pos.shape[0]), keep]                    # (B,) the kept queries' positions
+            hidden = np.arange(Tk)[None, :] > at[:, None]              # (B, Tk) keys after them
+            mask = np.where(hidden, -np.inf, 0.0).astype(self.k.dtype)[:, None, None] if hidden.any() else None
         return self.k[:, :, :Tk], self.v[:, :, :Tk], mask

@@ -168,8 +168,9 @@ class GPT(Module):
         dropout even in train mode, nothing kept for backward), through the model's own modules.
         n_valid (B,): row b holds only n_valid[b] real tokens followed by right padding; its cache then
         advances by n_valid[b] and its padding is never attended to. Returns the logits of each row's
-        last real position (B, V) when last_only (the (B*T, V) projection is never computed), else
-        those of every position (B, T, V)."""
+        last real position (B, V) when last_only, else those of every position (B, T, V). With
+        last_only the last block computes only those positions (its keys and values still go into
+        the cache) and the (B*T, V) projection is never computed."""
         idx = self._check_idx(idx, 0)
         B, T = idx.shape
         if cache.batch_size != B or cache.n_layer != len(self.h):
@@ -182,10 +183,11 @@ class GPT(Module):
         with no_grad(), self.eval_mode():
             pos = cache.begin(T)                                                   # (B, T)
             x = self.wte(idx) + self.wpe.forward_cached(pos)                       # (B, T, C)
+            last = np.full(B, T - 1) if n_valid is None else n_valid - 1         # (B,) each row's last real position
             for l, block in enumerate(self.h):
-                x = block.forward_cached(x, cache.layer(l))                        # (B, T, C)
+                keep = last if last_only and T > 1 and l == len(self.h) - 1 else None   # last block: one position a row
+                x = block.forward_cached(x, cache.layer(l), keep)                  # (B, T, C) | (B, 1, C)
             cache.advance(n_valid)
             if last_only:
-                last = np.full(B, T - 1) if n_valid is None else n_valid - 1
-                x = x[np.arange(B), last]                                          # (B, C)
+                x = x[:, 0] if T > 1 else x[np.arange(B), last]                    # (B, C)
             return self.lm_head(self.ln_f(x))                                      # (B, V) | (B, T, V)

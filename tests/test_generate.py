@@ -144,6 +144,45 @@ def test_forward_cached_all_positions_and_chunked_prefill(backend, model_and_ref
     assert cache.length == 20
 
 
+def test_last_only_runs_one_position_through_the_last_block(backend, model_and_ref):
+    """last_only: the last block's attention output, c_proj and MLP see one position a row, yet every
+    key and value goes into the cache, exactly as with last_only=False; chunks into a filled cache too."""
+    model, _ = model_and_ref
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, 101, size=(2, 20))
+    full = model.forward(idx)                                        # (2, 20, V)
+    seen = []
+    mlp = model.h[-1].mlp
+    mlp.forward = lambda x, _f=mlp.forward: seen.append(x.shape) or _f(x)
+    last, every = KVCache.for_model(model, 2), KVCache.for_model(model, 2)
+    for lo, hi in [(0, 8), (8, 19)]:                                 # a prompt, then a chunk after it
+        seen.clear()
+        logits = model.forward_cached(idx[:, lo:hi], last)           # (2, V)
+        assert seen == [(2, 1, model.config.n_embd)]                 # one position a row in the last block
+        assert rel_err(logits, full[:, hi - 1]) < 1e-5
+        all_logits = model.forward_cached(idx[:, lo:hi], every, last_only=False)
+        assert seen[1:] == [(2, hi - lo, model.config.n_embd)]
+        assert rel_err(logits, all_logits[:, -1]) < (1e-5 if model.dtype == np.float32 else 1e-12)
+        for l in range(len(model.h)):                                # the same keys and values, every layer
+            np.testing.assert_array_equal(last.k[l], every.k[l])
+            np.testing.assert_array_equal(last.v[l], every.v[l])
+
+
+def test_last_only_chunk_into_a_ragged_cache(backend, model32):
+    rng = np.random.default_rng(4)
+    lens = [3, 7, 5]
+    seqs = [rng.integers(0, 101, size=n + 4) for n in lens]
+    padded = np.zeros((3, 7), dtype=np.int64)
+    for b, n in enumerate(lens):
+        padded[b, :n] = seqs[b][:n]
+    cache = KVCache.for_model(model32, 3)
+    model32.forward_cached(padded, cache, n_valid=lens)
+    chunk = np.stack([s[n:n + 4] for s, n in zip(seqs, lens)])      # (3, 4): 4 more tokens a row
+    logits = model32.forward_cached(chunk, cache)                    # (3, V): each row's query at its own position
+    for b, n in enumerate(lens):
+        assert rel_err(logits[b], model32.forward(seqs[b][None, :n + 4])[0, -1]) < 1e-5
+
+
 def test_ragged_cache_with_n_valid(backend, model32):
     rng = np.random.default_rng(2)
     lens = [3, 7, 5]

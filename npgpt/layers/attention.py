@@ -141,13 +141,17 @@ class CausalSelfAttention(Module):
         return self.c_attn.backward(dqkv.reshape(B, T, 3 * C))
 
     # ----------------------------------------------------------------- inference with a KV cache
-    def forward_cached(self, x, layer_cache):
+    def forward_cached(self, x, layer_cache, keep=None):
         """Inference only (no dropout, nothing kept for backward): x (B, T, C) holds the newest T
         positions. Their keys and values are appended to layer_cache (npgpt.kvcache.LayerKV) and their
-        queries attend to every cached position of their row, query t seeing keys j <= t + Tk - T."""
+        queries attend to every cached position of their row, query t seeing keys j <= t + Tk - T.
+        keep (B,): only the output at position keep[b] of each row is wanted (the last block of a
+        prefill): every key and value is still stored, but one query per row attends -> (B, 1, C)."""
         B, T, C = x.shape
         q, k, v = self.split_heads(self.c_attn(x))                     # (B, NH, T, hs) each
-        keys, values, mask = layer_cache.store(k, v)                   # (B, NH, Tk, hs); mask (B, 1, T, Tk) | None
+        keys, values, mask = layer_cache.store(k, v, keep)             # (B, NH, Tk, hs); mask (B, 1, T, Tk) | None
+        if keep is not None:
+            q, T = q[np.arange(B), :, keep][:, :, None], 1             # (B, NH, 1, hs): the kept queries
         scale = 1.0 / math.sqrt(self.hs)
         if mask is None and keys.shape[2] == T and self.fused(T):      # a prompt into an empty cache
             y = np.empty((B, T, C), dtype=q.dtype)
