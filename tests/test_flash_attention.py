@@ -52,7 +52,7 @@ def head_views(buf, NH, hs):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,NH,T,hs,block", [
     (1, 1, 1, 8, 64), (2, 3, 7, 16, 64), (1, 2, 67, 64, 32), (2, 2, 67, 64, 64),
-    (1, 4, 130, 12, 32), (1, 1, 64, 64, 64), (2, 1, 33, 5, 16)])
+    (1, 4, 130, 12, 32), (1, 1, 64, 64, 64), (2, 1, 33, 5, 16), (1, 2, 300, 64, 128)])
 def test_kernel_matches_reference(dtype, B, NH, T, hs, block):
     rng = np.random.default_rng(T * 7 + hs)
     qkv = (2 * rng.standard_normal((B, T, 3 * NH * hs))).astype(dtype)
