@@ -12,7 +12,9 @@ T new tokens (GPT.forward_cached) then
 Rows may hold different lengths ("ragged"), e.g. after a batch of prompts of different lengths
 was prefilled with right padding. When all rows hold the same length the causal offset of the
 attention kernel alone does the masking; otherwise an additive mask (-inf on the keys a row
-must not see) is built once per forward pass and shared by all layers.
+must not see) is built once per forward pass and shared by all layers. When only one position a
+row is wanted (the last block of GPT.forward_cached with last_only), that block's one query a row
+gets its own (B, 1, 1, Tk) mask from LayerKV.store(keep=).
 """
 from __future__ import annotations
 

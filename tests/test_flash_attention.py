@@ -155,7 +155,8 @@ def test_switching_paths_between_calls():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prefill_uses_fused_kernel(dtype, monkeypatch):
-    """GPT.forward_cached on an empty cache (a prompt) matches the readable path."""
+    """GPT.forward_cached on an empty cache (a prompt) matches the readable path: every position, then
+    with last_only (the fused blocks, then the last block's one query a row), also right-padded."""
     import npgpt
     from npgpt.kvcache import KVCache
     cfg = npgpt.GPTConfig(n_vocab=50, n_ctx=80, n_embd=16, n_head=2, n_layer=2)
@@ -167,7 +168,15 @@ def test_prefill_uses_fused_kernel(dtype, monkeypatch):
         cache = KVCache.for_model(model, 2)
         first = model.forward_cached(idx, cache, last_only=False)
         nxt = model.forward_cached(idx[:, :1], cache)          # then one decode step (readable path)
-        outs.append((first, nxt))
+        cache = KVCache.for_model(model, 2)                    # last_only: fused blocks, then one query a row
+        last = model.forward_cached(idx, cache)
+        cache = KVCache.for_model(model, 2)                    # right-padded prompts of 70 and 41 tokens
+        padded = model.forward_cached(idx, cache, n_valid=[70, 41])
+        outs.append((first, nxt, last, padded))
+    assert rel_err(outs[1][2], outs[1][0][:, -1]) <= RTOL[dtype] * 10
+    assert rel_err(outs[1][3][0], outs[1][0][0, -1]) <= RTOL[dtype] * 10
+    short = model.forward(idx[1:, :41])[0, -1]                  # row 1 alone, its 41 real tokens
+    assert rel_err(outs[1][3][1], short) <= RTOL[dtype] * 10
     for a, b in zip(outs[0], outs[1]):
         assert rel_err(b, a) <= RTOL[dtype] * 10
 

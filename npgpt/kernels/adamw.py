@@ -24,7 +24,7 @@ def _adamw(p, g, m, v, c, decay, b1, a1, b2, a2, step, rbc2, eps):   # scalars i
     for i in prange(p.size):
         gi = g[i] * c                    # rounds as clipping's g *= c does
         mi = b1 * m[i] + a1 * gi
-        vi = b2 * v[i] + a2 * gi * gi
+        vi = b2 * v[i] + a2 * (gi * gi)
         m[i] = mi
         v[i] = vi
         p[i] = p[i] * decay - step * mi / (np.sqrt(vi) * rbc2 + eps)
@@ -54,7 +54,10 @@ def flat(a, name):
 
 
 def adamw_update(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2, grad_scale=1.0):
-    f = p.dtype.type                     # every scalar in p's dtype, as NumPy's and PyTorch's float32 AdamW
+    # every scalar in p's dtype, as NumPy's and PyTorch's float32 AdamW (there too 1 - lr * wd rounds to 1
+    # in float32 when lr * wd < 3e-8: no decay on such a step); 1 / sqrt(bc2) multiplies where the
+    # reference divides by sqrt(bc2) (one division per element fewer; they differ by an ulp)
+    f = p.dtype.type
     _adamw(p.size, flat(p, "p"), flat(g, "g"), flat(m, "m"), flat(v, "v"), g.dtype.type(grad_scale),
            f(1.0 - lr * wd), f(b1), f(1.0 - b1), f(b2), f(1.0 - b2), f(lr / bc1), f(1.0 / math.sqrt(bc2)), f(eps))
 

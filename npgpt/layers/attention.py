@@ -149,7 +149,7 @@ class CausalSelfAttention(Module):
         prefill): every key and value is still stored, but one query per row attends -> (B, 1, C)."""
         B, T, C = x.shape
         q, k, v = self.split_heads(self.c_attn(x))                     # (B, NH, T, hs) each
-        keys, values, mask = layer_cache.store(k, v, keep)             # (B, NH, Tk, hs); mask (B, 1, T, Tk) | None
+        keys, values, mask = layer_cache.store(k, v, keep)             # (B, NH, Tk, hs); mask (B, 1, T | 1, Tk) | None
         if keep is not None:
             q, T = q[np.arange(B), :, keep][:, :, None], 1             # (B, NH, 1, hs): the kept queries
         scale = 1.0 / math.sqrt(self.hs)
