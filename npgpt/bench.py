@@ -3,7 +3,9 @@ optionally side by side with PyTorch (`--compare torch`) in the same run.
 
 Each workload runs in a fresh subprocess (`python -m npgpt.bench WORKER ...`), so its peak RSS is
 its own and the two frameworks' thread pools never share a process. Random weights; GPT-2 shapes
-from a preset (default gpt2, 124M) or explicit --n-layer etc.
+from a preset (default gpt2, 124M) or explicit --n-layer etc. With --rounds N each workload runs N
+times, npgpt and PyTorch alternately, and the median of the N same-round ratios is reported: on a
+shared machine whose speed drifts from one minute to the next, one pair of runs can be far off.
 """
 from __future__ import annotations
 
@@ -341,7 +343,7 @@ def _config(args) -> dict:
     """Check the options and build the model shape here, so bad input fails before any worker starts."""
     from .cli import CLIError
     from .config import GPTConfig
-    for k in ("threads", "steps", "reps", "decode_batch", "prefill_T", "train_large_B", "train_large_T") + SHAPE:
+    for k in ("threads", "steps", "reps", "rounds", "decode_batch", "prefill_T", "train_large_B", "train_large_T") + SHAPE:
         v = getattr(args, k, None)
         if v is not None and v < 1:
             raise CLIError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
@@ -372,17 +374,56 @@ def run(args, cfg=None) -> dict:
               "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "NPGPT_KERNELS",
                                                      "NPGPT_FLASH_MIN_T")},
               "options": opts, "results": {}}
+    rounds = report["rounds"] = getattr(args, "rounds", None) or 1
     for w in workloads:
-        row = {"npgpt": _run_worker("npgpt", w, cfg, opts)}
-        if compare and w not in ("startup", "train-loop"):
-            row["torch"] = _run_worker("torch", w, cfg, opts)
+        row = {"rounds": []}
+        for r in range(rounds):               # npgpt, torch, npgpt, torch, ...: each pair in the same minutes
+            pair = {"npgpt": _run_worker("npgpt", w, cfg, opts)}
+            if compare and w not in ("startup", "train-loop"):
+                pair["torch"] = _run_worker("torch", w, cfg, opts)
+            row["rounds"].append(pair)
+            if not args.json:
+                _print_row(w, pair, opts, f" (round {r + 1}/{rounds})" if rounds > 1 else "")
+        row.update(row["rounds"][0])          # the first round's figures, as with one round
+        row.update(_round_medians(w, row["rounds"]))
         report["results"][w] = row
-        if not args.json:
-            _print_row(w, row, opts)
+        if not args.json and rounds > 1 and ("median_ratio" in row or "median_over_gemm" in row):
+            _print_medians(w, row)
     return report
 
 
-def _print_row(w, row, o):
+def _round_ratio(w, pair):
+    """The same-round ratio the row reports: speed npgpt/torch, or time npgpt/torch for train steps."""
+    n, t = pair["npgpt"], pair.get("torch")
+    if t is None or w in ("startup", "train-loop"):
+        return None
+    return n["seconds"] / t["seconds"] if w.startswith("train") else n["tokens_per_s"] / t["tokens_per_s"]
+
+
+def _round_medians(w, rounds) -> dict:
+    from statistics import median          # the middle two averaged for an even count of rounds
+    out = {}
+    ratios = [_round_ratio(w, p) for p in rounds]
+    if ratios[0] is not None:
+        out["ratios"], out["median_ratio"] = ratios, median(ratios)
+    over = [p["npgpt"]["over_gemm"] for p in rounds if "over_gemm" in p["npgpt"]]
+    if over:
+        out["over_gemm_all"], out["median_over_gemm"] = over, median(over)
+    return out
+
+
+def _print_medians(w, row):
+    parts = []
+    if "median_ratio" in row:
+        kind = "time ratio npgpt/torch" if w.startswith("train") else "speed ratio"
+        parts.append(f"{kind} {row['median_ratio']:.2f}x (" + ", ".join(f"{r:.2f}" for r in row["ratios"]) + ")")
+    if "median_over_gemm" in row:
+        parts.append(f"step / GEMMs {row['median_over_gemm']:.2f}x ("
+                     + ", ".join(f"{r:.2f}" for r in row["over_gemm_all"]) + ")")
+    print(f"{'  median of ' + str(len(row['rounds'])) + ' rounds':<44} " + " | ".join(parts), flush=True)
+
+
+def _print_row(w, row, o, suffix=""):
     n, t = row["npgpt"], row.get("torch")
     if w == "train-loop":
         label = f"training loop B={o['train_B']} T={o['train_T']}"
@@ -401,6 +442,7 @@ def _print_row(w, row, o):
         label += f" [{o['weights']}]"
     if o.get("attention", "auto") != "auto" and w != "decode":
         label += f" [{o['attention']}]"
+    label += suffix
     if "seconds" in n and w.startswith("train"):
         line = f"{label:<44} npgpt {n['seconds']:.3f} s  peak {n['peak_rss_mb'] / 1024:.2f} GB"
         if t:

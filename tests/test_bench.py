@@ -32,3 +32,32 @@ def test_bench_weights_int8_decode_batch():
     assert report["options"]["weights"] == "int8" and report["options"]["decode_B"] == 3
     dec = report["results"]["decode"]["npgpt"]
     assert dec["weights"] == "int8" and dec["tokens_per_s"] > 0 and dec["weight_bytes"] > 0
+
+
+def test_bench_rounds_alternate_and_report_medians():
+    cmd = [sys.executable, "-m", "npgpt", "bench", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+           "--n-vocab", "101", "--n-ctx", "64", "--workloads", "train", "prefill", "--prefill-T", "16",
+           "--steps", "1", "--reps", "1", "--rounds", "2", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["rounds"] == 2
+    train, prefill = report["results"]["train"], report["results"]["prefill"]
+    assert len(train["rounds"]) == len(prefill["rounds"]) == 2
+    assert train["npgpt"] == train["rounds"][0]["npgpt"]          # the first round's figures at the top
+    over = [p["npgpt"]["over_gemm"] for p in train["rounds"]]
+    assert train["over_gemm_all"] == over and train["median_over_gemm"] == sum(over) / 2
+    assert "median_ratio" not in prefill                          # no --compare: nothing to divide by
+
+
+def test_round_medians_are_same_round_ratios():
+    from npgpt.bench import _round_medians
+    rounds = [{"npgpt": {"tokens_per_s": n}, "torch": {"tokens_per_s": t}} for n, t in [(10, 5), (9, 10), (12, 8)]]
+    m = _round_medians("prefill", rounds)
+    assert m["ratios"] == [2.0, 0.9, 1.5] and m["median_ratio"] == 1.5
+    rounds = [{"npgpt": {"seconds": 1.0, "over_gemm": 1.2}, "torch": {"seconds": 2.0}},
+              {"npgpt": {"seconds": 3.0, "over_gemm": 1.1}, "torch": {"seconds": 2.0}}]
+    m = _round_medians("train", rounds)                           # train rows: time ratio npgpt / torch
+    assert m["ratios"] == [0.5, 1.5] and m["median_ratio"] == 1.0 and m["median_over_gemm"] == 1.15
+    bad = subprocess.run([sys.executable, "-m", "npgpt", "bench", "--rounds", "0"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--rounds must be >= 1" in bad.stderr

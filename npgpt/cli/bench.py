@@ -29,6 +29,9 @@ def add_parser(sub):
     b.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     b.add_argument("--steps", type=int, default=3, help="timed train steps (after one warm-up)")
     b.add_argument("--reps", type=int, default=3, help="timed prefill/decode repetitions (after one warm-up)")
+    b.add_argument("--rounds", type=int, default=1,
+                   help="run each workload this many times, npgpt and PyTorch alternately, and report the "
+                        "median of the same-round ratios (on a machine whose speed drifts from minute to minute)")
     b.add_argument("--json", action="store_true", help="print one JSON report instead of the table")
     b.set_defaults(func=run)
 
