@@ -168,13 +168,19 @@ def test_last_only_runs_one_position_through_the_last_block(backend, model_and_r
             np.testing.assert_array_equal(last.v[l], every.v[l])
 
 
-def test_last_only_chunk_into_a_ragged_cache(backend, model32):
-    rng = np.random.default_rng(4)
+def ragged_prompts(seed):
+    """Three token rows of 3, 7 and 5 prompt tokens plus 4 more each, and the prompts right-padded to 7."""
+    rng = np.random.default_rng(seed)
     lens = [3, 7, 5]
     seqs = [rng.integers(0, 101, size=n + 4) for n in lens]
     padded = np.zeros((3, 7), dtype=np.int64)
     for b, n in enumerate(lens):
         padded[b, :n] = seqs[b][:n]
+    return lens, seqs, padded
+
+
+def test_last_only_chunk_into_a_ragged_cache(backend, model32):
+    lens, seqs, padded = ragged_prompts(4)
     cache = KVCache.for_model(model32, 3)
     model32.forward_cached(padded, cache, n_valid=lens)
     chunk = np.stack([s[n:n + 4] for s, n in zip(seqs, lens)])      # (3, 4): 4 more tokens a row
@@ -184,12 +190,7 @@ def test_last_only_chunk_into_a_ragged_cache(backend, model32):
 
 
 def test_ragged_cache_with_n_valid(backend, model32):
-    rng = np.random.default_rng(2)
-    lens = [3, 7, 5]
-    seqs = [rng.integers(0, 101, size=n + 4) for n in lens]
-    padded = np.zeros((3, 7), dtype=np.int64)
-    for b, n in enumerate(lens):
-        padded[b, :n] = seqs[b][:n]
+    lens, seqs, padded = ragged_prompts(2)
     cache = KVCache.for_model(model32, 3)
     logits = model32.forward_cached(padded, cache, n_valid=lens)
     assert cache.ragged and cache.lengths.tolist() == lens
