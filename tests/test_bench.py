@@ -36,17 +36,15 @@ def test_bench_weights_int8_decode_batch():
 
 def test_bench_rounds_alternate_and_report_medians():
     cmd = [sys.executable, "-m", "npgpt", "bench", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
-           "--n-vocab", "101", "--n-ctx", "64", "--workloads", "train", "prefill", "--prefill-T", "16",
-           "--steps", "1", "--reps", "1", "--rounds", "2", "--json"]
+           "--n-vocab", "101", "--n-ctx", "64", "--workloads", "prefill", "--prefill-T", "16",
+           "--reps", "1", "--rounds", "2", "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["rounds"] == 2
-    train, prefill = report["results"]["train"], report["results"]["prefill"]
-    assert len(train["rounds"]) == len(prefill["rounds"]) == 2
-    assert train["npgpt"] == train["rounds"][0]["npgpt"]          # the first round's figures at the top
-    over = [p["npgpt"]["over_gemm"] for p in train["rounds"]]
-    assert train["over_gemm_all"] == over and train["median_over_gemm"] == sum(over) / 2
+    prefill = report["results"]["prefill"]
+    assert len(prefill["rounds"]) == 2 and all(p["npgpt"]["tokens_per_s"] > 0 for p in prefill["rounds"])
+    assert prefill["npgpt"] == prefill["rounds"][0]["npgpt"]      # the first round's figures at the top
     assert "median_ratio" not in prefill                          # no --compare: nothing to divide by
 
 
