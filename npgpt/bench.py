@@ -41,8 +41,8 @@ def _peak_rss_mb() -> float:
 
 
 def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
+    from statistics import median          # the middle two averaged for an even count
+    return median(xs)
 
 
 # ----------------------------------------------------------------------------- npgpt workers
@@ -395,20 +395,19 @@ def run(args, cfg=None) -> dict:
 def _round_ratio(w, pair):
     """The same-round ratio the row reports: speed npgpt/torch, or time npgpt/torch for train steps."""
     n, t = pair["npgpt"], pair.get("torch")
-    if t is None or w in ("startup", "train-loop"):
+    if t is None:                          # no --compare, or a workload PyTorch does not run
         return None
     return n["seconds"] / t["seconds"] if w.startswith("train") else n["tokens_per_s"] / t["tokens_per_s"]
 
 
 def _round_medians(w, rounds) -> dict:
-    from statistics import median          # the middle two averaged for an even count of rounds
     out = {}
     ratios = [_round_ratio(w, p) for p in rounds]
     if ratios[0] is not None:
-        out["ratios"], out["median_ratio"] = ratios, median(ratios)
+        out["ratios"], out["median_ratio"] = ratios, _median(ratios)
     over = [p["npgpt"]["over_gemm"] for p in rounds if "over_gemm" in p["npgpt"]]
     if over:
-        out["over_gemm_all"], out["median_over_gemm"] = over, median(over)
+        out["over_gemm_all"], out["median_over_gemm"] = over, _median(over)
     return out
 
 

@@ -183,11 +183,12 @@ class GPT(Module):
         with no_grad(), self.eval_mode():
             pos = cache.begin(T)                                                   # (B, T)
             x = self.wte(idx) + self.wpe.forward_cached(pos)                       # (B, T, C)
-            last = np.full(B, T - 1) if n_valid is None else n_valid - 1         # (B,) each row's last real position
+            keep = None                                                            # the last block: one position a row
+            if last_only and T > 1:
+                keep = np.full(B, T - 1) if n_valid is None else n_valid - 1      # (B,) each row's last real position
             for l, block in enumerate(self.h):
-                keep = last if last_only and T > 1 and l == len(self.h) - 1 else None   # last block: one position a row
-                x = block.forward_cached(x, cache.layer(l), keep)                  # (B, T, C) | (B, 1, C)
+                x = block.forward_cached(x, cache.layer(l), keep if l == len(self.h) - 1 else None)   # (B, T | 1, C)
             cache.advance(n_valid)
             if last_only:
-                x = x[:, 0] if T > 1 else x[np.arange(B), last]                    # (B, C)
+                x = x[:, 0]                                                        # (B, C): the one position left
             return self.lm_head(self.ln_f(x))                                      # (B, V) | (B, T, V)

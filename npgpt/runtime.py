@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import sys
-
 import os
+import sys
 
 INFERENCE_SPIN_COUNT = "10000"     # GOMP_SPINCOUNT for inference: covers the gaps between decoding's kernels
 

@@ -21,7 +21,8 @@ PARALLEL_MIN_WORK = 1 << 16      # below ~65k elements one thread finishes befor
 # error_model="numpy": a float division by zero gives inf/nan as in NumPy instead of raising
 # ZeroDivisionError. Parallel builds use it anyway; in a serial build the Python model's check
 # on every division keeps LLVM from vectorising the loop (GELU's serial loop ran ~10x slower).
-jit = njit(cache=True, nogil=True, error_model="numpy")
+JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy")     # every kernel's, serial or parallel
+jit = njit(**JIT_OPTIONS)
 
 
 def _renamed(fn, suffix):
@@ -41,7 +42,7 @@ REDUCTION_MATH = {"reassoc", "contract"}
 class _SerialOrParallel:
     def __init__(self, fn, fastmath):
         self.py_func = fn
-        opts = dict(cache=True, nogil=True, fastmath=fastmath, error_model="numpy")
+        opts = dict(JIT_OPTIONS, fastmath=fastmath)
         self.serial = njit(**opts)(_renamed(fn, "_serial"))
         self.parallel = njit(parallel=True, **opts)(_renamed(fn, "_parallel"))
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__

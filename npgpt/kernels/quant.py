@@ -20,13 +20,13 @@ float32 scratch and BLAS does the product (see npgpt/quant.py).
 import numpy as np
 from numba import njit, prange
 
-from ._jit import REDUCTION_MATH, pjit
+from ._jit import JIT_OPTIONS, REDUCTION_MATH, pjit
 from ._math import bits_to_float32
 
 CHUNK = 16          # output channels per parallel task (one float32 row buffer each)
 
 
-@njit(cache=True, nogil=True, fastmath=REDUCTION_MATH, error_model="numpy")
+@njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
 def _dot_rows(x, w, s, b, y, o):
     # y[n, o] = s * (x[n] . w) + b for every row n of x, four rows per pass over w (w read once
     # for four multiply-adds; one row at a time would load w and x[n] for each)
