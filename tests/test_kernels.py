@@ -116,6 +116,14 @@ def test_cross_entropy_kernel(dtype, N, V):
     close(dz2, dz, dtype)
 
 
+def test_cross_entropy_out_overlapping_logits_is_refused():
+    z = np.random.default_rng(5).standard_normal((4, 7)).astype(np.float32)
+    buf = np.concatenate([z.ravel(), np.zeros(7, np.float32)])
+    with pytest.raises(ValueError, match="overlaps the logits"):
+        kernels.cross_entropy_forward_backward(buf[:28].reshape(4, 7), np.zeros(4, np.int64), -100,
+                                               out=buf[7:].reshape(4, 7))
+
+
 def test_cross_entropy_all_ignored():
     z = np.ones((2, 3, 4), np.float32)
     loss, dz = kernels.cross_entropy_forward_backward(z, np.full((2, 3), -100), -100)

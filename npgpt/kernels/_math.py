@@ -1,4 +1,5 @@
-"""Two helpers the kernels call inside their loops: a bit cast, and an exp that LLVM can vectorise.
+"""Helpers the kernels call inside their loops: a bit cast, an exp that LLVM can vectorise, and a
+row maximum that runs at SIMD-like speed.
 
 Numba hands `np.exp` on a float32 to libm one element at a time (it has no SVML here), so a
 loop of exps runs at scalar speed. `exp(x)` below is the textbook way to compute it with only
@@ -11,8 +12,10 @@ multiply, add, floor and integer shifts, all of which vectorise to SIMD:
              come out as IEEE says)
 
 n ln 2 is subtracted in two parts (LN2_HI has few significant bits, so n * LN2_HI is exact).
-Error against the correctly rounded result: at most 1.2 ulp over the whole float32 range (tested
-in tests/test_kernels_math.py). exp(-inf) = 0, exp(inf) = inf, exp(nan) = nan. float64 inputs go
+Multiply-adds may be fused ('contract'): Horner's rule then runs as 7 FMAs, each rounded once,
+~1.5x faster (0.79 -> 0.54 ns an element on a Zen 3 core). Error against the correctly rounded
+result over the whole float32 range: at most 0.9 ulp with FMA, 1.2 ulp without (tested in
+tests/test_kernels.py against 1.2). exp(-inf) = 0, exp(inf) = inf, exp(nan) = nan. float64 inputs go
 to np.exp unchanged, so float64 gradient checks see the exact function.
 """
 import math
@@ -21,6 +24,8 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
+
+from ._jit import jit
 
 
 @intrinsic
@@ -51,7 +56,7 @@ def exp(x):
     return np.exp(x)
 
 
-@overload(exp, jit_options={"fastmath": False})      # reassociation would undo the two-part n ln 2
+@overload(exp, jit_options={"fastmath": {"contract"}})   # fused multiply-adds; no reassociation (it would undo the two-part n ln 2)
 def _exp(x):
     if x != types.float32:
         return lambda x: np.exp(x)
@@ -67,3 +72,29 @@ def _exp(x):
         y = p * bits_to_float32((n1 + 127) << 23) * bits_to_float32((n2 + 127) << 23)
         return y if x == x else x                                 # nan stays nan
     return exp_float32
+
+
+@jit
+def max_of(a, lo, hi):
+    """max(a[lo:hi]) of a 1-D array (hi > lo), for use inside kernels.
+
+    LLVM does not vectorise a float max reduction (NaN rules keep it from reordering the
+    comparisons), so `m = max(m, a[i])` runs one compare per cycle or slower, each waiting on the last.
+    Eight partial maxima over interleaved elements are eight independent chains the core overlaps:
+    12.1 -> 8.0 ms for the cross-entropy's first pass over (256, 50257) logits. The maximum is the same
+    whatever the order (NaNs aside, which the callers' exp turns into NaN anyway)."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = a[lo]
+    end = hi - (hi - lo) % 8
+    for i in range(lo, end, 8):
+        m0 = max(m0, a[i])
+        m1 = max(m1, a[i + 1])
+        m2 = max(m2, a[i + 2])
+        m3 = max(m3, a[i + 3])
+        m4 = max(m4, a[i + 4])
+        m5 = max(m5, a[i + 5])
+        m6 = max(m6, a[i + 6])
+        m7 = max(m7, a[i + 7])
+    m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    for i in range(end, hi):
+        m = max(m, a[i])
+    return m

@@ -5,53 +5,54 @@
     loss = sum(nll) / n;  dz = (e / sumexp - onehot(target)) / n   (0 on ignored rows)
     (n: the count of non-ignored rows, or the caller's normalizer)
 
-Two passes over the (N, V) logits: the first finds each row's max, then writes e = exp(z - m) and
-sums it (the vectorised exp of npgpt/kernels/_math.py); the second scales each row into dz.
-dz may be the logits array itself (out=logits): pass 1 reads each row before overwriting it.
+One pass over the (N, V) logits from memory, a row at a time (prange over rows): the row is copied
+into dz (unless dz is the logits array itself, out=logits), and while it sits in cache its max is
+found (max_of), e = exp(z - m) written and summed (the vectorised exp of npgpt/kernels/_math.py;
+blocks of SUM_BLOCK terms in the logits' dtype, the block sums in float64), and e scaled into dz.
 """
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
-from ._jit import pjit
-from ._math import exp
+from ._jit import JIT_OPTIONS, REDUCTION_MATH, pjit
+from ._math import exp, max_of
+
+SUM_BLOCK = 256      # terms of a row summed in the logits' dtype (at full SIMD width) before going to float64
+
+
+@njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
+def _exp_sum(e, mx):
+    """e <- exp(e - mx) in place; returns sum(e) in e's dtype. A loop over one contiguous array, as
+    LLVM vectorises it: written as e[v0:v1] of a (N, V) array inside the row loop, or as dz[n, v] =
+    exp(z[n, v] - mx) with dz the logits themselves (out=logits), it ran one element at a time."""
+    s = e.dtype.type(0)
+    for i in range(e.size):
+        x = exp(e[i] - mx)
+        e[i] = x
+        s += x
+    return s
 
 
 @pjit(reductions=True)
-def _exp_rows(z, t, ignore_index, dz, zt, m, total):   # dz = exp(z - max_v z), total = its row sum; zt = z[target]
+def _rows(z, t, ignore_index, inv_n, dz, same, nll):   # dz (N, V) <- dlogits; nll (N,) float64
     N, V = z.shape
     for n in prange(N):
-        if t[n] == ignore_index:
-            zt[n] = 0.0
-            m[n] = 0.0
-            total[n] = 1.0
-            for v in range(V):
-                dz[n, v] = 0.0                     # ignored rows get no gradient
-            continue
-        zt[n] = z[n, t[n]]
-        mx = z[n, 0]
-        for v in range(1, V):
-            mx = max(mx, z[n, v])
-        m[n] = mx
-        acc = 0.0
-        for v in range(V):
-            e = exp(z[n, v] - mx)
-            dz[n, v] = e
-            acc += e
-        total[n] = acc
-
-
-@pjit(reductions=True)
-def _normalise(e, t, ignore_index, inv_n, zt, m, total, nll):   # e = exp(z - m) -> dz; nll per row
-    N, V = e.shape
-    for n in prange(N):
+        e = dz[n]                                   # (V,) this row's output
         if t[n] == ignore_index:
             nll[n] = 0.0
+            e[:] = 0.0                              # ignored rows get no gradient
             continue
-        nll[n] = np.log(total[n]) + m[n] - zt[n]
-        scale = e.dtype.type(inv_n / total[n])
+        zt = z[n, t[n]]                             # read before the row is overwritten (same)
+        if not same:
+            e[:] = z[n]                             # the row, then in cache for the passes below
+        mx = max_of(e, 0, V)                        # m = max_v z
+        total = 0.0
+        for v0 in range(0, V, SUM_BLOCK):           # e = exp(z - m); sumexp in float64 over blocks
+            total += _exp_sum(e[v0:min(v0 + SUM_BLOCK, V)], mx)
+        nll[n] = np.log(total) + mx - zt            # nll = log(sumexp) + m - z[target]
+        scale = e.dtype.type(inv_n / total)
         for v in range(V):
-            e[n, v] *= scale
-        e[n, t[n]] -= inv_n
+            e[v] *= scale                           # dz = e / sumexp / n ...
+        e[t[n]] -= inv_n                            # ... - onehot(target) / n
 
 
 def cross_entropy_forward_backward(logits, targets, ignore_index, out=None, normalizer=None):
@@ -61,8 +62,10 @@ def cross_entropy_forward_backward(logits, targets, ignore_index, out=None, norm
     N = len(t)
     n = max(int(np.count_nonzero(t != ignore_index)), 1) if normalizer is None else normalizer
     dz = np.empty_like(z) if out is None else out.reshape(-1, V)
-    zt, m, total, nll = np.empty(N), np.empty(N), np.empty(N), np.empty(N)   # float64 per-row scalars
-    _exp_rows(z.size, z, t, ignore_index, dz, zt, m, total)
-    _normalise(z.size, dz, t, ignore_index, 1.0 / n, zt, m, total, nll)
+    same = dz.ctypes.data == z.ctypes.data
+    if not same and np.shares_memory(dz, z):
+        raise ValueError("cross_entropy: out overlaps the logits without being them (pass out=logits or a separate array)")
+    nll = np.empty(N)
+    _rows(z.size, z, t, ignore_index, 1.0 / n, dz, same, nll)
     loss = nll.sum() / n
     return logits.dtype.type(loss), dz.reshape(logits.shape)

@@ -38,7 +38,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import pjit
-from ._math import exp
+from ._math import exp, max_of
 
 BLOCK = 128                         # query and key block size (rows of a tile); measured against 32, 64, 96
 
@@ -75,9 +75,7 @@ def _forward(q, k, v, scale, block, y, L):
                 S = np.dot(Qi, K[j0:j1].T)         # (nr, nc) scores, already scaled
                 for r in range(nr):
                     last = min(nc, i0 + r - j0 + 1)    # keys j0 .. j0 + last - 1 are visible
-                    mx = m[r]
-                    for c in range(last):
-                        mx = max(mx, S[r, c])
+                    mx = max(m[r], max_of(S[r], 0, last))
                     alpha = exp(m[r] - mx)      # 0 on the first block (m = -inf)
                     rs = zero
                     for c in range(last):
