@@ -22,10 +22,10 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from ._jit import jit
+from ._jit import JIT_OPTIONS, REDUCTION_MATH, jit
 
 
 @intrinsic
@@ -98,3 +98,19 @@ def max_of(a, lo, hi):
     for i in range(end, hi):
         m = max(m, a[i])
     return m
+
+
+@njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
+def exp_sum_(e, mx):
+    """e <- exp(e - mx) in place, for use inside kernels; returns sum(e) in e's dtype.
+
+    Written as a loop over one 1-D array, as LLVM vectorises it. The same loop inlined in a kernel as
+    s[r, c] = exp(s[r, c] - mx) over a row of a 2-D array, with bounds computed per row, ran one element
+    at a time (~4 ns an element instead of ~0.6): the cross-entropy's with out=logits, 40.5 -> 8.7 ms
+    at (256, 50257)."""
+    s = e.dtype.type(0)
+    for i in range(e.size):
+        x = exp(e[i] - mx)
+        e[i] = x
+        s += x
+    return s

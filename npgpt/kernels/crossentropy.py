@@ -11,25 +11,12 @@ found (max_of), e = exp(z - m) written and summed (the vectorised exp of npgpt/k
 blocks of SUM_BLOCK terms in the logits' dtype, the block sums in float64), and e scaled into dz.
 """
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
-from ._jit import JIT_OPTIONS, REDUCTION_MATH, pjit
-from ._math import exp, max_of
+from ._jit import pjit
+from ._math import exp_sum_, max_of
 
 SUM_BLOCK = 256      # terms of a row summed in the logits' dtype (at full SIMD width) before going to float64
-
-
-@njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
-def _exp_sum(e, mx):
-    """e <- exp(e - mx) in place; returns sum(e) in e's dtype. A loop over one contiguous array, as
-    LLVM vectorises it: written as e[v0:v1] of a (N, V) array inside the row loop, or as dz[n, v] =
-    exp(z[n, v] - mx) with dz the logits themselves (out=logits), it ran one element at a time."""
-    s = e.dtype.type(0)
-    for i in range(e.size):
-        x = exp(e[i] - mx)
-        e[i] = x
-        s += x
-    return s
 
 
 @pjit(reductions=True)
@@ -47,7 +34,7 @@ def _rows(z, t, ignore_index, inv_n, dz, same, nll):   # dz (N, V) <- dlogits; n
         mx = max_of(e, 0, V)                        # m = max_v z
         total = 0.0
         for v0 in range(0, V, SUM_BLOCK):           # e = exp(z - m); sumexp in float64 over blocks
-            total += _exp_sum(e[v0:min(v0 + SUM_BLOCK, V)], mx)
+            total += exp_sum_(e[v0:min(v0 + SUM_BLOCK, V)], mx)
         nll[n] = np.log(total) + mx - zt            # nll = log(sumexp) + m - z[target]
         scale = e.dtype.type(inv_n / total)
         for v in range(V):

@@ -38,7 +38,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import pjit
-from ._math import exp, max_of
+from ._math import exp, exp_sum_, max_of
 
 BLOCK = 128                         # query and key block size (rows of a tile); measured against 32, 64, 96
 
@@ -58,7 +58,6 @@ def _forward(q, k, v, scale, block, y, L):
                 Q[t, d] = q[b, h, t, d] * scale
                 K[t, d] = k[b, h, t, d]
                 V[t, d] = v[b, h, t, d]
-        zero = dt.type(0)
         m = np.empty(block, dt)                    # running row max of scale * s
         l = np.empty(block, dt)                    # running row sum of exp(scale * s - m)
         for i0 in range(0, T, block):
@@ -77,11 +76,7 @@ def _forward(q, k, v, scale, block, y, L):
                     last = min(nc, i0 + r - j0 + 1)    # keys j0 .. j0 + last - 1 are visible
                     mx = max(m[r], max_of(S[r], 0, last))
                     alpha = exp(m[r] - mx)      # 0 on the first block (m = -inf)
-                    rs = zero
-                    for c in range(last):
-                        p = exp(S[r, c] - mx)
-                        S[r, c] = p
-                        rs += p
+                    rs = exp_sum_(S[r, :last], mx)     # P = exp(S - m_new) in place, and its row sum
                     for c in range(last, nc):
                         S[r, c] = 0.0
                     l[r] = l[r] * alpha + rs
