@@ -106,8 +106,7 @@ def exp_sum_(e, mx):
 
     Written as a loop over one 1-D array, as LLVM vectorises it. The same loop inlined in a kernel as
     s[r, c] = exp(s[r, c] - mx) over a row of a 2-D array, with bounds computed per row, ran one element
-    at a time (~4 ns an element instead of ~0.6): the cross-entropy's with out=logits, 40.5 -> 8.7 ms
-    at (256, 50257)."""
+    at a time: ~4 ns an element instead of ~0.7 (one core, blocks of 256 of a 50257-wide row)."""
     s = e.dtype.type(0)
     for i in range(e.size):
         x = exp(e[i] - mx)
