@@ -111,9 +111,9 @@ def test_cross_entropy_kernel(dtype, N, V):
     z2 = z.copy()
     loss2, dz2 = kernels.cross_entropy_forward_backward(z2, t, -100, out=z2)
     assert dz2 is z2 or np.shares_memory(dz2, z2)
-    # same math; the vectoriser may pick another summation order when input and output alias
-    assert abs(loss2 - loss) <= RTOL[dtype] * abs(loss)
-    close(dz2, dz, dtype)
+    # the same kernel on the same row values (copied into dz first, or already there): identical results
+    assert loss2 == loss
+    np.testing.assert_array_equal(dz2, dz)
 
 
 def test_cross_entropy_out_overlapping_logits_is_refused():

@@ -1,5 +1,5 @@
-"""Helpers the kernels call inside their loops: a bit cast, an exp that LLVM can vectorise, and a
-row maximum that runs at SIMD-like speed.
+"""Helpers the kernels call inside their loops: a bit cast, an exp that LLVM can vectorise, a row
+maximum over eight independent chains (max_of), and an in-place exp with its sum (exp_sum_).
 
 Numba hands `np.exp` on a float32 to libm one element at a time (it has no SVML here), so a
 loop of exps runs at scalar speed. `exp(x)` below is the textbook way to compute it with only
@@ -81,7 +81,7 @@ def max_of(a, lo, hi):
     LLVM does not vectorise a float max reduction (NaN rules keep it from reordering the
     comparisons), so `m = max(m, a[i])` runs one compare per cycle or slower, each waiting on the last.
     Eight partial maxima over interleaved elements are eight independent chains the core overlaps:
-    12.1 -> 8.0 ms for the cross-entropy's first pass over (256, 50257) logits. The maximum is the same
+    0.32 -> 0.22 ns an element over a 50257-wide row, one core. The maximum is the same
     whatever the order (NaNs aside, which the callers' exp turns into NaN anyway)."""
     m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = a[lo]
     end = hi - (hi - lo) % 8
