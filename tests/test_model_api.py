@@ -298,6 +298,93 @@ def test_adamw_decays_only_matrices(backend):
     assert not kinds["transformer.h.0.ln_1.weight"] and not kinds["transformer.h.0.attn.c_attn.bias"]
 
 
+def test_adamw_packs_parameters_gradients_and_moments():
+    """Each of the four lives in one flat buffer, the decayed (>= 2-D) parameters first; packing keeps
+    the values, and the gradients a backward writes land in the gradient buffer."""
+    from npgpt.optim import tiled_buffer
+    model = tiny(seed=7)
+    before = snapshot(model)
+    opt = AdamW(model, lr=1e-2)
+    assert_params_equal(model, before)
+    params = model.parameters()
+    assert tiled_buffer([p.data for p in params]) is opt.packed.P
+    forward_backward(model, *batch())
+    assert tiled_buffer([p.grad for p in params]) is opt.packed.G
+    assert tiled_buffer(list(opt.m.values())) is opt.packed.M and tiled_buffer(list(opt.v.values())) is opt.packed.V
+    n_decay = sum(p.data.size for p in params if p.data.ndim >= 2)
+    assert opt.packed.n_decay == n_decay
+    for p in params:                                          # decayed ones in [0, n_decay), the rest after
+        offset = (p.data.ctypes.data - opt.packed.P.ctypes.data) // p.data.itemsize
+        assert (offset < n_decay) == (p.data.ndim >= 2)
+    assert opt.packed.intact()
+
+
+@pytest.mark.parametrize("dtype, clip", [(np.float32, 1e9), (np.float64, 0.05)])
+def test_adamw_packed_step_equals_per_parameter_step(backend, dtype, clip):
+    """The same training run with the packed update (two launches) and with the per-parameter one
+    (the packing undone by rebinding one parameter's array): without clipping bit for bit; with
+    clipping the norm's summation order differs (one sum against one per parameter)."""
+    from npgpt.optim import grad_norm
+    from npgpt.train.lm import count_targets, lm_loss
+    from npgpt.train.loop import train_step
+    a, b = tiny(dtype=dtype, seed=8), tiny(dtype=dtype, seed=8)
+    opt_a, opt_b = AdamW(a, lr=1e-2, weight_decay=0.1), AdamW(b, lr=1e-2, weight_decay=0.1)
+    b.wpe.weight.data = b.wpe.weight.data.copy()             # off its slice: b takes the per-parameter path
+    norms = []
+    for step in range(3):
+        idx, targets = batch(seed=step)
+        targets[targets < 0] = 0
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            _, norm = train_step(model, opt, (idx, targets), 1e-2, loss_fn=lm_loss, count_fn=count_targets, clip=clip)
+            norms.append(norm)
+        assert opt_a.packed.intact() and not opt_b.packed.intact()
+        assert grad_norm(a) == pytest.approx(grad_norm(b), rel=1e-12 if dtype == np.float64 else 1e-6)
+    if clip < 1e9:
+        assert min(norms) > clip                              # clipping was active in every step
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        if clip >= 1e9:
+            np.testing.assert_array_equal(pa.data, pb.data, err_msg=n)
+            np.testing.assert_array_equal(opt_a.m[n], opt_b.m[n], err_msg=n)
+            np.testing.assert_array_equal(opt_a.v[n], opt_b.v[n], err_msg=n)
+        else:
+            np.testing.assert_allclose(pa.data, pb.data, rtol=1e-12, atol=1e-14, err_msg=n)
+
+
+def test_adamw_packed_skips_a_parameter_without_gradient():
+    """One parameter without a gradient this step: the step goes per parameter and leaves it alone
+    (no decay, no move on old momentum), as the unpacked optimizer does."""
+    model = tiny(seed=9)
+    opt = AdamW(model, lr=1e-2, weight_decay=0.5)
+    model.zero_grad()
+    forward_backward(model, *batch())
+    opt.step()
+    model.zero_grad()
+    forward_backward(model, *batch(seed=1))
+    model.wte.weight.zero_grad()                              # no gradient for wte this step
+    assert not opt.packed.intact()
+    before = snapshot(model)
+    opt.step()
+    assert np.array_equal(model.wte.weight.data, before["transformer.wte.weight"])
+    assert not np.array_equal(model.wpe.weight.data, before["transformer.wpe.weight"])
+
+
+def test_adamw_after_load_with_assign_updates_the_new_arrays():
+    """load_state_dict(assign=True) makes the state's arrays the parameters: the optimizer's next step
+    updates them (per parameter), not the packed copy they left."""
+    model = tiny(seed=10)
+    opt = AdamW(model, lr=1e-2)
+    state = {n: p.data.copy() for n, p in model.named_parameters()}
+    model.load_state_dict(state, assign=True)
+    before = {n: a.copy() for n, a in state.items()}
+    model.zero_grad()
+    forward_backward(model, *batch())
+    opt.step()
+    assert not opt.packed.intact()
+    for n, p in model.named_parameters():
+        assert p.data is state[n], n
+        assert not np.array_equal(state[n], before[n]), n      # every parameter has a gradient and moved
+
+
 def test_adamw_first_step_is_sign_like(backend):
     """With bias correction, the first step moves every parameter by ~lr * sign(g) (no decay)."""
     model = tiny(seed=4)

@@ -106,6 +106,22 @@ class Parameter:
             self._grad = np.empty_like(self.data)
         self._grad_is_zero = True
 
+    def move_to(self, data: np.ndarray, grad: np.ndarray):
+        """Keep the values in `data` and the gradient in `grad` from now on: C-contiguous arrays of this
+        parameter's shape and dtype, e.g. views of one flat buffer (npgpt.optim.AdamW packs the
+        trainable parameters so). The values are copied over; so is the gradient, or whether there is
+        none since zero_grad()."""
+        for a, what in ((data, "data"), (grad, "grad")):
+            if a.shape != self.data.shape or a.dtype != self.data.dtype or not a.flags.c_contiguous:
+                raise ValueError(f"move_to: {what} must be C-contiguous {self.data.dtype} of shape {self.data.shape}, "
+                                 f"got {a.dtype} {a.shape}")
+        data[...] = self.data
+        has_grad = self.has_grad
+        if has_grad:
+            grad[...] = self._grad
+        self._data, self._grad, self._grad_is_zero = data, grad, not has_grad
+        return self
+
     def add_matmul(self, a, b):
         """grad += a @ b  (a 2-D GEMM; written straight into grad when grad is still zero)."""
         if self._grad is None:
