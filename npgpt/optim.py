@@ -19,10 +19,10 @@ def grad_norm(model) -> float:
 
 
 def _l2_norm(grads) -> float:
-    flat = tiled_buffer(grads)
-    if flat is not None:
-        grads = [flat]                  # AdamW's packed gradients: one pass, one kernel launch
     if kernels.use_numba():
+        flat = tiled_buffer(grads)
+        if flat is not None:
+            grads = [flat]              # AdamW's packed gradients: one kernel launch (float64 sums)
         return math.sqrt(sum(kernels.sum_of_squares(g) for g in grads))
     return math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
 
@@ -33,9 +33,9 @@ def tiled_buffer(arrays):
     if not arrays:
         return None
     base = arrays[0].base
-    if base is None or base.ndim != 1 or not base.flags.c_contiguous or sum(a.size for a in arrays) != base.size:
+    if not isinstance(base, np.ndarray) or base.ndim != 1 or not base.flags.c_contiguous:
         return None
-    if any(a.base is not base or not a.flags.c_contiguous for a in arrays):
+    if any(a.base is not base or a.dtype != base.dtype or not a.flags.c_contiguous for a in arrays):
         return None
     start = base.ctypes.data
     end = 0
@@ -43,7 +43,7 @@ def tiled_buffer(arrays):
         if offset != end:
             return None
         end += nbytes
-    return base
+    return base if end == base.nbytes else None
 
 
 def clip_coef(norm: float, max_norm: float) -> float:
@@ -90,7 +90,9 @@ class AdamW:
     is frozen) is skipped: no decay, no moment update, as PyTorch with zero_grad(set_to_none=True).
     t counts the optimizer's steps (one for all parameters), where PyTorch counts per parameter.
     Only the parameters trainable when the optimizer is built (requires_grad) get moments and updates:
-    freeze before building it.
+    freeze before building it. Building it also moves those parameters' values and gradients into
+    flat buffers (_Packed): arrays taken from p.data or state_dict() before then are no longer the
+    parameters, and weights loaded afterwards should be copied in (load_state_dict without assign).
     """
 
     def __init__(self, model, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1):
@@ -113,7 +115,7 @@ class AdamW:
         self.t += 1
         b1, b2 = self.betas
         bc1, bc2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
-        if self.packed is not None and self.packed.intact():     # every parameter at once, two launches
+        if self.packed is not None and kernels.use_numba() and self.packed.intact():   # all at once, two launches
             pk = self.packed
             for lo, hi, decays in ((0, pk.n_decay, True), (pk.n_decay, pk.P.size, False)):
                 if hi > lo:
@@ -162,7 +164,8 @@ class _Packed:
     M, V), as llm.c keeps params_memory and grads_memory: a step then updates all of them in two kernel
     launches (the decayed >= 2-D parameters first in every buffer, then the rest) and grad_norm sums
     one array, instead of one launch per parameter (148 for GPT-2), each waking the kernel's threads.
-    GPT-2 124M, one process, kernels alone: AdamW 76 -> 63 ms, the squared norm 22 -> 16 ms.
+    GPT-2 124M, one process, kernels alone: AdamW 76 -> 63 ms, the squared norm 22 -> 16 ms. Only the
+    Numba kernels take that path: NumPy's reference update would make temporaries of the whole buffer.
 
     Built when the optimizer is: each parameter moves its values and gradient into its slice
     (Parameter.move_to). Anything that later rebinds a parameter's .data or .grad to another array
@@ -196,7 +199,8 @@ class _Packed:
 
     def intact(self) -> bool:
         """Every parameter still in its slice, and every one with a gradient this step."""
-        return all(p.data is d and p.has_grad and p._grad is g for p, d, g in self.views)
+        return all(p.data is d and p.has_grad and p._grad is g and d.base is self.P and g.base is self.G
+                   for p, d, g in self.views)
 
 
 def adamw_update_numpy(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2):

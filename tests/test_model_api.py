@@ -320,16 +320,21 @@ def test_adamw_packs_parameters_gradients_and_moments():
 
 
 @pytest.mark.parametrize("dtype, clip", [(np.float32, 1e9), (np.float64, 0.05)])
-def test_adamw_packed_step_equals_per_parameter_step(backend, dtype, clip):
-    """The same training run with the packed update (two launches) and with the per-parameter one
-    (the packing undone by rebinding one parameter's array): without clipping bit for bit; with
-    clipping the norm's summation order differs (one sum against one per parameter)."""
-    from npgpt.optim import grad_norm
+def test_adamw_packed_step_equals_per_parameter_step(backend, dtype, clip, monkeypatch):
+    """The same training run with the packed update (two launches, the norm summed over one buffer)
+    and with the per-parameter one (the packing undone by rebinding one parameter's array and one
+    gradient's): without clipping bit for bit; with clipping the norm's summation order differs."""
+    from npgpt.optim import grad_norm, tiled_buffer
     from npgpt.train.lm import count_targets, lm_loss
     from npgpt.train.loop import train_step
     a, b = tiny(dtype=dtype, seed=8), tiny(dtype=dtype, seed=8)
     opt_a, opt_b = AdamW(a, lr=1e-2, weight_decay=0.1), AdamW(b, lr=1e-2, weight_decay=0.1)
     b.wpe.weight.data = b.wpe.weight.data.copy()             # off its slice: b takes the per-parameter path
+    b.h[0].ln_1.weight.grad = np.zeros_like(b.h[0].ln_1.weight.data)   # and its gradients tile no buffer
+    calls = []
+    real = AdamW._update
+    monkeypatch.setattr(AdamW, "_update", lambda self, *args: (calls.append(self), real(self, *args)))
+    packed = backend != "numpy"                               # NumPy's reference update runs per parameter
     norms = []
     for step in range(3):
         idx, targets = batch(seed=step)
@@ -337,7 +342,12 @@ def test_adamw_packed_step_equals_per_parameter_step(backend, dtype, clip):
         for model, opt in ((a, opt_a), (b, opt_b)):
             _, norm = train_step(model, opt, (idx, targets), 1e-2, loss_fn=lm_loss, count_fn=count_targets, clip=clip)
             norms.append(norm)
+        n_params = len(opt_b.named)
+        assert calls.count(opt_a) == (step + 1) * (2 if packed else n_params)    # two launches a step
+        assert calls.count(opt_b) == (step + 1) * n_params
         assert opt_a.packed.intact() and not opt_b.packed.intact()
+        assert tiled_buffer([p.grad for p in a.parameters()]) is opt_a.packed.G
+        assert tiled_buffer([p.grad for p in b.parameters()]) is None
         assert grad_norm(a) == pytest.approx(grad_norm(b), rel=1e-12 if dtype == np.float64 else 1e-6)
     if clip < 1e9:
         assert min(norms) > clip                              # clipping was active in every step
@@ -348,6 +358,36 @@ def test_adamw_packed_step_equals_per_parameter_step(backend, dtype, clip):
             np.testing.assert_array_equal(opt_a.v[n], opt_b.v[n], err_msg=n)
         else:
             np.testing.assert_allclose(pa.data, pb.data, rtol=1e-12, atol=1e-14, err_msg=n)
+
+
+def test_adamw_copied_with_its_model_takes_the_per_parameter_path():
+    """A deep copy of (model, optimizer) holds copies, not views of the copied buffers: the copy's step
+    must update its own parameters, not the orphaned buffers."""
+    import copy
+    model = tiny(seed=11)
+    opt = AdamW(model, lr=1e-2)
+    model2, opt2 = copy.deepcopy((model, opt))
+    before = snapshot(model2)
+    model2.zero_grad()
+    forward_backward(model2, *batch())
+    assert not opt2.packed.intact()
+    opt2.step()
+    for n, p in model2.named_parameters():
+        assert not np.array_equal(p.data, before[n]), n
+
+
+def test_tiled_buffer():
+    from npgpt.optim import tiled_buffer
+    buf = np.arange(10.0)
+    parts = [buf[6:].reshape(2, 2), buf[:2], buf[2:6]]
+    assert tiled_buffer(parts) is buf
+    assert tiled_buffer(parts[:2]) is None                    # a gap
+    assert tiled_buffer([buf[:6], buf[5:9]]) is None          # an overlap and a gap (sizes add up to 10)
+    assert tiled_buffer([buf[::2], buf[1::2]]) is None        # strided views
+    assert tiled_buffer([buf[:5], np.arange(5.0)]) is None    # another array
+    assert tiled_buffer([buf.view(np.float32)]) is None       # another dtype
+    assert tiled_buffer([np.frombuffer(b"\0" * 16, np.float64)]) is None   # a base that is no array
+    assert tiled_buffer([]) is None
 
 
 def test_adamw_packed_skips_a_parameter_without_gradient():
