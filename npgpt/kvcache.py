@@ -21,6 +21,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def additive_mask(hidden, dtype):
+    """-inf where `hidden` (a boolean array), 0 elsewhere: added to attention scores before the softmax."""
+    return np.where(hidden, -np.inf, 0.0).astype(dtype)
+
+
 class KVCache:
     def __init__(self, n_layer: int, B: int, NH: int, n_ctx: int, hs: int, dtype=np.float32):
         dtype = np.dtype(dtype)
@@ -97,7 +102,7 @@ class KVCache:
             # is looser, so add -inf on the keys in between (stale or other rows' positions)
             keys = np.arange(Tk)
             hidden = keys[None, None, :] > pos[:, :, None]              # (B, T, Tk)
-            mask = np.where(hidden, -np.inf, 0.0).astype(self.dtype)[:, None]   # (B, 1, T, Tk)
+            mask = additive_mask(hidden, self.dtype)[:, None]            # (B, 1, T, Tk)
         else:
             mask = None
         self._step = (pos, Tk, mask)
@@ -144,5 +149,5 @@ class LayerKV:
         if keep is not None:
             at = pos[np.arange(pos.shape[0]), keep]                    # (B,) the kept queries' positions
             hidden = np.arange(Tk)[None, :] > at[:, None]              # (B, Tk) keys after them
-            mask = np.where(hidden, -np.inf, 0.0).astype(self.k.dtype)[:, None, None] if hidden.any() else None
+            mask = additive_mask(hidden, self.k.dtype)[:, None, None] if hidden.any() else None   # (B, 1, 1, Tk)
         return self.k[:, :, :Tk], self.v[:, :, :Tk], mask
