@@ -7,15 +7,19 @@ launcher's environment: PMI_RANK/PMI_SIZE of MPICH's hydra, OMPI_COMM_WORLD_SIZE
 it is an `MPIDist` over MPI.COMM_WORLD; otherwise a `LocalDist` of rank 0 of 1, and mpi4py is never
 imported: one process needs no MPI installed.
 
-Gradients are summed by `allreduce_grads(model)`: every parameter's gradient is copied into one
-flat, contiguous buffer per dtype (allocated once), reduced in place with one MPI Allreduce per
-bucket of at most BUCKET_BYTES (32 MB), and copied back. Each rank's loss was divided by the
-global batch's target count, so the sum is the gradient one process computes on the whole batch.
+Gradients are summed by `allreduce_grads(model)`, in place, with one MPI Allreduce per bucket of
+at most BUCKET_BYTES (32 MB) of a flat, contiguous buffer. When the gradients already tile one
+buffer (AdamW keeps them so: npgpt.optim._Packed) and every rank agrees on that layout, that buffer
+is reduced where it is; otherwise every gradient is copied into a flat buffer per dtype (allocated
+once), reduced, and copied back. Each rank's loss was divided by the global batch's target count, so
+the sum is the gradient one process computes on the whole batch.
 
-Parameters with no gradient this step (`has_grad` False on a rank): the ranks first agree, with a
-one-byte-per-parameter MAX reduce, on which parameters received a gradient anywhere. Those are
-reduced on every rank (a rank without one contributes zeros); the others stay without a gradient
-on every rank, so AdamW and clipping skip the same set everywhere.
+Parameters with no gradient this step (`has_grad` False on a rank): the ranks first compare, with
+a MIN and a MAX reduce of one integer per parameter (no gradient, or where it lies in the buffer),
+which parameters received a gradient where. If that differs between ranks, the copying path is
+taken: the parameters with a gradient anywhere are reduced on every rank (a rank without one
+contributes zeros); the others stay without a gradient on every rank, so AdamW and clipping skip
+the same set everywhere.
 """
 from __future__ import annotations
 
@@ -98,13 +102,39 @@ class MPIDist:
 
     def allreduce_grads(self, model):
         import time
+
+        from .optim import tiled_buffer
         params = list(model.parameters())
         if not params:
             return
-        buffers, where = self._plan(params)
         t0 = time.perf_counter()
-        flags = np.fromiter((p.has_grad for p in params), dtype=np.uint8, count=len(params))
-        self.comm.Allreduce(self.MPI.IN_PLACE, flags, op=self.MPI.MAX)      # a gradient on any rank?
+        # Each parameter's code: -2 no gradient on this rank, -1 a gradient outside one tiled buffer,
+        # else its offset in the buffer the gradients tile. The ranks compare codes with a MIN and a MAX.
+        flat = tiled_buffer([p.grad for p in params if p.has_grad])
+        code = np.full(len(params), -2, dtype=np.int64)
+        for i, p in enumerate(params):
+            if p.has_grad:
+                code[i] = -1 if flat is None else (p.grad.ctypes.data - flat.ctypes.data) // flat.itemsize
+        lo, hi = code.copy(), code.copy()
+        self.comm.Allreduce(self.MPI.IN_PLACE, lo, op=self.MPI.MIN)
+        self.comm.Allreduce(self.MPI.IN_PLACE, hi, op=self.MPI.MAX)
+        if flat is not None and np.array_equal(lo, hi) and lo.min() != -1:
+            self.bytes_per_step = self._allreduce_flat(flat)    # one layout on every rank: reduce it where it is
+        else:
+            self.bytes_per_step = self._allreduce_copied(params, hi > -2)    # hi > -2: a gradient on some rank
+        self.allreduce_seconds = time.perf_counter() - t0
+
+    def _allreduce_flat(self, buf) -> int:
+        """Sum buf over the ranks in place, bucket by bucket; returns the bytes handed to MPI."""
+        step = max(1, BUCKET_BYTES // buf.itemsize)
+        for lo in range(0, buf.size, step):
+            self.comm.Allreduce(self.MPI.IN_PLACE, buf[lo:lo + step], op=self.MPI.SUM)
+        return buf.nbytes
+
+    def _allreduce_copied(self, params, flags) -> int:
+        """Copy the flagged parameters' gradients into the flat buffers (zeros for a rank without one),
+        sum those over the ranks, and copy the sums back."""
+        buffers, where = self._plan(params)
         for p, (dt, off, n), f in zip(params, where, flags):
             if f:
                 dst = buffers[dt][off:off + n]
@@ -112,18 +142,11 @@ class MPIDist:
                     np.copyto(dst, p.grad.reshape(-1))
                 else:
                     dst.fill(0)
-        sent = 0
-        for dt, buf in buffers.items():
-            step = max(1, BUCKET_BYTES // buf.itemsize)
-            for lo in range(0, buf.size, step):
-                chunk = buf[lo:lo + step]
-                self.comm.Allreduce(self.MPI.IN_PLACE, chunk, op=self.MPI.SUM)
-                sent += chunk.nbytes
+        sent = sum(self._allreduce_flat(buf) for buf in buffers.values())
         for p, (dt, off, n), f in zip(params, where, flags):
             if f:
                 p.grad.reshape(-1)[...] = buffers[dt][off:off + n]   # .grad of a gradless one: zeros first
-        self.bytes_per_step = sent
-        self.allreduce_seconds = time.perf_counter() - t0
+        return sent
 
     def allreduce_sum(self, x: float) -> float:
         return float(self.comm.allreduce(float(x), op=self.MPI.SUM))

@@ -269,6 +269,45 @@ def test_allreduce_grads_sums_and_agrees_on_parameters_without_gradients(tmp_pat
 
 
 @needs_mpi
+def test_allreduce_grads_reduces_adamws_packed_gradients_where_they_are(tmp_path):
+    """With AdamW built, the gradients tile its flat buffer G: that buffer is reduced in place, with no
+    copy (no flat buffers of allreduce's own are made), and each .grad is still its view of G. A rank
+    without one gradient sends that step down the copying path (sums with zeros from it), and the
+    next step with every gradient takes the in-place path again. A frozen parameter takes no part."""
+    script = tmp_path / "packed.py"
+    script.write_text(
+        "import json, sys, numpy as np, npgpt.distributed as d\n"
+        "from npgpt.layers.module import Module, Parameter\n"
+        "from npgpt.optim import AdamW\n"
+        "class M(Module):\n"
+        "    def __init__(self):\n"
+        "        self.w = Parameter(np.zeros((3, 4), np.float32)); self.b = Parameter(np.zeros(5, np.float32))\n"
+        "        self.u = Parameter(np.zeros((2, 2), np.float32))\n"
+        "        self.f = Parameter(np.zeros(3, np.float32), requires_grad=False)\n"
+        "d.BUCKET_BYTES = 16                           # several buckets even for this tiny model\n"
+        "x = d.init(); m = M(); opt = AdamW(m); r = x.rank; G = opt.packed.G; log = []\n"
+        "for step, skip in enumerate([False, True, False]):\n"
+        "    m.zero_grad()\n"
+        "    m.w.grad[...] = (r + 1) * np.arange(12).reshape(3, 4); m.b.grad[...] = 10 * (r + 1) + step\n"
+        "    if not (skip and r == 1): m.u.grad[...] = 100 * (r + 1)\n"
+        "    x.allreduce_grads(m)\n"
+        "    views = all(p.grad.base is G for p in (m.w, m.b, m.u))\n"
+        "    log.append([m.w.grad.tolist(), m.b.grad.tolist(), m.u.grad.tolist(), m.f.has_grad, views,\n"
+        "                len(x._plans), x.bytes_per_step])\n"
+        "open(sys.argv[1] + f'.{r}', 'w').write(json.dumps(log))\n")
+    _run(_mpi_cmd(2, script, tmp_path / "out"))
+    logs = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
+    assert logs[0] == logs[1]
+    (w0, b0, u0, f0, views0, plans0, sent0), (w1, b1, u1, f1, views1, plans1, sent1), last = logs[0]
+    assert np.array_equal(w0, 3 * np.arange(12).reshape(3, 4)) and np.all(np.array(b0) == 30)
+    assert np.all(np.array(u0) == 300) and not f0 and views0
+    assert plans0 == 0 and sent0 == (12 + 5 + 4) * 4        # in place: G alone went to MPI
+    assert np.array_equal(w1, w0) and np.all(np.array(b1) == 32) and np.all(np.array(u1) == 100)   # rank 1: zeros
+    assert plans1 == 1 and sent1 == (12 + 5 + 4 + 3) * 4 and views1    # copied (every parameter's slot), back into G
+    assert last[1] == [34.0] * 5 and last[5] == 1 and last[6] == (12 + 5 + 4) * 4   # in place again
+
+
+@needs_mpi
 def test_two_ranks_fine_tune_a_classifier_as_one_process_does(tmp_path):
     """`mpiexec -n 2 npgpt finetune classify` ends on the weights of the one-process run (same global batch)."""
     from npgpt.classifier import Classifier
