@@ -6,6 +6,11 @@ its own and the two frameworks' thread pools never share a process. Random weigh
 from a preset (default gpt2, 124M) or explicit --n-layer etc. With --rounds N each workload runs N
 times, npgpt and PyTorch alternately, and the median of the N same-round ratios is reported: on a
 shared machine whose speed drifts from one minute to the next, one pair of runs can be far off.
+
+The train and float32 prefill workloads also time their own matrix products alone (gemm_replay,
+prefill_gemm_replay), alternating with the real thing in the same process: the ratio to that says
+how far npgpt is from its GEMM-bound floor on this machine and BLAS, and for the prefill, PyTorch's
+time over that floor is the most the speed ratio could reach here.
 """
 from __future__ import annotations
 
@@ -92,6 +97,68 @@ def gemm_replay(cfg, B, T, dtype=None):
     return run, flops
 
 
+def prefill_gemm_replay(cfg, T, fused, block=None, dtype=None):
+    """A callable that runs the matrix products of one npgpt prefill of T tokens into an empty cache
+    (B=1), same shapes, and nothing else: the linears (the last block's attention projection and MLP
+    on its one kept row, as GPT.forward_cached runs them), the attention's products and the LM head
+    on the last row. fused: the attention's products as the fused kernel's tiles (query blocks of
+    `block` rows against the key blocks up to the diagonal, np.dot on one core per head, heads in
+    parallel, as npgpt.kernels.flash_attention runs them); else q k^T and a v over all T x T.
+    The prefill's GEMM-only time on this machine and BLAS. Returns (run, flops)."""
+    import numpy as np
+    from numba import njit, prange
+
+    from .kernels.flash_attention import BLOCK, single_threaded_tile_blas
+    dtype = np.float32 if dtype is None else dtype
+    block = BLOCK if block is None else block
+    rng = np.random.default_rng(0)
+    C, V, NH, L = cfg["n_embd"], cfg["n_vocab"], cfg["n_head"], cfg["n_layer"]
+    hs = C // NH
+    shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]
+    W = [rng.standard_normal(s, dtype=dtype) for s in shapes]
+    wte = rng.standard_normal((V, C), dtype=dtype)
+    act = {n: rng.standard_normal((T, n), dtype=dtype) for n in (C, 4 * C)}
+    q = rng.standard_normal((1, NH, T, hs), dtype=dtype)
+
+    @njit(parallel=True, cache=False)
+    def tiles(q, block):                        # the fused kernel's tile products, without its softmax
+        _, NH, T, hs = q.shape
+        for h in prange(NH):
+            Q = q[0, h].copy()
+            for i0 in range(0, T, block):
+                i1 = min(i0 + block, T)
+                for j0 in range(0, i1, block):
+                    j1 = min(j0 + block, i1)
+                    S = np.dot(Q[i0:i1], Q[j0:j1].T)
+                    np.dot(S, Q[j0:j1])
+
+    if fused:
+        single_threaded_tile_blas()
+        tiles(q[:, :, :min(T, block)], block)  # compile
+    per_block = [(min(i0 + block, T) - i0, min(i0 + block, T)) for i0 in range(0, T, block)]
+
+    def run():
+        for layer in range(L):
+            rows = T if layer < L - 1 else 1    # the last block: keys and values of all T, the rest on one row
+            act[C] @ W[0]
+            if fused and rows == T:
+                tiles(q, block)
+            else:                               # (the last block's one query always takes this path)
+                a = q[..., :rows, :] @ q.transpose(0, 1, 3, 2)
+                a @ q
+            act[C][:rows] @ W[1]
+            act[C][:rows] @ W[2]
+            act[4 * C][:rows] @ W[3]
+        act[C][:1] @ wte.T                      # LM head, last position
+    lin = 2 * T * C * 3 * C * L + 2 * (T * (L - 1) + 1) * (C * C + 2 * C * 4 * C) + 2 * C * V
+    att = 2 * 2 * T * hs * NH                   # the last block's one query against T keys
+    if fused:
+        att += sum(2 * 2 * nr * keys * hs for nr, keys in per_block) * NH * (L - 1)
+    else:
+        att += 2 * 2 * T * T * hs * NH * (L - 1)
+    return run, lin + att
+
+
 def npgpt_train(cfg, B, T, steps, replay=True):
     """The training loop's own step (npgpt.train.loop.train_step: forward, backward, gradient norm,
     AdamW with the clipping folded in), timed after two warm-up steps (kernel compile or cache load,
@@ -163,19 +230,36 @@ def _npgpt_inference_model(cfg, weights):
     return npgpt.quant.quantize(_npgpt_model(cfg).eval(), weights)
 
 
-def npgpt_prefill(cfg, T, reps, weights="fp32"):
+def npgpt_prefill(cfg, T, reps, weights="fp32", replay=True):
+    """Prefill of T tokens into an empty KV cache, last-position logits (GPT.forward_cached). With
+    replay (float32 weights only), its matrix products alone (prefill_gemm_replay) alternate with `reps`
+    more prefills: over_gemm is the prefill / GEMM-only time under the same conditions."""
     import numpy as np
 
     from npgpt.kvcache import KVCache
     model = _npgpt_inference_model(cfg, weights)
     idx = np.random.default_rng(0).integers(0, cfg["n_vocab"], (1, T))
-    times = []
-    for _ in range(reps + 1):
+
+    def prefill():
         cache = KVCache.for_model(model, 1)
         t0 = time.perf_counter()
         model.forward_cached(idx, cache)
-        times.append(time.perf_counter() - t0)
-    return {"tokens_per_s": T / _median(times[1:]), "seconds": _median(times[1:])}
+        return time.perf_counter() - t0
+
+    times = [prefill() for _ in range(reps + 1)][1:]
+    out = {"tokens_per_s": T / _median(times), "seconds": _median(times)}
+    if replay and weights == "fp32":            # the same products alone, alternating with more prefills
+        run_gemms, flops = prefill_gemm_replay(cfg, T, fused=model.h[0].attn.fused(T))
+        run_gemms()
+        paired, gemm_times = [], []
+        for _ in range(reps):
+            paired.append(prefill())
+            t0 = time.perf_counter()
+            run_gemms()
+            gemm_times.append(time.perf_counter() - t0)
+        out.update(paired_seconds=_median(paired), gemm_seconds=_median(gemm_times), gemm_flops=flops,
+                   over_gemm=_median(paired) / _median(gemm_times))
+    return out
 
 
 def npgpt_decode(cfg, prompt, new, reps, weights="fp32", B=1):
@@ -400,6 +484,12 @@ def _round_ratio(w, pair):
     return n["seconds"] / t["seconds"] if w.startswith("train") else n["tokens_per_s"] / t["tokens_per_s"]
 
 
+def _ceiling(pair):
+    """PyTorch's prefill time over npgpt's GEMM-only replay of its prefill: the speed ratio npgpt would
+    reach if everything but its matrix products took no time."""
+    return pair["torch"]["seconds"] / pair["npgpt"]["gemm_seconds"]
+
+
 def _round_medians(w, rounds) -> dict:
     out = {}
     ratios = [_round_ratio(w, p) for p in rounds]
@@ -408,6 +498,9 @@ def _round_medians(w, rounds) -> dict:
     over = [p["npgpt"]["over_gemm"] for p in rounds if "over_gemm" in p["npgpt"]]
     if over:
         out["over_gemm_all"], out["median_over_gemm"] = over, _median(over)
+    if w == "prefill" and ratios[0] is not None and all("gemm_seconds" in p["npgpt"] for p in rounds):
+        ceilings = [_ceiling(p) for p in rounds]
+        out["ceilings"], out["median_ceiling"] = ceilings, _median(ceilings)
     return out
 
 
@@ -417,8 +510,11 @@ def _print_medians(w, row):
         kind = "time ratio npgpt/torch" if w.startswith("train") else "speed ratio"
         parts.append(f"{kind} {row['median_ratio']:.2f}x (" + ", ".join(f"{r:.2f}" for r in row["ratios"]) + ")")
     if "median_over_gemm" in row:
-        parts.append(f"step / GEMMs {row['median_over_gemm']:.2f}x ("
+        parts.append(f"{'prefill' if w == 'prefill' else 'step'} / GEMMs {row['median_over_gemm']:.2f}x ("
                      + ", ".join(f"{r:.2f}" for r in row["over_gemm_all"]) + ")")
+    if "median_ceiling" in row:
+        parts.append(f"torch / npgpt's GEMMs {row['median_ceiling']:.2f}x ("
+                     + ", ".join(f"{r:.2f}" for r in row["ceilings"]) + ")")
     print(f"{'  median of ' + str(len(row['rounds'])) + ' rounds':<44} " + " | ".join(parts), flush=True)
 
 
@@ -454,6 +550,11 @@ def _print_row(w, row, o, suffix=""):
         line = f"{label:<44} npgpt {n['tokens_per_s']:.0f} tok/s"
         if t:
             line += f" | torch {t['tokens_per_s']:.0f} tok/s | speed ratio {n['tokens_per_s'] / t['tokens_per_s']:.2f}x"
+        if "gemm_seconds" in n:
+            line += (f" | prefill {n['paired_seconds']:.3f} s against its GEMMs alone {n['gemm_seconds']:.3f} s"
+                     f" ({n['gemm_flops'] / n['gemm_seconds'] / 1e9:.0f} GFLOP/s): {n['over_gemm']:.2f}x")
+            if t:
+                line += f", torch / those GEMMs {_ceiling(row):.2f}x"
     print(line, flush=True)
 
 
