@@ -184,17 +184,22 @@ def npgpt_train(cfg, B, T, steps, replay=True):
     times = [step() for _ in range(steps + 2)][2:]
     out = {"seconds": _median(times), "all": times, "peak_rss_mb": _peak_rss_mb()}
     if replay:
-        run_gemms, flops = gemm_replay(cfg, B, T)
-        run_gemms()
-        paired, gemm_times = [], []
-        for _ in range(steps):
-            paired.append(step())
-            t0 = time.perf_counter()
-            run_gemms()
-            gemm_times.append(time.perf_counter() - t0)
-        out.update(paired_seconds=_median(paired), gemm_seconds=_median(gemm_times), gemm_flops=flops,
-                   paired_all=paired, gemm_all=gemm_times, over_gemm=_median(paired) / _median(gemm_times))
+        out.update(_against_replay(step, *gemm_replay(cfg, B, T), steps))
     return out
+
+
+def _against_replay(timed, run_gemms, flops, n) -> dict:
+    """`timed()` (returns its seconds) and the GEMM-only replay run_gemms() alternately, n times each
+    after one replay to warm it: both under the same conditions, whatever the machine does meanwhile."""
+    run_gemms()
+    paired, gemm_times = [], []
+    for _ in range(n):
+        paired.append(timed())
+        t0 = time.perf_counter()
+        run_gemms()
+        gemm_times.append(time.perf_counter() - t0)
+    return dict(paired_seconds=_median(paired), gemm_seconds=_median(gemm_times), gemm_flops=flops,
+                paired_all=paired, gemm_all=gemm_times, over_gemm=_median(paired) / _median(gemm_times))
 
 
 def npgpt_train_loop(cfg, B, T, steps):
@@ -249,16 +254,7 @@ def npgpt_prefill(cfg, T, reps, weights="fp32", replay=True):
     times = [prefill() for _ in range(reps + 1)][1:]
     out = {"tokens_per_s": T / _median(times), "seconds": _median(times)}
     if replay and weights == "fp32":            # the same products alone, alternating with more prefills
-        run_gemms, flops = prefill_gemm_replay(cfg, T, fused=model.h[0].attn.fused(T))
-        run_gemms()
-        paired, gemm_times = [], []
-        for _ in range(reps):
-            paired.append(prefill())
-            t0 = time.perf_counter()
-            run_gemms()
-            gemm_times.append(time.perf_counter() - t0)
-        out.update(paired_seconds=_median(paired), gemm_seconds=_median(gemm_times), gemm_flops=flops,
-                   over_gemm=_median(paired) / _median(gemm_times))
+        out.update(_against_replay(prefill, *prefill_gemm_replay(cfg, T, fused=model.h[0].attn.fused(T)), reps))
     return out
 
 
