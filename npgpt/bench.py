@@ -99,7 +99,8 @@ def gemm_replay(cfg, B, T, dtype=None):
 
 def prefill_gemm_replay(cfg, T, fused, block=None, dtype=None):
     """A callable that runs the matrix products of one npgpt prefill of T tokens into an empty cache
-    (B=1), same shapes, and nothing else: the linears (the last block's attention projection and MLP
+    (B=1), same shapes, each layer with weights of its own (read from memory as the model's are, not
+    from cache), and nothing else: the linears (the last block's attention projection and MLP
     on its one kept row, as GPT.forward_cached runs them), the attention's products and the LM head
     on the last row. fused: the attention's products as the fused kernel's tiles (query blocks of
     `block` rows against the key blocks up to the diagonal, np.dot on one core per head, heads in
@@ -115,7 +116,7 @@ def prefill_gemm_replay(cfg, T, fused, block=None, dtype=None):
     C, V, NH, L = cfg["n_embd"], cfg["n_vocab"], cfg["n_head"], cfg["n_layer"]
     hs = C // NH
     shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]
-    W = [rng.standard_normal(s, dtype=dtype) for s in shapes]
+    W = [[rng.standard_normal(s, dtype=dtype) for s in shapes] for _ in range(L)]   # each layer its own, as the model
     wte = rng.standard_normal((V, C), dtype=dtype)
     act = {n: rng.standard_normal((T, n), dtype=dtype) for n in (C, 4 * C)}
     q = rng.standard_normal((1, NH, T, hs), dtype=dtype)
@@ -140,15 +141,16 @@ def prefill_gemm_replay(cfg, T, fused, block=None, dtype=None):
     def run():
         for layer in range(L):
             rows = T if layer < L - 1 else 1    # the last block: keys and values of all T, the rest on one row
-            act[C] @ W[0]
+            w = W[layer]
+            act[C] @ w[0]
             if fused and rows == T:
                 tiles(q, block)
             else:                               # (the last block's one query always takes this path)
                 a = q[..., :rows, :] @ q.transpose(0, 1, 3, 2)
                 a @ q
-            act[C][:rows] @ W[1]
-            act[C][:rows] @ W[2]
-            act[4 * C][:rows] @ W[3]
+            act[C][:rows] @ w[1]
+            act[C][:rows] @ w[2]
+            act[4 * C][:rows] @ w[3]
         act[C][:1] @ wte.T                      # LM head, last position
     lin = 2 * T * C * 3 * C * L + 2 * (T * (L - 1) + 1) * (C * C + 2 * C * 4 * C) + 2 * C * V
     att = 2 * 2 * T * hs * NH                   # the last block's one query against T keys
