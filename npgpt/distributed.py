@@ -12,11 +12,13 @@ at most BUCKET_BYTES (32 MB) of a flat, contiguous buffer. When the gradients al
 buffer (AdamW keeps them so: npgpt.optim._Packed) and every rank agrees on that layout, that buffer
 is reduced where it is; otherwise every gradient is copied into a flat buffer per dtype (allocated
 once), reduced, and copied back. Each rank's loss was divided by the global batch's target count, so
-the sum is the gradient one process computes on the whole batch.
+the sum is the gradient one process computes on the whole batch. (The two paths cut buckets at
+different places; with more than 2 ranks MPI may then add in another order, which can change the
+last bits of a sum, never more.)
 
 Parameters with no gradient this step (`has_grad` False on a rank): the ranks first compare, with
-a MIN and a MAX reduce of one integer per parameter (no gradient, or where it lies in the buffer),
-which parameters received a gradient where. If that differs between ranks, the copying path is
+one MAX reduce of two integers per parameter (its code and minus it: no gradient, or where it lies
+in the buffer), which parameters received a gradient where. If that differs between ranks, the copying path is
 taken: the parameters with a gradient anywhere are reduced on every rank (a rank without one
 contributes zeros); the others stay without a gradient on every rank, so AdamW and clipping skip
 the same set everywhere.
@@ -109,17 +111,20 @@ class MPIDist:
             return
         t0 = time.perf_counter()
         # Each parameter's code: -2 no gradient on this rank, -1 a gradient outside one tiled buffer,
-        # else its offset in the buffer the gradients tile. The ranks compare codes with a MIN and a MAX.
+        # else its offset in the buffer the gradients tile. One MAX reduce of (code, -code) gives every
+        # rank the codes' maximum and minimum over the ranks, and the path is chosen from those alone,
+        # so every rank takes the same one.
         flat = tiled_buffer([p.grad for p in params if p.has_grad])
         code = np.full(len(params), -2, dtype=np.int64)
         for i, p in enumerate(params):
             if p.has_grad:
                 code[i] = -1 if flat is None else (p.grad.ctypes.data - flat.ctypes.data) // flat.itemsize
-        lo, hi = code.copy(), code.copy()
-        self.comm.Allreduce(self.MPI.IN_PLACE, lo, op=self.MPI.MIN)
-        self.comm.Allreduce(self.MPI.IN_PLACE, hi, op=self.MPI.MAX)
-        if flat is not None and np.array_equal(lo, hi) and lo.min() != -1:
-            self.bytes_per_step = self._allreduce_flat(flat)    # one layout on every rank: reduce it where it is
+        both = np.concatenate([code, -code])
+        self.comm.Allreduce(self.MPI.IN_PLACE, both, op=self.MPI.MAX)
+        hi, lo = both[:len(params)], -both[len(params):]
+        if np.array_equal(lo, hi) and hi.max() >= 0 and not (hi == -1).any():
+            # every rank has the same gradients at the same offsets of a tiled buffer (flat, here too)
+            self.bytes_per_step = self._allreduce_flat(flat)
         else:
             self.bytes_per_step = self._allreduce_copied(params, hi > -2)    # hi > -2: a gradient on some rank
         self.allreduce_seconds = time.perf_counter() - t0
