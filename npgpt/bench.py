@@ -97,32 +97,37 @@ def gemm_replay(cfg, B, T, dtype=None):
     return run, flops
 
 
-def prefill_gemm_replay(cfg, T, fused, block=None, dtype=None):
-    """A callable that runs the matrix products of one npgpt prefill of T tokens into an empty cache
-    (B=1), same shapes, each layer with weights of its own (read from memory as the model's are, not
-    from cache), and nothing else: the linears (the last block's attention projection and MLP
-    on its one kept row, as GPT.forward_cached runs them), the attention's products and the LM head
-    on the last row. fused: the attention's products as the fused kernel's tiles (query blocks of
-    `block` rows against the key blocks up to the diagonal, np.dot on one core per head, heads in
-    parallel, as npgpt.kernels.flash_attention runs them); else q k^T and a v over all T x T.
-    The prefill's GEMM-only time on this machine and BLAS. Returns (run, flops)."""
+def prefill_gemm_replay(model, T, block=None):
+    """A callable that runs the matrix products of one prefill of T tokens into an empty cache (B=1)
+    with `model`'s own weights, and nothing else: the linears (the last block's attention projection
+    and MLP on its one kept row, as GPT.forward_cached runs them), the attention's products and the
+    LM head on the last row. When the model's attention runs the fused kernel at this T, its products
+    are that kernel's tiles (query blocks of `block` rows against the key blocks up to the diagonal,
+    np.dot on one core per head, heads in parallel, as npgpt.kernels.flash_attention runs them);
+    else q k^T and a v over all T x T. The last block's one query always takes the second form.
+    The prefill's GEMM-only time on this machine and BLAS. Returns (run, flops), the flops counted
+    from the products a run multiplies."""
     import numpy as np
     from numba import njit, prange
 
     from .kernels.flash_attention import BLOCK, single_threaded_tile_blas
-    dtype = np.float32 if dtype is None else dtype
     block = BLOCK if block is None else block
+    C, NH = model.config.n_embd, model.config.n_head
+    hs, L = C // NH, len(model.h)
+    fused = model.h[0].attn.fused(T)
+    dt = model.wte.weight.data.dtype
     rng = np.random.default_rng(0)
-    C, V, NH, L = cfg["n_embd"], cfg["n_vocab"], cfg["n_head"], cfg["n_layer"]
-    hs = C // NH
-    shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]
-    W = [[rng.standard_normal(s, dtype=dtype) for s in shapes] for _ in range(L)]   # each layer its own, as the model
-    wte = rng.standard_normal((V, C), dtype=dtype)
-    act = {n: rng.standard_normal((T, n), dtype=dtype) for n in (C, 4 * C)}
-    q = rng.standard_normal((1, NH, T, hs), dtype=dtype)
+    act = {n: rng.standard_normal((T, n)).astype(dt) for n in (C, 4 * C)}    # inputs of the linears
+    q = rng.standard_normal((1, NH, T, hs)).astype(dt)                       # queries = keys = values
+    count = [0]
+
+    def mm(a, b):                                    # a @ b, counting 2 m k n for each matrix of the batch
+        *batch, m, k = a.shape
+        count[0] += 2 * int(np.prod(np.broadcast_shapes(tuple(batch), b.shape[:-2]))) * m * k * b.shape[-1]
+        return a @ b
 
     @njit(parallel=True, cache=False)
-    def tiles(q, block):                        # the fused kernel's tile products, without its softmax
+    def tiles(q, block):                             # the fused kernel's tile products, without its softmax
         _, NH, T, hs = q.shape
         for h in prange(NH):
             Q = q[0, h].copy()
@@ -133,32 +138,29 @@ def prefill_gemm_replay(cfg, T, fused, block=None, dtype=None):
                     S = np.dot(Q[i0:i1], Q[j0:j1].T)
                     np.dot(S, Q[j0:j1])
 
-    if fused:
-        single_threaded_tile_blas()
-        tiles(q[:, :, :min(T, block)], block)  # compile
-    per_block = [(min(i0 + block, T) - i0, min(i0 + block, T)) for i0 in range(0, T, block)]
+    def tile_flops():                                # the same loops, counted
+        return NH * sum(2 * 2 * (min(i0 + block, T) - i0) * (min(j0 + block, i0 + block, T) - j0) * hs
+                        for i0 in range(0, T, block) for j0 in range(0, min(i0 + block, T), block))
 
     def run():
-        for layer in range(L):
-            rows = T if layer < L - 1 else 1    # the last block: keys and values of all T, the rest on one row
-            w = W[layer]
-            act[C] @ w[0]
+        for layer, blk in enumerate(model.h):
+            rows = T if layer < L - 1 else 1         # the last block: keys and values of all T, the rest on one row
+            mm(act[C], blk.attn.c_attn.weight.data)
             if fused and rows == T:
                 tiles(q, block)
-            else:                               # (the last block's one query always takes this path)
-                a = q[..., :rows, :] @ q.transpose(0, 1, 3, 2)
-                a @ q
-            act[C][:rows] @ w[1]
-            act[C][:rows] @ w[2]
-            act[4 * C][:rows] @ w[3]
-        act[C][:1] @ wte.T                      # LM head, last position
-    lin = 2 * T * C * 3 * C * L + 2 * (T * (L - 1) + 1) * (C * C + 2 * C * 4 * C) + 2 * C * V
-    att = 2 * 2 * T * hs * NH                   # the last block's one query against T keys
+                count[0] += tile_flops()
+            else:
+                mm(mm(q[..., :rows, :], q.transpose(0, 1, 3, 2)), q)
+            mm(act[C][:rows], blk.attn.c_proj.weight.data)
+            mm(act[C][:rows], blk.mlp.c_fc.weight.data)
+            mm(act[4 * C][:rows], blk.mlp.c_proj.weight.data)
+        mm(act[C][:1], model.wte.weight.data.T)      # LM head, last position
+
     if fused:
-        att += sum(2 * 2 * nr * keys * hs for nr, keys in per_block) * NH * (L - 1)
-    else:
-        att += 2 * 2 * T * T * hs * NH * (L - 1)
-    return run, lin + att
+        single_threaded_tile_blas()
+    run()                                            # compiles the tiles and counts
+    flops = count[0]
+    return run, flops
 
 
 def npgpt_train(cfg, B, T, steps, replay=True):
@@ -255,8 +257,9 @@ def npgpt_prefill(cfg, T, reps, weights="fp32", replay=True):
 
     times = [prefill() for _ in range(reps + 1)][1:]
     out = {"tokens_per_s": T / _median(times), "seconds": _median(times)}
+    out["peak_rss_mb"] = _peak_rss_mb()          # before the replay's own arrays
     if replay and weights == "fp32":            # the same products alone, alternating with more prefills
-        out.update(_against_replay(prefill, *prefill_gemm_replay(cfg, T, fused=model.h[0].attn.fused(T)), reps))
+        out.update(_against_replay(prefill, *prefill_gemm_replay(model, T), reps))
     return out
 
 
@@ -508,12 +511,21 @@ def _print_medians(w, row):
         kind = "time ratio npgpt/torch" if w.startswith("train") else "speed ratio"
         parts.append(f"{kind} {row['median_ratio']:.2f}x (" + ", ".join(f"{r:.2f}" for r in row["ratios"]) + ")")
     if "median_over_gemm" in row:
-        parts.append(f"{'prefill' if w == 'prefill' else 'step'} / GEMMs {row['median_over_gemm']:.2f}x ("
+        parts.append(f"{_what(w)} / GEMMs {row['median_over_gemm']:.2f}x ("
                      + ", ".join(f"{r:.2f}" for r in row["over_gemm_all"]) + ")")
     if "median_ceiling" in row:
         parts.append(f"torch / npgpt's GEMMs {row['median_ceiling']:.2f}x ("
                      + ", ".join(f"{r:.2f}" for r in row["ceilings"]) + ")")
     print(f"{'  median of ' + str(len(row['rounds'])) + ' rounds':<44} " + " | ".join(parts), flush=True)
+
+
+def _what(w) -> str:
+    return "prefill" if w == "prefill" else "step"
+
+
+def _against_gemms(w, n) -> str:
+    return (f" | {_what(w)} {n['paired_seconds']:.3f} s against its GEMMs alone {n['gemm_seconds']:.3f} s"
+            f" ({n['gemm_flops'] / n['gemm_seconds'] / 1e9:.0f} GFLOP/s): {n['over_gemm']:.2f}x")
 
 
 def _print_row(w, row, o, suffix=""):
@@ -542,15 +554,13 @@ def _print_row(w, row, o, suffix=""):
             line += (f" | torch {t['seconds']:.3f} s  peak {t['peak_rss_mb'] / 1024:.2f} GB"
                      f" | time ratio npgpt/torch {n['seconds'] / t['seconds']:.2f}x")
         if "gemm_seconds" in n:
-            line += (f" | step {n['paired_seconds']:.3f} s against its GEMMs alone {n['gemm_seconds']:.3f} s"
-                     f" ({n['gemm_flops'] / n['gemm_seconds'] / 1e9:.0f} GFLOP/s): {n['over_gemm']:.2f}x")
+            line += _against_gemms(w, n)
     else:
         line = f"{label:<44} npgpt {n['tokens_per_s']:.0f} tok/s"
         if t:
             line += f" | torch {t['tokens_per_s']:.0f} tok/s | speed ratio {n['tokens_per_s'] / t['tokens_per_s']:.2f}x"
         if "gemm_seconds" in n:
-            line += (f" | prefill {n['paired_seconds']:.3f} s against its GEMMs alone {n['gemm_seconds']:.3f} s"
-                     f" ({n['gemm_flops'] / n['gemm_seconds'] / 1e9:.0f} GFLOP/s): {n['over_gemm']:.2f}x")
+            line += _against_gemms(w, n)
             if t:
                 line += f", torch / those GEMMs {_ceiling(row):.2f}x"
     print(line, flush=True)

@@ -71,15 +71,20 @@ def test_prefill_gemm_replay_counts_the_prefills_products():
     linears on 5 rows, the last block's qkv on 5 and the rest on its one kept row, the LM head on one;
     the attention as the fused kernel's tiles (rows 0-3 against keys 0-3, row 4 against keys 0-4) or
     materialised (5 x 5), and the last block's one query against 5 keys."""
+    import npgpt
     from npgpt.bench import prefill_gemm_replay
-    cfg = dict(n_layer=2, n_embd=8, n_head=2, n_vocab=11, n_ctx=16)
+    model = npgpt.GPT(npgpt.GPTConfig(n_layer=2, n_embd=8, n_head=2, n_vocab=11, n_ctx=16), seed=0).eval()
     linears = 2 * 5 * 8 * 24 * 2 + 2 * (5 + 1) * (8 * 8 + 2 * 8 * 32) + 2 * 8 * 11     # 10928
     last_query = 2 * 2 * 1 * 5 * 4 * 2                                                 # 160
     tiles = (2 * 2 * 4 * 4 * 4 + 2 * 2 * 1 * 5 * 4) * 2                               # 672
     full = 2 * 2 * 5 * 5 * 4 * 2                                                       # 800
-    run, flops = prefill_gemm_replay(cfg, 5, fused=True, block=4)
-    run()
-    assert flops == linears + last_query + tiles == 11760
-    run, flops = prefill_gemm_replay(cfg, 5, fused=False, block=4)
+    assert not model.h[0].attn.fused(5)                        # T=5 is below the fused kernel's threshold
+    run, flops = prefill_gemm_replay(model, 5, block=4)
     run()
     assert flops == linears + last_query + full == 11888
+    for blk in model.h:
+        blk.attn.flash_min_T = 1                               # the fused kernel from T=1
+    assert model.h[0].attn.fused(5)
+    run, flops = prefill_gemm_replay(model, 5, block=4)
+    run()
+    assert flops == linears + last_query + tiles == 11760
