@@ -18,10 +18,10 @@ last bits of a sum, never more.)
 
 Parameters with no gradient this step (`has_grad` False on a rank): the ranks first compare, with
 one MAX reduce of two integers per parameter (its code and minus it: no gradient, or where it lies
-in the buffer), which parameters received a gradient where. If that differs between ranks, the copying path is
-taken: the parameters with a gradient anywhere are reduced on every rank (a rank without one
-contributes zeros); the others stay without a gradient on every rank, so AdamW and clipping skip
-the same set everywhere.
+in the buffer), which parameters received a gradient where. If that differs between ranks, the
+copying path is taken: the parameters with a gradient anywhere are reduced on every rank (a rank
+without one contributes zeros); the others stay without a gradient on every rank, so AdamW and
+clipping skip the same set everywhere.
 """
 from __future__ import annotations
 
