@@ -127,6 +127,17 @@ class LayerKV:
     def __init__(self, cache: KVCache, l: int):
         self.cache, self.k, self.v = cache, cache.k[l], cache.v[l]     # (B, NH, n_ctx, hs) each
 
+    def empty(self) -> bool:
+        """True when every row of the cache holds no position yet (a prompt's first forward pass)."""
+        return not self.cache.lengths.any()
+
+    def buffers(self, dtype):
+        """The (k, v) buffers (B, NH, n_ctx, hs) themselves, for a kernel that writes a prompt's keys and
+        values at positions 0 .. T-1 as it goes (flash_attention_forward(kv_out=)); None unless the cache
+        is empty() and its buffers are C-contiguous in `dtype` (then store() is the way in)."""
+        ok = self.empty() and all(a.dtype == dtype and a.flags.c_contiguous for a in (self.k, self.v))
+        return (self.k, self.v) if ok else None
+
     def store(self, k, v, keep=None):
         """Write the new keys/values k, v (B, NH, T, hs) after each row's cached positions.
 

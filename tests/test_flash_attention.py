@@ -90,6 +90,25 @@ def test_kernel_new_arrays():
         assert rel_err(got, want) <= 1e-12
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_stores_k_and_v_into_kv_out(dtype):
+    """kv_out (a KV cache's C-contiguous (B, NH, n_ctx, hs) buffers): k and v land at positions 0 .. T-1,
+    exactly, and nothing past T is touched; y and L are those of the scratch path."""
+    B, NH, T, hs, n_ctx = 2, 3, 67, 16, 80
+    rng = np.random.default_rng(5)
+    q, k, v = head_views(rng.standard_normal((B, T, 3 * NH * hs)).astype(dtype), NH, hs)
+    K, V = np.full((2, B, NH, n_ctx, hs), np.nan, dtype)
+    y0, L0 = kernels.flash_attention_forward(q, k, v, 0.25, block=32)
+    y1, L1 = kernels.flash_attention_forward(q, k, v, 0.25, block=32, kv_out=(K, V))
+    assert np.array_equal(K[:, :, :T], k) and np.array_equal(V[:, :, :T], v)
+    assert np.isnan(K[:, :, T:]).all() and np.isnan(V[:, :, T:]).all()
+    assert np.array_equal(y1, y0) and np.array_equal(L1, L0)
+    with pytest.raises(ValueError, match="kv_out"):
+        kernels.flash_attention_forward(q, k, v, 0.25, kv_out=(K[:, :, :T - 1], V))   # too short
+    with pytest.raises(ValueError, match="kv_out"):
+        kernels.flash_attention_forward(q, k, v, 0.25, kv_out=(K[..., ::2], V))       # not contiguous
+
+
 def layer_run(dtype, B, T, C, NH, fused, seed=0):
     """Output, dx and the parameter gradients of one CausalSelfAttention forward + backward."""
     rng = np.random.default_rng(seed)
@@ -179,6 +198,32 @@ def test_prefill_uses_fused_kernel(dtype, monkeypatch):
     assert rel_err(outs[1][3][1], short) <= RTOL[dtype] * 10
     for a, b in zip(outs[0], outs[1]):
         assert rel_err(b, a) <= RTOL[dtype] * 10
+
+
+def test_prefill_fills_the_cache_it_is_given(monkeypatch):
+    """The fused prefill writes keys and values straight into the cache's buffers (no second copy), and
+    a cache whose buffers cannot take the kernel's writes (another dtype) is filled by store() instead:
+    both hold what the readable path stores, and decode the same next token."""
+    import npgpt
+    from npgpt.kvcache import KVCache
+    cfg = npgpt.GPTConfig(n_vocab=50, n_ctx=80, n_embd=16, n_head=2, n_layer=2)
+    model = npgpt.GPT(cfg, dtype=np.float32, seed=0)
+    idx = np.random.default_rng(1).integers(0, 50, (2, 70))
+    runs = {}
+    for name, threshold, dtype in (("readable", 1 << 30, np.float32), ("fused", 0, np.float32),
+                                   ("fused, float64 cache", 0, np.float64)):
+        monkeypatch.setattr(attention_mod, "FLASH_MIN_T", threshold)
+        cache = KVCache(cfg.n_layer, 2, cfg.n_head, cfg.n_ctx, cfg.n_embd // cfg.n_head, dtype=dtype)
+        model.forward_cached(idx, cache)
+        runs[name] = cache, model.forward_cached(idx[:, :1], cache)
+    ref, ref_next = runs["readable"]
+    for name in ("fused", "fused, float64 cache"):
+        cache, nxt = runs[name]
+        assert (cache.lengths == 71).all(), name
+        for l in range(cfg.n_layer):
+            assert rel_err(cache.k[l][:, :, :71], ref.k[l][:, :, :71]) <= 1e-5, name
+            assert rel_err(cache.v[l][:, :, :71], ref.v[l][:, :, :71]) <= 1e-5, name
+        assert rel_err(nxt, ref_next) <= 1e-4, name
 
 
 def test_tile_blas_is_single_threaded_after_first_use():

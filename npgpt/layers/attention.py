@@ -149,14 +149,17 @@ class CausalSelfAttention(Module):
         prefill): every key and value is still stored, but one query per row attends -> (B, 1, C)."""
         B, T, C = x.shape
         q, k, v = self.split_heads(self.c_attn(x))                     # (B, NH, T, hs) each
+        scale = 1.0 / math.sqrt(self.hs)
+        if keep is None and layer_cache.empty() and self.fused(T):     # a prompt into an empty cache
+            y = np.empty((B, T, C), dtype=q.dtype)
+            kv = layer_cache.buffers(q.dtype)                          # the kernel stores k, v on its way
+            kernels.flash_attention_forward(q, k, v, scale, out=self.heads_view(y), kv_out=kv)
+            if kv is None:                                             # a cache of another dtype or layout
+                layer_cache.store(k, v)
+            return self.c_proj(y)
         keys, values, mask = layer_cache.store(k, v, keep)             # (B, NH, Tk, hs); mask (B, 1, T | 1, Tk) | None
         if keep is not None:
             q, T = q[np.arange(B), :, keep][:, :, None], 1             # (B, NH, 1, hs): the kept queries
-        scale = 1.0 / math.sqrt(self.hs)
-        if mask is None and keys.shape[2] == T and self.fused(T):      # a prompt into an empty cache
-            y = np.empty((B, T, C), dtype=q.dtype)
-            kernels.flash_attention_forward(q, k, v, scale, out=self.heads_view(y))
-            return self.c_proj(y)
         s = q @ keys.transpose(0, 1, 3, 2)                             # (B, NH, T, Tk)
         if mask is not None:
             s += mask                                                  # -inf on keys a ragged row must not see
