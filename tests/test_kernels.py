@@ -76,6 +76,18 @@ def test_gelu_kernels(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (257, 1031)])
+def test_add_bias_kernel(dtype, shape):
+    """y += b (Linear.forward's NumPy line), in place: bit for bit the same sums."""
+    rng = np.random.default_rng(2)
+    y = rng.standard_normal(shape).astype(dtype)
+    b = rng.standard_normal(shape[1]).astype(dtype)
+    want = y + b
+    out = kernels.add_bias_(y, b)
+    assert out is y and np.array_equal(y, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,NH,Tq,Tk", [(1, 1, 1, 1), (2, 3, 7, 7), (1, 2, 1, 9), (2, 2, 3, 11), (1, 4, 33, 33)])
 def test_causal_softmax_kernels(dtype, B, NH, Tq, Tk):
     rng = np.random.default_rng(2)

@@ -69,6 +69,7 @@ _KERNELS = {
     "cross_entropy_forward_backward": "crossentropy",
     "embedding_backward": "embedding",
     "adamw_update": "adamw", "sum_of_squares": "adamw", "scale_": "adamw",
+    "add_bias_": "bias",
 }
 
 

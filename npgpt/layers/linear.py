@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import kernels
 from .module import Module, Parameter, normal_init
 
 
@@ -16,7 +17,10 @@ class Linear(Module):
         x2 = x.reshape(-1, n_in)                             # (N, in), N = B*T: one 2-D GEMM
         self.save_for_backward(x=x2)
         y = x2 @ self.weight.data                            # (N, out)
-        y += self.bias.data
+        if kernels.use_numba():
+            kernels.add_bias_(y, self.bias.data)             # the same add, rows over the cores
+        else:
+            y += self.bias.data
         return y.reshape(*lead, -1)
 
     def backward(self, dy):
