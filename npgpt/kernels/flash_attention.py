@@ -9,11 +9,11 @@ npgpt/layers/attention.py (CausalSelfAttention.attend and the attention part of 
     ds = scale * a * (da - rowsum(da * a))
     dq = ds @ k;    dk = ds^T @ q
 
-without ever holding the (B, NH, T, T) scores or probabilities. The forward first gathers q * scale,
-k and v into contiguous per-head arrays, position by position in parallel (a prompt's keys and
-values can go straight into a KV cache's buffers this way: kv_out). Then per (batch row, head), in
-parallel over B * NH (prange), the queries are cut into blocks of `block` rows and the keys into
-blocks of `block` columns; a (block x block) tile of scores lives only while it is used:
+without ever holding the (B, NH, T, T) scores or probabilities. Per (batch row, head), in
+parallel over B * NH (prange), q * scale, k and v are first copied into contiguous arrays (k and v
+straight into a KV cache's buffers when a prompt fills one: kv_out), then the queries are cut into
+blocks of `block` rows and the keys into blocks of `block` columns; a (block x block) tile of scores
+lives only while it is used:
 
   forward   for each query block: for each key block left of (or on) the diagonal (blocks above
             it are skipped, every key there is masked):
@@ -46,32 +46,30 @@ BLOCK = 128                         # query and key block size (rows of a tile);
 
 
 @pjit(reductions=True)
-def _forward(q, k, v, scale, block, Q, K, V, y, L):
+def _forward(q, k, v, scale, block, y, L, K_out, V_out, to_out):
     """q, k, v, y (B, NH, T, hs) any strides; L (B, NH, T) logsumexp of scale * s per query row.
-    Q, K, V (B, NH, >= T, hs) C-contiguous: positions 0 .. T-1 are filled with q * scale, k, v and
-    the tiles are cut from them (K and V may be a KV cache's buffers, which keep the copy)."""
+    to_out: k and v are copied into K_out, V_out (B, NH, >= T, hs) C-contiguous (a KV cache's
+    buffers) and the tiles are cut from there; else into scratch of the kernel's own."""
     B, NH, T, hs = q.shape
     dt = q.dtype
-    # gather the heads position by position: each position's q, k, v sit side by side in the
-    # (B, T, 3C) projection, so a thread reads one contiguous row (twice as fast as head by head)
-    for bt in prange(B * T):
-        b, t = bt // T, bt % T
-        for h in range(NH):
-            for d in range(hs):
-                Q[b, h, t, d] = q[b, h, t, d] * scale
-            for d in range(hs):
-                K[b, h, t, d] = k[b, h, t, d]
-            for d in range(hs):
-                V[b, h, t, d] = v[b, h, t, d]
     for bh in prange(B * NH):
         b, h = bh // NH, bh % NH
-        Qh, Kh, Vh = Q[b, h], K[b, h], V[b, h]     # this head's q * scale, k, v: (T, hs) contiguous
+        Q = np.empty((T, hs), dt)                  # this head's q * scale, k, v, contiguous
+        if to_out:
+            K, V = K_out[b, h], V_out[b, h]
+        else:
+            K, V = np.empty((T, hs), dt), np.empty((T, hs), dt)
+        for t in range(T):
+            for d in range(hs):
+                Q[t, d] = q[b, h, t, d] * scale
+                K[t, d] = k[b, h, t, d]
+                V[t, d] = v[b, h, t, d]
         m = np.empty(block, dt)                    # running row max of scale * s
         l = np.empty(block, dt)                    # running row sum of exp(scale * s - m)
         for i0 in range(0, T, block):
             i1 = min(i0 + block, T)
             nr = i1 - i0
-            Qi = Qh[i0:i1]
+            Qi = Q[i0:i1]
             acc = np.zeros((nr, hs), dt)           # unnormalised y rows
             for r in range(nr):
                 m[r] = -np.inf
@@ -79,7 +77,7 @@ def _forward(q, k, v, scale, block, Q, K, V, y, L):
             for j0 in range(0, i1, block):         # key blocks above the diagonal are skipped
                 j1 = min(j0 + block, i1)
                 nc = j1 - j0
-                S = np.dot(Qi, Kh[j0:j1].T)        # (nr, nc) scores, already scaled
+                S = np.dot(Qi, K[j0:j1].T)         # (nr, nc) scores, already scaled
                 for r in range(nr):
                     last = min(nc, i0 + r - j0 + 1)    # keys j0 .. j0 + last - 1 are visible
                     mx = max(m[r], max_of(S[r], 0, last))
@@ -91,7 +89,7 @@ def _forward(q, k, v, scale, block, Q, K, V, y, L):
                     m[r] = mx
                     for d in range(hs):
                         acc[r, d] *= alpha
-                acc += np.dot(S, Vh[j0:j1])
+                acc += np.dot(S, V[j0:j1])
             for r in range(nr):
                 inv = 1.0 / l[r]
                 for d in range(hs):
@@ -211,9 +209,8 @@ def flash_attention_forward(q, k, v, scale, out=None, block=BLOCK, kv_out=None):
     single_threaded_tile_blas()
     y = np.empty(q.shape, q.dtype) if out is None else out
     L = np.empty((B, NH, T), q.dtype)
-    Q = np.empty(q.shape, q.dtype)
     if kv_out is None:
-        K, V = np.empty(q.shape, q.dtype), np.empty(q.shape, q.dtype)
+        K = V = np.empty((1, 1, 1, hs), q.dtype)     # unused: the kernel copies into scratch of its own
     else:
         K, V = kv_out
         for a in (K, V):
@@ -221,7 +218,7 @@ def flash_attention_forward(q, k, v, scale, out=None, block=BLOCK, kv_out=None):
                     and a.shape[2] >= T and a.shape[3] == hs):
                 raise ValueError(f"kv_out must be C-contiguous {q.dtype} (B, NH, >= T, hs) = ({B}, {NH}, "
                                  f">= {T}, {hs}) buffers, got {a.dtype} {a.shape}")
-    _forward(_work(q), q, k, v, scale, int(block), Q, K, V, y, L)
+    _forward(_work(q), q, k, v, scale, int(block), y, L, K, V, kv_out is not None)
     return y, L
 
 
