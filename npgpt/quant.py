@@ -118,7 +118,7 @@ def packed_linear(x2, packed, scale, bias):
         w = dequantize_rows(packed, scale, np.arange(o0, o1), out=_block_scratch((o1 - o0) * K).reshape(o1 - o0, K))
         np.matmul(x2, w.T, out=y[:, o0:o1])
     if bias is not None:
-        kernels.add_bias_(y, bias)                   # y += bias, rows over the cores
+        kernels.add_bias_(y, bias)                   # y += bias, a Numba loop
     return y
 
 

@@ -104,7 +104,7 @@ def test_kernel_stores_k_and_v_into_kv_out(dtype):
     assert np.isnan(K[:, :, T:]).all() and np.isnan(V[:, :, T:]).all()
     assert np.array_equal(y1, y0) and np.array_equal(L1, L0)
     with pytest.raises(ValueError, match="kv_out"):
-        kernels.flash_attention_forward(q, k, v, 0.25, kv_out=(K[:, :, :T - 1], V))   # too short
+        kernels.flash_attention_forward(q, k, v, 0.25, kv_out=(np.empty((B, NH, T - 1, hs), dtype), V))  # too short
     with pytest.raises(ValueError, match="kv_out"):
         kernels.flash_attention_forward(q, k, v, 0.25, kv_out=(K[..., ::2], V))       # not contiguous
 
@@ -205,17 +205,25 @@ def test_prefill_fills_the_cache_it_is_given(monkeypatch):
     a cache whose buffers cannot take the kernel's writes (another dtype) is filled by store() instead:
     both hold what the readable path stores, and decode the same next token."""
     import npgpt
-    from npgpt.kvcache import KVCache
+    from npgpt.kvcache import KVCache, LayerKV
+    stores = []
+    store = LayerKV.store
+    monkeypatch.setattr(LayerKV, "store", lambda self, *a, **kw: stores.append(1) or store(self, *a, **kw))
     cfg = npgpt.GPTConfig(n_vocab=50, n_ctx=80, n_embd=16, n_head=2, n_layer=2)
     model = npgpt.GPT(cfg, dtype=np.float32, seed=0)
     idx = np.random.default_rng(1).integers(0, 50, (2, 70))
     runs = {}
-    for name, threshold, dtype in (("readable", 1 << 30, np.float32), ("fused", 0, np.float32),
-                                   ("fused, float64 cache", 0, np.float64)):
+    # store() calls in the prefill: every layer on the readable path; only the last (one query a
+    # row, not fused) when the kernel fills the cache; every layer again for a float64 cache
+    for name, threshold, dtype, n_store in (("readable", 1 << 30, np.float32, 2), ("fused", 0, np.float32, 1),
+                                            ("fused, float64 cache", 0, np.float64, 2)):
         monkeypatch.setattr(attention_mod, "FLASH_MIN_T", threshold)
         cache = KVCache(cfg.n_layer, 2, cfg.n_head, cfg.n_ctx, cfg.n_embd // cfg.n_head, dtype=dtype)
-        model.forward_cached(idx, cache)
-        runs[name] = cache, model.forward_cached(idx[:, :1], cache)
+        stores.clear()
+        with kernels.use_backend("numba"):
+            model.forward_cached(idx, cache)
+            assert len(stores) == n_store, name
+            runs[name] = cache, model.forward_cached(idx[:, :1], cache)
     ref, ref_next = runs["readable"]
     for name in ("fused", "fused, float64 cache"):
         cache, nxt = runs[name]

@@ -77,16 +77,17 @@ def test_gelu_kernels(dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (257, 1031)])
-def test_add_bias_kernel(dtype, shape, monkeypatch):
-    """y += b (Linear.forward's NumPy line), in place: bit for bit the same sums."""
-    from npgpt.kernels import bias
-    monkeypatch.setattr(bias, "PARALLEL_MIN_ELEMENTS", 0)     # the build kernel_threads picks, at any size
+def test_add_bias_kernel(dtype, shape):
+    """y += b (Linear.forward's NumPy line), in place: bit for bit the same sums. kernel_threads picks the
+    build whatever the size (its thresholds 0 and 2^62 override the one add_bias_ passes)."""
     rng = np.random.default_rng(2)
     y = rng.standard_normal(shape).astype(dtype)
     b = rng.standard_normal(shape[1]).astype(dtype)
     want = y + b
     out = kernels.add_bias_(y, b)
     assert out is y and np.array_equal(y, want)
+    with pytest.raises(ValueError, match="add_bias_"):
+        kernels.add_bias_(y, b[:-1] if b.size > 1 else np.zeros(2, dtype))     # a bias of the wrong length
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

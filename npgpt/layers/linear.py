@@ -18,7 +18,7 @@ class Linear(Module):
         self.save_for_backward(x=x2)
         y = x2 @ self.weight.data                            # (N, out)
         if kernels.use_numba():
-            kernels.add_bias_(y, self.bias.data)             # the same add, rows over the cores
+            kernels.add_bias_(y, self.bias.data)             # the same add, a Numba loop
         else:
             y += self.bias.data
         return y.reshape(*lead, -1)
