@@ -7,6 +7,15 @@ from .. import kernels
 from .module import Module, Parameter, normal_init
 
 
+def add_bias_(y, b):
+    """y += b in place for a GEMM's output y (N, out) and b (out,): the Numba kernel
+    (npgpt/kernels/bias.py) or this NumPy line, as npgpt.kernels selects. Returns y."""
+    if kernels.use_numba():
+        return kernels.add_bias_(y, b)
+    y += b
+    return y
+
+
 class Linear(Module):
     def __init__(self, n_in: int, n_out: int, *, dtype=np.float32, rng=None, std: float = 0.02):
         self.weight = Parameter(normal_init(rng, (n_in, n_out), std, dtype))  # (in, out); zeros if rng is None
@@ -17,10 +26,7 @@ class Linear(Module):
         x2 = x.reshape(-1, n_in)                             # (N, in), N = B*T: one 2-D GEMM
         self.save_for_backward(x=x2)
         y = x2 @ self.weight.data                            # (N, out)
-        if kernels.use_numba():
-            kernels.add_bias_(y, self.bias.data)             # the same add, a Numba loop
-        else:
-            y += self.bias.data
+        add_bias_(y, self.bias.data)                         # y += b
         return y.reshape(*lead, -1)
 
     def backward(self, dy):

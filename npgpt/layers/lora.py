@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .linear import Linear
+from .linear import Linear, add_bias_
 from .module import Module, Parameter
 
 
@@ -40,7 +40,7 @@ class LoRALinear(Module):
         h = x2 @ self.lora_A.data                            # (N, r)   h = x A
         self.save_for_backward(x=x2, h=h)
         y = x2 @ self.weight.data                            # (N, out) x W
-        y += self.bias.data                                  #          + b
+        add_bias_(y, self.bias.data)                         #          + b
         y += (self.scale * h) @ self.lora_B.data             #          + s h B   (the scale on the small (N, r))
         return y.reshape(*lead, -1)
 
