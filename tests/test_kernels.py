@@ -1,5 +1,6 @@
 """Each Numba kernel against the NumPy reference it mirrors: odd shapes, float32 and float64,
 and each backward fed by the other implementation's forward cache."""
+import decimal
 import math
 
 import numpy as np
@@ -225,12 +226,38 @@ def test_vectorised_exp_float32_within_1_2_ulp():
     np.testing.assert_array_equal(out, np.array([0.0, np.inf, np.nan, 1.0, 1.0, 0.0, np.inf], np.float32))
 
 
-def test_vectorised_exp_float64_is_numpys():
+def doubles_around_exp(x):
+    """(lo, hi): the float64s just below and above exp(x), from exp(x) to 50 digits (Python's decimal
+    rounds it correctly) rounded to float64 (float() of a Decimal is correctly rounded too). The two
+    roundings give the correctly rounded exp(x) unless it lies within 1e-50 (relative) of a midpoint of
+    two float64s, far closer than the hardest cases for exp in float64 (Lefevre and Muller's tables).
+    lo == hi where the 50 digits are a float64 (x = 0, or |x| < 1e-49): that float64."""
+    ctx = decimal.Context(prec=50)
+    exact = [ctx.exp(decimal.Decimal(v)) for v in x.tolist()]
+    near = np.array([float(e) for e in exact])
+    side = np.array([(decimal.Decimal(c) > e) - (decimal.Decimal(c) < e) for c, e in zip(near.tolist(), exact)])
+    return (np.where(side > 0, np.nextafter(near, -np.inf), near),
+            np.where(side < 0, np.nextafter(near, np.inf), near))
+
+
+def test_vectorised_exp_float64_is_faithfully_rounded():
+    """float64 goes to libm's exp (np.exp inside Numba), which is within 1 ulp of exp(x): one of the two
+    float64s around it, over the whole range (overflow and denormal results included). Not bit for bit
+    NumPy's: NumPy's own SIMD exp (AVX-512) rounds some results the other way."""
     run = _exp_kernel()
-    x = np.random.default_rng(1).standard_normal(1000) * 50
+    rng = np.random.default_rng(1)
+    tiny, huge = np.log(np.finfo(np.float64).smallest_subnormal), np.log(np.finfo(np.float64).max)
+    x = np.concatenate([50 * rng.standard_normal(1000), rng.uniform(tiny - 1, huge + 1, 4000),
+                        rng.uniform(tiny - 1, np.log(np.finfo(np.float64).tiny), 500)])
     y = np.empty_like(x)
     run(x, y)
-    np.testing.assert_array_equal(y, np.exp(x))
+    lo, hi = doubles_around_exp(x)
+    off = np.flatnonzero(~((lo <= y) & (y <= hi)))
+    assert off.size == 0, [(x[i], y[i], lo[i], hi[i]) for i in off[:3].tolist()]     # x, exp(x), around exp(x)
+    specials = np.array([-np.inf, np.inf, np.nan, 0.0, -0.0])
+    out = np.empty_like(specials)
+    run(specials, out)
+    np.testing.assert_array_equal(out, [0.0, np.inf, np.nan, 1.0, 1.0])
 
 
 def test_bits_to_float32():

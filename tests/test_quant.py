@@ -2,6 +2,8 @@
 quantized model against float32, checkpoints and the CLI option."""
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -144,12 +146,25 @@ def test_checkpoint_roundtrip_memory_mapped(kind, tmp_path):
         npgpt.GPT.from_pretrained(tmp_path / "q", weights=other)
 
 
-def test_cli_generate_weights(tmp_path, capsys):
+def test_cli_generate_weights(tmp_path, capsys, monkeypatch):
+    """`generate --weights W` decodes with the weights packed as W: the model that generates holds W's
+    packed matrices (and W's bytes), and the text is that model's greedy continuation."""
     from npgpt.cli import main
-    npgpt.GPT(npgpt.GPTConfig(n_layer=1, n_embd=32, n_head=2, n_ctx=32, n_vocab=50257), seed=0).save(tmp_path / "m")
-    outs = {}
+    from npgpt.tokenizer import get_tokenizer
+    path = tmp_path / "m"
+    npgpt.GPT(npgpt.GPTConfig(n_layer=1, n_embd=32, n_head=2, n_ctx=32, n_vocab=50257), seed=0).save(path)
+    want = {}
     for w in ["fp32", "bf16", "int8"]:
-        assert main(["generate", "--model", str(tmp_path / "m"), "--weights", w, "-n", "3",
-                     "--temperature", "0", "hi"]) == 0
-        outs[w] = capsys.readouterr().out
-        assert outs[w].startswith("hi")
+        model = npgpt.GPT.from_pretrained(path, weights=w)
+        want[w] = (quant.weight_bytes(model), "hi" + npgpt.generate_text(model, get_tokenizer(), "hi", 3) + "\n")
+    assert want["int8"][0] < want["bf16"][0] < want["fp32"][0]
+    used = []
+    generate = importlib.import_module("npgpt.generate")        # the module (npgpt.generate is also a function)
+    real = generate.stream_tokens
+    monkeypatch.setattr(generate, "stream_tokens", lambda model, *a, **kw: used.append(model) or real(model, *a, **kw))
+    for w in ["fp32", "bf16", "int8"]:
+        assert main(["generate", "--model", str(path), "--weights", w, "-n", "3", "--temperature", "0", "hi"]) == 0
+        (model,) = used
+        used.clear()
+        assert model.weights == w
+        assert (quant.weight_bytes(model), capsys.readouterr().out) == want[w]

@@ -1,7 +1,9 @@
 """npgpt against numbers written by real PyTorch + Hugging Face transformers (tests/fixtures/generate.py).
 
 float32: logits, loss, every gradient and an 8-step AdamW trajectory (clipping + warmup/cosine
-schedule), with tolerances for float32 rounding; and the float32 path must never upcast.
+schedule; npgpt clips both ways: the gradients scaled in place, or the factor applied inside the fused
+update as the training loop does), with tolerances for float32 rounding; and the float32 path must
+never upcast.
 float64: the same weights run in double by both sides, compared much more tightly.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 import npgpt
+from npgpt.optim import clip_coef, grad_norm
 
 # name -> (logits: x max|ref|, loss: rel, grads: x own max|ref|, adamw losses: abs, adamw norms: rel,
 #          adamw params: abs or x max|ref|)
@@ -71,7 +74,11 @@ def test_forward_loss_backward(kernel_build, ref):
         assert err <= tol["grad"] * scale, f"{name}: max err {err:.3e}, max |ref| {scale:.3e}"
 
 
-def test_adamw_trajectory(kernel_build, ref):
+@pytest.mark.parametrize("clipping", ["clip_grad_norm", "grad_scale"])
+def test_adamw_trajectory(kernel_build, ref, clipping):
+    """PyTorch's clip_grad_norm_ then AdamW, 8 steps that all clip: npgpt's clip_grad_norm then step, and
+    the training loop's clipping by scale (grad_norm, then step(grad_scale=clip_coef), which applies the
+    factor inside the fused update and leaves the gradients as they are)."""
     dtype, data, order = ref
     tol = TOL[dtype]
     beta1, beta2, eps, wd, max_norm, max_lr, min_lr, warmup, max_steps = data["adamw/hparams"].tolist()
@@ -85,9 +92,15 @@ def test_adamw_trajectory(kernel_build, ref):
         logits = model.forward(idx[step])
         loss, dlogits = npgpt.cross_entropy(logits, targets[step])
         model.backward(dlogits)
-        norm = npgpt.clip_grad_norm(model, max_norm)
         lr = npgpt.lr_schedule(step, max_lr, warmup, max_steps, min_lr)
-        opt.step(lr=lr)
+        if clipping == "clip_grad_norm":
+            norm = npgpt.clip_grad_norm(model, max_norm)
+            opt.step(lr=lr)
+        else:
+            norm = grad_norm(model)
+            grads = [p.grad.copy() for p in model.parameters()]
+            opt.step(lr=lr, grad_scale=clip_coef(norm, max_norm))
+            assert all(np.array_equal(p.grad, g) for p, g in zip(model.parameters(), grads))   # read, not scaled
 
         assert abs(lr - data["adamw/lrs"][step]) <= 1e-12, (step, lr)
         ref_loss, ref_norm = float(data["adamw/losses"][step]), float(data["adamw/norms"][step])
@@ -96,7 +109,7 @@ def test_adamw_trajectory(kernel_build, ref):
         else:
             assert abs(float(loss) - ref_loss) <= tol["ad_loss"] * abs(ref_loss), (step, float(loss), ref_loss)
         assert abs(norm - ref_norm) <= tol["ad_norm"] * ref_norm, (step, norm, ref_norm)
-        if norm > max_norm:   # clipped: the gradients now have (almost exactly) norm max_norm
+        if clipping == "clip_grad_norm" and norm > max_norm:   # clipped: the gradients now have norm ~max_norm
             now = np.sqrt(sum(float(np.vdot(p.grad, p.grad)) for p in model.parameters()))
             assert abs(now - max_norm) <= 1e-5 * max_norm, (step, now)
     assert any(n > max_norm for n in data["adamw/norms"])    # the fixture exercises clipping
