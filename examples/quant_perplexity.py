@@ -12,7 +12,8 @@ import os
 
 
 import npgpt
-from npgpt.train import load_tokenizer, mean_loss, prepare_data
+from npgpt.train import mean_loss, prepare_data
+from npgpt.train.tokenizers import find_tokenizer
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("run")
@@ -21,7 +22,7 @@ args = p.parse_args()
 npgpt.runtime.keep_freed_memory()
 
 run = json.load(open(os.path.join(args.run, "run.json")))
-tok = load_tokenizer(os.path.join(args.run, "tokenizer.json"))
+tok = find_tokenizer(args.run)
 data = prepare_data(run["data"], tokenizer=tok, context=run["context"], stride=run.get("stride"),
                     train_ratio=run["train_ratio"], progress=False)
 print(f"{args.run}: {len(data.val)} validation windows of {data.context} tokens")

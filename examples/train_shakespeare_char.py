@@ -20,7 +20,7 @@ import numpy as np
 
 import npgpt
 from npgpt.train import LoopConfig, count_targets, fit, lm_evaluator, lm_loss, lm_sampler, prepare_data
-from npgpt.train.tokenizers import tokenizer_file
+from npgpt.train.tokenizers import tokenizer_files
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--data", default="tinyshakespeare")
@@ -37,5 +37,5 @@ loop = LoopConfig(steps=args.steps, lr=1e-3, min_lr=1e-4, warmup=100, clip=1.0, 
 result = fit(model, opt, data.batches(batch_size=12, seed=0), loop, loss_fn=lm_loss, count_fn=count_targets,
              evaluate=lm_evaluator(data, batch_size=12, n_batches=20),
              sample=lm_sampler(data.tokenizer, "ROMEO:", max_new_tokens=200, seed=0),
-             run_dir=args.out, extra_files=tokenizer_file(data.tokenizer))   # `npgpt generate --model OUT` reads it
+             run_dir=args.out, extra_files=tokenizer_files(data.tokenizer))   # `npgpt generate --model OUT` reads it
 print(f"{result.step} steps; last evaluation {result.last_eval}")

@@ -22,7 +22,7 @@ import numpy as np
 
 import npgpt
 from npgpt.train import LoopConfig, count_targets, fit, lm_evaluator, lm_loss, lm_sampler, prepare_data
-from npgpt.train.tokenizers import tokenizer_file
+from npgpt.train.tokenizers import tokenizer_files
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--out", default="runs/the-verdict-book")
@@ -41,5 +41,5 @@ loop = LoopConfig(steps=steps, lr=4e-4, min_lr=4e-4, warmup=0, clip=0.0,   # con
 result = fit(model, opt, batches, loop, loss_fn=lm_loss, count_fn=count_targets,
              evaluate=lm_evaluator(data, batch_size=2, n_batches=5),
              sample=lm_sampler(data.tokenizer, "Every effort moves you", max_new_tokens=25, seed=123),
-             run_dir=args.out, extra_files=tokenizer_file(data.tokenizer))   # `npgpt generate --model OUT` reads it
+             run_dir=args.out, extra_files=tokenizer_files(data.tokenizer))   # `npgpt generate --model OUT` reads it
 print(f"{result.step} steps; last evaluation {result.last_eval}; curve in {args.out}/loss.png")

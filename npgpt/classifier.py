@@ -7,7 +7,8 @@ last real token.
 Batches are padded on the right; lengths (B,) holds each row's count of real tokens. A saved
 classifier is a directory: the GPT in Hugging Face layout (config.json, model.safetensors; it
 loads with GPT.from_pretrained), plus classifier.safetensors (head.weight, head.bias) and
-classifier.json (the label names).
+classifier.json (the label names). A LoRA run's checkpoint holds the head and the adapters, and refers
+to the base GPT instead of copying it (npgpt.lora.save_model_files).
 """
 from __future__ import annotations
 
@@ -63,9 +64,14 @@ class Classifier(Module):
     # ----------------------------------------------------------------- saving and loading
     def save(self, directory) -> str:
         """config.json + model.safetensors (the GPT) and classifier.safetensors + classifier.json."""
-        from .checkpoint.safetensors import atomic_write, save_safetensors
         directory = os.fspath(directory)
         self.gpt.save(directory)
+        return self.save_head(directory)
+
+    def save_head(self, directory) -> str:
+        """classifier.safetensors (head.weight, head.bias) + classifier.json (the labels) into `directory`."""
+        from .checkpoint.safetensors import atomic_write, save_safetensors
+        directory = os.fspath(directory)
         save_safetensors(os.path.join(directory, HEAD_FILE),
                          {"head.weight": self.head.weight.data, "head.bias": self.head.bias.data},
                          {"format": "npgpt-classifier"})
@@ -73,26 +79,40 @@ class Classifier(Module):
             f.write((json.dumps({"labels": self.labels}, indent=1) + "\n").encode("utf-8"))
         return directory
 
+    def load_head(self, directory) -> "Classifier":
+        """Copy in the head save_head wrote (its labels must be this classifier's)."""
+        labels, head = _read_head(os.fspath(directory))
+        if labels != self.labels:
+            raise ValueError(f"{directory}: the saved head is for labels {labels}, this classifier's are {self.labels}")
+        self.head.load_state_dict(head)
+        return self
+
     @classmethod
     def load(cls, path, dtype=np.float32, weights=None) -> "Classifier":
         """A directory written by save(), or a `npgpt finetune classify` run directory (its checkpoint).
         weights="bf16" | "int8" packs the transformer's weights for inference (GPT.from_pretrained); the
         small head stays in float32."""
         from .checkpoint import resolve_run_dir
-        from .checkpoint.safetensors import read_safetensors
         path = resolve_run_dir(os.fspath(path))
-        head_path, labels_path = os.path.join(path, HEAD_FILE), os.path.join(path, LABELS_FILE)
-        for p in (head_path, labels_path):
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"{path} is not a saved classifier (no {os.path.basename(p)})")
-        with open(labels_path, encoding="utf-8") as f:
-            labels = json.load(f)["labels"]
+        labels, head = _read_head(path)
         model = cls(GPT.from_pretrained(path, dtype=dtype, weights=weights), labels, init=False)
-        head, _ = read_safetensors(head_path, mmap=False)
-        model.head.load_state_dict({"weight": head["head.weight"], "bias": head["head.bias"]})
+        model.head.load_state_dict(head)
         return model.eval()
 
     @classmethod
     def from_pretrained(cls, name_or_path, labels, dtype=np.float32, seed=None) -> "Classifier":
         """A new head (random, seeded) on a pretrained GPT: a model name, checkpoint or run directory."""
         return cls(GPT.from_pretrained(name_or_path, dtype=dtype), labels, seed=seed)
+
+
+def _read_head(path) -> tuple:
+    """(labels, {"weight", "bias"}) of the head saved in directory `path`."""
+    from .checkpoint.safetensors import read_safetensors
+    head_path, labels_path = os.path.join(path, HEAD_FILE), os.path.join(path, LABELS_FILE)
+    for p in (head_path, labels_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{path} is not a saved classifier (no {os.path.basename(p)})")
+    with open(labels_path, encoding="utf-8") as f:
+        labels = json.load(f)["labels"]
+    head, _ = read_safetensors(head_path, mmap=False)
+    return labels, {"weight": head["head.weight"], "bias": head["head.bias"]}

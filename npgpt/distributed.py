@@ -5,7 +5,9 @@
 `init()` returns the `dist` object `npgpt.train.fit` takes. Launched by mpiexec (detected from the
 launcher's environment: PMI_RANK/PMI_SIZE of MPICH's hydra, OMPI_COMM_WORLD_SIZE of Open MPI, ...)
 it is an `MPIDist` over MPI.COMM_WORLD; otherwise a `LocalDist` of rank 0 of 1, and mpi4py is never
-imported: one process needs no MPI installed.
+imported: one process needs no MPI installed. When the launcher says it started N > 1 processes but
+MPI sees a world of 1 (mpi4py built for another MPI than the launcher's: each process would run the
+whole job alone), init() raises LaunchMismatch, naming both MPIs and the fix.
 
 Gradients are summed by `allreduce_grads(model)`, in place, with one MPI Allreduce per bucket of
 at most BUCKET_BYTES (32 MB) of a flat, contiguous buffer. When the gradients already tile one
@@ -35,11 +37,57 @@ BUCKET_BYTES = 32 * 2**20
 # Set by the launchers: MPICH/Intel hydra (PMI_*, MPI_LOCALNRANKS), Open MPI (OMPI_*), PMIx (PMIX_RANK).
 MPI_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "MPI_LOCALNRANKS", "PMIX_RANK")
 
+# The launchers' own word on how many processes they started (MPI_LOCALNRANKS: on this machine), and
+# which launcher sets each; and this process's rank among them.
+LAUNCHER_SIZE_ENV = {"PMI_SIZE": "a PMI launcher (MPICH's or Intel MPI's mpiexec, or srun)",
+                     "OMPI_COMM_WORLD_SIZE": "Open MPI's mpirun",
+                     "PMIX_SIZE": "a PMIx launcher (Open MPI's mpirun, or srun --mpi=pmix)",
+                     "MPI_LOCALNRANKS": "MPICH's or Intel MPI's mpiexec (Hydra)"}
+LAUNCHER_RANK_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+
 
 def launched_by_mpi(environ=None) -> bool:
     """True when this process was started by mpiexec/mpirun (judged from the environment only)."""
     env = os.environ if environ is None else environ
     return any(k in env for k in MPI_ENV)
+
+
+class LaunchMismatch(RuntimeError):
+    """The launcher started several processes but MPI sees each alone. .rank: this process's rank by
+    the launcher (None if it does not say), so that one of them reports it."""
+
+    def __init__(self, message: str, rank: int | None):
+        super().__init__(message)
+        self.rank = rank
+
+
+def _env_int(env, name):
+    v = env.get(name, "").strip()
+    return int(v) if v.isdigit() else None
+
+
+def mpi_library(MPI) -> str:
+    """The MPI library mpi4py loaded, in a few words: 'MPICH 4.2.0', 'Open MPI v4.1.2', ..."""
+    first = MPI.Get_library_version().strip().split("\n")[0].split(",")[0]
+    return " ".join(first.replace("Version:", " ").split())
+
+
+def check_launch(world_size: int, mpi_library: str, environ=None) -> None:
+    """LaunchMismatch when the launcher's environment says N > 1 processes and MPI a world of 1.
+    mpi_library: the MPI mpi4py loaded (see mpi_library)."""
+    env = os.environ if environ is None else environ
+    if world_size != 1:
+        return
+    stated = [(_env_int(env, k), k) for k in LAUNCHER_SIZE_ENV if _env_int(env, k) is not None]
+    n, var = max(stated, default=(1, None))
+    if n <= 1:
+        return
+    rank = next((_env_int(env, k) for k in LAUNCHER_RANK_ENV if _env_int(env, k) is not None), None)
+    raise LaunchMismatch(
+        f"the launcher started {n} processes ({var}={n}: {LAUNCHER_SIZE_ENV[var]}) but mpi4py's MPI "
+        f"({mpi_library}) sees a world of 1, so each would run the whole job alone: launch with {mpi_library}'s "
+        f"mpiexec, or point mpi4py at the launcher's MPI with MPI4PY_LIBMPI=/path/to/its/libmpi.so",
+        rank)
 
 
 class LocalDist:
@@ -72,7 +120,10 @@ class MPIDist:
     """MPI.COMM_WORLD: rank, world_size, gradient all-reduce, weight broadcast."""
 
     def __init__(self, comm=None):
-        from mpi4py import MPI
+        import warnings
+        with warnings.catch_warnings():       # a launcher of another MPI: init() says so in one line
+            warnings.filterwarnings("ignore", "suspicious MPI execution environment", RuntimeWarning)
+            from mpi4py import MPI
         self.MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
@@ -183,11 +234,14 @@ _DIST = None
 
 def init(threads: int | None = None):
     """The process's dist object (made once): MPIDist under mpiexec, LocalDist otherwise. Under MPI it
-    also sets this rank's BLAS and Numba threads (see set_threads)."""
+    also sets this rank's BLAS and Numba threads (see set_threads); LaunchMismatch (check_launch) when
+    the launcher and mpi4py use different MPIs."""
     global _DIST
     if _DIST is None:
         if launched_by_mpi():
-            _DIST = MPIDist()
+            dist = MPIDist()
+            check_launch(dist.world_size, mpi_library(dist.MPI))
+            _DIST = dist
             set_threads(threads, _DIST.local_size)
         else:
             _DIST = LocalDist()

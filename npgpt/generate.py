@@ -11,6 +11,11 @@ of different lengths: they are prefilled together, right-padded, each row at its
 then every decode step feeds one token per row at that row's own position, attending only to
 its own cached keys. Each row thus produces what it would produce alone.
 
+The vocabulary. Only token ids below n_vocab are drawn (default: the model's whole vocabulary); the
+text functions pass their tokenizer's size, so a model whose vocabulary is larger than its tokenizer's
+(a character vocabulary on a GPT-2 model, a vocabulary padded to a round size) never yields an id
+the tokenizer cannot decode. Logits that are not finite (NaN weights) raise FloatingPointError.
+
 End of sequence. A row that samples eos_id stops growing: its later entries are eos_id. Generation
 ends when every row has stopped or after max_new_tokens steps.
 
@@ -148,20 +153,36 @@ def _check_steps(max_new_tokens) -> int:
 
 
 # ----------------------------------------------------------------------------- the decoding loop
-def _steps(model, prompts, max_new_tokens, sampler: Sampler, eos_id=None, keep=None) -> Iterator[np.ndarray]:
-    """Yield the next token of every row (B,) at each step; rows that finished yield eos_id."""
+def _drawable(logits, model, step: int, n_vocab: int):
+    """The first n_vocab logits of each row (B, n_vocab); FloatingPointError when any is not finite."""
+    logits = logits[:, :n_vocab]
+    if not np.isfinite(logits).all():
+        from .train.run import first_non_finite
+        bad = first_non_finite((name, p.data) for name, p in model.named_parameters())
+        why = (f"its parameter {bad} holds NaN or infinite values" if bad is not None else
+               "an activation overflowed, or its packed weights hold NaN or infinite values")
+        raise FloatingPointError(f"the model's next-token logits are not finite (NaN or inf) at new token "
+                                 f"{step + 1}: {why}")
+    return logits
+
+
+def _steps(model, prompts, max_new_tokens, sampler: Sampler, eos_id=None, keep=None,
+           n_vocab=None) -> Iterator[np.ndarray]:
+    """Yield the next token of every row (B,) at each step, each below n_vocab (default: the model's
+    vocabulary); rows that finished yield eos_id."""
     B, V = len(prompts), model.config.n_vocab
     for p in prompts:
         check_token_ids(p, V)
     if max_new_tokens == 0:
         return
+    Vd = V if n_vocab is None else min(V, int(n_vocab))                    # ids that may be drawn: 0 .. Vd - 1
     dec = Decoder(model, B, max(len(p) for p in prompts) + max_new_tokens, keep=keep)
-    logits = dec.prefill(prompts)                                          # (B, V)
+    logits = _drawable(dec.prefill(prompts), model, 0, Vd)                 # (B, Vd)
     seen = None
     if sampler.repetition_penalty not in (None, 1.0):
-        seen = np.zeros((B, V), dtype=bool)                                # (B, V) tokens in each row so far
+        seen = np.zeros((B, Vd), dtype=bool)                               # (B, Vd) tokens in each row so far
         for b, p in enumerate(prompts):
-            seen[b, p] = True
+            seen[b, p[p < Vd]] = True
     finished = np.zeros(B, dtype=bool)
     for step in range(max_new_tokens):
         tok = sampler(logits, seen)                                        # (B,)
@@ -173,11 +194,11 @@ def _steps(model, prompts, max_new_tokens, sampler: Sampler, eos_id=None, keep=N
             return
         if seen is not None:
             seen[np.arange(B), tok] = True
-        logits = dec.step(tok)                                             # (B, V)
+        logits = _drawable(dec.step(tok), model, step + 1, Vd)             # (B, Vd)
 
 
 def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None, seed=None,
-             eos_id=None, repetition_penalty=None, keep=None):
+             eos_id=None, repetition_penalty=None, keep=None, n_vocab=None):
     """Continue each prompt by up to max_new_tokens tokens.
 
     idx: (B, T) or (T,) int token ids -> returns an int64 array (B, T + n_new); or a list of 1-D
@@ -185,11 +206,12 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k=No
     temperature 0 is greedy; top_k, top_p, repetition_penalty: see npgpt.sampling; seed makes
     sampling reproducible. A row that samples eos_id stops and is padded with eos_id; n_new is
     max_new_tokens unless every row stopped earlier. keep: tokens kept when the window slides
-    (default n_ctx // 2; see the module docstring)."""
+    (default n_ctx // 2; see the module docstring). n_vocab: draw only ids below it (a tokenizer's size;
+    default the model's vocabulary)."""
     max_new_tokens = _check_steps(max_new_tokens)
     prompts, as_list = _as_prompts(idx)
     sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed)
-    steps = list(_steps(model, prompts, max_new_tokens, sampler, eos_id, keep))
+    steps = list(_steps(model, prompts, max_new_tokens, sampler, eos_id, keep, n_vocab))
     new = np.stack(steps, axis=1) if steps else np.zeros((len(prompts), 0), dtype=np.int64)   # (B, n_new)
     if as_list:
         return [np.concatenate([p, row]) for p, row in zip(prompts, new)]
@@ -197,15 +219,16 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k=No
 
 
 def stream_tokens(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None, seed=None,
-                  eos_id=None, repetition_penalty=None, keep=None) -> Iterator[int]:
+                  eos_id=None, repetition_penalty=None, keep=None, n_vocab=None) -> Iterator[int]:
     """Yield the new token ids of one prompt (T,) or (1, T) one at a time, as they are decoded;
-    stops after max_new_tokens or after yielding eos_id. Same tokens as generate() with the same seed."""
+    stops after max_new_tokens or after yielding eos_id. Same tokens as generate() with the same seed
+    (and n_vocab)."""
     max_new_tokens = _check_steps(max_new_tokens)
     prompts, _ = _as_prompts(idx)
     if len(prompts) != 1:
         raise ValueError(f"stream_tokens takes one prompt, got {len(prompts)}")
     sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed)
-    for tok in _steps(model, prompts, max_new_tokens, sampler, eos_id, keep):
+    for tok in _steps(model, prompts, max_new_tokens, sampler, eos_id, keep, n_vocab):
         yield int(tok[0])
 
 
@@ -281,12 +304,12 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temper
                 keep=None) -> Iterator[str]:
     """Yield the continuation of prompt as text pieces, as it is decoded (the prompt is not repeated).
     Stops at <|endoftext|> (unless stop_at_eos=False), at the first stop string (not emitted), or
-    after max_new_tokens tokens."""
+    after max_new_tokens tokens. Only ids the tokenizer holds are drawn."""
     ids = encode_prompt(model, tokenizer, prompt)
     eos_id = tokenizer.eot_token if stop_at_eos else None
     ts = TextStreamer(tokenizer, stop)
     for t in stream_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-                           repetition_penalty, keep):
+                           repetition_penalty, keep, tokenizer.n_vocab):
         if t == eos_id:
             break
         piece = ts.push(t)

@@ -23,12 +23,24 @@ PEFT's layout, for GPT-2's Conv1D layers (weight (in, out), fan_in_fan_out true)
 PEFT computes y = base(x) + lora_B(lora_A(x)) * (lora_alpha / r), i.e. x A B s with A = lora_A.weight^T
 and B = lora_B.weight^T: the same function.
 
-A model holding adapters saves (GPT.save, Classifier.save, a `npgpt finetune` run's checkpoint) as its
-base weights (model.safetensors, untouched) plus the adapter files in the same directory, and
-GPT.from_pretrained / Classifier.load of such a directory apply the adapter again.
+A model holding adapters saves (GPT.save, Classifier.save) as its base weights (model.safetensors,
+untouched) plus the adapter files in the same directory, and GPT.from_pretrained / Classifier.load of
+such a directory apply the adapter again.
+
+A training checkpoint of such a model (a `npgpt finetune --lora-rank` run: save_model_files) copies no
+base weights. It holds config.json, the adapter files, a Classifier's head, and base_model.json, which
+refers to the base:
+
+    {"name_or_path": "gpt2", "path": null,              as given to --init; its absolute path (null: a name)
+     "parameters": 124439808, "fingerprint": "sha256:..."}   base_fingerprint: what identifies the base
+
+GPT.from_pretrained of that checkpoint loads the base from there (base_of) and checks that it is the
+same model (check_base) before applying the adapter; a missing or different base is one ValueError
+or FileNotFoundError line.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -42,6 +54,8 @@ from .layers.lora import LoRALinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+BASE_REF = "base_model.json"
+BASE_SAMPLES = 64                     # values of each base tensor that base_fingerprint hashes
 PEFT_PREFIX = "base_model.model."
 LORA_PARAMS = ("lora_A", "lora_B")
 
@@ -94,6 +108,11 @@ def _matches(name: str, targets) -> bool:
 
 def count_trainable(model) -> int:
     return sum(p.data.size for p in model.parameters() if p.requires_grad)
+
+
+def _base_params(gpt):
+    """(name, Parameter) of the GPT's weights other than its adapters."""
+    return [(name, p) for name, p in gpt.named_parameters() if name.rsplit(".", 1)[-1] not in LORA_PARAMS]
 
 
 # ----------------------------------------------------------------------------- apply / merge
@@ -200,14 +219,30 @@ def read_adapter_config(directory) -> dict:
     return cfg
 
 
-def adapter_dir(path):
-    """The directory holding an adapter for a model path (a run directory stands for its checkpoint), or None."""
+def _model_dir(path):
+    """The directory a model path stands for (a run directory: its checkpoint), or None (not a directory)."""
     from .checkpoint import resolve_run_dir
     try:
         p = resolve_run_dir(os.fspath(path))
     except TypeError:
         return None
-    return p if os.path.isfile(os.path.join(p, ADAPTER_CONFIG)) else None
+    return p if os.path.isdir(p) else None
+
+
+def adapter_dir(path):
+    """The directory holding an adapter for a model path (a run directory stands for its checkpoint), or
+    None. An adapter's weights or base reference without its adapter_config.json: FileNotFoundError."""
+    p = _model_dir(path)
+    if p is None:
+        return None
+    if os.path.isfile(os.path.join(p, ADAPTER_CONFIG)):
+        return p
+    found = ADAPTER_WEIGHTS if os.path.isfile(os.path.join(p, ADAPTER_WEIGHTS)) else \
+        BASE_REF if _refers_to_base(p) else None
+    if found is not None:
+        raise FileNotFoundError(f"{os.path.join(p, ADAPTER_CONFIG)} is missing: {p} holds {found}, but a LoRA "
+                                f"adapter cannot be applied without its config")
+    return None
 
 
 def load_adapter(model_or_base, directory, dtype=np.float32):
@@ -223,9 +258,13 @@ def load_adapter(model_or_base, directory, dtype=np.float32):
     directory = os.fspath(directory)
     cfg = read_adapter_config(directory)
     rank, alpha, targets = int(cfg["r"]), float(cfg["lora_alpha"]), cfg["target_modules"]
+    base = cfg.get("base_model_name_or_path")
+    if _refers_to_base(directory):                  # a LoRA run's checkpoint: the base it was trained on
+        ref = check_base(model, directory)
+        base = ref["path"] or ref["name_or_path"]
     layers = lora_layers(model)
     if not layers:
-        apply_lora(model, rank, alpha, targets, base=cfg.get("base_model_name_or_path"))
+        apply_lora(model, rank, alpha, targets, base=base)
         layers = lora_layers(model)
     elif any(layer.rank != rank or layer.alpha != alpha for _, layer in layers):
         raise ValueError(f"{directory}: adapter has r={rank}, alpha={alpha}; the model's adapters differ")
@@ -252,10 +291,116 @@ def save_with_adapter(gpt, directory) -> str:
     """GPT.save of a model holding adapters: the base weights (config.json + model.safetensors, as if
     the adapters were not there) and the adapter files, in one directory."""
     from .checkpoint import save_hf_checkpoint
-    base = {name: p.data for name, p in gpt.named_parameters() if name.rsplit(".", 1)[-1] not in LORA_PARAMS}
+    base = {name: p.data for name, p in _base_params(gpt)}
     save_hf_checkpoint(directory, gpt.config, base, dtype=gpt.dtype)
     save_adapter(gpt, directory)
     return os.fspath(directory)
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+def base_fingerprint(gpt) -> dict:
+    """What identifies a LoRA model's frozen base, cheaply: its parameter count and a sha256 over its
+    shape (GPTConfig.to_hparams) and, for every base tensor by name, its name, shape and BASE_SAMPLES evenly
+    spaced values. The values are hashed as float32, so a base loaded as float32 or float64 hashes alike;
+    a base trained further, or another model of the same shape, does not."""
+    h = hashlib.sha256(json.dumps(gpt.config.to_hparams(), sort_keys=True).encode("utf-8"))
+    count = 0
+    for name, p in sorted(_base_params(gpt), key=lambda item: item[0]):
+        flat = p.data.reshape(-1)
+        picks = np.linspace(0, flat.size - 1, min(flat.size, BASE_SAMPLES)).astype(np.int64)
+        h.update(f"{name}{list(p.data.shape)}".encode("utf-8"))
+        h.update(flat[picks].astype("<f4").tobytes())
+        count += flat.size
+    return {"parameters": count, "fingerprint": "sha256:" + h.hexdigest()}
+
+
+def _base_location(name_or_path) -> dict:
+    """How base_model.json names a base: as given, and its absolute path (None for a model name, which
+    load_checkpoint loads by name when no such path exists)."""
+    from .checkpoint import is_model_name
+    given = os.fspath(name_or_path)
+    by_name = is_model_name(given) and not (os.path.exists(given) or os.path.exists(given + ".index"))
+    return {"name_or_path": given, "path": None if by_name else os.path.abspath(given)}
+
+
+def _refers_to_base(directory) -> bool:
+    """A checkpoint holding no weights of its own, only a reference to its base (save_model_files)."""
+    return os.path.isfile(os.path.join(directory, BASE_REF)) and \
+        not os.path.isfile(os.path.join(directory, "model.safetensors"))
+
+
+def read_base_ref(directory) -> dict:
+    """base_model.json, checked (ValueError naming the file when it is damaged)."""
+    from .checkpoint.layout import read_json_object
+    path = os.path.join(os.fspath(directory), BASE_REF)
+    ref = read_json_object(path, "LoRA base reference")
+    kinds = {"name_or_path": str, "path": (str, type(None)), "parameters": int, "fingerprint": str}
+    bad = [k for k, kind in kinds.items() if not isinstance(ref.get(k), kind) or isinstance(ref.get(k), bool)]
+    if bad:
+        raise ValueError(f"{path}: invalid LoRA base reference: {', '.join(bad)} missing or of the wrong type")
+    return ref
+
+
+def base_of(name_or_path):
+    """Where GPT.from_pretrained reads the weights of `name_or_path`: for a checkpoint that refers to its
+    base (base_model.json, no model.safetensors), that base (FileNotFoundError when it is gone); else itself."""
+    directory = _model_dir(name_or_path)
+    if directory is None or not _refers_to_base(directory):
+        return name_or_path
+    ref = read_base_ref(directory)
+    path = ref["path"]
+    if path is not None and not (os.path.exists(path) or os.path.exists(path + ".index")):
+        raise FileNotFoundError(f"{directory}: the base model of this LoRA checkpoint, {ref['name_or_path']}, is "
+                                f"missing ({path} does not exist); put it back there to load the adapter")
+    return ref["name_or_path"] if path is None else path
+
+
+def check_base(model, directory) -> dict:
+    """The base reference in `directory`, after checking that the model's base (its weights other than
+    the adapters) is the model it names: ValueError if not. Returns the reference."""
+    ref = read_base_ref(directory)
+    found = base_fingerprint(_body(model))
+    if found["fingerprint"] != ref["fingerprint"]:
+        where = ref["path"] or ref["name_or_path"]
+        raise ValueError(f"{directory}: this LoRA adapter was trained on the base {ref['name_or_path']} ({where}: "
+                         f"{ref['parameters']:,} parameters, {ref['fingerprint'][:19]}), but the base it is applied "
+                         f"to differs ({found['parameters']:,} parameters, {found['fingerprint'][:19]})")
+    return ref
+
+
+def save_model_files(model, directory) -> str:
+    """The model's part of a training checkpoint, written into `directory`. A model with LoRA adapters on
+    a known, frozen base (apply_lora's base: `npgpt finetune --init`) copies none of the base's weights:
+    config.json, the adapter (PEFT's layout), base_model.json and a Classifier's head. Any other model:
+    model.save(directory), the whole model. Returns the directory."""
+    from .checkpoint.safetensors import hf_config_dict
+    from .classifier import Classifier
+    from .train.run import write_json
+    body = _body(model)
+    cfg = getattr(body, "lora_config", None)
+    if cfg is None or cfg.base is None or not lora_layers(model) or any(p.requires_grad for _, p in _base_params(body)):
+        return model.save(directory)
+    directory = save_adapter(model, directory)
+    write_json(os.path.join(directory, "config.json"), {**hf_config_dict(body.config), "torch_dtype": body.dtype.name})
+    if isinstance(model, Classifier):
+        model.save_head(directory)
+    write_json(os.path.join(directory, BASE_REF), {**_base_location(cfg.base), **base_fingerprint(body)})
+    return directory
+
+
+def load_model_weights(model, directory):
+    """Load the model files save_model_files wrote in `directory` into `model` (built alike), in place:
+    a LoRA checkpoint's adapters (its base checked against the model's) and head, else every weight."""
+    from .classifier import Classifier
+    directory = os.fspath(directory)
+    if not _refers_to_base(directory):
+        from .checkpoint import load_checkpoint
+        _, weights = load_checkpoint(directory)
+        return model.load_state_dict(weights)
+    load_adapter(model, adapter_dir(directory))
+    if isinstance(model, Classifier):
+        model.load_head(directory)
+    return model
 
 
 # ----------------------------------------------------------------------------- command-line helpers
@@ -299,11 +444,15 @@ def setup_lora(model, args, base=None):
 
 def finish_lora(model, args, run_dir, checkpoint=None) -> None:
     """After training with --lora-rank: the adapter alone into RUN/adapter (small, PEFT-readable); with
-    --merge, the adapters folded in and the run's checkpoint re-saved as a plain model."""
+    --merge, the adapters folded in and the run's checkpoint re-saved as a whole plain model (which no
+    longer refers to its base)."""
     if getattr(args, "lora_rank", None) is None:
         return
     save_adapter(model, os.path.join(os.fspath(run_dir), "adapter"))
     if getattr(args, "merge", False):
         merge(model)
         if checkpoint is not None:
-            model.save(checkpoint)
+            model.save(checkpoint)                  # the whole model; the checkpoint's other files are kept,
+            stale = os.path.join(checkpoint, BASE_REF)      # base_model.json too, which no longer applies
+            if os.path.isfile(stale):
+                os.remove(stale)

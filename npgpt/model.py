@@ -123,7 +123,8 @@ class GPT(Module):
         weights="bf16" | "int8" packs the weights for inference (npgpt.quant.quantize); a checkpoint
         saved quantized is memory-mapped as stored (weights None or its own kind).
         A directory that also holds a LoRA adapter (adapter_config.json, as GPT.save writes for a model with
-        adapters) comes back with the adapter applied (npgpt.lora.load_adapter), merged when packed."""
+        adapters) comes back with the adapter applied (npgpt.lora.load_adapter), merged when packed; one whose
+        base_model.json refers to its base instead of holding weights (a LoRA run's checkpoint) loads that base."""
         from . import lora, quant
         from .checkpoint import load_checkpoint
         stored = quant.checkpoint_kind(name_or_path)
@@ -134,7 +135,7 @@ class GPT(Module):
         weights = quant.check_kind(weights)
         if weights != "fp32" and np.dtype(dtype) != np.float32:
             raise ValueError(f"weights={weights} needs dtype float32")
-        config, state = load_checkpoint(name_or_path, verify=verify, writable=True)
+        config, state = load_checkpoint(lora.base_of(name_or_path), verify=verify, writable=True)   # a LoRA run: its base
         # copy-on-write maps of the file become the parameters: nothing is copied, and pages are
         # read from the page cache when first used (fresh anonymous memory is slow to fault in)
         model = cls(config, dtype=dtype, init=False).load_state_dict(state, assign=True)

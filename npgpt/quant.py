@@ -25,7 +25,6 @@ scales beside them as `name.scale` (F32), and metadata npgpt.weights = bf16 | in
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -246,8 +245,9 @@ def _named_modules(module, prefix=""):
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_quantized(model, directory) -> str:
-    """config.json + model.safetensors of a quantized model (see the module docstring); atomic."""
-    from .checkpoint.safetensors import _write_bytes_atomic, hf_config_dict, save_safetensors
+    """config.json + model.safetensors of a quantized model (see the module docstring), written as
+    npgpt.checkpoint.safetensors.write_model_dir writes them."""
+    from .checkpoint.safetensors import hf_config_dict, write_model_dir
     kind = getattr(model, "weights", "fp32")
     if kind == "fp32":
         raise ValueError("save_quantized: the model holds float32 weights (use model.save)")
@@ -262,15 +262,12 @@ def save_quantized(model, directory) -> str:
                 dtypes[name] = "BF16"
             else:
                 tensors[name + ".scale"] = m.scale
-    os.makedirs(directory, exist_ok=True)
     meta = {"format": "npgpt", META_KEY: kind,
             "npgpt.layout": "packed weights are (out, in): Conv1D weights transposed, wte as is"}
-    save_safetensors(os.path.join(directory, "model.safetensors"), tensors, meta, dtypes=dtypes)
     cfg = hf_config_dict(model.config)
     cfg["torch_dtype"] = {"bf16": "bfloat16", "int8": "int8"}[kind]
     cfg["npgpt_weights"] = kind
-    _write_bytes_atomic(os.path.join(directory, "config.json"), (json.dumps(cfg, indent=2) + "\n").encode())
-    return os.fspath(directory)
+    return write_model_dir(directory, cfg, tensors, meta, dtypes)
 
 
 def _weights_file(path):
@@ -290,38 +287,70 @@ def checkpoint_kind(path):
     return meta.get(META_KEY)
 
 
-def load_quantized(path):
-    """A GPT whose packed weights are read-only views of a memory map of the file (no copy)."""
-    from .checkpoint.safetensors import config_from_hf, read_safetensors
-    from .checkpoint.layout import read_json_object
-    from .model import GPT
+def packed_names(config) -> dict:
+    """{Hugging Face name: packed shape (out, in)} of the weights a quantized checkpoint stores packed:
+    every 2-D weight but wpe; wte (V, C) is already (out, in), the Conv1D weights are transposed."""
+    from .checkpoint.layout import hf_param_shapes
+    wte, wpe = "transformer.wte.weight", "transformer.wpe.weight"
+    return {k: (s if k == wte else s[::-1]) for k, s in hf_param_shapes(config).items() if len(s) == 2 and k != wpe}
+
+
+def read_quantized(path) -> tuple:
+    """(GPTConfig, kind, {name: (packed, scale | None)} of the packed weights, {name: array} of the float
+    ones) of a quantized checkpoint: read-only views of a memory map of the file, each checked against
+    config.json (the config's sizes against the file's own tensors first, before anything grows with it)."""
+    from .checkpoint.layout import hf_param_shapes, read_json_object
+    from .checkpoint.safetensors import check_hf_config_fits, config_from_hf, read_safetensors
     f = _weights_file(path)
     cfg_path = os.path.join(os.path.dirname(f) or ".", "config.json")
     config = config_from_hf(read_json_object(cfg_path, "JSON"), cfg_path)
     tensors, meta = read_safetensors(f, mmap=True, writable=False, raw_bf16=True)
     kind = check_kind(meta.get(META_KEY))
-    model = GPT(config, init=False)
-
-    def take(name, shape):
-        packed = tensors.pop(name, None)
-        scale = tensors.pop(name + ".scale", None)
-        want = np.uint16 if kind == "bf16" else np.int8
-        if packed is None or packed.shape != shape or packed.dtype != want:
+    check_hf_config_fits(config, tensors, f, cfg_path)
+    want = np.uint16 if kind == "bf16" else np.int8
+    packed = {}
+    for name, shape in packed_names(config).items():
+        q, scale = tensors.pop(name, None), tensors.pop(name + ".scale", None)
+        if q is None or q.shape != shape or q.dtype != want:
             raise ValueError(f"{f}: {name} must be {np.dtype(want)}{list(shape)} for {kind} weights, got "
-                             f"{None if packed is None else (packed.dtype, packed.shape)}")
+                             f"{None if q is None else (q.dtype, q.shape)}")
         if kind == "int8" and (scale is None or scale.shape != shape[:1] or scale.dtype != np.float32):
             raise ValueError(f"{f}: {name}.scale must be float32[{shape[0]}]")
-        return packed, scale
+        packed[name] = (q, scale)
+    floats = {k: s for k, s in hf_param_shapes(config).items() if k not in packed}
+    extra = sorted(set(tensors) - set(floats))
+    bad = [k for k, s in floats.items() if k not in tensors or tensors[k].shape != s or tensors[k].dtype.kind != "f"]
+    problems = ([f"unexpected tensors {extra[:5]}"] if extra else []) + \
+               ([f"missing or mis-shaped tensors {bad[:5]}"] if bad else [])
+    if problems:
+        raise ValueError(f"{f}: {kind} checkpoint does not match {cfg_path}: " + "; ".join(problems))
+    return config, kind, packed, tensors
 
+
+def load_quantized(path):
+    """A GPT whose packed weights are read-only views of a memory map of the file (no copy)."""
+    from .model import GPT
+    config, kind, packed, floats = read_quantized(path)
+    model = GPT(config, init=False)
     for prefix, m in list(_named_modules(model)):
         for attr, v in list(vars(m).items()):
             if isinstance(v, Linear):
-                n_in, n_out = v.weight.data.shape
-                packed, scale = take(f"{prefix}{attr}.weight", (n_out, n_in))
-                setattr(m, attr, QuantLinear(packed, scale, np.zeros(n_out, np.float32)))
-    V, C = model.wte.weight.data.shape
-    model.wte = QuantEmbedding(*take("transformer.wte.weight", (V, C)))
+                n_out = v.weight.data.shape[1]                      # Linear keeps (in, out)
+                setattr(m, attr, QuantLinear(*packed[f"{prefix}{attr}.weight"], np.zeros(n_out, np.float32)))
+    model.wte = QuantEmbedding(*packed["transformer.wte.weight"])
     model.lm_head = QuantTiedLMHead(model.wte)
     model.weights = kind
-    model.load_state_dict(tensors, strict=True, assign=True)   # LayerNorms, biases, wpe (small copies)
+    model.load_state_dict(floats, strict=True, assign=True)   # LayerNorms, biases, wpe (small copies)
     return model.eval()
+
+
+def float_state(model) -> dict:
+    """The model's weights as float arrays under Hugging Face names and layouts, whatever it holds:
+    packed weights are unpacked (what they stand for), float ones returned as they are."""
+    state = dict(model.state_dict())
+    for prefix, m in _named_modules(model):
+        if isinstance(m, QuantLinear):
+            state[prefix + "weight"] = unpack(m.packed, m.scale).T      # (out, in) -> Conv1D's (in, out)
+        elif isinstance(m, QuantEmbedding):
+            state[prefix + "weight"] = unpack(m.packed, m.scale)
+    return state

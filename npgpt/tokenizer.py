@@ -60,8 +60,8 @@ def _bundled_data_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
-def _verify(path: Path, expected_sha256: str, what: str) -> None:
-    """Raise a clear error naming ``path`` if it is missing or its hash is wrong."""
+def _verify(path: Path, expected_sha256: str, what: str) -> bytes:
+    """The file's bytes; a clear error naming ``path`` if it is missing or its hash is wrong."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -72,6 +72,7 @@ def _verify(path: Path, expected_sha256: str, what: str) -> None:
             f"GPT-2 tokenizer file {what} at {path} has sha256 {actual}, expected "
             f"{expected_sha256}; the file is corrupted or is not OpenAI's GPT-2 {what}."
         )
+    return data
 
 
 def _build_encoding(encoder_json: str, vocab_bpe: str) -> tiktoken.Encoding:
@@ -155,6 +156,15 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)  # final=True also resets the decoder
+
+
+def hf_vocab_files() -> dict:
+    """``{"vocab.json": bytes, "merges.txt": bytes}``: GPT-2's vocabulary as Hugging Face's GPT-2 tokenizers
+    read it, which is OpenAI's ``encoder.json`` and ``vocab.bpe`` byte for byte (the bundled files, their
+    SHA-256 checked)."""
+    data = _bundled_data_dir()
+    return {"vocab.json": _verify(data / "encoder.json", ENCODER_JSON_SHA256, "encoder.json"),
+            "merges.txt": _verify(data / "vocab.bpe", VOCAB_BPE_SHA256, "vocab.bpe")}
 
 
 def get_tokenizer(

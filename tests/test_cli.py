@@ -105,7 +105,7 @@ def test_multi_line_errors_are_printed_on_one_line(tmp_path):
     for name in ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001"):
         (tf_dir / name).write_text("{}")
     r = npgpt("download", "gpt2", env=dict(os.environ, NPGPT_HOME=str(tmp_path)))
-    assert_one_line_error(r, "download", "unusable", "Delete")
+    assert_one_line_error(r, "download", "not OpenAI's file", "deleted it")
 
 
 def test_a_broken_command_import_is_raised_not_hidden(monkeypatch):

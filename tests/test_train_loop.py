@@ -16,7 +16,7 @@ from npgpt.train.data import BatchStream
 from npgpt.train.data import Windows as DataWindows
 from npgpt.train.lm import count_targets, lm_loss
 from npgpt.train.loop import LoopConfig, fit, train_step
-from npgpt.train.run import checkpoint_dir, read_metrics
+from npgpt.train.run import RunDirError, checkpoint_dir, read_metrics
 
 FIX = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent
@@ -186,9 +186,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, dtype):
 
 def test_resume_needs_a_checkpoint(tmp_path):
     model = tiny_model()
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(RunDirError, match="no checkpoint"):
         lm_fit(model, stream(np.arange(200) % 61, 16, 2), LoopConfig(steps=2), run_dir=tmp_path / "none",
                resume=True)
+    assert not (tmp_path / "none").exists()
 
 
 # ----------------------------------------------------------------------------- checkpoints

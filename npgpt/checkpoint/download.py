@@ -5,16 +5,20 @@ Cache layout (``cache_dir()`` = ``$NPGPT_HOME`` or ``~/.cache/npgpt``)::
     <cache>/openai/124M/{hparams.json, model.ckpt.index, model.ckpt.data-00000-of-00001}
     <cache>/gpt2/{config.json, model.safetensors}          # native, what gets loaded
 
-The base URL (``.../gpt-2/models``) can be overridden with ``NPGPT_BASE_URL``.
+The base URL (``.../gpt-2/models``) can be overridden with ``NPGPT_BASE_URL``; whatever it serves
+must be OpenAI's release: each file's size and SHA-256 where ``RELEASE`` pins them, the model's
+shapes those of the named preset, and every tensor its bundle's CRC-32C. A file that fails is
+deleted, and nothing is converted or cached.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import time
 
-from ..config import PRESET_ALIASES, PRESETS
+from ..config import PRESET_ALIASES, PRESETS, GPTConfig
 
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 TF_FILES = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001")
@@ -24,6 +28,25 @@ RETRIES = 4          # extra attempts after a connection error / cut transfer (e
 BACKOFF = 0.5        # seconds; doubles per attempt, capped at 8 s
 TIMEOUT = (15, 60)   # (connect, read) seconds
 CHUNK = 1 << 16    # small enough that a cut connection loses little
+DEFAULT_MAX_BYTES = 8 << 30   # the most a download may bring when nothing pins its size (gpt2-xl's weights: 6.2 GB)
+
+# OpenAI's released files, {model size: {file: (bytes, sha256 or None)}}. Only published values:
+# - sizes of 124M and 355M: rasbt/LLMs-from-scratch, ch05/01_main-chapter-code/tests.py, which checks
+#   them with HEAD requests against openaipublic.blob.core.windows.net;
+# - SHA-256s of 124M: the CHECKSUMS table of a public GPT-2 download script (Apache-2.0), corroborated:
+#   its encoder.json and vocab.bpe hashes are the ones tiktoken checks (npgpt/tokenizer.py), its
+#   hparams.json hash is that of the 90-byte file holding the 124M preset, and another public
+#   document gives the same size and hash for the data file.
+# None found for the 355M hashes or for 774M and 1558M at all: those files are checked by the
+# converted shapes (against the preset) and the bundle's own CRC-32Cs only.
+RELEASE = {
+    "124M": {"hparams.json": (90, "d9d56e4121c427164e0c55c6f03c08e1daf9002b9b672825112d19097b680318"),
+             "model.ckpt.index": (5215, "71916f763f9746f9b2a06b12d91996cf1084ae008d0424543d39391c5f2dc687"),
+             "model.ckpt.data-00000-of-00001":
+                 (497759232, "2060c885360cc0cf41d7a6dbc4d24b5127aae20260c8b5ae521b5a6578407118")},
+    "355M": {"hparams.json": (91, None), "model.ckpt.index": (10399, None),
+             "model.ckpt.data-00000-of-00001": (1419292672, None)},
+}
 
 
 class DownloadError(OSError):
@@ -75,7 +98,7 @@ def _unlink(path: str):
 
 def download_file(url: str, dest: str, desc: str | None = None, *, retries: int | None = None,
                   backoff: float | None = None, timeout=TIMEOUT, progress: bool = True,
-                  session=None) -> str:
+                  session=None, max_bytes: int | None = None) -> str:
     """Download ``url`` to ``dest`` with a progress bar, resuming ``dest + '.part'``.
 
     Resumes with an HTTP Range request (a 200 answer restarts from byte 0, a 206
@@ -84,7 +107,9 @@ def download_file(url: str, dest: str, desc: str | None = None, *, retries: int 
     equal the Content-Length / Content-Range total; on a mismatch the partial
     file is deleted and DownloadError raised.  HTTP errors (404, ...) raise
     DownloadError naming the URL.  ``dest`` appears only when complete
-    (atomic rename).  Returns ``dest``.
+    (atomic rename).  At most ``max_bytes`` (default ``DEFAULT_MAX_BYTES``) are accepted: a
+    larger announced size is refused at once, and a transfer with no announced size that runs past
+    the limit is stopped and its partial file deleted.  Returns ``dest``.
     """
     import requests                      # imported lazily: loading checkpoints needs no network stack
     from tqdm.auto import tqdm
@@ -92,6 +117,7 @@ def download_file(url: str, dest: str, desc: str | None = None, *, retries: int 
     retryable = (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                  requests.exceptions.ChunkedEncodingError)
     retries = RETRIES if retries is None else retries
+    limit = DEFAULT_MAX_BYTES if max_bytes is None else int(max_bytes)
     backoff = BACKOFF if backoff is None else backoff
     dest = os.fspath(dest)
     part = dest + ".part"
@@ -105,6 +131,11 @@ def download_file(url: str, dest: str, desc: str | None = None, *, retries: int 
     def mismatch(msg):
         _unlink(part)
         raise DownloadError(f"{url}: size mismatch: {msg}; the partial download was deleted", url)
+
+    def too_large(what):
+        _unlink(part)
+        raise DownloadError(f"{url}: {what}, more than the limit of {limit:,} bytes; "
+                            f"the partial download was deleted", url)
 
     def retry_or_raise(reason):
         nonlocal failures
@@ -164,6 +195,8 @@ def download_file(url: str, dest: str, desc: str | None = None, *, retries: int 
                         if expected is not None and total != expected:
                             mismatch(f"server first announced {expected} bytes, now {total}")
                         expected = total
+                        if total > limit:
+                            too_large(f"the server announces {total:,} bytes")
                     if bar is None:
                         bar = tqdm(total=expected, initial=offset, unit="B", unit_scale=True,
                                    unit_divisor=1024, desc=desc or os.path.basename(dest),
@@ -173,7 +206,12 @@ def download_file(url: str, dest: str, desc: str | None = None, *, retries: int 
                         bar.n = offset
                         bar.refresh()
                     with open(part, mode) as f:
+                        got = offset
                         for chunk in r.iter_content(CHUNK):
+                            got += len(chunk)
+                            if got > limit:
+                                f.close()
+                                too_large(f"the transfer went on past {limit:,} bytes")
                             f.write(chunk)
                             bar.update(len(chunk))
             except retryable as e:
@@ -217,32 +255,67 @@ def native_dir(name: str) -> str:
     return os.path.join(cache_dir(), canonical_name(name))
 
 
-def _native_complete(d: str) -> bool:
-    return os.path.isfile(os.path.join(d, "config.json")) and os.path.isfile(os.path.join(d, "model.safetensors"))
+def _native_complete(d: str, key: str) -> bool:
+    """The converted checkpoint is there, with the named preset's shape (an older npgpt cached unchecked ones)."""
+    from .layout import read_json_object
+    from .safetensors import config_from_hf
+    cfg = os.path.join(d, "config.json")
+    if not (os.path.isfile(cfg) and os.path.isfile(os.path.join(d, "model.safetensors"))):
+        return False
+    try:
+        return config_from_hf(read_json_object(cfg, "JSON"), cfg) == GPTConfig.from_preset(key)
+    except (OSError, ValueError):
+        return False
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_release_file(path: str, size: str, name: str) -> None:
+    """DownloadError (and ``path`` deleted) unless it has the bytes and SHA-256 ``RELEASE`` pins for OpenAI's
+    ``size/name`` (nothing to check where none is pinned)."""
+    want_bytes, want_sha = RELEASE.get(size, {}).get(name, (None, None))
+    got = os.path.getsize(path)
+    problem = None
+    if want_bytes is not None and got != want_bytes:
+        problem = f"{got:,} bytes, but OpenAI's {size}/{name} has {want_bytes:,}"
+    elif want_sha is not None and (digest := _sha256(path)) != want_sha:
+        problem = f"sha256 {digest}, but OpenAI's {size}/{name} has {want_sha}"
+    if problem:
+        _unlink(path)
+        raise DownloadError(f"{path}: {problem}: not OpenAI's file (from {base_url()}); deleted it, nothing was cached")
 
 
 def ensure_downloaded(name: str, progress: bool = True) -> str:
     """Return the native checkpoint directory of ``name`` (gpt2, gpt2-medium, gpt2-large,
     gpt2-xl or 124M/355M/774M/1558M), downloading OpenAI's files and converting them
-    the first time.  If the native directory exists, no network is used."""
+    the first time.  If the native directory exists, no network is used.  The files must be
+    OpenAI's (see the module docstring); any that is not is deleted, with one line naming it."""
     from .safetensors import save_hf_checkpoint
-    from .tf_bundle import load_tf_checkpoint
+    from .tf_bundle import load_tf_checkpoint, read_hparams
 
     key = canonical_name(name)
     native = native_dir(key)
-    if _native_complete(native):
+    if _native_complete(native, key):
         return native
     size = MODEL_SIZES[key]
     tf_dir = os.path.join(cache_dir(), "openai", size)
     with _locked(os.path.join(cache_dir(), "openai", f".{size}.lock")):
-        if _native_complete(native):          # another process finished meanwhile
+        if _native_complete(native, key):     # another process finished meanwhile
             return native
         urls = {f: f"{base_url()}/{size}/{f}" for f in TF_FILES}
         try:
-            for f in TF_FILES:
+            for f in TF_FILES:                # the small files first: a wrong server is caught before the weights
                 dest = os.path.join(tf_dir, f)
                 if not os.path.isfile(dest):
-                    download_file(urls[f], dest, desc=f"{key}: {f}", progress=progress)
+                    download_file(urls[f], dest, desc=f"{key}: {f}", progress=progress,
+                                  max_bytes=RELEASE.get(size, {}).get(f, (None,))[0])
+                check_release_file(dest, size, f)
         except DownloadError as e:
             if not e.offline:
                 raise
@@ -253,9 +326,14 @@ def ensure_downloaded(name: str, progress: bool = True) -> str:
                 f"{native}); or pass the path of a local checkpoint instead of a model name.",
                 e.url, offline=True) from e
         try:
-            config, state = load_tf_checkpoint(tf_dir, verify=True)
+            config = read_hparams(os.path.join(tf_dir, "hparams.json"))
+            if config != GPTConfig.from_preset(key):
+                raise ValueError(f"hparams.json says {config.to_hparams()}, but {key} is {PRESETS[key]}")
+            config, state = load_tf_checkpoint(tf_dir, verify=True)     # shapes as hparams.json, CRC-32Cs
         except (ValueError, OSError) as e:
-            raise ValueError(f"the downloaded checkpoint in {tf_dir} is unusable: {e}\n"
-                             f"Delete {tf_dir} and run again to download it afresh.") from e
+            for f in TF_FILES:
+                _unlink(os.path.join(tf_dir, f))
+            raise DownloadError(f"the files downloaded for {key} into {tf_dir} are not OpenAI's {size} "
+                                f"(from {base_url()}): {e}; deleted them, nothing was cached") from None
         save_hf_checkpoint(native, config, state)
     return native

@@ -74,6 +74,25 @@ def fmt_shape(shape) -> str:
     return "(" + ", ".join(str(int(d)) for d in shape) + ")"
 
 
+def check_config_fits(config: GPTConfig, layers, wte, wpe, source: str, config_path: str) -> None:
+    """Raise ValueError unless the config's sizes are the file's own: ``layers`` (the block index of
+    every block tensor in the file) must cover exactly 0 .. n_layer-1, and the token and position
+    tables, ``wte`` and ``wpe`` as (tensor name, shape) or None when absent, must be (n_vocab, n_embd)
+    and (n_ctx, n_embd). Called before anything that grows with the config (the expected-shapes
+    table, a model) is built, so a config claiming 10**9 layers beside a two-layer file fails at once."""
+    problems = []
+    held = sorted(set(layers))                      # distinct, so held == [0 .. n-1] iff its last is n-1
+    if config.n_layer != len(held) or (held and held[-1] != len(held) - 1):
+        blocks = f"blocks {held[:8]}{' ...' if len(held) > 8 else ''}" if held else "no blocks"
+        problems.append(f"n_layer={config.n_layer} but the file holds {blocks}")
+    for table, want in ((wte, (config.n_vocab, config.n_embd)), (wpe, (config.n_ctx, config.n_embd))):
+        if table is not None and tuple(table[1]) != want:
+            problems.append(f"tensor {table[0]!r} has shape {fmt_shape(table[1])}, expected {fmt_shape(want)}")
+    if problems:
+        raise ValueError(f"{source}: checkpoint does not match {config_path} ({config.to_hparams()}): "
+                         + "; ".join(problems))
+
+
 def check_state_dict(config: GPTConfig, state_dict: dict, source: str) -> None:
     """Raise ValueError unless ``state_dict`` has exactly the parameters ``config`` implies."""
     expected = hf_param_shapes(config)

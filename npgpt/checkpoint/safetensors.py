@@ -28,7 +28,7 @@ import tempfile
 import numpy as np
 
 from ..config import GPTConfig
-from .layout import PREFIX, bf16_to_f32, check_state_dict, hf_param_shapes, read_json_object
+from .layout import PREFIX, bf16_to_f32, check_config_fits, check_state_dict, hf_param_shapes, read_json_object
 
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -247,7 +247,7 @@ def config_from_hf(cfg: dict, source: str) -> GPTConfig:
 
 def hf_config_dict(config: GPTConfig) -> dict:
     """A Hugging Face GPT-2 config.json for ``config``."""
-    eot = 50256 if config.n_vocab > 50256 else config.n_vocab - 1
+    eot = 50256 if config.n_vocab > 50256 else None     # GPT-2's <|endoftext|>; a smaller vocabulary has none
     return {
         "activation_function": "gelu_new",
         "architectures": ["GPT2LMHeadModel"],
@@ -281,6 +281,14 @@ def hf_config_dict(config: GPTConfig) -> dict:
 
 
 _BUFFER_RE = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+_BLOCK_RE = re.compile(r"^transformer\.h\.(\d+)\.")
+
+
+def check_hf_config_fits(config: GPTConfig, tensors: dict, source: str, config_path: str) -> None:
+    """check_config_fits for tensors under Hugging Face names (``transformer.``-prefixed)."""
+    layers = [int(m.group(1)) for k in tensors if (m := _BLOCK_RE.match(k))]
+    wte, wpe = ((k, tensors[k].shape) if k in tensors else None for k in (PREFIX + "wte.weight", PREFIX + "wpe.weight"))
+    check_config_fits(config, layers, wte, wpe, source, config_path)
 
 
 def _weight_files(d: str) -> list:
@@ -352,6 +360,7 @@ def load_hf_checkpoint(path, mmap: bool = True, writable: bool = False) -> tuple
         if name in state:
             raise ValueError(f"{source}: tensor {name!r} appears both with and without the 'transformer.' prefix")
         state[name], original[name] = v, k
+    check_hf_config_fits(config, state, source, cfg_path)     # before the table below, which grows with n_layer
     expected = hf_param_shapes(config)
     unexpected = [original[k] for k in state if k not in expected]
     if unexpected:
@@ -372,13 +381,12 @@ def load_hf_checkpoint(path, mmap: bool = True, writable: bool = False) -> tuple
 
 
 def save_hf_checkpoint(path, config: GPTConfig, state_dict: dict, dtype=np.float32) -> str:
-    """Write ``config.json`` + ``model.safetensors`` (Hugging Face GPT-2 layout) into directory ``path``.
+    """Write ``config.json`` + ``model.safetensors`` (Hugging Face GPT-2 layout) into directory ``path``
+    (see ``write_model_dir``).
 
     ``state_dict`` uses the native names (``transformer.``-prefixed; bare names
     are accepted too).  The result loads with ``GPT2LMHeadModel.from_pretrained``.
-    Atomic: the new directory is assembled under a temporary name beside
-    ``path`` (other files already in ``path`` are carried over) and renamed
-    into place, so weights and config are replaced together.  Returns ``path``.
+    Returns ``path``.
     """
     path = os.fspath(path)
     sd = {}
@@ -394,45 +402,79 @@ def save_hf_checkpoint(path, config: GPTConfig, state_dict: dict, dtype=np.float
     tensors = {k: np.asarray(sd[k], dtype=dtype) for k in hf_param_shapes(config)}
     cfg = hf_config_dict(config)
     cfg["torch_dtype"] = {"f4": "float32", "f2": "float16", "f8": "float64"}.get(dtype.str[1:], "float32")
-    cfg_bytes = (json.dumps(cfg, indent=2) + "\n").encode("utf-8")
-    meta = {"format": "pt"}
+    return write_model_dir(path, cfg, tensors, {"format": "pt"})
 
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_SUPERSEDED = ("model.safetensors.index.json", "adapter_config.json", "adapter_model.safetensors")
+
+
+def write_model_dir(path, cfg: dict, tensors: dict, metadata: dict, dtypes: dict | None = None) -> str:
+    """Write ``config.json`` (``cfg``) and ``model.safetensors`` (``tensors``, see ``save_safetensors``)
+    into directory ``path``, and nothing else. Returns ``path``.
+
+    A new directory is assembled under a temporary name beside ``path`` and renamed into place
+    whole. In an existing directory only npgpt's own files change: the other entries are never
+    read, followed or copied (a link stays a link, pointing where it did), each new file is written
+    whole and fsynced under a temporary name, then the files it supersedes (a sharded index and its
+    shards, and a LoRA adapter, which belonged to the old weights) are removed and the weights and
+    config renamed over the old ones. A kill between those two renames leaves the new weights
+    beside the old config.json, against which loading checks them."""
+    path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(f"save_hf_checkpoint: {path} exists and is not a directory")
-    # Assemble the whole new directory beside the target, then swap it in with renames, so the
-    # weights and config.json are replaced together (files of ours left from before do not mix).
-    tmpdir = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    old = None
-    try:
-        save_safetensors(os.path.join(tmpdir, "model.safetensors"), tensors, meta)
-        _write_bytes_atomic(os.path.join(tmpdir, "config.json"), cfg_bytes)
-        os.chmod(tmpdir, 0o755)
-        if os.path.isdir(path):
-            for name in os.listdir(path):     # keep the user's other files (a tokenizer, a README)
-                if name not in ("model.safetensors", "config.json", "model.safetensors.index.json",
-                                "adapter_config.json", "adapter_model.safetensors") \
-                        and not name.startswith("model-"):   # (an old LoRA adapter belongs to the old weights)
-                    src = os.path.join(path, name)
-                    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmpdir, name))
-            old = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=".old")
-            os.rename(path, os.path.join(old, "previous"))
+    cfg_bytes = (json.dumps(cfg, indent=2) + "\n").encode("utf-8")
+    files = ((WEIGHTS, lambda f: _write_safetensors_to(f, tensors, metadata, dtypes)),
+             (CONFIG, lambda f: f.write(cfg_bytes)))
+    if not os.path.lexists(path):
+        tmpdir = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
         try:
+            for name, write in files:
+                os.replace(_stage(tmpdir, name, write), os.path.join(tmpdir, name))
+            os.chmod(tmpdir, 0o755)
+            _fsync_dir(tmpdir)
             os.rename(tmpdir, path)
         except BaseException:
-            if old is not None:                # put the previous checkpoint back
-                os.rename(os.path.join(old, "previous"), path)
+            shutil.rmtree(tmpdir, ignore_errors=True)
             raise
         _fsync_dir(parent)
         return path
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{path} exists and is not a directory")
+    staged = []
+    try:
+        for name, write in files:
+            staged.append((_stage(path, name, write), name))
+        for name in os.listdir(path):
+            if name in _SUPERSEDED or _SHARD_RE.match(name):
+                os.unlink(os.path.join(path, name))      # a file or a link; never what a link points to
+        for tmp, name in staged:
+            os.replace(tmp, os.path.join(path, name))
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    _fsync_dir(path)
+    return path
+
+
+def _stage(directory: str, name: str, write) -> str:
+    """A new file beside ``directory/name`` holding what ``write(f)`` wrote, fsynced; the caller renames it."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
 
 
 def _write_bytes_atomic(path: str, data: bytes) -> None:
     with atomic_write(path) as f:
         f.write(data)
-

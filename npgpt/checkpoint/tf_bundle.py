@@ -44,12 +44,13 @@ import numpy as np
 
 from ..config import GPTConfig
 from . import crc32c as _crc
-from .layout import bf16_to_f32, fmt_shape, openai_param_map, read_json_object
+from .layout import bf16_to_f32, check_config_fits, fmt_shape, openai_param_map, read_json_object
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
 BLOCK_TRAILER_SIZE = 5
 TENSOR_BUNDLE_VERSION = 1
+_BLOCK_RE = re.compile(r"^model/h(\d+)/")
 
 # TensorFlow DataType enum values we can map to NumPy.
 DT_FLOAT, DT_DOUBLE, DT_INT32, DT_UINT8, DT_INT16, DT_INT8 = 1, 2, 3, 4, 5, 6
@@ -453,6 +454,9 @@ def load_tf_checkpoint(path, verify: bool = False, writable: bool = False) -> tu
     config = read_hparams(hparams_path)
     reader = BundleReader(prefix, writable=writable)
     index = reader.index_path
+    layers = [int(m.group(1)) for n in reader.entries if (m := _BLOCK_RE.match(n))]
+    wte, wpe = ((n, reader.entries[n].shape) if n in reader.entries else None for n in ("model/wte", "model/wpe"))
+    check_config_fits(config, layers, wte, wpe, index, hparams_path)   # before the table below grows with n_layer
     mapping = openai_param_map(config)
 
     problems = []

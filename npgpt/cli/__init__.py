@@ -25,9 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quiet_on_broken_pipe(run, args) -> int:
-    """run(args) for a command that streams to stdout: when the reader goes away (`npgpt generate ...
-    | head`), stop quietly with status 0 instead of a traceback (stdout is pointed at /dev/null so
-    Python's final flush does not fail again)."""
+    """run(args), and when the reader of stdout goes away (`npgpt info DIR | head -3`), stop quietly
+    with status 0 instead of a traceback (stdout is pointed at /dev/null so Python's final flush does
+    not fail again). Every command runs under it (_main)."""
     try:
         return run(args)
     except BrokenPipeError:
@@ -37,6 +37,16 @@ def quiet_on_broken_pipe(run, args) -> int:
         except (OSError, ValueError):
             pass
         return 0
+
+
+def refuse_packed(init) -> None:
+    """CLIError when --init is a checkpoint of packed (bf16 / int8) weights: a command that trains
+    needs float weights (a packed model has no backward)."""
+    from ..quant import checkpoint_kind
+    kind = checkpoint_kind(init)
+    if kind is not None:
+        raise CLIError(f"--init {init}: holds packed {kind} weights, which are inference-only; "
+                       "train from the float checkpoint they were packed from")
 
 
 def one_line(msg) -> str:
@@ -68,7 +78,12 @@ def _main_mpi(args) -> int:
     import traceback
 
     from .. import distributed
-    dist = distributed.init()
+    try:
+        dist = distributed.init()
+    except distributed.LaunchMismatch as e:  # every process alone: the launcher's rank 0 says why, once
+        if not e.rank:
+            print(f"npgpt {args.command}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        return 2
     try:
         return _main(args, raise_user_errors=True)           # a normal return (0, 130) ends every rank alike
     except CLIError as e:
@@ -97,7 +112,7 @@ def _main(args, raise_user_errors: bool = False) -> int:
             kernels.get_backend()            # a bad NPGPT_KERNELS is a user error, reported up front
         except ValueError as e:
             raise CLIError(str(e)) from None
-        return args.func(args)
+        return quiet_on_broken_pipe(args.func, args)
     except CLIError as e:
         if raise_user_errors:
             raise

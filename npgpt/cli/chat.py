@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 
-from . import CLIError, quiet_on_broken_pipe
+from . import CLIError
 from .generate import add_sampling_args
 
 STOP = "\n\n### "
@@ -35,10 +35,6 @@ def add_parser(subparsers):
     add_sampling_args(p, n=256, temperature=0.0)                # as npgpt generate, greedy by default
     p.set_defaults(func=run, stop=[])
     return p
-
-
-def run(args) -> int:
-    return quiet_on_broken_pipe(_run, args)
 
 
 def _questions(interactive: bool):
@@ -88,11 +84,12 @@ def answer(model, tokenizer, question: str, max_new_tokens: int, temperature: fl
         pieces.close()
 
 
-def _run(args) -> int:
+def run(args) -> int:
     from ..tokenizer import get_tokenizer
-    from .generate import _check_args, _load_model, _write
+    from .generate import _check_args, _load_model, _stdin, _write
 
     _check_args(args)
+    _stdin("pipe the questions in, one a line, or run chat on a terminal")   # before the model loads
     model = _load_model(args.model, args.weights)
     if model.config.n_vocab < 50257:
         raise CLIError(f"--model {args.model}: its vocabulary has {model.config.n_vocab} tokens; "
@@ -113,6 +110,8 @@ def _run(args) -> int:
         try:
             for piece in pieces:
                 _write(out, piece)
+        except FloatingPointError as e:        # NaN weights: no text from NaN logits
+            raise CLIError(f"--model {args.model}: {e}") from None
         except KeyboardInterrupt:
             if not interactive:
                 raise

@@ -14,10 +14,11 @@ Instruction fine-tuning (the book's chapter 7): see npgpt/train/instruct.py.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
-from . import CLIError
+from . import CLIError, refuse_packed
 from ..lora import add_lora_args, finish_lora, setup_lora
 
 
@@ -42,8 +43,35 @@ def add_parser(sub):
     c.add_argument("--seed", type=int, default=0, help="split, shuffling and the head's initial weights (0)")
     c.add_argument("--no-progress", action="store_true")
     add_lora_args(c)                                   # --lora-rank --lora-alpha --lora-targets --merge (npgpt.lora)
+    _add_overwrite(c)
     c.set_defaults(func=run)
     return p
+
+
+def _add_overwrite(c):
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --out holds, or write npgpt's files beside the files of a non-empty "
+                        "directory (without it --out must be new or empty)")
+
+
+def _check_out(args):
+    """--out: new or empty, or --overwrite (npgpt.train.run.check_run_dir); nothing is written yet."""
+    from ..train.run import RunDirError, check_run_dir
+    try:
+        check_run_dir(args.out, overwrite=args.overwrite)
+    except RunDirError as e:
+        raise CLIError(f"--out {e}") from None
+
+
+def _hold_run(args, hold, main: bool) -> None:
+    """Make --out this process's run (lock, run.json with the settings) until the command returns."""
+    from ..train.run import RunDirError, open_run
+    if main:
+        try:
+            hold.enter_context(open_run(args.out, {k: v for k, v in vars(args).items() if k != "func"},
+                                        overwrite=args.overwrite))
+        except RunDirError as e:
+            raise CLIError(f"--out {e}") from None
 
 
 def _check_common(args, more_ints=()):
@@ -64,11 +92,15 @@ def _check(args):
     _check_common(args)
     if args.trainable_blocks != "all" and not (args.trainable_blocks.isdigit()):
         raise CLIError(f"--trainable-blocks must be a number >= 0 or all, got {args.trainable_blocks!r}")
-    if os.path.exists(os.path.join(args.out, "metrics.json")):
-        raise CLIError(f"--out {args.out} already holds a fine-tuning run; choose another --out")
+    _check_out(args)
 
 
 def run(args) -> int:
+    with contextlib.ExitStack() as hold:              # the run directory, once it is made, until the end
+        return _classify(args, hold)
+
+
+def _classify(args, hold) -> int:
     from ..classifier import Classifier
     from ..optim import AdamW
     from ..tokenizer import get_tokenizer
@@ -96,6 +128,7 @@ def run(args) -> int:
     except ValueError as e:
         raise CLIError(f"--data {args.data}: {e}") from None
     try:
+        refuse_packed(args.init)
         model = Classifier.from_pretrained(args.init, names, seed=args.seed)
     except (OSError, ValueError, KeyError) as e:
         raise CLIError(f"--init {args.init}: {e}") from None
@@ -134,7 +167,7 @@ def run(args) -> int:
         print(f"npgpt finetune classify: {len(train_ix)} train / {len(val_ix)} val / {len(test_ix)} test rows, "
               f"classes {names}; {trainable / 1e6:.2f}M of {model.gpt.num_parameters() / 1e6:.2f}M parameters "
               f"trainable; {args.epochs} epochs of {bpe} batches of {args.batch} -> {args.out}", flush=True)
-        os.makedirs(args.out, exist_ok=True)
+    _hold_run(args, hold, main)
     result = fit(model, opt, batches, loop, loss_fn=classify_loss, count_fn=count_rows, evaluate=evaluate,
                  run_dir=args.out, progress=not args.no_progress, dist=dist)
     if not main:                                 # rank 0 evaluates and writes
@@ -176,18 +209,22 @@ def _add_instruct(tasks):
     c.add_argument("--seed", type=int, default=0, help="shuffling of the training entries (0)")
     c.add_argument("--no-progress", action="store_true")
     add_lora_args(c)                             # --lora-rank --lora-alpha --lora-targets --merge (npgpt.lora)
+    _add_overwrite(c)
     c.set_defaults(func=run_instruct)
     return c
 
 
 def _check_instruct(args):
     _check_common(args, (("eval_every", 0), ("eval_batches", 0), ("max_new_tokens", 0)))
-    for name in ("metrics.json", "test-responses.json", "checkpoint"):
-        if os.path.lexists(os.path.join(args.out, name)):
-            raise CLIError(f"--out {args.out} already holds a run ({name}); choose another --out")
+    _check_out(args)
 
 
 def run_instruct(args) -> int:
+    with contextlib.ExitStack() as hold:              # the run directory, once it is made, until the end
+        return _instruct(args, hold)
+
+
+def _instruct(args, hold) -> int:
     import json
 
     from ..checkpoint.safetensors import atomic_write
@@ -217,11 +254,10 @@ def run_instruct(args) -> int:
         raise CLIError(f"--data {args.data}: {len(train)} training entries (85% of {len(entries)}) make no batch "
                        f"of {args.batch}; use more entries or a smaller --batch")
     try:
+        refuse_packed(args.init)
         model = GPT.from_pretrained(args.init)
     except (OSError, ValueError, KeyError) as e:
         raise CLIError(f"--init {args.init}: {e}") from None
-    if model.weights != "fp32":
-        raise CLIError(f"--init {args.init}: holds {model.weights} weights, which are inference-only")
     n_ctx, V = model.config.n_ctx, model.config.n_vocab
     if V < 50257:
         raise CLIError(f"--init {args.init}: its vocabulary has {V} tokens; instructions are GPT-2 BPE (50257)")
@@ -249,7 +285,7 @@ def run_instruct(args) -> int:
               f"{trainable / 1e6:.2f}M of {model.num_parameters() / 1e6:.2f}M parameters trainable; "
               f"{args.epochs} epochs of {bpe} batches of {args.batch}"
               f"{', prompt masked' if args.mask_prompt else ''} -> {args.out}", flush=True)
-        os.makedirs(args.out, exist_ok=True)
+    _hold_run(args, hold, main)
     result = fit(model, opt, batches, loop, loss_fn=lm_loss, count_fn=count_targets, evaluate=evaluate,
                  run_dir=args.out, progress=not args.no_progress, dist=dist)
     if not main:                                 # rank 0 generates the test responses and writes

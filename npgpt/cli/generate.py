@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from . import CLIError, quiet_on_broken_pipe
+from . import CLIError
 
 
 def add_parser(subparsers):
@@ -88,6 +88,13 @@ def _check_args(args):
     return stops
 
 
+def _stdin(hint: str):
+    """sys.stdin, or one line when the process was started with stdin closed (`npgpt ... <&-`)."""
+    if sys.stdin is None:
+        raise CLIError(f"stdin is closed: {hint}")
+    return sys.stdin
+
+
 def _load_model(name_or_path, weights=None):
     from ..model import GPT
     try:
@@ -97,15 +104,17 @@ def _load_model(name_or_path, weights=None):
 
 
 def _tokenizer_for(path):
-    """The tokenizer a training run saved beside its model (npgpt train: DIR/tokenizer.json), else None."""
+    """The tokenizer a training run saved beside its model (npgpt train: DIR/npgpt_tokenizer.json), else None."""
     from ..checkpoint import resolve_run_dir
-    from ..train.tokenizers import load_tokenizer
+    from ..train.tokenizers import find_tokenizer
     for d in (path, resolve_run_dir(path)):
-        if os.path.isdir(d) and os.path.isfile(os.path.join(d, "tokenizer.json")):
+        if os.path.isdir(d):
             try:
-                return load_tokenizer(os.path.join(d, "tokenizer.json"))
+                tok = find_tokenizer(d)
             except (OSError, ValueError) as e:
                 raise CLIError(str(e)) from None
+            if tok is not None:
+                return tok
     return None
 
 
@@ -120,17 +129,13 @@ def _write(stream, text: str):
 
 def run(args) -> int:
     """User errors raise CLIError, which `npgpt.cli.main` prints as one line (exit status 2)."""
-    return quiet_on_broken_pipe(_run, args)
-
-
-def _run(args) -> int:
     from ..generate import TextStreamer, encode_prompt, stream_tokens
     from ..tokenizer import get_tokenizer
 
     stops = _check_args(args)
     prompt = args.prompt
     if prompt is None:
-        prompt = sys.stdin.read()
+        prompt = _stdin("give the prompt as an argument, or pipe it in").read()
         if prompt.endswith("\n"):
             prompt = prompt[:-1]
     model = _load_model(args.model, getattr(args, "weights", None))
@@ -155,20 +160,23 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     tokens = stream_tokens(model, ids, args.n, temperature=args.temperature, top_k=args.top_k or None,
                            top_p=args.top_p if args.top_p < 1.0 else None, seed=args.seed, eos_id=eos_id,
-                           repetition_penalty=args.repetition_penalty)
+                           repetition_penalty=args.repetition_penalty, n_vocab=tokenizer.n_vocab)
     if not args.no_echo:
         _write(out, prompt)
-    for t in tokens:
-        if t_first is None:
-            t_first = time.perf_counter()
-        n_new += 1
-        if t == eos_id:
-            break
-        piece = streamer.push(t)
-        if piece:
-            _write(out, piece)
-        if streamer.stopped:
-            break
+    try:
+        for t in tokens:
+            if t_first is None:
+                t_first = time.perf_counter()
+            n_new += 1
+            if t == eos_id:
+                break
+            piece = streamer.push(t)
+            if piece:
+                _write(out, piece)
+            if streamer.stopped:
+                break
+    except FloatingPointError as e:            # NaN weights: no text from NaN logits
+        raise CLIError(f"--model {args.model}: {e}") from None
     tokens.close()
     t_end = time.perf_counter()
     _write(out, streamer.finish() + "\n")

@@ -26,23 +26,31 @@ def _info_path(path: str) -> str:
     return native
 
 
+FORMATS = {"hf": "Hugging Face safetensors", "tf": "OpenAI TensorFlow checkpoint"}
+
+
 def run(args) -> int:
     import numpy as np
-    from ..checkpoint import detect_format, load_checkpoint
+    from .. import lora, quant
+    from ..checkpoint import detect_format, hf_param_shapes
+    from ..model import GPT
     path = _info_path(args.path)
     try:
-        fmt = detect_format(path)
-        config, state = load_checkpoint(path)
+        stored = quant.checkpoint_kind(path)
+        fmt = f"npgpt, {stored} weights packed (safetensors)" if stored else FORMATS[detect_format(path)]
+        model = GPT.from_pretrained(path)            # every format npgpt writes; weights memory-mapped, not read
     except (OSError, ValueError) as e:
         raise CLIError(str(e)) from None
-    n = sum(int(np.prod(v.shape)) for v in state.values())
-    dtypes = sorted({str(v.dtype) for v in state.values()})
-    nbytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in state.values())
+    n = sum(int(np.prod(shape)) for shape in hf_param_shapes(model.config).values())
+    adapters = lora.lora_layers(model)
+    arrays = [p.data for p in model.parameters()] + [a for m in model.modules() for a in
+                                                     (getattr(m, "packed", None), getattr(m, "scale", None))
+                                                     if isinstance(a, np.ndarray)]
     print(f"path:       {path}")
-    print(f"format:     {'Hugging Face safetensors' if fmt == 'hf' else 'OpenAI TensorFlow checkpoint'}")
-    for k, v in config.to_hparams().items():
+    print(f"format:     {fmt}" + (f", with a LoRA adapter on {len(adapters)} layers" if adapters else ""))
+    for k, v in model.config.to_hparams().items():
         print(f"{k + ':':<11} {v}")
-    print(f"parameters: {n:,} in {len(state)} tensors")
-    print(f"dtype:      {', '.join(dtypes)}")
-    print(f"bytes:      {nbytes:,}")
+    print(f"parameters: {n:,}" + (f" + {model.num_parameters() - n:,} in the adapter" if adapters else ""))
+    print(f"dtype:      {', '.join(sorted({str(a.dtype) for a in arrays}))}")
+    print(f"bytes:      {quant.weight_bytes(model):,}")
     return 0

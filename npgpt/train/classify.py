@@ -4,6 +4,7 @@ accuracy."""
 from __future__ import annotations
 
 import csv
+from collections import Counter
 
 import numpy as np
 
@@ -16,7 +17,9 @@ PAD_ID = 50256   # <|endoftext|>, GPT-2's padding token
 def read_table(path, text_col=None, label_col=None):
     """(texts, labels) from a TSV/CSV file. With no header (the SMS Spam Collection, `label<TAB>text`)
     columns are numbers: label 0, text 1 by default. A header row is recognised when text_col or
-    label_col names one of its cells. ValueError on a bad column or an empty table."""
+    label_col names one of its cells, and with numbered columns when the first row's label cell is a
+    value no other row has while every other row's label is shared with another row (a class name
+    occurs many times, a column name once). ValueError on a bad column or an empty table."""
     with open(path, encoding="utf-8", newline="") as f:
         sample = f.read(65536)
         f.seek(0)
@@ -44,10 +47,20 @@ def read_table(path, text_col=None, label_col=None):
     for name, i in (("text", ti), ("label", li)):
         if i >= width:
             raise ValueError(f"{path}: no {name} column {i} (rows have {width} columns)")
+    if not named and _is_header(rows, li):
+        rows = rows[1:]
     texts, labels = [r[ti] for r in rows], [r[li].strip() for r in rows]
     if not texts:
         raise ValueError(f"{path}: no rows")
     return texts, labels
+
+
+def _is_header(rows, label_col: int) -> bool:
+    """Whether the first row names the columns: its label cell occurs in no other row, and every other
+    row's label occurs at least twice."""
+    counts = Counter(r[label_col].strip() for r in rows)
+    first = rows[0][label_col].strip()
+    return counts[first] == 1 and len(rows) > 1 and all(n >= 2 for c, n in counts.items() if c != first)
 
 
 def balance_and_split(labels, seed: int, fractions=(0.7, 0.1)):

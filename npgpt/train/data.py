@@ -224,19 +224,21 @@ class Data:
 
 
 def prepare_data(data=None, tokenizer="gpt2", context: int = 256, stride: int | None = None,
-                 train_ratio: float = 0.9, cache_dir=None, progress: bool = True) -> Data:
+                 train_ratio: float = 0.9, cache_dir=None, progress: bool = True,
+                 max_bytes: int | None = None) -> Data:
     """Load ``data`` (see ``npgpt.train.sources``), split, tokenize (cached), window it.
 
     ``tokenizer`` is ``"gpt2"``, ``"char"`` (vocabulary = sorted unique characters of the
-    whole text) or a tokenizer object, e.g. ``load_tokenizer(run_dir/"tokenizer.json")`` to
-    resume with a saved vocabulary. ``stride`` defaults to ``context``. Both splits must
-    hold at least one window (``context + 1`` tokens), else ValueError says which one."""
+    whole text) or a tokenizer object, e.g. ``find_tokenizer(run_dir)`` to
+    resume with a saved vocabulary. ``stride`` defaults to ``context``. ``max_bytes`` caps a
+    download (``download_file``). Both splits must hold at least one window (``context + 1``
+    tokens), else ValueError says which one."""
     if context < 1:
         raise ValueError(f"context must be >= 1, got {context}")
     stride = context if stride is None else stride
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
-    text, name = load_text(data, cache_dir=cache_dir, progress=progress)
+    text, name = load_text(data, cache_dir=cache_dir, progress=progress, max_bytes=max_bytes)
     train_text, val_text = split_text(text, train_ratio)
     tok = make_tokenizer(tokenizer, text)
     train_ids = tokenize_cached(train_text, tok, cache_dir)

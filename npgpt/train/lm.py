@@ -52,6 +52,7 @@ def lm_sampler(tokenizer, prompt: str, max_new_tokens: int = 50, seed: int = 0, 
 
     def sample(model):
         ids = tokenizer.encode(prompt) if prompt else [getattr(tokenizer, "eot_token", None) or 0]
-        out = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+        out = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                       n_vocab=tokenizer.n_vocab)
         return prompt + tokenizer.decode([int(t) for t in out[0][len(ids):]])
     return sample

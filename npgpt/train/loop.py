@@ -21,6 +21,7 @@ Because every micro-batch divides by the same global n, batch 8 and batch 4 with
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -28,8 +29,11 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from ..optim import clip_coef, grad_norm, lr_schedule
-from .run import Metrics, jump_rngs, load_checkpoint_state, plot_losses, rng_states, save_checkpoint, set_rng_states
+from .run import Metrics, NonFiniteError, checkpoint_dir, first_non_finite, jump_rngs, load_checkpoint_state, \
+    open_run, plot_losses, rng_states, save_checkpoint, set_rng_states
 
 
 @dataclass
@@ -100,8 +104,19 @@ def train_step(model, optimizer, batch, lr: float, *, loss_fn, count_fn, grad_ac
     dist.allreduce_grads(model)                             # sum the processes' gradients
     loss = dist.allreduce_sum(loss)
     norm = grad_norm(model)
+    if not (math.isfinite(loss) and math.isfinite(norm)):   # alike on every rank (both are reduced)
+        raise NonFiniteError(_non_finite(model, loss, norm))  # before the update: the weights stay good
     optimizer.step(lr=lr, grad_scale=clip_coef(norm, clip if clip > 0 else math.inf))   # clipping inside the update
     return loss, norm
+
+
+def _non_finite(model, loss: float, norm: float) -> str:
+    """What went non-finite in an update: the loss, the gradient norm, and the first parameter (or else
+    the first gradient) holding a NaN or an infinity."""
+    named = list(model.named_parameters())
+    what = first_non_finite((name, p.data) for name, p in named)
+    what = f"parameter {what}" if what else first_non_finite((name, p.grad) for name, p in named if p.has_grad)
+    return f"the loss is {loss}, the gradient norm {norm}" + (f"; first non-finite: {what}" if what else "")
 
 
 class _StopOnSigint:
@@ -136,11 +151,16 @@ class FitResult:
 
 
 def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, evaluate=None, sample=None,
-        run_dir=None, resume: bool = False, extra_files: dict | None = None, dist=None, progress: bool = True,
-        log=None) -> FitResult:
+        run_dir=None, resume: bool = False, overwrite: bool = False, extra_files: dict | None = None, dist=None,
+        progress: bool = True, log=None) -> FitResult:
     """Train `model` for config.steps updates on `batches` (an object with next() -> global batch
     tuple, state_dict() and load_state_dict(d)). With run_dir, write metrics.jsonl, loss.png and
-    checkpoints there; resume=True continues from its checkpoint, bit for bit.
+    checkpoints there; resume=True continues from its checkpoint, bit for bit (config.steps may have
+    grown since: the learning-rate schedule follows the new total). run_dir is held locked for the
+    run (npgpt.train.run.open_run: a new run needs a new or empty directory, or overwrite=True).
+
+    An update whose loss or gradient norm is not finite, or a checkpoint whose weights would not be,
+    raises NonFiniteError naming the step and what went non-finite; the last good checkpoint stays.
 
     Several processes (dist.world_size > 1): every rank calls fit with the same arguments and the
     same starting weights; only dist.is_main writes metrics and checkpoints, evaluates, samples and
@@ -149,8 +169,17 @@ def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, eva
     rank 0's is the single-process stream); checkpoints keep every rank's states ("rank_rngs"), so a
     resume with the same rank count continues bit for bit; with another count, ranks the checkpoint
     has no state for start from rank 0's state jumped r times."""
-    from tqdm.auto import tqdm
     dist = dist or SingleProcess()
+    held = open_run(run_dir, resume=resume, overwrite=overwrite) if run_dir is not None and dist.is_main \
+        else contextlib.nullcontext()
+    with held, np.errstate(over="ignore", invalid="ignore"):    # a non-finite update is caught, by name, below
+        return _fit(model, optimizer, batches, config, loss_fn, count_fn, evaluate, sample, run_dir, resume,
+                    extra_files, dist, progress, log)
+
+
+def _fit(model, optimizer, batches, config, loss_fn, count_fn, evaluate, sample, run_dir, resume, extra_files, dist,
+         progress, log) -> FitResult:
+    from tqdm.auto import tqdm
     main = dist.is_main
     log = log or (lambda msg: tqdm.write(msg))
     step, tokens = 0, 0
@@ -159,15 +188,20 @@ def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, eva
         if run_dir is None:
             raise ValueError("resume needs a run directory")
         state = load_checkpoint_state(run_dir, model, optimizer)
-        batches.load_state_dict(state["data"])
+        try:
+            batches.load_state_dict(state["data"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{checkpoint_dir(run_dir)}: its data position does not load ({e})") from None
         step, tokens = state["step"], state["tokens"]
+        if step > config.steps:
+            raise ValueError(f"the run is at step {step}, past the {config.steps} updates asked for")
         saved = state.get("rank_rngs") or []
         if dist.world_size > 1 and 0 < dist.rank < len(saved):
             set_rng_states(model, saved[dist.rank])
         elif dist.rank:
             jump_rngs(model, dist.rank)
         if main:
-            metrics = Metrics(run_dir, resume_bytes=state["metrics_bytes"])
+            metrics = Metrics(run_dir, resume_step=step)
     else:
         if dist.rank:
             jump_rngs(model, dist.rank)                     # this rank's own dropout stream
@@ -202,11 +236,20 @@ def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, eva
         if not main:
             return
         state = {"step": step, "tokens": tokens, "data": batches.state_dict(), "rngs": rng_states(model),
-                 "metrics_bytes": metrics.tell(), "loop": asdict(config)}
+                 "loop": asdict(config)}
         if all_rngs is not None:
             state["rank_rngs"] = all_rngs
-        last_ckpt = save_checkpoint(run_dir, model, optimizer, state, extra_files)
+        metrics.sync()                                      # the rows up to this step are on disk first
+        try:
+            last_ckpt = save_checkpoint(run_dir, model, optimizer, state, extra_files)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"step {step}: {e} after the update, so it was not saved; {kept()}") from None
         last_saved = step
+
+    def kept() -> str:
+        good = checkpoint_dir(run_dir) if run_dir is not None else None
+        return (f"the last good checkpoint, {good}, is left in place" if good else "no checkpoint was saved before") \
+            + "; lower the learning rate"
 
     model.train()
     if not resume and evaluate is not None and config.eval_every and main:
@@ -218,8 +261,12 @@ def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, eva
             batch = batches.next()
             lr = config.lr_at(step)
             t0 = time.perf_counter()
-            loss, norm = train_step(model, optimizer, batch, lr, loss_fn=loss_fn, count_fn=count_fn,
-                                    grad_accum=config.grad_accum, clip=config.clip, dist=dist)
+            try:
+                loss, norm = train_step(model, optimizer, batch, lr, loss_fn=loss_fn, count_fn=count_fn,
+                                        grad_accum=config.grad_accum, clip=config.clip, dist=dist)
+            except NonFiniteError as e:
+                bar.close()
+                raise NonFiniteError(f"step {step + 1}: {e}; the update was not applied; {kept()}") from None
             dt = time.perf_counter() - t0
             step += 1
             n_tokens = int(batch[0].size)
@@ -230,9 +277,6 @@ def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, eva
                                "tokens_per_s": tok_s, "tokens": tokens})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            if not math.isfinite(loss):
-                bar.close()
-                raise FloatingPointError(f"the loss became {loss} at step {step}; lower the learning rate")
             last = step == config.steps
             if evaluate is not None and main and (last or (config.eval_every and step % config.eval_every == 0)):
                 run_eval()

@@ -1,22 +1,31 @@
 """A run directory: what a training run writes, and what --resume reads back.
 
-    DIR/run.json            the run's settings (the command's arguments)
+    DIR/run.json            marks DIR as an npgpt run ("npgpt_run"), and the run's settings
+    DIR/.npgpt.lock         held (flock) by the one process that trains in DIR; holds its pid
     DIR/metrics.jsonl       one JSON row per update, and one per evaluation
     DIR/loss.png            train and validation loss against step and tokens seen
+    DIR/config.json, DIR/model.safetensors, DIR/vocab.json, ...   what Hugging Face's tools read (the
+                            first two are links into DIR/checkpoint/): from_pretrained(DIR) opens the run
     DIR/checkpoint -> ckpt-000120/    the newest complete checkpoint (a symlink, swapped atomically)
         config.json, model.safetensors    the model (Hugging Face layout: from_pretrained(DIR) loads it)
         optimizer.safetensors             AdamW's step count and both moments
-        trainer.json                      step, tokens seen, data position, every RNG state, metrics length
-        tokenizer.json                    (character-level runs) the vocabulary
+        trainer.json                      step, tokens seen, data position, every RNG state
+        npgpt_tokenizer.json, ...         the tokenizer: npgpt's record, and the files Hugging Face reads
+        base_model.json                   (a LoRA run: adapter files instead of model.safetensors) its base
 
 A checkpoint is written whole into a temporary directory, fsynced, renamed to ckpt-STEP, and only
 then does the `checkpoint` link move to it (os.replace of a link is atomic). A kill at any moment
-therefore leaves `checkpoint` pointing at a complete checkpoint, old or new.
+therefore leaves `checkpoint` pointing at a complete checkpoint, old or new. A checkpoint whose
+weights or optimizer moments are not all finite is never written (NonFiniteError), so the last good
+one stays. Older checkpoints are removed only in a marked run directory, and only entries npgpt
+names itself (`ckpt-` and digits, holding a trainer.json): nothing else in DIR is ever touched.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -28,6 +37,13 @@ from ..layers.dropout import Dropout
 CHECKPOINT = "checkpoint"
 TRAINER_STATE = "trainer.json"
 OPTIMIZER = "optimizer.safetensors"
+RUN_FILE = "run.json"
+LOCK_FILE = ".npgpt.lock"
+METRICS = "metrics.jsonl"
+RUN_MARK = "npgpt_run"                          # run.json's key that says npgpt made this directory a run
+_CKPT_NAME = re.compile(r"ckpt-[0-9]+")         # what save_checkpoint names a checkpoint
+_CKPT_TMP_NAME = re.compile(r"\.ckpt-[0-9]+\..+\.tmp")   # and its temporary directory while writing
+_LINK_TMP_NAME = re.compile(r"\.checkpoint\.[0-9]+\.link")
 
 
 def checkpoint_dir(run_dir) -> str | None:
@@ -38,7 +54,14 @@ def checkpoint_dir(run_dir) -> str | None:
 
 
 def is_run_dir(path) -> bool:
-    return os.path.isdir(path) and os.path.lexists(os.path.join(path, CHECKPOINT))
+    """Whether npgpt made `path` a run directory: its run.json carries the run mark (or, written before
+    the mark existed, the `npgpt train` settings)."""
+    try:
+        with open(os.path.join(os.fspath(path), RUN_FILE), encoding="utf-8") as f:
+            settings = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(settings, dict) and (RUN_MARK in settings or settings.get("command") == "train")
 
 
 def write_json(path, obj) -> None:
@@ -49,6 +72,110 @@ def write_json(path, obj) -> None:
 def read_json(path) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+# ----------------------------------------------------------------------------- opening a run
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked (one line for the user)."""
+
+
+def _entries(run_dir) -> list:
+    """DIR's entries, less the lock file (which a refused or finished run may leave behind)."""
+    try:
+        return [n for n in os.listdir(run_dir) if n != LOCK_FILE]
+    except FileNotFoundError:
+        return []
+
+
+def check_run_dir(run_dir, *, resume: bool = False, overwrite: bool = False) -> None:
+    """What `fit` will do with run_dir, checked before anything is read or written (RunDirError):
+    a resume needs a run with a checkpoint; a new run needs a new or empty directory, or --overwrite
+    (which replaces a previous run's files, or writes beside files that are not a run's)."""
+    run_dir = os.fspath(run_dir)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunDirError(f"{run_dir} is a file, not a directory")
+    if resume:
+        if checkpoint_dir(run_dir) is None:
+            raise RunDirError(f"{run_dir}: no checkpoint to resume from (no {os.path.join(run_dir, CHECKPOINT)}); "
+                              f"start the run without --resume")
+        if not is_run_dir(run_dir):
+            raise RunDirError(f"{os.path.join(run_dir, RUN_FILE)} is missing or damaged, so {run_dir} is not known "
+                              f"as an npgpt run and cannot be resumed")
+        return
+    if overwrite or not _entries(run_dir):
+        return
+    if is_run_dir(run_dir):
+        raise RunDirError(f"{run_dir} already holds a run; continue it with --resume, or start it again with "
+                          f"--overwrite, or choose another --out")
+    raise RunDirError(f"{run_dir} is not empty and is not an npgpt run; choose a new or empty directory, or "
+                      f"--overwrite to write npgpt's files beside what is there")
+
+
+_held: dict = {}                                  # the runs this process holds: realpath -> lock descriptor
+
+
+@contextlib.contextmanager
+def open_run(run_dir, settings: dict | None = None, *, resume: bool = False, overwrite: bool = False):
+    """Hold run_dir as this process's run for the body: take its lock, check it again (another process
+    may have written since check_run_dir), clear a previous run's files on --overwrite, and write
+    run.json (the mark and `settings`; on a resume only when settings are given).
+
+    The lock is an exclusive flock on DIR/.npgpt.lock, which holds the holder's pid: a second process
+    gets RunDirError naming it. Opening a run this process already holds does nothing (the command
+    line opens the run with its settings, then `fit` opens it again)."""
+    run_dir = os.fspath(run_dir)
+    key = os.path.realpath(run_dir)
+    if key in _held:
+        yield
+        return
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)     # before the directory is made
+    os.makedirs(run_dir, exist_ok=True)
+    fd = _lock(run_dir)
+    _held[key] = fd
+    try:
+        check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        if overwrite and not resume and is_run_dir(run_dir):
+            _remove_run_files(run_dir)
+        if not resume or settings is not None:
+            write_json(os.path.join(run_dir, RUN_FILE), {RUN_MARK: 1, **(settings or {})})
+        yield
+    finally:
+        del _held[key]
+        if fd is not None:
+            os.close(fd)                          # closing the descriptor releases the flock
+
+
+def _lock(run_dir) -> int | None:
+    """An exclusive, non-blocking flock on DIR/.npgpt.lock with this pid written in it; the descriptor."""
+    try:
+        import fcntl
+    except ImportError:                           # pragma: no cover - not POSIX: no lock
+        return None
+    fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirError(f"{run_dir} is in use by another npgpt run (pid {holder}); wait for it to end or "
+                          f"choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+    return fd
+
+
+def _remove_run_files(run_dir) -> None:
+    """A previous run's files, before --overwrite starts a new one there: its checkpoints, the link,
+    the metrics and the plot. Only names npgpt writes."""
+    for name in (CHECKPOINT, *HF_MODEL_FILES):
+        link = os.path.join(run_dir, name)
+        if os.path.islink(link):
+            os.remove(link)
+    _rotate(run_dir, keep=None)
+    for name in (METRICS, "loss.png"):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
 
 
 # ----------------------------------------------------------------------------- RNG states
@@ -86,13 +213,19 @@ def save_checkpoint(run_dir, model, optimizer, trainer_state: dict, extra_files:
     os.makedirs(run_dir, exist_ok=True)
     step = int(trainer_state["step"])
     final = os.path.join(run_dir, f"ckpt-{step:06d}")
+    link = os.path.join(run_dir, CHECKPOINT)
+    for path, ours in ((final, _is_checkpoint(final)), (link, os.path.islink(link))):
+        if os.path.lexists(path) and not ours:
+            raise RunDirError(f"{path} exists and is not npgpt's; npgpt will not replace it (move it away)")
+    opt = optimizer.state_dict()
+    check_finite(model, opt)
     tmp = tempfile.mkdtemp(dir=run_dir, prefix=f".ckpt-{step:06d}.", suffix=".tmp")
     try:
-        model.save(os.path.join(tmp, "model"))                  # config.json + model.safetensors, fsynced
+        from ..lora import save_model_files
+        save_model_files(model, os.path.join(tmp, "model"))     # the model, or a LoRA model's adapters, fsynced
         for name in os.listdir(os.path.join(tmp, "model")):
             os.rename(os.path.join(tmp, "model", name), os.path.join(tmp, name))
         os.rmdir(os.path.join(tmp, "model"))
-        opt = optimizer.state_dict()
         save_safetensors(os.path.join(tmp, OPTIMIZER), {k: np.asarray(v) for k, v in opt.items()},
                          {"format": "npgpt-adamw"})
         for name, data in (extra_files or {}).items():
@@ -102,77 +235,168 @@ def save_checkpoint(run_dir, model, optimizer, trainer_state: dict, extra_files:
         os.chmod(tmp, 0o755)
         _fsync_dir(tmp)
         if os.path.lexists(final):                             # a checkpoint of the same step: replace it
-            shutil.rmtree(final)
+            shutil.rmtree(final)                               # (checked above: npgpt's own)
         os.rename(tmp, final)
         link_tmp = os.path.join(run_dir, f".{CHECKPOINT}.{step:06d}.link")
         if os.path.lexists(link_tmp):
             os.remove(link_tmp)
         os.symlink(os.path.basename(final), link_tmp)
-        os.replace(link_tmp, os.path.join(run_dir, CHECKPOINT))   # the atomic switch
+        os.replace(link_tmp, link)                             # the atomic switch
         _fsync_dir(run_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for name in os.listdir(run_dir):                           # older checkpoints and leftovers of killed writes
-        path = os.path.join(run_dir, name)
-        if (name.startswith("ckpt-") and path != final) or (name.startswith(".ckpt-") and name.endswith(".tmp")):
-            shutil.rmtree(path, ignore_errors=True)
+    if is_run_dir(run_dir):
+        _rotate(run_dir, keep=final)
+        _link_model_files(run_dir, final)
     return final
+
+
+HF_MODEL_FILES = ("config.json", "model.safetensors")   # what Hugging Face's from_pretrained(DIR) reads
+
+
+def _link_model_files(run_dir, checkpoint) -> None:
+    """DIR/config.json and DIR/model.safetensors as links into DIR/checkpoint/, so that Hugging Face's tools
+    open the run directory itself (with the tokenizer files beside them) and always see its newest
+    checkpoint. Made once; a file of that name that is not a link is left alone."""
+    for name in HF_MODEL_FILES:
+        top = os.path.join(run_dir, name)
+        if os.path.isfile(os.path.join(checkpoint, name)) and not os.path.lexists(top):
+            os.symlink(os.path.join(CHECKPOINT, name), top)
+
+
+def _is_checkpoint(path) -> bool:
+    """A checkpoint npgpt wrote: a directory (not a link) named ckpt-DIGITS that holds a trainer.json."""
+    return (bool(_CKPT_NAME.fullmatch(os.path.basename(path))) and not os.path.islink(path)
+            and os.path.isfile(os.path.join(path, TRAINER_STATE)))
+
+
+def _rotate(run_dir, keep) -> None:
+    """Remove the checkpoints npgpt wrote in run_dir other than `keep`, and the leftovers of killed
+    writes (.ckpt-DIGITS.*.tmp directories). Links are never followed; no other name is touched."""
+    for name in os.listdir(run_dir):
+        path = os.path.join(run_dir, name)
+        if path == keep or os.path.islink(path):
+            continue
+        if _is_checkpoint(path) or (_CKPT_TMP_NAME.fullmatch(name) and os.path.isdir(path)):
+            shutil.rmtree(path, ignore_errors=True)
+        elif _LINK_TMP_NAME.fullmatch(name):
+            os.remove(path)
+
+
+class NonFiniteError(FloatingPointError):
+    """Training went non-finite (a loss, the gradient norm, or a parameter); nothing was saved."""
+
+
+def first_non_finite(named_arrays) -> str | None:
+    """The name of the first array in (name, array) pairs holding a NaN or an infinity, or None."""
+    for name, a in named_arrays:
+        if not np.isfinite(a).all():
+            return name
+    return None
+
+
+def check_finite(model, optimizer_state: dict) -> None:
+    """NonFiniteError unless every parameter and every optimizer moment is finite (checked before a
+    checkpoint is written: a checkpoint of NaN weights would replace the last good one)."""
+    bad = first_non_finite((name, p.data) for name, p in model.named_parameters())
+    if bad is None:
+        bad = first_non_finite((f"the optimizer's {k}", v) for k, v in optimizer_state.items())
+    if bad is not None:
+        raise NonFiniteError(f"{bad} is not finite")
+
+
+def read_trainer_state(path) -> dict:
+    """A checkpoint's trainer.json, checked for what a resume uses: ValueError naming the file."""
+    try:
+        state = read_json(path)
+    except (OSError, ValueError) as e:               # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    for key in ("step", "tokens"):
+        v = state.get(key)
+        if type(v) is not int or v < 0:
+            raise ValueError(f"{path}: '{key}' must be a whole number >= 0, got {v!r}")
+    for key, kind in (("data", dict), ("rngs", list), ("rank_rngs", list)):
+        if not isinstance(state.get(key, kind()), kind):
+            raise ValueError(f"{path}: '{key}' must be a JSON {'object' if kind is dict else 'list'}")
+    return state
 
 
 def load_checkpoint_state(run_dir, model, optimizer) -> dict:
     """Load the newest checkpoint's weights, optimizer moments and RNG states into model and
-    optimizer (same shapes); returns the trainer state dict."""
+    optimizer (same shapes); returns the trainer state dict. A damaged file: ValueError naming it."""
     path = checkpoint_dir(run_dir)
     if path is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (no {os.path.join(run_dir, CHECKPOINT)})")
-    from ..checkpoint import load_checkpoint
-    _, weights = load_checkpoint(path)
-    model.load_state_dict(weights)
-    opt, _ = read_safetensors(os.path.join(path, OPTIMIZER), mmap=False)
-    optimizer.load_state_dict(opt)
-    state = read_json(os.path.join(path, TRAINER_STATE))
-    set_rng_states(model, state["rngs"])
+    state = read_trainer_state(os.path.join(path, TRAINER_STATE))
+    from ..lora import load_model_weights
+    load_model_weights(model, path)                             # the weights, or a LoRA model's adapters
+    opt_path = os.path.join(path, OPTIMIZER)
+    try:
+        opt, _ = read_safetensors(opt_path, mmap=False)
+        optimizer.load_state_dict(opt)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{opt_path}: {e}") from None
+    try:
+        set_rng_states(model, state["rngs"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{os.path.join(path, TRAINER_STATE)}: its dropout RNG states do not load ({e})") from None
     return state
 
 
 # ----------------------------------------------------------------------------- metrics
 class Metrics:
-    """DIR/metrics.jsonl: rows appended and flushed as they happen. On resume the file is cut back
-    to its length at the checkpoint, so rows written after it (by a killed run) are not doubled."""
+    """DIR/metrics.jsonl: rows appended and flushed as they happen, and fsynced with every checkpoint.
+    Resuming from the checkpoint of step S first rewrites the file (atomically) with the rows of
+    steps <= S it holds: rows a killed run wrote after its checkpoint go, and a shortened, damaged or
+    missing file loses only the rows it lost."""
 
-    def __init__(self, run_dir, resume_bytes: int | None = None):
+    def __init__(self, run_dir, resume_step: int | None = None):
         os.makedirs(run_dir, exist_ok=True)
-        self.path = os.path.join(os.fspath(run_dir), "metrics.jsonl")
-        if resume_bytes is None:
-            self.f = open(self.path, "w", encoding="utf-8")
-        else:
-            self.f = open(self.path, "r+", encoding="utf-8") if os.path.exists(self.path) else \
-                open(self.path, "w", encoding="utf-8")
-            self.f.truncate(resume_bytes)
-            self.f.seek(resume_bytes)
+        self.path = os.path.join(os.fspath(run_dir), METRICS)
+        if resume_step is not None:
+            rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step] \
+                if os.path.isfile(self.path) else []
+            with atomic_write(self.path) as f:
+                f.write("".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
+        self.f = open(self.path, "w" if resume_step is None else "a", encoding="utf-8")
 
     def write(self, row: dict) -> None:
         self.f.write(json.dumps(row) + "\n")
         self.f.flush()
 
-    def tell(self) -> int:
-        return self.f.tell()
+    def sync(self) -> None:
+        """Make every row written so far durable (before a checkpoint that counts on them)."""
+        self.f.flush()
+        os.fsync(self.f.fileno())
 
     def close(self):
         self.f.close()
 
 
 def read_metrics(path) -> list:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a metrics.jsonl: JSON objects with a whole-number "step". A line that is not one
+    (cut short by a crash, NUL bytes after a power cut) is skipped."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and type(row.get("step")) is int:
+                rows.append(row)
+    return rows
 
 
 def plot_losses(metrics_path, out_png) -> str | None:
     """loss.png: per-update train loss, and the evaluations' train and validation loss, against
     step (bottom axis) and tokens seen (top axis). Matplotlib is imported only here."""
     rows = read_metrics(metrics_path)
-    steps = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "val_loss" in r]
+    number = (int, float)
+    steps = [r for r in rows if isinstance(r.get("loss"), number)]
+    evals = [r for r in rows if isinstance(r.get("val_loss"), number) and isinstance(r.get("train_loss"), number)]
     if not steps and not evals:
         return None
     import matplotlib
@@ -188,7 +412,8 @@ def plot_losses(metrics_path, out_png) -> str | None:
     ax.set_ylabel("cross-entropy loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    tokens_per_step = next((r["tokens"] / r["step"] for r in steps + evals if r.get("step") and r.get("tokens")), None)
+    tokens_per_step = next((r["tokens"] / r["step"] for r in steps + evals
+                            if r["step"] > 0 and isinstance(r.get("tokens"), number) and r["tokens"] > 0), None)
     if tokens_per_step:
         top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step))
         top.set_xlabel("tokens seen")

@@ -6,7 +6,8 @@
   domain, 20479 characters), shipped inside the package, so training works offline;
 - ``"tinyshakespeare"``: downloaded once from ``NAMED_URLS["tinyshakespeare"]`` into the cache;
 - an ``http://`` or ``https://`` URL: downloaded once into the cache (progress bar, resumable,
-  atomic: ``npgpt.checkpoint.download.download_file``); later runs reuse the cached file;
+  atomic, at most ``max_bytes``: ``npgpt.checkpoint.download.download_file``); later runs reuse
+  the cached file;
 - a ``.txt`` (or any UTF-8 text) file;
 - a directory: its ``*.txt`` files (not recursive), sorted by name, joined with one blank
   line (``DOC_SEPARATOR = "\\n\\n"``) between consecutive files.
@@ -31,9 +32,10 @@ NAMED_URLS = {"tinyshakespeare":
               "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"}
 DEFAULT_DATA = "the-verdict"
 DOC_SEPARATOR = "\n\n"
+NAME_TAIL = 96          # bytes of a URL's last path part kept in its cached file's name (names stop at 255)
 
 
-def load_text(data=None, cache_dir=None, progress: bool = True) -> tuple[str, str]:
+def load_text(data=None, cache_dir=None, progress: bool = True, max_bytes: int | None = None) -> tuple[str, str]:
     """Resolve ``data`` (see the module docstring) -> ``(text, description)``.
 
     ``description`` names the source (the dataset name, URL or path). Raises
@@ -44,9 +46,9 @@ def load_text(data=None, cache_dir=None, progress: bool = True) -> tuple[str, st
     if data in BUNDLED:
         path, desc = BUNDLED[data], data
     elif data in NAMED_URLS:
-        path, desc = fetch_url(NAMED_URLS[data], root, f"{data}.txt", progress), data
+        path, desc = fetch_url(NAMED_URLS[data], root, f"{data}.txt", progress, max_bytes), data
     elif is_url(data):
-        path, desc = fetch_url(data, root, None, progress), data
+        path, desc = fetch_url(data, root, None, progress, max_bytes), data
     else:
         path, desc = local_path(data), data
     text = read_dir(path) if os.path.isdir(path) else read_file(path)
@@ -59,16 +61,18 @@ def is_url(data: str) -> bool:
     return urlparse(data).scheme in ("http", "https")
 
 
-def fetch_url(url: str, root: str, filename: str | None = None, progress: bool = True) -> str:
+def fetch_url(url: str, root: str, filename: str | None = None, progress: bool = True,
+              max_bytes: int | None = None) -> str:
     """The cached copy of ``url`` under ``<root>/data/``, downloaded if not there yet.
 
-    Without ``filename`` the file is named by a hash of the URL plus its last path part."""
+    Without ``filename`` the file is named by a hash of the URL plus the end of its last path part
+    (at most ``NAME_TAIL`` bytes of it, so that any URL makes a name the file system takes)."""
     if filename is None:
-        base = os.path.basename(urlparse(url).path) or "index"
+        base = os.path.basename(urlparse(url).path).encode()[-NAME_TAIL:].decode(errors="ignore") or "index"
         filename = f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{base}"
     dest = os.path.join(root, "data", filename)
     if not os.path.isfile(dest):
-        download_file(url, dest, desc=filename, progress=progress)
+        download_file(url, dest, desc=filename, progress=progress, max_bytes=max_bytes)
     return dest
 
 

@@ -2,9 +2,13 @@
 
 Both have ``name``, ``n_vocab``, ``eot_token``, ``encode(str) -> list[int]``,
 ``decode(list[int]) -> str``, ``identity`` (a string that changes whenever the mapping
-from text to ids would change; it keys the token cache) and ``save(path)``, which writes
-a JSON file that ``load_tokenizer(path)`` reads back, so a run directory can keep its
-tokenizer (``DIR/tokenizer.json``) and generation can reload it.
+from text to ids would change; it keys the token cache), ``save(path)``, which writes
+npgpt's JSON record of it that ``load_tokenizer(path)`` reads back, and ``hf_files()``,
+the files Hugging Face's tokenizers read.  A run directory and each of its checkpoints
+keep both (``save_tokenizer``): npgpt's record as ``npgpt_tokenizer.json``, which
+generation reloads (``find_tokenizer``), and the Hugging Face files, so that
+``transformers.AutoTokenizer``, its pipelines and llama.cpp's converter open the model
+with the tokenizer it was trained with.
 
 - ``GPT2Tokenizer``: OpenAI's byte-level BPE (``npgpt.get_tokenizer()``), 50257 ids.
   A literal ``"<|endoftext|>"`` in training text is encoded as ordinary text.
@@ -13,14 +17,18 @@ tokenizer (``DIR/tokenizer.json``) and generation can reload it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from typing import Iterable
 
-__all__ = ["CharTokenizer", "GPT2Tokenizer", "make_tokenizer", "load_tokenizer", "TOKENIZERS"]
+__all__ = ["CharTokenizer", "GPT2Tokenizer", "make_tokenizer", "load_tokenizer", "find_tokenizer",
+           "save_tokenizer", "tokenizer_files", "TOKENIZERS", "RECORD"]
 
 TOKENIZERS = ("gpt2", "char")
+RECORD = "npgpt_tokenizer.json"      # npgpt's own record of the tokenizer, in a run directory and its checkpoints
+LEGACY_RECORD = "tokenizer.json"     # where older runs kept it: the name Hugging Face's fast tokenizers own
 
 
 class GPT2Tokenizer:
@@ -49,8 +57,16 @@ class GPT2Tokenizer:
     def to_json(self) -> dict:
         return {"type": "gpt2"}
 
+    def hf_files(self) -> dict:
+        """What Hugging Face's GPT-2 tokenizer reads: vocab.json and merges.txt (OpenAI's files) and a
+        tokenizer_config.json naming the class and <|endoftext|> as its special token."""
+        from ..tokenizer import ENDOFTEXT, hf_vocab_files
+        config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT,
+                  "unk_token": ENDOFTEXT, "add_prefix_space": False, "clean_up_tokenization_spaces": False}
+        return {**hf_vocab_files(), "tokenizer_config.json": _json_bytes(config)}
+
     def save(self, path) -> None:
-        _write_json(path, self.to_json())
+        _write_atomic(path, _json_bytes(self.to_json()))
 
     def __repr__(self) -> str:
         return f"GPT2Tokenizer(n_vocab={self.n_vocab})"
@@ -106,8 +122,21 @@ class CharTokenizer:
     def to_json(self) -> dict:
         return {"type": "char", "chars": self.chars}
 
+    def hf_files(self) -> dict:
+        """A tokenizers-library tokenizer.json doing what this one does (the text split into single
+        characters, each looked up in the vocabulary {chars[i]: i}, ids decoded by concatenation), and
+        the tokenizer_config.json that makes transformers load it as a fast tokenizer."""
+        spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+                "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated",
+                                  "invert": False},
+                "post_processor": None, "decoder": {"type": "Fuse"},
+                "model": {"type": "WordLevel", "vocab": {c: i for i, c in enumerate(self.chars)},
+                          "unk_token": "<unk>"}}      # not in the vocabulary: an unknown character is an error
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        return {"tokenizer.json": _json_bytes(spec), "tokenizer_config.json": _json_bytes(config)}
+
     def save(self, path) -> None:
-        _write_json(path, self.to_json())
+        _write_atomic(path, _json_bytes(self.to_json()))
 
     def __repr__(self) -> str:
         return f"CharTokenizer(n_vocab={self.n_vocab})"
@@ -131,13 +160,7 @@ def make_tokenizer(kind, text: str | None = None):
 
 def load_tokenizer(path):
     """Read a tokenizer written by ``save(path)``."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"tokenizer file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"tokenizer file {path} is not valid JSON: {e}") from None
+    d = _read_json(path)
     kind = d.get("type") if isinstance(d, dict) else None
     if kind == "gpt2":
         return GPT2Tokenizer()
@@ -146,16 +169,59 @@ def load_tokenizer(path):
     raise ValueError(f"tokenizer file {path}: unknown tokenizer description (type {kind!r})")
 
 
-def tokenizer_file(tok) -> dict:
-    """{"tokenizer.json": bytes}: what a run directory and each of its checkpoints keep, so that
-    generation reads text with the tokenizer the model was trained with."""
-    return {"tokenizer.json": json.dumps(tok.to_json(), ensure_ascii=True).encode("utf-8")}
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tokenizer file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"tokenizer file {path} is not valid JSON: {e}") from None
 
 
-def _write_json(path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (temporary file + rename)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=True)
-    os.replace(tmp, path)
+def _is_legacy_record(path) -> bool:
+    """Whether ``path`` is npgpt's record under the old name (``{"type": ...}``), not a Hugging Face tokenizer.json."""
+    try:
+        d = _read_json(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "type" in d and "model" not in d
+
+
+def find_tokenizer(directory):
+    """The tokenizer npgpt saved in ``directory`` (its ``RECORD``, or an older run's record under
+    ``tokenizer.json``), else None."""
+    for name in (RECORD, LEGACY_RECORD):
+        path = os.path.join(os.fspath(directory), name)
+        if os.path.isfile(path) and (name == RECORD or _is_legacy_record(path)):
+            return load_tokenizer(path)
+    return None
+
+
+def tokenizer_files(tok) -> dict:
+    """{file name: bytes}: what a run directory and each of its checkpoints keep, so that generation reads
+    text with the tokenizer the model was trained with (npgpt's record) and so do Hugging Face's tools."""
+    return {RECORD: _json_bytes(tok.to_json()), **tok.hf_files()}
+
+
+def save_tokenizer(tok, directory) -> None:
+    """Write ``tokenizer_files(tok)`` into ``directory``, each file atomically, and remove an older npgpt
+    record named tokenizer.json that they do not replace (Hugging Face's tools would read it first)."""
+    directory = os.fspath(directory)
+    files = tokenizer_files(tok)
+    legacy = os.path.join(directory, LEGACY_RECORD)
+    if LEGACY_RECORD not in files and _is_legacy_record(legacy):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(legacy)
+    for name, data in files.items():
+        _write_atomic(os.path.join(directory, name), data)
+
+
+def _json_bytes(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=True).encode("utf-8")
+
+
+def _write_atomic(path, data: bytes) -> None:
+    from ..checkpoint.safetensors import atomic_write
+    with atomic_write(path) as f:
+        f.write(data)
