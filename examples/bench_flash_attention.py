@@ -17,7 +17,7 @@ import time
 import npgpt  # noqa: F401  (first: sets OpenBLAS's idle spin before NumPy loads it)
 import numpy as np
 
-from npgpt import kernels
+from npgpt import fast
 from npgpt.bench import blas_info
 
 
@@ -30,18 +30,18 @@ def views(buf, NH, hs):
 
 def materialised(q, k, v, dy, scale, y, dq, dk, dv):
     s = q @ k.transpose(0, 1, 3, 2)
-    a = kernels.causal_softmax_forward(s, scale)
+    a = fast.causal_softmax_forward(s, scale)
     y[...] = a @ v
     da = dy @ v.transpose(0, 1, 3, 2)
     np.matmul(a.transpose(0, 1, 3, 2), dy, out=dv)
-    ds = kernels.causal_softmax_backward(da, a, scale)
+    ds = fast.causal_softmax_backward(da, a, scale)
     np.matmul(ds, k, out=dq)
     np.matmul(ds.transpose(0, 1, 3, 2), q, out=dk)
 
 
 def fused(q, k, v, dy, scale, y, dq, dk, dv):
-    _, L = kernels.flash_attention_forward(q, k, v, scale, out=y)
-    kernels.flash_attention_backward(q, k, v, y, L, dy, scale, dq, dk, dv)
+    _, L = fast.flash_attention_forward(q, k, v, scale, out=y)
+    fast.flash_attention_backward(q, k, v, y, L, dy, scale, dq, dk, dv)
 
 
 def main():
@@ -52,7 +52,7 @@ def main():
     ap.add_argument("--hs", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
-    from npgpt.runtime import keep_freed_memory
+    from npgpt.fast.settings import keep_freed_memory
     keep_freed_memory()
     print(f"BLAS: {blas_info()}")
     print("| B | T | materialised fwd+bwd | fused fwd+bwd | fused / materialised | (B, NH, T, T) float32 arrays avoided |")

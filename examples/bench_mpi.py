@@ -39,7 +39,7 @@ def main():
     p.add_argument("--vocab", type=int, default=50257)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
-    from npgpt.runtime import keep_freed_memory
+    from npgpt.fast.settings import keep_freed_memory
     keep_freed_memory()
     d = distributed.init(a.threads)
     cfg = GPTConfig(n_vocab=a.vocab, n_ctx=a.context, n_embd=a.embd, n_head=a.heads, n_layer=a.layers)

@@ -14,7 +14,7 @@ import pstats
 import npgpt  # first: sets OpenBLAS's idle spin before NumPy loads it
 import numpy as np
 from npgpt.bench import blas_info, npgpt_train
-from npgpt.runtime import keep_freed_memory
+from npgpt.fast.settings import keep_freed_memory
 from npgpt.train.lm import count_targets, lm_loss
 from npgpt.train.loop import train_step
 

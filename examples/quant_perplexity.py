@@ -13,13 +13,13 @@ import os
 
 import npgpt
 from npgpt.train import mean_loss, prepare_data
-from npgpt.train.tokenizers import find_tokenizer
+from npgpt.tokens.tokenizers import find_tokenizer
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("run")
 p.add_argument("--batch", type=int, default=32)
 args = p.parse_args()
-npgpt.runtime.keep_freed_memory()
+npgpt.fast.settings.keep_freed_memory()
 
 run = json.load(open(os.path.join(args.run, "run.json")))
 tok = find_tokenizer(args.run)
@@ -28,7 +28,7 @@ data = prepare_data(run["data"], tokenizer=tok, context=run["context"], stride=r
 print(f"{args.run}: {len(data.val)} validation windows of {data.context} tokens")
 base = None
 for weights in ("fp32", "bf16", "int8"):
-    model = npgpt.GPT.from_pretrained(args.run, weights=weights)
+    model = npgpt.load_model(args.run, weights=weights)
     loss = mean_loss(model, data.eval_batches("val", args.batch, 0))
     ppl = math.exp(loss)
     base = base or ppl

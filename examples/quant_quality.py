@@ -1,8 +1,8 @@
 """Logits of bf16 / int8 npgpt against float32 on random GPT-2 124M weights (32 decode steps after a
 32-token prefill), and the weights' resident bytes.   python examples/quant_quality.py"""
 import numpy as np, npgpt
-from npgpt import quant
-from npgpt.kvcache import KVCache
+from npgpt.inference import quant
+from npgpt.inference.kvcache import KVCache
 cfg = npgpt.GPTConfig.from_preset("gpt2")
 idx = np.random.default_rng(0).integers(0, cfg.n_vocab, (1, 64))
 ref_model = npgpt.GPT(cfg, seed=0).eval()

@@ -20,14 +20,14 @@ import numpy as np
 
 import npgpt
 from npgpt.train import LoopConfig, count_targets, fit, lm_evaluator, lm_loss, lm_sampler, prepare_data
-from npgpt.train.tokenizers import tokenizer_files
+from npgpt.tokens.tokenizers import tokenizer_files
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--data", default="tinyshakespeare")
 p.add_argument("--out", default="runs/shakespeare-char")
 p.add_argument("--steps", type=int, default=2000)
 args = p.parse_args()
-npgpt.runtime.keep_freed_memory()
+npgpt.fast.settings.keep_freed_memory()
 
 data = prepare_data(args.data, tokenizer="char", context=64)
 config = npgpt.GPTConfig(n_vocab=data.n_vocab, n_ctx=64, n_embd=128, n_head=4, n_layer=4)

@@ -22,13 +22,13 @@ import numpy as np
 
 import npgpt
 from npgpt.train import LoopConfig, count_targets, fit, lm_evaluator, lm_loss, lm_sampler, prepare_data
-from npgpt.train.tokenizers import tokenizer_files
+from npgpt.tokens.tokenizers import tokenizer_files
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--out", default="runs/the-verdict-book")
 p.add_argument("--epochs", type=int, default=10)
 args = p.parse_args()
-npgpt.runtime.keep_freed_memory()
+npgpt.fast.settings.keep_freed_memory()
 
 data = prepare_data("the-verdict", tokenizer="gpt2", context=256)             # 90/10 split by characters
 config = npgpt.GPTConfig.from_preset("gpt2", n_ctx=256, dropout=0.1)

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from .runtime import INFERENCE_SPIN_COUNT
+from .fast.settings import INFERENCE_SPIN_COUNT
 
 WORKLOADS = ("prefill", "decode", "train", "train-large", "train-loop", "startup")
 SHAPE = ("n_layer", "n_embd", "n_head", "n_ctx", "n_vocab")
@@ -54,8 +54,9 @@ def _median(xs):
 def _npgpt_model(cfg):
     import numpy as np
 
-    import npgpt
-    return npgpt.GPT(npgpt.GPTConfig(**cfg), dtype=np.float32, seed=0)
+    from .config import GPTConfig
+    from .model import GPT
+    return GPT(GPTConfig(**cfg), dtype=np.float32, seed=0)
 
 
 def gemm_replay(cfg, B, T, dtype=None):
@@ -103,14 +104,14 @@ def prefill_gemm_replay(model, T, block=None):
     and MLP on its one kept row, as GPT.forward_cached runs them), the attention's products and the
     LM head on the last row. When the model's attention runs the fused kernel at this T, its products
     are that kernel's tiles (query blocks of `block` rows against the key blocks up to the diagonal,
-    np.dot on one core per head, heads in parallel, as npgpt.kernels.flash_attention runs them);
+    np.dot on one core per head, heads in parallel, as npgpt.fast.flash_attention runs them);
     else q k^T and a v over all T x T. The last block's one query always takes the second form.
     The prefill's GEMM-only time on this machine and BLAS. Returns (run, flops), the flops counted
     from the products a run multiplies."""
     import numpy as np
     from numba import njit, prange
 
-    from .kernels.flash_attention import BLOCK, single_threaded_tile_blas
+    from .fast.flash_attention import BLOCK, single_threaded_tile_blas
     block = BLOCK if block is None else block
     C, NH = model.config.n_embd, model.config.n_head
     hs, L = C // NH, len(model.h)
@@ -174,11 +175,11 @@ def npgpt_train(cfg, B, T, steps, replay=True):
     alternating with it, so the two are compared under the same conditions (over_gemm)."""
     import numpy as np
 
-    import npgpt
-    from npgpt.train.lm import count_targets, lm_loss
-    from npgpt.train.loop import train_step
+    from .optim import AdamW
+    from .train.lm import count_targets, lm_loss
+    from .train.loop import train_step
     model = _npgpt_model(cfg)
-    opt = npgpt.AdamW(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = AdamW(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     rng = np.random.default_rng(0)
 
     def step():
@@ -214,12 +215,12 @@ def npgpt_train_loop(cfg, B, T, steps):
     schedule, progress bar), alternately, in one process: the loop's overhead over a bare step."""
     import numpy as np
 
-    import npgpt
-    from npgpt.train.data import BatchStream, Windows
-    from npgpt.train.lm import count_targets, lm_loss
-    from npgpt.train.loop import LoopConfig, fit, train_step
+    from .optim import AdamW
+    from .train.data import BatchStream, Windows
+    from .train.lm import count_targets, lm_loss
+    from .train.loop import LoopConfig, fit, train_step
     model = _npgpt_model(cfg)
-    opt = npgpt.AdamW(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = AdamW(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     ids = np.random.default_rng(0).integers(0, cfg["n_vocab"], 64 * B * T + 1)
     stream = BatchStream(Windows(ids, T), B, shuffle=True, seed=0)
     loop = LoopConfig(steps=1, lr=1e-4)
@@ -238,8 +239,8 @@ def npgpt_train_loop(cfg, B, T, steps):
 
 
 def _npgpt_inference_model(cfg, weights):
-    import npgpt.quant
-    return npgpt.quant.quantize(_npgpt_model(cfg).eval(), weights)
+    from .inference.quant import quantize
+    return quantize(_npgpt_model(cfg).eval(), weights)
 
 
 def npgpt_prefill(cfg, T, reps, weights="fp32", replay=True):
@@ -248,7 +249,7 @@ def npgpt_prefill(cfg, T, reps, weights="fp32", replay=True):
     more prefills: over_gemm is the prefill / GEMM-only time under the same conditions."""
     import numpy as np
 
-    from npgpt.kvcache import KVCache
+    from .inference.kvcache import KVCache
     model = _npgpt_inference_model(cfg, weights)
     idx = np.random.default_rng(0).integers(0, cfg["n_vocab"], (1, T))
 
@@ -267,12 +268,12 @@ def npgpt_prefill(cfg, T, reps, weights="fp32", replay=True):
 
 
 def npgpt_decode(cfg, prompt, new, reps, weights="fp32", B=1):
-    """Greedy decoding the way npgpt.generate runs it (npgpt.generate.Decoder: prefill, then one
+    """Greedy decoding the way npgpt.inference.decode runs it (npgpt.inference.decode.Decoder: prefill, then one
     step per token); the time covers the `new` steps after the prefill."""
     import numpy as np
 
-    from npgpt.generate import Decoder
-    from npgpt.quant import weight_bytes
+    from .inference.decode import Decoder
+    from .inference.quant import weight_bytes
     model = _npgpt_inference_model(cfg, weights)
     idx = np.random.default_rng(0).integers(0, cfg["n_vocab"], (B, prompt))
     times = []
@@ -293,7 +294,8 @@ def npgpt_startup(cfg):
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
-        _npgpt_model(cfg).save(model_dir)
+        from .io.pretrained import save_model
+        save_model(_npgpt_model(cfg), model_dir)
         env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(tmp, "numba-cache"))
         for label in ("cold", "warm"):
             t0 = time.perf_counter()
@@ -376,8 +378,8 @@ def _worker(argv):
     """python -m npgpt.bench FRAMEWORK WORKLOAD CFG_JSON OPTS_JSON -> one JSON line on stdout."""
     framework, workload, cfg, o = argv[0], argv[1], json.loads(argv[2]), json.loads(argv[3])
     if framework == "npgpt":
-        from .runtime import keep_freed_memory
-        keep_freed_memory()
+        from .fast import settings
+        settings.apply()                              # as the npgpt command does, before NumPy loads
     if framework == "torch":
         import torch
         torch.set_num_threads(o["threads"])
@@ -429,22 +431,21 @@ def _torch_available() -> bool:
 
 def _config(args) -> dict:
     """Check the options and build the model shape here, so bad input fails before any worker starts."""
-    from .cli import CLIError
     from .config import GPTConfig
     for k in ("threads", "steps", "reps", "rounds", "decode_batch", "prefill_T", "train_large_B", "train_large_T") + SHAPE:
         v = getattr(args, k, None)
         if v is not None and v < 1:
-            raise CLIError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
     if args.compare == "torch" and not _torch_available():
-        raise CLIError("--compare torch needs torch and transformers installed "
+        raise ValueError("--compare torch needs torch and transformers installed "
                        "(pip install torch==2.13.0 transformers)")
     try:
         cfg = GPTConfig.from_preset(args.model).to_hparams()
     except ValueError as e:
-        raise CLIError(f"--model: {e}") from None
+        raise ValueError(f"--model: {e}") from None
     cfg.update({k: getattr(args, k) for k in SHAPE if getattr(args, k) is not None})
     if cfg["n_embd"] % cfg["n_head"]:
-        raise CLIError(f"--n-embd {cfg['n_embd']} is not divisible by --n-head {cfg['n_head']}")
+        raise ValueError(f"--n-embd {cfg['n_embd']} is not divisible by --n-head {cfg['n_head']}")
     return GPTConfig(**cfg).to_hparams()
 
 

@@ -48,11 +48,20 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
+# Every model shape npgpt names, in one table. The GPT-2 sizes are OpenAI's released models (their
+# full config); tiny and small are body shapes for training from scratch (`npgpt train --config`),
+# whose vocabulary and context the data and --context decide.
+SMALL_SHAPES = {
+    "tiny":  dict(n_layer=2, n_head=2, n_embd=64),
+    "small": dict(n_layer=6, n_head=6, n_embd=384),
+}
 PRESETS = {
     "gpt2":        dict(n_vocab=50257, n_ctx=1024, n_embd=768,  n_head=12, n_layer=12),  # 124M
     "gpt2-medium": dict(n_vocab=50257, n_ctx=1024, n_embd=1024, n_head=16, n_layer=24),  # 355M
     "gpt2-large":  dict(n_vocab=50257, n_ctx=1024, n_embd=1280, n_head=20, n_layer=36),  # 774M
     "gpt2-xl":     dict(n_vocab=50257, n_ctx=1024, n_embd=1600, n_head=25, n_layer=48),  # 1558M
 }
+EOT_ID = 50256              # GPT-2's <|endoftext|>: a text's end, and the padding of fine-tuning batches
+HF_PREFIX = "transformer."  # what Hugging Face's GPT2LMHeadModel puts before the body's parameter names
 PRESET_ALIASES = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
-MODEL_NAMES = ", ".join([*PRESETS, *PRESET_ALIASES])   # for messages: what from_pretrained accepts by name
+MODEL_NAMES = ", ".join([*PRESETS, *PRESET_ALIASES])   # for messages: what load_model accepts by name

@@ -236,11 +236,11 @@ def check_everything(seed: int = 0, dropout: float = 0.1):
     """Every layer, the loss, a whole tiny GPT-2 and classifiers (plain and with LoRA adapters) in float64:
     the list behind `npgpt gradcheck`."""
     from .config import GPTConfig
-    from .classifier import Classifier
+    from .finetune.classifier import Classifier
     from .layers import (GELU, MLP, Block, CausalSelfAttention, Embedding, LastTokenHead, LayerNorm, Linear,
                          PositionEmbedding, TiedLMHead)
     from .layers.lora import LoRALinear
-    from .lora import apply_lora, lora_layers
+    from .layers.lora import apply_lora, lora_layers
     from .model import GPT
 
     f64 = np.float64
@@ -294,7 +294,7 @@ def check_everything(seed: int = 0, dropout: float = 0.1):
     # instruction fine-tuning's loss: entries of different lengths + an end token, padded with it;
     # targets after each row's first end token and (mask_prompt) the prompt's targets are -100;
     # two micro-batches dividing by the global count (as train_step runs lm_loss)
-    from .train.instruct import collate
+    from .finetune.instruct import collate
     from .train.lm import count_targets, lm_loss
     seqs = [rng.integers(0, V - 1, k).tolist() for k in (4, 2, 5, 3)]
     batch = collate(seqs, prompt_lens=[2, 1, 3, 2], end_id=V - 1)

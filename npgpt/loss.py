@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import kernels
+from . import fast
 
 IGNORE_INDEX = -100
 
@@ -48,8 +48,8 @@ def cross_entropy(logits, targets, ignore_index: int = IGNORE_INDEX, out=None, n
         raise ValueError(f"cross_entropy: out must be a C-contiguous {logits.dtype} array of shape {logits.shape}")
     if normalizer is not None and not (np.isfinite(normalizer) and normalizer > 0):
         raise ValueError(f"cross_entropy: normalizer must be a finite number > 0, got {normalizer!r}")
-    if kernels.use_numba():
-        return kernels.cross_entropy_forward_backward(logits, targets, ignore_index, out=out, normalizer=normalizer)
+    if fast.use_numba():
+        return fast.cross_entropy_forward_backward(logits, targets, ignore_index, out=out, normalizer=normalizer)
     loss, dlogits = cross_entropy_numpy(logits, targets, ignore_index, normalizer)
     if out is None:
         return loss, dlogits

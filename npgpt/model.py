@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import GPTConfig
+from .config import HF_PREFIX, GPTConfig
 from .layers import Block, Dropout, Embedding, LayerNorm, Module, PositionEmbedding, TiedLMHead
 from .layers.module import no_grad, spawn_seeds
 
-PREFIX = "transformer."
+PREFIX = HF_PREFIX
 
 
 class GPT(Module):
-    weights = "fp32"   # "bf16" | "int8" once npgpt.quant.quantize swapped packed modules in
+    weights = "fp32"   # "bf16" | "int8" once npgpt.inference.quant.quantize swapped packed modules in
 
     def __init__(self, config: GPTConfig, dtype=np.float32, seed=None, init: bool = True):
         """init=False allocates zero weights without drawing random numbers (for loading checkpoints)."""
@@ -113,56 +113,10 @@ class GPT(Module):
                                  "LM head is tied to the token embedding and cannot load an untied checkpoint")
         return super().load_state_dict(state, strict=strict, assign=assign)
 
-    # ----------------------------------------------------------------- checkpoints
-    @classmethod
-    def from_pretrained(cls, name_or_path, dtype=np.float32, verify: bool = False, weights=None) -> "GPT":
-        """Load OpenAI's GPT-2 by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; 124M ... 1558M: downloaded
-        once into $NPGPT_HOME), or a path: a Hugging Face directory / .safetensors file, or OpenAI's
-        TensorFlow checkpoint directory / prefix. verify=True also checks TensorFlow CRC-32Cs.
-        The model is returned in eval mode (no dropout).
-        weights="bf16" | "int8" packs the weights for inference (npgpt.quant.quantize); a checkpoint
-        saved quantized is memory-mapped as stored (weights None or its own kind).
-        A directory that also holds a LoRA adapter (adapter_config.json, as GPT.save writes for a model with
-        adapters) comes back with the adapter applied (npgpt.lora.load_adapter), merged when packed; one whose
-        base_model.json refers to its base instead of holding weights (a LoRA run's checkpoint) loads that base."""
-        from . import lora, quant
-        from .checkpoint import load_checkpoint
-        stored = quant.checkpoint_kind(name_or_path)
-        if stored is not None:
-            if weights not in (None, stored):
-                raise ValueError(f"{name_or_path} holds {stored} weights; cannot load them as {weights}")
-            return quant.load_quantized(name_or_path)
-        weights = quant.check_kind(weights)
-        if weights != "fp32" and np.dtype(dtype) != np.float32:
-            raise ValueError(f"weights={weights} needs dtype float32")
-        config, state = load_checkpoint(lora.base_of(name_or_path), verify=verify, writable=True)   # a LoRA run: its base
-        # copy-on-write maps of the file become the parameters: nothing is copied, and pages are
-        # read from the page cache when first used (fresh anonymous memory is slow to fault in)
-        model = cls(config, dtype=dtype, init=False).load_state_dict(state, assign=True)
-        adapter = lora.adapter_dir(name_or_path)        # a LoRA run or save: base weights + adapter files
-        if adapter is not None:
-            lora.load_adapter(model, adapter)
-            if weights != "fp32":
-                lora.merge(model)                       # packed weights hold the merged W + s A B
-        return quant.quantize(model, weights).eval()   # like Hugging Face: call .train() to fine-tune with the checkpoint's dropout
-
-    def save(self, directory) -> str:
-        """Write config.json + model.safetensors (Hugging Face GPT-2 layout) atomically; returns the path.
-        A quantized model writes its packed weights (npgpt.quant.save_quantized); a model holding LoRA
-        adapters its base weights plus the adapter in PEFT's layout (npgpt.lora), which from_pretrained applies."""
-        if self.weights != "fp32":
-            from .quant import save_quantized
-            return save_quantized(self, directory)
-        from .lora import lora_layers, save_with_adapter
-        if lora_layers(self):
-            return save_with_adapter(self, directory)   # base weights + adapter_config.json + adapter_model.safetensors
-        from .checkpoint import save_hf_checkpoint
-        return save_hf_checkpoint(directory, self.config, self.state_dict(), dtype=self.dtype)
-
     # ----------------------------------------------------------------- inference with a KV cache
     def forward_cached(self, idx, cache, last_only: bool = True, n_valid=None):
         """Run only the new tokens idx (B, T) through the network, reusing the keys/values in `cache`
-        (npgpt.kvcache.KVCache, e.g. KVCache.for_model(model, B)), and append theirs to it.
+        (npgpt.inference.kvcache.KVCache, e.g. KVCache.for_model(model, B)), and append theirs to it.
 
         Row b's tokens sit at positions cache.lengths[b] .. + T - 1: prefill with the prompt (T tokens),
         then decode one token at a time (T = 1). Inference only: runs under no_grad and eval_mode (no

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from . import kernels
+from . import fast
 
 
 def _grads(model) -> list:
@@ -19,11 +19,11 @@ def grad_norm(model) -> float:
 
 
 def _l2_norm(grads) -> float:
-    if kernels.use_numba():
+    if fast.use_numba():
         flat = tiled_buffer(grads)
         if flat is not None:
             grads = [flat]              # AdamW's packed gradients: one kernel launch (float64 sums)
-        return math.sqrt(sum(kernels.sum_of_squares(g) for g in grads))
+        return math.sqrt(sum(fast.sum_of_squares(g) for g in grads))
     return math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
 
 
@@ -61,8 +61,8 @@ def clip_grad_norm(model, max_norm: float) -> float:
     coef = clip_coef(total, max_norm)
     if coef < 1.0:
         for g in grads:
-            if kernels.use_numba():
-                kernels.scale_(g, coef)
+            if fast.use_numba():
+                fast.scale_(g, coef)
             else:
                 g *= g.dtype.type(coef)
     return total
@@ -115,7 +115,7 @@ class AdamW:
         self.t += 1
         b1, b2 = self.betas
         bc1, bc2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
-        if self.packed is not None and kernels.use_numba() and self.packed.intact():   # all at once, two launches
+        if self.packed is not None and fast.use_numba() and self.packed.intact():   # all at once, two launches
             pk = self.packed
             for lo, hi, decays in ((0, pk.n_decay, True), (pk.n_decay, pk.P.size, False)):
                 if hi > lo:
@@ -129,8 +129,8 @@ class AdamW:
     def _update(self, p, g, m, v, lr, decays, bc1, bc2, grad_scale):
         b1, b2 = self.betas
         wd = self.weight_decay if decays else 0.0
-        if kernels.use_numba():
-            kernels.adamw_update(p, g, m, v, lr, b1, b2, self.eps, wd, bc1, bc2, grad_scale)
+        if fast.use_numba():
+            fast.adamw_update(p, g, m, v, lr, b1, b2, self.eps, wd, bc1, bc2, grad_scale)
         else:
             g = g if grad_scale == 1.0 else g * g.dtype.type(grad_scale)
             adamw_update_numpy(p, g, m, v, lr, b1, b2, self.eps, wd, bc1, bc2)

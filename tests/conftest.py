@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import npgpt
-import npgpt.kernels
+import npgpt.fast
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -21,7 +21,7 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 @pytest.fixture(params=["numpy", "numba"])
 def backend(request):
     name = request.param
-    with npgpt.kernels.use_backend(name):
+    with npgpt.fast.use_backend(name):
         yield name
 
 
@@ -32,9 +32,9 @@ def kernel_build(request, monkeypatch):
     models never reach, so without this the parallel builds would go untested end to end)."""
     name = request.param
     if name == "numba-parallel":
-        from npgpt.kernels import _jit
+        from npgpt.fast import _jit
         monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 0)
-    with npgpt.kernels.use_backend("numpy" if name == "numpy" else "numba"):
+    with npgpt.fast.use_backend("numpy" if name == "numpy" else "numba"):
         yield name
 
 
@@ -42,7 +42,7 @@ def kernel_build(request, monkeypatch):
 def kernel_threads(request, monkeypatch):
     """Runs a kernel test on both builds of every Numba kernel: "serial" (prange as range, what small
     work gets) and "parallel" (forced, whatever the size). Kernel test modules use it for every test."""
-    from npgpt.kernels import _jit
+    from npgpt.fast import _jit
     monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 1 << 62 if request.param == "serial" else 0)
     return request.param
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from npgpt.checkpoint import (DownloadError, cache_dir, download_file, ensure_downloaded, load_checkpoint,
+from npgpt.io import (DownloadError, cache_dir, download_file, ensure_downloaded, load_checkpoint,
                               load_hf_checkpoint, load_tf_checkpoint, openai_param_map, read_safetensors,
                               save_hf_checkpoint, save_safetensors)
-from npgpt.checkpoint import crc32c as crcmod
-from npgpt.checkpoint import download as dl
-from npgpt.checkpoint import safetensors as st
-from npgpt.checkpoint.tf_bundle import BundleReader, read_table
+from npgpt.io import crc32c as crcmod
+from npgpt.io import download as dl
+from npgpt.io import safetensors as st
+from npgpt.io.tf_bundle import BundleReader, read_table
 from npgpt.config import GPTConfig
 
 FIX = Path(__file__).parent / "fixtures"
@@ -909,14 +909,14 @@ def test_from_pretrained_maps_copy_on_write(tmp_path, fixture, weights):
     d = tmp_path / "m"
     shutil.copytree(fixture, d)
     digest = hashlib.sha256((d / weights).read_bytes()).hexdigest()
-    model = npgpt.GPT.from_pretrained(d)
+    model = npgpt.load_model(d)
     ref = np.load(FIX / "reference_f32.npz")
     wte = model.state_dict()["transformer.wte.weight"]
     assert np.array_equal(wte, ref["param/transformer.wte.weight"]) and wte.flags.writeable
     for p in model.parameters():
         p.data += 1.0
     assert hashlib.sha256((d / weights).read_bytes()).hexdigest() == digest
-    again = npgpt.GPT.from_pretrained(d)
+    again = npgpt.load_model(d)
     assert np.array_equal(again.state_dict()["transformer.wte.weight"], ref["param/transformer.wte.weight"])
     assert np.array_equal(model.state_dict()["transformer.wte.weight"], ref["param/transformer.wte.weight"] + 1.0)
 
@@ -927,7 +927,7 @@ def test_from_pretrained_logits_match_pytorch(fixture, backend):
     the hub layout) loads into a model whose logits match PyTorch's reference."""
     import npgpt
     ref = np.load(FIX / "reference_f32.npz")
-    model = npgpt.GPT.from_pretrained(FIX / fixture)
+    model = npgpt.load_model(FIX / fixture)
     logits = model.forward(ref["idx"])
     scale = np.abs(ref["logits"]).max()
     assert logits.dtype == np.float32
@@ -938,8 +938,8 @@ def test_float64_model_save_load_exact(tmp_path):
     import npgpt
     cfg = npgpt.GPTConfig(n_vocab=17, n_ctx=8, n_embd=8, n_head=2, n_layer=1)
     model = npgpt.GPT(cfg, dtype=np.float64, seed=3)
-    model.save(tmp_path / "m64")
-    again = npgpt.GPT.from_pretrained(tmp_path / "m64", dtype=np.float64)
+    npgpt.save_model(model, tmp_path / "m64")
+    again = npgpt.load_model(tmp_path / "m64", dtype=np.float64)
     for (n, a), (_, b) in zip(model.named_parameters(), again.named_parameters()):
         assert b.data.dtype == np.float64 and np.array_equal(a.data, b.data), n
     assert not again.training                                   # from_pretrained returns eval mode
@@ -949,11 +949,11 @@ def test_save_into_existing_dir_replaces_pair_and_keeps_other_files(tmp_path):
     import npgpt
     cfg = npgpt.GPTConfig(n_vocab=17, n_ctx=8, n_embd=8, n_head=2, n_layer=1)
     d = tmp_path / "m"
-    npgpt.GPT(cfg, seed=1).save(d)
+    npgpt.save_model(npgpt.GPT(cfg, seed=1), d)
     (d / "tokenizer.json").write_text("{}")
     cfg2 = npgpt.GPTConfig(n_vocab=17, n_ctx=8, n_embd=8, n_head=2, n_layer=2)
     model2 = npgpt.GPT(cfg2, seed=2)
-    model2.save(d)
-    loaded = npgpt.GPT.from_pretrained(d)
+    npgpt.save_model(model2, d)
+    loaded = npgpt.load_model(d)
     assert loaded.config.n_layer == 2 and (d / "tokenizer.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary or old directories left

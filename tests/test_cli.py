@@ -43,7 +43,7 @@ def test_info_convert_roundtrip(tmp_path):
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     r = npgpt("info", out)
     assert r.returncode == 0 and "Hugging Face safetensors" in r.stdout
-    from npgpt.checkpoint import load_checkpoint
+    from npgpt.io import load_checkpoint
     _, state = load_checkpoint(out)
     for k in ref.files:
         if k.startswith("param/"):

@@ -33,15 +33,15 @@ def one_error_line(capsys, command: str) -> str:
 def bpe_model(tmp_path_factory):
     """A tiny GPT with GPT-2's vocabulary (50257 tokens), which chat and the fine-tuning commands accept."""
     path = tmp_path_factory.mktemp("bpe")
-    npgpt.GPT(GPTConfig(n_vocab=50257, n_ctx=32, n_embd=8, n_head=2, n_layer=1), seed=0).save(path)
+    npgpt.save_model(npgpt.GPT(GPTConfig(n_vocab=50257, n_ctx=32, n_embd=8, n_head=2, n_layer=1), seed=0), path)
     return str(path)
 
 
 def nan_copy(path, out) -> str:
     """The checkpoint at path saved again with one NaN weight (what a diverged run once saved)."""
-    model = npgpt.GPT.from_pretrained(path)
+    model = npgpt.load_model(path)
     dict(model.named_parameters())["transformer.h.0.mlp.c_fc.weight"].data[0, 0] = np.nan
-    model.save(out)
+    npgpt.save_model(model, out)
     return str(out)
 
 
@@ -83,7 +83,7 @@ def test_generate_draws_only_ids_the_tokenizer_holds(char_run, capsys):
 
 
 def test_generate_n_vocab_limits_the_ids():
-    model = npgpt.GPT.from_pretrained(TINY)
+    model = npgpt.load_model(TINY)
     prompt = np.array([[1, 2, 3]])
     out = npgpt.generate(model, prompt, 40, temperature=1.0, seed=0, repetition_penalty=1.3, n_vocab=7)
     assert out.shape == (1, 43) and out[0, 3:].max() < 7
@@ -108,7 +108,7 @@ def test_chat_from_nan_weights(bpe_model, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_library_names_the_nan_parameter(temperature):
-    model = npgpt.GPT.from_pretrained(TINY)
+    model = npgpt.load_model(TINY)
     dict(model.named_parameters())["transformer.h.0.mlp.c_fc.weight"].data[0, 0] = np.nan
     with pytest.raises(FloatingPointError, match=r"h\.0\.mlp\.c_fc\.weight"):
         npgpt.generate(model, np.array([1, 2, 3]), 4, temperature=temperature, seed=0)
@@ -118,7 +118,7 @@ def test_library_names_the_nan_parameter(temperature):
 @pytest.fixture(scope="module", params=["int8", "bf16"])
 def packed(request, bpe_model, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    npgpt.GPT.from_pretrained(bpe_model, weights=request.param).save(path)
+    npgpt.save_model(npgpt.load_model(bpe_model, weights=request.param), path)
     return str(path)
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import npgpt
-from npgpt.tokenizer import get_tokenizer
+from npgpt.tokens.bpe import get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "fixtures", "tiny_hf")
@@ -23,7 +23,7 @@ def run_cli(*args, stdin=None, kernels="numpy"):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return npgpt.GPT.from_pretrained(TINY)
+    return npgpt.load_model(TINY)
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def test_train_then_generate_from_the_run_directory(tmp_path):
     assert "step      3: train loss" in r.stdout and "val loss" in r.stdout
     assert "I HAD always" in r.stdout                  # the samples: the prompt, then the continuation
 
-    model = npgpt.GPT.from_pretrained(out)             # a run directory loads as a model
+    model = npgpt.load_model(out)             # a run directory loads as a model
     assert model.config.n_layer == 2 and model.config.n_embd == 64 and model.config.n_ctx == 32
     g = npgpt_cli("generate", "--model", out, "-n", "10", "--temperature", "0", "I HAD", cwd=tmp_path)
     assert g.returncode == 0, g.stderr
@@ -57,8 +57,8 @@ def test_grad_accum_and_resume_of_a_finished_run(tmp_path):
     b = npgpt_cli(*TRAIN, "--batch", "4", "--grad-accum", "2", "--dtype", "float64", "--out", tmp_path / "b",
                   cwd=tmp_path)
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
-    ma = npgpt.GPT.from_pretrained(tmp_path / "a", dtype=np.float64).state_dict()
-    mb = npgpt.GPT.from_pretrained(tmp_path / "b", dtype=np.float64).state_dict()
+    ma = npgpt.load_model(tmp_path / "a", dtype=np.float64).state_dict()
+    mb = npgpt.load_model(tmp_path / "b", dtype=np.float64).state_dict()
     for k in ma:
         np.testing.assert_allclose(mb[k], ma[k], rtol=0, atol=1e-12, err_msg=k)
     r = npgpt_cli("train", "--out", tmp_path / "a", "--resume", "--no-progress", cwd=tmp_path)
@@ -118,8 +118,8 @@ def test_ctrl_c_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
 
     r = npgpt_cli("train", "--out", run, "--resume", "--no-progress", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    a = npgpt.GPT.from_pretrained(tmp_path / "full").state_dict()
-    b = npgpt.GPT.from_pretrained(run).state_dict()
+    a = npgpt.load_model(tmp_path / "full").state_dict()
+    b = npgpt.load_model(run).state_dict()
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
     def rows(d):

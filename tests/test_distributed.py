@@ -87,7 +87,7 @@ def _run(cmd, timeout=60, kernels="numpy"):
 
 
 def _weights(run_dir, dtype):
-    return dict(npgpt.GPT.from_pretrained(str(run_dir), dtype=np.dtype(dtype)).state_dict())
+    return dict(npgpt.load_model(str(run_dir), dtype=np.dtype(dtype)).state_dict())
 
 
 # ----------------------------------------------------------------------------- no MPI
@@ -221,7 +221,7 @@ def test_killing_a_rank_ends_the_job_and_the_checkpoint_loads(tmp_path, text):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    model = npgpt.GPT.from_pretrained(str(out))
+    model = npgpt.load_model(str(out))
     assert model.num_parameters() > 0
 
 
@@ -316,9 +316,9 @@ def test_allreduce_grads_reduces_adamws_packed_gradients_where_they_are(tmp_path
 @needs_mpi
 def test_two_ranks_fine_tune_a_classifier_as_one_process_does(tmp_path):
     """`mpiexec -n 2 npgpt finetune classify` ends on the weights of the one-process run (same global batch)."""
-    from npgpt.classifier import Classifier
+    from npgpt.finetune.classifier import Classifier
     base = tmp_path / "base"
-    npgpt.GPT(npgpt.GPTConfig(n_vocab=50257, n_ctx=32, n_embd=32, n_head=2, n_layer=2), seed=0).save(base)
+    npgpt.save_model(npgpt.GPT(npgpt.GPTConfig(n_vocab=50257, n_ctx=32, n_embd=32, n_head=2, n_layer=2), seed=0), base)
     rng = random.Random(0)
     words = {"spam": "win free cash prize call now claim".split(), "ham": "see you at lunch later ok thanks".split()}
     rows = [f"{c}\t{' '.join(rng.choice(words[c]) for _ in range(rng.randint(2, 9)))}"
@@ -336,7 +336,7 @@ def test_two_ranks_fine_tune_a_classifier_as_one_process_does(tmp_path):
     assert one.keys() == two.keys()
     for k in one:
         np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-5 * max(1.0, np.abs(one[k]).max()), err_msg=k)
-    start = npgpt.GPT.from_pretrained(base).state_dict()
+    start = npgpt.load_model(base).state_dict()
     assert not np.array_equal(one["gpt.transformer.h.0.mlp.c_fc.weight"], start["transformer.h.0.mlp.c_fc.weight"])
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["test_accuracy"] == json.loads((tmp_path / "one" / "metrics.json").read_text())["test_accuracy"]

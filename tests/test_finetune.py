@@ -107,7 +107,7 @@ def test_classifier_save_load(tmp_path):
     assert back.labels == ["ham", "spam"]
     ids = np.array([[1, 2, 3]])
     np.testing.assert_array_equal(back(ids, np.array([3])), clf.eval()(ids, np.array([3])))
-    assert npgpt.GPT.from_pretrained(tmp_path / "c").config.n_layer == 2   # the body loads as a GPT
+    assert npgpt.load_model(tmp_path / "c").config.n_layer == 2   # the body loads as a GPT
 
 
 @pytest.mark.parametrize("weights,tol", [("bf16", 2e-2), ("int8", 5e-2)])
@@ -135,7 +135,7 @@ def cli(*args, cwd):
 
 @pytest.fixture
 def tiny_dir(tmp_path):
-    npgpt.GPT(npgpt.GPTConfig(n_vocab=50257, n_ctx=128, n_embd=64, n_head=2, n_layer=2), seed=0).save(tmp_path / "tiny")
+    npgpt.save_model(npgpt.GPT(npgpt.GPTConfig(n_vocab=50257, n_ctx=128, n_embd=64, n_head=2, n_layer=2), seed=0), tmp_path / "tiny")
     return tmp_path / "tiny"
 
 
@@ -178,7 +178,7 @@ def test_finetune_cli_trainable_blocks_keeps_frozen_weights_bit_identical(tmp_pa
     r = cli("finetune", "classify", "--data", SMS, "--init", tiny_dir, "--out", out, "--epochs", 1, "--limit", 400,
             "--trainable-blocks", 1, "--max-length", 16, "--lr", "1e-3", "--no-progress", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    before, after = npgpt.GPT.from_pretrained(tiny_dir).state_dict(), npgpt.GPT.from_pretrained(out).state_dict()
+    before, after = npgpt.load_model(tiny_dir).state_dict(), npgpt.load_model(out).state_dict()
     trained = [k for k in before if ".h.1." in k or ".ln_f." in k]
     assert all(np.array_equal(before[k], after[k]) for k in before if k not in trained)
     assert not np.array_equal(before["transformer.h.1.mlp.c_fc.weight"], after["transformer.h.1.mlp.c_fc.weight"])

@@ -1,4 +1,4 @@
-"""The fused causal attention kernel (npgpt/kernels/flash_attention.py) against the readable
+"""The fused causal attention kernel (npgpt/fast/flash_attention.py) against the readable
 attention path it mirrors: the forward output, dq, dk, dv, and through CausalSelfAttention the
 layer's output, dx and the c_attn / c_proj gradients. Odd T (a partial last block), several block
 sizes, (B, NH, hs) shapes, float64 (tight) and float32, serial and parallel builds."""
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from npgpt import kernels
+from npgpt import fast
 from npgpt.layers import CausalSelfAttention
 from npgpt.layers import attention as attention_mod
 from npgpt.layers.attention import causal_softmax_backward_numpy, causal_softmax_numpy
@@ -64,7 +64,7 @@ def test_kernel_matches_reference(dtype, B, NH, T, hs, block):
 
     y_buf = np.full((B, T, NH * hs), np.nan, dtype)
     (y,) = head_views(y_buf, NH, hs)
-    _, L = kernels.flash_attention_forward(q, k, v, scale, out=y, block=block)
+    _, L = fast.flash_attention_forward(q, k, v, scale, out=y, block=block)
     assert L.shape == (B, NH, T) and L.dtype == dtype and y_buf.dtype == dtype
     assert rel_err(y_buf, y_ref.transpose(0, 2, 1, 3).reshape(B, T, -1)) <= RTOL[dtype]
     s = np.asarray(q, np.float64) @ np.asarray(k, np.float64).transpose(0, 1, 3, 2) * scale
@@ -74,7 +74,7 @@ def test_kernel_matches_reference(dtype, B, NH, T, hs, block):
 
     dqkv = np.full((B, T, 3 * NH * hs), np.nan, dtype)
     dq, dk, dv = head_views(dqkv, NH, hs)
-    kernels.flash_attention_backward(q, k, v, y, L, dy, scale, dq, dk, dv, block=block)
+    fast.flash_attention_backward(q, k, v, y, L, dy, scale, dq, dk, dv, block=block)
     for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
         assert rel_err(got, want) <= RTOL[dtype]
 
@@ -83,10 +83,10 @@ def test_kernel_new_arrays():
     """Without out= arrays the kernel allocates contiguous outputs (same values)."""
     rng = np.random.default_rng(0)
     q, k, v, dy = (rng.standard_normal((1, 2, 9, 4)) for _ in range(4))
-    y, L = kernels.flash_attention_forward(q, k, v, 0.5)
+    y, L = fast.flash_attention_forward(q, k, v, 0.5)
     y_ref, dq_ref, dk_ref, dv_ref = reference(q, k, v, dy, 0.5)
     assert rel_err(y, y_ref) <= 1e-12
-    for got, want in zip(kernels.flash_attention_backward(q, k, v, y, L, dy, 0.5), (dq_ref, dk_ref, dv_ref)):
+    for got, want in zip(fast.flash_attention_backward(q, k, v, y, L, dy, 0.5), (dq_ref, dk_ref, dv_ref)):
         assert rel_err(got, want) <= 1e-12
 
 
@@ -98,15 +98,15 @@ def test_kernel_stores_k_and_v_into_kv_out(dtype):
     rng = np.random.default_rng(5)
     q, k, v = head_views(rng.standard_normal((B, T, 3 * NH * hs)).astype(dtype), NH, hs)
     K, V = np.full((2, B, NH, n_ctx, hs), np.nan, dtype)
-    y0, L0 = kernels.flash_attention_forward(q, k, v, 0.25, block=32)
-    y1, L1 = kernels.flash_attention_forward(q, k, v, 0.25, block=32, kv_out=(K, V))
+    y0, L0 = fast.flash_attention_forward(q, k, v, 0.25, block=32)
+    y1, L1 = fast.flash_attention_forward(q, k, v, 0.25, block=32, kv_out=(K, V))
     assert np.array_equal(K[:, :, :T], k) and np.array_equal(V[:, :, :T], v)
     assert np.isnan(K[:, :, T:]).all() and np.isnan(V[:, :, T:]).all()
     assert np.array_equal(y1, y0) and np.array_equal(L1, L0)
     with pytest.raises(ValueError, match="kv_out"):
-        kernels.flash_attention_forward(q, k, v, 0.25, kv_out=(np.empty((B, NH, T - 1, hs), dtype), V))  # too short
+        fast.flash_attention_forward(q, k, v, 0.25, kv_out=(np.empty((B, NH, T - 1, hs), dtype), V))  # too short
     with pytest.raises(ValueError, match="kv_out"):
-        kernels.flash_attention_forward(q, k, v, 0.25, kv_out=(K[..., ::2], V))       # not contiguous
+        fast.flash_attention_forward(q, k, v, 0.25, kv_out=(K[..., ::2], V))       # not contiguous
 
 
 def layer_run(dtype, B, T, C, NH, fused, seed=0):
@@ -118,7 +118,7 @@ def layer_run(dtype, B, T, C, NH, fused, seed=0):
     x = rng.standard_normal((B, T, C)).astype(dtype)
     dout = rng.standard_normal((B, T, C)).astype(dtype)
     layer.flash_min_T = 0 if fused else 1 << 30
-    with kernels.use_backend("numba" if fused else "numpy"):
+    with fast.use_backend("numba" if fused else "numpy"):
         assert layer.fused(T) == fused
         layer.zero_grad()
         out = layer.forward(x)
@@ -144,17 +144,17 @@ def test_layer_fused_matches_readable(dtype, B, T, C, NH):
 def test_when_the_fused_kernel_runs(monkeypatch):
     layer = CausalSelfAttention(8, 2, dtype=np.float64, rng=np.random.default_rng(0), dropout=0.1, seed=0)
     monkeypatch.setattr(attention_mod, "FLASH_MIN_T", 16)
-    with kernels.use_backend("numba"):
+    with fast.use_backend("numba"):
         assert not layer.fused(64)                     # attention dropout active: readable path
         layer.eval()
         assert layer.fused(64) and layer.fused(16) and not layer.fused(15)   # module threshold
         layer.flash_min_T = 100                        # the layer's own threshold wins
         assert not layer.fused(64) and layer.fused(100)
-    with kernels.use_backend("numpy"):
+    with fast.use_backend("numpy"):
         assert not layer.fused(4096)                   # NPGPT_KERNELS=numpy: always readable
     layer.train()
     layer.attn_dropout.p = 0.0
-    with kernels.use_backend("numba"):
+    with fast.use_backend("numba"):
         assert layer.fused(100)                        # dropout p = 0 in training: fused
 
 
@@ -166,7 +166,7 @@ def test_switching_paths_between_calls():
     dxs = []
     for threshold in (0, 1 << 30, 0):
         layer.flash_min_T = threshold
-        with kernels.use_backend("numba"):
+        with fast.use_backend("numba"):
             layer.forward(x)
             dxs.append(layer.backward(dout))
     assert rel_err(dxs[0], dxs[1]) <= 1e-12 and np.array_equal(dxs[0], dxs[2])
@@ -177,7 +177,7 @@ def test_prefill_uses_fused_kernel(dtype, monkeypatch):
     """GPT.forward_cached on an empty cache (a prompt) matches the readable path: every position, then
     with last_only (the fused blocks, then the last block's one query a row), also right-padded."""
     import npgpt
-    from npgpt.kvcache import KVCache
+    from npgpt.inference.kvcache import KVCache
     cfg = npgpt.GPTConfig(n_vocab=50, n_ctx=80, n_embd=16, n_head=2, n_layer=2)
     model = npgpt.GPT(cfg, dtype=dtype, seed=0)
     idx = np.random.default_rng(0).integers(0, 50, (2, 70))
@@ -205,7 +205,7 @@ def test_prefill_fills_the_cache_it_is_given(monkeypatch):
     a cache whose buffers cannot take the kernel's writes (another dtype) is filled by store() instead:
     both hold what the readable path stores, and decode the same next token."""
     import npgpt
-    from npgpt.kvcache import KVCache, LayerKV
+    from npgpt.inference.kvcache import KVCache, LayerKV
     stores = []
     store = LayerKV.store
     monkeypatch.setattr(LayerKV, "store", lambda self, *a, **kw: stores.append(1) or store(self, *a, **kw))
@@ -220,7 +220,7 @@ def test_prefill_fills_the_cache_it_is_given(monkeypatch):
         monkeypatch.setattr(attention_mod, "FLASH_MIN_T", threshold)
         cache = KVCache(cfg.n_layer, 2, cfg.n_head, cfg.n_ctx, cfg.n_embd // cfg.n_head, dtype=dtype)
         stores.clear()
-        with kernels.use_backend("numba"):
+        with fast.use_backend("numba"):
             model.forward_cached(idx, cache)
             assert len(stores) == n_store, name
             runs[name] = cache, model.forward_cached(idx[:, :1], cache)
@@ -237,7 +237,7 @@ def test_prefill_fills_the_cache_it_is_given(monkeypatch):
 def test_tile_blas_is_single_threaded_after_first_use():
     """The BLAS Numba's np.dot calls (SciPy's bundled OpenBLAS) runs one thread once the kernel ran."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    from npgpt.kernels.flash_attention import flash_attention_forward
+    from npgpt.fast.flash_attention import flash_attention_forward
     q = np.ones((1, 1, 8, 4), np.float32)
     flash_attention_forward(q, q, q, 0.5)
     scipy_blas = [i for i in threadpoolctl.threadpool_info()

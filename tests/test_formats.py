@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import npgpt
-from npgpt.checkpoint import DownloadError, download_file, ensure_downloaded, load_checkpoint
-from npgpt.checkpoint import download as dl
+from npgpt.io import DownloadError, download_file, ensure_downloaded, load_checkpoint
+from npgpt.io import download as dl
 from npgpt.cli import main
 
 ROOT = Path(__file__).parent.parent
@@ -69,7 +69,7 @@ def test_convert_into_a_directory_never_follows_or_copies_its_links(tmp_path, ca
     assert after.pop("notes.txt") == b"mine" and (dst / "notes.txt").stat().st_ino == inode
     assert sorted(after) == ["config.json", "model.safetensors"]        # replaced the link, wrote nothing else
     assert tree(secret.parent) == {".ssh": "dir", ".ssh/id_rsa": b"PRIVATE KEY"}
-    assert npgpt.GPT.from_pretrained(dst).config.n_layer == 2
+    assert npgpt.load_model(dst).config.n_layer == 2
     capsys.readouterr()
 
 
@@ -97,7 +97,7 @@ def bytes_to_unicode() -> dict:
 def hf_bpe_encode(text: str, vocab: dict, merges: list) -> list:
     """Byte-level BPE as Hugging Face's GPT-2 tokenizer runs it from vocab.json and merges.txt."""
     import regex
-    from npgpt.tokenizer import GPT2_PATTERN
+    from npgpt.tokens.bpe import GPT2_PATTERN
     rank = {tuple(m.split()): i for i, m in enumerate(merges)}
     table = bytes_to_unicode()
     ids = []
@@ -114,7 +114,7 @@ def hf_bpe_encode(text: str, vocab: dict, merges: list) -> list:
 
 
 def test_bpe_run_keeps_gpt2_vocab_files_that_encode_as_npgpt_does(runs):
-    from npgpt.train.tokenizers import GPT2Tokenizer, find_tokenizer
+    from npgpt.tokens.tokenizers import GPT2Tokenizer, find_tokenizer
     for d in (runs["gpt2"], runs["gpt2"] / "checkpoint"):
         files = set(os.listdir(d))
         assert {"vocab.json", "merges.txt", "tokenizer_config.json", "npgpt_tokenizer.json"} <= files
@@ -136,7 +136,7 @@ def test_bpe_run_keeps_gpt2_vocab_files_that_encode_as_npgpt_does(runs):
 
 
 def test_char_run_keeps_a_tokenizers_json_that_splits_characters(runs):
-    from npgpt.train.tokenizers import CharTokenizer, find_tokenizer
+    from npgpt.tokens.tokenizers import CharTokenizer, find_tokenizer
     ckpt = runs["char"] / "checkpoint"
     tok = find_tokenizer(ckpt)
     assert isinstance(tok, CharTokenizer) and find_tokenizer(runs["char"]).chars == tok.chars
@@ -155,7 +155,7 @@ def test_char_run_keeps_a_tokenizers_json_that_splits_characters(runs):
 
 
 def test_an_older_runs_record_under_tokenizer_json_still_reads_and_is_replaced(tmp_path):
-    from npgpt.train.tokenizers import CharTokenizer, GPT2Tokenizer, find_tokenizer, save_tokenizer
+    from npgpt.tokens.tokenizers import CharTokenizer, GPT2Tokenizer, find_tokenizer, save_tokenizer
     (tmp_path / "tokenizer.json").write_text(json.dumps({"type": "char", "chars": "ab"}))
     assert find_tokenizer(tmp_path).chars == "ab"
     save_tokenizer(GPT2Tokenizer(), tmp_path)                 # the old record would shadow vocab.json for HF
@@ -169,7 +169,7 @@ def test_an_older_runs_record_under_tokenizer_json_still_reads_and_is_replaced(t
 
 # ----------------------------------------------------------------------------- a config cannot grow a loader (item 10)
 def tiny_int8(d: Path) -> Path:
-    npgpt.quant.quantize(npgpt.GPT.from_pretrained(TINY_HF), "int8").save(d)
+    npgpt.save_model(npgpt.inference.quant.quantize(npgpt.load_model(TINY_HF), "int8"), d)
     return d
 
 
@@ -349,15 +349,15 @@ def saved(kind: str, d: Path, runs) -> Path:
         return runs["char"]
     if kind == "tf":
         return TINY_TF
-    model = npgpt.GPT.from_pretrained(TINY_HF, dtype=np.float64 if kind == "float64" else np.float32)
+    model = npgpt.load_model(TINY_HF, dtype=np.float64 if kind == "float64" else np.float32)
     if kind in ("bf16", "int8"):
-        npgpt.quant.quantize(model, kind)
+        npgpt.inference.quant.quantize(model, kind)
     if kind == "lora":
-        from npgpt.lora import apply_lora, lora_layers
+        from npgpt.layers.lora import apply_lora, lora_layers
         apply_lora(model, 2, 4.0, seed=0)
         for _, layer in lora_layers(model):
             layer.lora_B.data[...] = 0.1
-    model.save(d)
+    npgpt.save_model(model, d)
     return d
 
 
@@ -366,25 +366,25 @@ def test_info_and_convert_read_every_format_npgpt_writes(tmp_path, capsys, runs,
     d = saved(kind, tmp_path / "m", runs)
     assert main(["info", str(d)]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    model = npgpt.GPT.from_pretrained(d)
+    model = npgpt.load_model(d)
     assert f"n_layer:    {model.config.n_layer}" in out
-    n = sum(int(np.prod(s)) for s in npgpt.checkpoint.hf_param_shapes(model.config).values())
+    n = sum(int(np.prod(s)) for s in npgpt.io.hf_param_shapes(model.config).values())
     assert f"parameters: {n:,}" in out
     assert ("int8" in out) == (kind == "int8") and ("LoRA" in out) == (kind == "lora")
     assert main(["convert", str(d), str(tmp_path / "c")]) == 0, capsys.readouterr().err
     assert f"{n:,} parameters" in capsys.readouterr().out
     if kind == "run":                                          # the run's tokenizer goes along
-        from npgpt.train.tokenizers import find_tokenizer
+        from npgpt.tokens.tokenizers import find_tokenizer
         assert find_tokenizer(tmp_path / "c").chars == find_tokenizer(d).chars
         assert (tmp_path / "c" / "tokenizer.json").is_file()
-    converted = npgpt.GPT.from_pretrained(tmp_path / "c")
+    converted = npgpt.load_model(tmp_path / "c")
     idx = np.arange(8)[None] % model.config.n_vocab
     want, got = model.forward(idx), converted.forward(idx)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()     # the same function, in float32 sums
 
 
 def test_a_headed_table_with_numbered_columns_skips_its_header(tmp_path):
-    from npgpt.train.classify import read_table
+    from npgpt.finetune.classify import read_table
     rows = ["label,text", "ham,see you soon", "spam,WIN a prize", "ham,ok", "spam,free entry", "ham,lunch?"]
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
     texts, labels = read_table(str(tmp_path / "t.csv"), text_col="1", label_col="0")

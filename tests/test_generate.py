@@ -1,4 +1,4 @@
-"""KV-cached generation (npgpt.kvcache, GPT.forward_cached, npgpt.generate) on the tiny fixture model.
+"""KV-cached generation (npgpt.inference.kvcache, GPT.forward_cached, npgpt.inference.decode) on the tiny fixture model.
 
 The reference tokens come from transformers' generate(do_sample=False) (tests/fixtures/generate.py);
 the cache is also checked against full forward passes at every step, including after the
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import npgpt
-from npgpt.generate import Decoder, TextStreamer
-from npgpt.kvcache import KVCache
-from npgpt.tokenizer import get_tokenizer
+from npgpt.inference.decode import Decoder, TextStreamer
+from npgpt.inference.kvcache import KVCache
+from npgpt.tokens.bpe import get_tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 N_PROMPTS = 3

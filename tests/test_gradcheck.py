@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import npgpt
-import npgpt.kernels
+import npgpt.fast
 from npgpt.gradcheck import format_table
 from npgpt.layers import GELU, CausalSelfAttention, LayerNorm, Linear
 from npgpt.layers import attention as attention_mod
@@ -80,7 +80,7 @@ def test_attention_softmax_backward_without_scale_fails(backend, monkeypatch, ra
     x = rng.standard_normal((2, 5, 8))
     assert all(r.passed for r in npgpt.gradcheck_layer(layer, x))
     monkeypatch.setattr(attention_mod, "causal_softmax_backward_numpy", softmax_backward_without_scale)
-    monkeypatch.setattr(npgpt.kernels, "causal_softmax_backward",
+    monkeypatch.setattr(npgpt.fast, "causal_softmax_backward",
                         lambda da, a, scale: softmax_backward_without_scale(da, a, scale), raising=False)
     res = by_name(npgpt.gradcheck_layer(layer, x))
     table = format_table(res.values())

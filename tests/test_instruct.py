@@ -13,7 +13,7 @@ import pytest
 import npgpt
 from npgpt.gradcheck import _randomize, gradcheck_loss_fn
 from npgpt.loss import cross_entropy
-from npgpt.train.instruct import (END_ID, InstructBatches, check_entries, collate, encode_entry, format_entry,
+from npgpt.finetune.instruct import (END_ID, InstructBatches, check_entries, collate, encode_entry, format_entry,
                                   format_prompt, split_entries)
 from npgpt.train.lm import count_targets, lm_loss
 
@@ -137,7 +137,7 @@ def cli(*args, cwd, stdin=None):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("instruct") / "tiny"
-    npgpt.GPT(npgpt.GPTConfig(n_vocab=50257, n_ctx=256, n_embd=64, n_head=2, n_layer=2), seed=0).save(d)
+    npgpt.save_model(npgpt.GPT(npgpt.GPTConfig(n_vocab=50257, n_ctx=256, n_embd=64, n_head=2, n_layer=2), seed=0), d)
     return d
 
 
@@ -167,7 +167,7 @@ def test_finetune_instruct_end_to_end(finetuned):
     assert all(isinstance(e["model_response"], str) for e in responses)
     m = json.loads((out / "metrics.json").read_text())
     assert np.isfinite(m["test_loss"]) and m["entries"] == {"train": 34, "test": 4, "val": 2}
-    assert npgpt.GPT.from_pretrained(out).config.n_ctx == 256                # the run directory loads
+    assert npgpt.load_model(out).config.n_ctx == 256                # the run directory loads
 
 
 @pytest.mark.parametrize("which", ["random", "finetuned"])
@@ -179,8 +179,8 @@ def test_chat_with_piped_stdin(which, tiny_dir, request):
     questions = ["Name a colour.", "", "  What is the capital of France?"]
     r = cli("chat", "--model", model_dir, "-n", 8, cwd=model_dir.parent, stdin="\n".join(questions) + "\n")
     assert r.returncode == 0, r.stderr
-    model, tok = npgpt.GPT.from_pretrained(model_dir), npgpt.get_tokenizer()
-    with npgpt.kernels.use_backend("numpy"):
+    model, tok = npgpt.load_model(model_dir), npgpt.get_tokenizer()
+    with npgpt.fast.use_backend("numpy"):
         want = [npgpt.generate_text(model, tok, format_prompt({"instruction": q.strip()}), 8, stop=[STOP]).strip()
                 for q in questions if q]
     assert r.stdout == "".join(a + "\n" for a in want)
@@ -220,6 +220,6 @@ def test_finetune_instruct_with_lora_trains_only_the_adapters(tiny_dir):
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (out / "checkpoint" / "model.safetensors").exists()   # the base referred to, not copied
     assert (out / "adapter" / "adapter_config.json").exists()       # the adapter alone, PEFT's layout
-    tuned = npgpt.GPT.from_pretrained(out)                            # base + adapter
+    tuned = npgpt.load_model(out)                            # base + adapter
     ids = np.arange(10)[None]
-    assert not np.allclose(tuned.forward(ids), npgpt.GPT.from_pretrained(tiny_dir).forward(ids))
+    assert not np.allclose(tuned.forward(ids), npgpt.load_model(tiny_dir).forward(ids))

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from npgpt import kernels
+from npgpt import fast
 from npgpt.layers import GELU, LayerNorm
 from npgpt.layers.attention import causal_softmax_backward_numpy, causal_softmax_numpy
 from npgpt.loss import cross_entropy_numpy
@@ -43,7 +43,7 @@ def test_layernorm_kernels(dtype, shape):
 
     y_ref = ln.forward_numpy(x)
     xhat_ref, rstd_ref = ln.xhat, ln.rstd
-    y, xhat, rstd = kernels.layernorm_forward(x, g, b, ln.eps)
+    y, xhat, rstd = fast.layernorm_forward(x, g, b, ln.eps)
     assert y.dtype == xhat.dtype == rstd.dtype == dtype
     close(y, y_ref, dtype)
     close(xhat, xhat_ref, dtype)
@@ -55,12 +55,12 @@ def test_layernorm_kernels(dtype, shape):
     dx_ref = ln.backward_numpy(dy)
     dg_ref, db_ref = ln.weight.grad.copy(), ln.bias.grad.copy()
     dg, db = np.zeros_like(g), np.zeros_like(b)
-    dx = kernels.layernorm_backward(dy, xhat_ref, rstd_ref, g, dg, db)
+    dx = fast.layernorm_backward(dy, xhat_ref, rstd_ref, g, dg, db)
     close(dx, dx_ref, dtype)
     close(dg, dg_ref, dtype)
     close(db, db_ref, dtype)
     # gradients are added into, never overwritten
-    kernels.layernorm_backward(dy, xhat_ref, rstd_ref, g, dg, db)
+    fast.layernorm_backward(dy, xhat_ref, rstd_ref, g, dg, db)
     close(dg, 2 * dg_ref, dtype)
 
 
@@ -70,10 +70,10 @@ def test_gelu_kernels(dtype, shape):
     rng = np.random.default_rng(1)
     x = (3 * rng.standard_normal(shape)).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    y = kernels.gelu_forward(x)
+    y = fast.gelu_forward(x)
     assert y.dtype == dtype
     close(y, GELU.forward_numpy(x), dtype)
-    close(kernels.gelu_backward(dy, x), GELU.backward_numpy(dy, x), dtype)
+    close(fast.gelu_backward(dy, x), GELU.backward_numpy(dy, x), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -85,10 +85,10 @@ def test_add_bias_kernel(dtype, shape):
     y = rng.standard_normal(shape).astype(dtype)
     b = rng.standard_normal(shape[1]).astype(dtype)
     want = y + b
-    out = kernels.add_bias_(y, b)
+    out = fast.add_bias_(y, b)
     assert out is y and np.array_equal(y, want)
     with pytest.raises(ValueError, match="add_bias_"):
-        kernels.add_bias_(y, b[:-1] if b.size > 1 else np.zeros(2, dtype))     # a bias of the wrong length
+        fast.add_bias_(y, b[:-1] if b.size > 1 else np.zeros(2, dtype))     # a bias of the wrong length
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -99,14 +99,14 @@ def test_causal_softmax_kernels(dtype, B, NH, Tq, Tk):
     da = rng.standard_normal((B, NH, Tq, Tk)).astype(dtype)
     scale = 1.0 / math.sqrt(12)
     a_ref = causal_softmax_numpy(s, scale)
-    a = kernels.causal_softmax_forward(s.copy(), scale)
+    a = fast.causal_softmax_forward(s.copy(), scale)
     assert a.dtype == dtype
     close(a, a_ref, dtype, scale=1.0)
     future = np.triu(np.ones((Tq, Tk), bool), k=1 + Tk - Tq)
     assert np.all(a[..., future] == 0)                         # masked exactly, not approximately
     np.testing.assert_allclose(a.sum(-1), 1.0, rtol=RTOL[dtype] * 10)
     ds_ref = causal_softmax_backward_numpy(da, a, scale)       # numpy backward on the kernel's cache
-    ds = kernels.causal_softmax_backward(da.copy(), a_ref, scale)  # kernel backward on numpy's cache
+    ds = fast.causal_softmax_backward(da.copy(), a_ref, scale)  # kernel backward on numpy's cache
     close(ds, ds_ref, dtype)
     assert np.all(ds[..., future] == 0)
 
@@ -119,13 +119,13 @@ def test_cross_entropy_kernel(dtype, N, V):
     t = rng.integers(0, V, N)
     t[::3] = -100
     loss_ref, dz_ref = cross_entropy_numpy(z, t)
-    loss, dz = kernels.cross_entropy_forward_backward(z, t, -100)
+    loss, dz = fast.cross_entropy_forward_backward(z, t, -100)
     assert dz.dtype == dtype and np.asarray(loss).dtype == dtype
     assert abs(loss - loss_ref) <= RTOL[dtype] * abs(loss_ref) + 1e-30
     close(dz, dz_ref, dtype)
     # out=logits overwrites the logits with their gradient and gives the same result
     z2 = z.copy()
-    loss2, dz2 = kernels.cross_entropy_forward_backward(z2, t, -100, out=z2)
+    loss2, dz2 = fast.cross_entropy_forward_backward(z2, t, -100, out=z2)
     assert dz2 is z2 or np.shares_memory(dz2, z2)
     # the same kernel on the same row values (copied into dz first, or already there): identical results
     assert loss2 == loss
@@ -136,13 +136,13 @@ def test_cross_entropy_out_overlapping_logits_is_refused():
     z = np.random.default_rng(5).standard_normal((4, 7)).astype(np.float32)
     buf = np.concatenate([z.ravel(), np.zeros(7, np.float32)])
     with pytest.raises(ValueError, match="overlaps the logits"):
-        kernels.cross_entropy_forward_backward(buf[:28].reshape(4, 7), np.zeros(4, np.int64), -100,
+        fast.cross_entropy_forward_backward(buf[:28].reshape(4, 7), np.zeros(4, np.int64), -100,
                                                out=buf[7:].reshape(4, 7))
 
 
 def test_cross_entropy_all_ignored():
     z = np.ones((2, 3, 4), np.float32)
-    loss, dz = kernels.cross_entropy_forward_backward(z, np.full((2, 3), -100), -100)
+    loss, dz = fast.cross_entropy_forward_backward(z, np.full((2, 3), -100), -100)
     assert loss == 0 and not dz.any()
 
 
@@ -155,7 +155,7 @@ def test_embedding_backward_kernel(dtype):
     dw_ref = np.ones((11, 6), dtype)
     np.add.at(dw_ref, idx.reshape(-1), dout.reshape(-1, 6))
     dw = np.ones((11, 6), dtype)
-    kernels.embedding_backward(idx, dout, dw)
+    fast.embedding_backward(idx, dout, dw)
     close(dw, dw_ref, dtype)
 
 
@@ -173,7 +173,7 @@ def test_adamw_kernel(dtype, wd, c):
         bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
         g_before = g.copy()
         adamw_update_numpy(p_ref, g * dtype(c), m_ref, v_ref, lr, b1, b2, eps, wd, bc1, bc2)
-        kernels.adamw_update(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2, grad_scale=c)
+        fast.adamw_update(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2, grad_scale=c)
         np.testing.assert_array_equal(g, g_before)            # the scale is applied as g is read
     assert p.dtype == dtype
     close(p, p_ref, dtype)
@@ -185,14 +185,14 @@ def test_adamw_kernel(dtype, wd, c):
 def test_sum_of_squares_kernel(dtype):
     g = np.random.default_rng(6).standard_normal((101, 7)).astype(dtype)
     ref = float(np.sum(g.astype(np.float64) ** 2))
-    assert abs(kernels.sum_of_squares(g) - ref) <= 1e-12 * ref
+    assert abs(fast.sum_of_squares(g) - ref) <= 1e-12 * ref
 
 
-# ----------------------------------------------------------------------------- npgpt/kernels/_math.py
+# ----------------------------------------------------------------------------- npgpt/fast/_math.py
 def _exp_kernel():
     from numba import njit
 
-    from npgpt.kernels._math import exp
+    from npgpt.fast._math import exp
 
     @njit
     def run(x, out):
@@ -263,7 +263,7 @@ def test_vectorised_exp_float64_is_faithfully_rounded():
 def test_bits_to_float32():
     from numba import njit
 
-    from npgpt.kernels._math import bits_to_float32
+    from npgpt.fast._math import bits_to_float32
 
     @njit
     def cast(u16, out):

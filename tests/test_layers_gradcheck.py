@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import npgpt
-import npgpt.kernels
+import npgpt.fast
 from npgpt.gradcheck import DEFAULT_TOL, format_table
 from npgpt.layers import (MLP, GELU, Block, CausalSelfAttention, Dropout, Embedding, LayerNorm, Linear,
                           PositionEmbedding, TiedLMHead)
@@ -250,11 +250,11 @@ def test_gradcheck_model(backend, randomize, dropout):
 
 def test_gradcheck_model_parallel_kernels(randomize, monkeypatch):
     """The same check with every Numba kernel on its parallel build (a subset of entries per tensor)."""
-    from npgpt.kernels import _jit
+    from npgpt.fast import _jit
     monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 0)
     model = tiny_model(randomize, dropout=0.1).train()
     idx, targets = tiny_batch()
-    with npgpt.kernels.use_backend("numba"):
+    with npgpt.fast.use_backend("numba"):
         results = npgpt.gradcheck_model(model, idx, targets, max_checks=24)
     table = format_table(results)
     assert len(results) == len(list(model.named_parameters()))

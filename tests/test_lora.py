@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import npgpt
-from npgpt.checkpoint.safetensors import read_safetensors
+from npgpt.io.safetensors import read_safetensors
 from npgpt.gradcheck import _randomize, gradcheck_classifier, gradcheck_layer
 from npgpt.layers import Linear, LoRALinear
-from npgpt.lora import apply_lora, load_adapter, lora_layers, merge, save_adapter
+from npgpt.io.peft import load_adapter, save_adapter
+from npgpt.layers.lora import apply_lora, lora_layers, merge
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -216,27 +217,27 @@ def test_save_adapter_in_peft_layout_and_load_back(tmp_path):
 
 def test_model_with_adapter_saves_base_plus_adapter_and_loads_as_is(tmp_path):
     base = tiny()
-    base.save(tmp_path / "base")
-    model = npgpt.GPT.from_pretrained(tmp_path / "base")
+    npgpt.save_model(base, tmp_path / "base")
+    model = npgpt.load_model(tmp_path / "base")
     apply_lora(model, rank=2, alpha=4, base=str(tmp_path / "base"))
     trained_adapter(model)
-    model.save(tmp_path / "run")
+    npgpt.save_model(model, tmp_path / "run")
     assert {"config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors"} <= \
         set(os.listdir(tmp_path / "run"))
     stored, _ = read_safetensors(tmp_path / "run" / "model.safetensors")
     assert all(np.array_equal(stored[k], v) for k, v in base.state_dict().items())   # the base, untouched
     x = np.arange(10).reshape(2, 5)
-    again = npgpt.GPT.from_pretrained(tmp_path / "run")
+    again = npgpt.load_model(tmp_path / "run")
     np.testing.assert_array_equal(again.forward(x), model.forward(x))
     assert lora_layers(again)
-    bf16 = npgpt.GPT.from_pretrained(tmp_path / "run", weights="bf16")      # the adapter merged, then packed
+    bf16 = npgpt.load_model(tmp_path / "run", weights="bf16")      # the adapter merged, then packed
     assert bf16.weights == "bf16" and not lora_layers(bf16)
     np.testing.assert_allclose(bf16.forward(x), model.forward(x), rtol=0, atol=0.05 * np.abs(model.forward(x)).max())
-    merge(again).save(tmp_path / "run")                  # a plain model over it: no stale adapter left behind
+    npgpt.save_model(merge(again), tmp_path / "run")                  # a plain model over it: no stale adapter left behind
     assert "adapter_config.json" not in os.listdir(tmp_path / "run")
-    np.testing.assert_allclose(npgpt.GPT.from_pretrained(tmp_path / "run").forward(x), model.forward(x),
+    np.testing.assert_allclose(npgpt.load_model(tmp_path / "run").forward(x), model.forward(x),
                                rtol=1e-5, atol=1e-5)
-    clf = npgpt.Classifier(npgpt.GPT.from_pretrained(tmp_path / "base"), ["a", "b"], seed=0)
+    clf = npgpt.Classifier(npgpt.load_model(tmp_path / "base"), ["a", "b"], seed=0)
     apply_lora(clf, rank=2, alpha=4)
     trained_adapter(clf)
     clf.save(tmp_path / "clf")
@@ -247,7 +248,7 @@ def test_model_with_adapter_saves_base_plus_adapter_and_loads_as_is(tmp_path):
 def test_npgpt_logits_with_adapter_equal_peft():
     """tests/fixtures/lora_f32.npz: Hugging Face PEFT ran tiny_hf with the npgpt-written tiny_lora/."""
     ref = np.load(FIXTURES / "lora_f32.npz")
-    model = load_adapter(str(FIXTURES / "tiny_hf"), FIXTURES / "tiny_lora")
+    model = load_adapter(npgpt.load_model(FIXTURES / "tiny_hf"), FIXTURES / "tiny_lora")
     idx = ref["idx"]
     logits = model.forward(idx)
     scale = np.abs(ref["logits"]).max()
@@ -282,7 +283,7 @@ def cli(*args, cwd):
 
 def test_finetune_classify_lora_cli(tmp_path):
     base_dir = tmp_path / "tiny"
-    npgpt.GPT(npgpt.GPTConfig(n_vocab=50257, n_ctx=64, n_embd=32, n_head=2, n_layer=2), seed=0).save(base_dir)
+    npgpt.save_model(npgpt.GPT(npgpt.GPTConfig(n_vocab=50257, n_ctx=64, n_embd=32, n_head=2, n_layer=2), seed=0), base_dir)
     rows = [f"spam\tWIN a free prize now {i}" if i % 2 else f"ham\tsee you at lunch {i}" for i in range(40)]
     data = tmp_path / "d.tsv"
     data.write_text("\n".join(rows) + "\n")

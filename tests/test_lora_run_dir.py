@@ -13,8 +13,9 @@ import pytest
 
 import npgpt
 from npgpt.cli import main
-from npgpt.lora import apply_lora, finish_lora, lora_layers
-from npgpt.train.classify import ClassRows, classify_loss, count_rows
+from npgpt.cli.finetune import finish_lora
+from npgpt.layers.lora import apply_lora, lora_layers
+from npgpt.finetune.classify import ClassRows, classify_loss, count_rows
 from npgpt.train.data import BatchStream, Windows
 from npgpt.train.lm import count_targets, lm_loss
 from npgpt.train.loop import LoopConfig, fit
@@ -34,7 +35,7 @@ def copy_base(tmp_path):
 def lora_model(kind, base, seed=0):
     """What `npgpt finetune KIND --init BASE --lora-rank 1` trains: adapters (and a classifier's head)."""
     model = npgpt.Classifier.from_pretrained(base, LABELS, seed=seed) if kind == "classify" else \
-        npgpt.GPT.from_pretrained(base)
+        npgpt.load_model(base)
     apply_lora(model, rank=1, alpha=2.0, seed=seed, base=str(base))
     return model
 
@@ -61,7 +62,7 @@ def outputs(model):
 
 
 def load(kind, run):
-    return npgpt.Classifier.load(run) if kind == "classify" else npgpt.GPT.from_pretrained(run)
+    return npgpt.Classifier.load(run) if kind == "classify" else npgpt.load_model(run)
 
 
 def one_line_error(capsys, argv):
@@ -84,7 +85,7 @@ def test_lora_run_dir_refers_to_its_base_and_stays_small(tmp_path, kind):
     ref = json.loads((ckpt / "base_model.json").read_text())
     assert ref["name_or_path"] == ref["path"] == str(base) and ref["parameters"] == 63_024
     assert ref["fingerprint"].startswith("sha256:")
-    saved_opt = npgpt.checkpoint.read_safetensors(ckpt / "optimizer.safetensors")[0]
+    saved_opt = npgpt.io.read_safetensors(ckpt / "optimizer.safetensors")[0]
     assert {k[2:] for k in saved_opt if k.startswith("m/")} == \
         {name for name, p in model.named_parameters() if p.requires_grad}            # adapters (and head) only
     assert (base / "model.safetensors").read_bytes() == (TINY_HF / "model.safetensors").read_bytes()
@@ -100,8 +101,8 @@ def test_lora_run_with_a_different_or_missing_base_is_one_line(tmp_path, kind, c
     train(kind, lora_model(kind, base), run)
     command = ["classify", "--model", run, "hi"] if kind == "classify" else ["generate", "--model", run, "hi"]
 
-    config = npgpt.GPT.from_pretrained(base).config
-    npgpt.GPT(config, seed=1).save(base)                  # same shape and file layout, other weights
+    config = npgpt.load_model(base).config
+    npgpt.save_model(npgpt.GPT(config, seed=1), base)                  # same shape and file layout, other weights
     with pytest.raises(ValueError, match=f"trained on the base {base} .* but the base it is applied to differs"):
         load(kind, run)
     assert "the base it is applied to differs" in one_line_error(capsys, command)
@@ -128,7 +129,7 @@ def test_resume_loads_adapters_head_and_optimizer_state_and_checks_the_base(tmp_
         np.testing.assert_array_equal(fresh_opt.state_dict()[k], v, err_msg=k)
 
     other = copy_base(tmp_path / "other")
-    npgpt.GPT(npgpt.GPT.from_pretrained(other).config, seed=1).save(other)
+    npgpt.save_model(npgpt.GPT(npgpt.load_model(other).config, seed=1), other)
     stranger = lora_model("classify", other)
     with pytest.raises(ValueError, match="but the base it is applied to differs"):
         load_checkpoint_state(run, stranger, npgpt.AdamW(stranger))
@@ -160,7 +161,7 @@ def test_a_model_whose_base_trains_too_is_saved_whole(tmp_path):
 
 def test_finetune_classify_lora_cli_run_dir(tmp_path, capsys):
     base = tmp_path / "tiny"
-    npgpt.GPT(npgpt.GPTConfig(n_vocab=50257, n_ctx=32, n_embd=16, n_head=2, n_layer=1), seed=0).save(base)
+    npgpt.save_model(npgpt.GPT(npgpt.GPTConfig(n_vocab=50257, n_ctx=32, n_embd=16, n_head=2, n_layer=1), seed=0), base)
     data = tmp_path / "d.tsv"
     data.write_text("".join(f"spam\tWIN a free prize now {i}\n" if i % 2 else f"ham\tsee you at lunch {i}\n"
                             for i in range(24)))
@@ -185,7 +186,7 @@ def test_adapter_weights_without_their_config_are_refused(tmp_path, capsys):
     saved = lora_model("classify", base)                  # Classifier.save: the base + adapter files + head
     for _, layer in lora_layers(saved):
         layer.lora_B.data[...] = 0.5
-    saved.save(tmp_path / "saved")
+    npgpt.save_model(saved, tmp_path / "saved")
     train("classify", lora_model("classify", base), tmp_path / "run")
     for d in (tmp_path / "saved", tmp_path / "run" / "checkpoint"):
         os.remove(d / "adapter_config.json")

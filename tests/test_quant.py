@@ -1,4 +1,4 @@
-"""npgpt.quant: packed bf16 / int8 weights, their kernels against the NumPy lines they mirror, the
+"""npgpt.inference.quant: packed bf16 / int8 weights, their kernels against the NumPy lines they mirror, the
 quantized model against float32, checkpoints and the CLI option."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import npgpt
-from npgpt import quant
-from npgpt.kvcache import KVCache
+from npgpt.inference import quant
+from npgpt.inference.kvcache import KVCache
 
 KINDS = ["bf16", "int8"]
 CFG = dict(n_layer=2, n_embd=48, n_head=4, n_ctx=64, n_vocab=97)
@@ -44,8 +44,8 @@ def test_int8_symmetric_per_output_channel():
 @pytest.mark.parametrize("N", [1, 3, 4, 9])          # one row; fewer than, exactly, and more than a block of four
 @pytest.mark.parametrize("parallel", [False, True])
 def test_packed_matmul_matches_numpy(kind, N, parallel, monkeypatch):
-    from npgpt.kernels import _jit
-    from npgpt.kernels.quant import packed_matmul
+    from npgpt.fast import _jit
+    from npgpt.fast.quant import packed_matmul
     if parallel:
         monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 0)
     rng = np.random.default_rng(N)
@@ -61,7 +61,7 @@ def test_packed_matmul_matches_numpy(kind, N, parallel, monkeypatch):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_dequantize_rows_and_blocked_prefill(kind, monkeypatch):
-    from npgpt.kernels.quant import dequantize_rows
+    from npgpt.fast.quant import dequantize_rows
     rng = np.random.default_rng(2)
     O, K = 41, 19
     packed, scale = quant.pack(rng.standard_normal((O, K)).astype(np.float32), kind)
@@ -78,7 +78,7 @@ def test_dequantize_rows_and_blocked_prefill(kind, monkeypatch):
 def test_quantized_model_close_to_float32(kind, backend):
     cfg = npgpt.GPTConfig(**CFG)
     ref_model = npgpt.GPT(cfg, seed=0).eval()
-    model = npgpt.quant.quantize(npgpt.GPT(cfg, seed=0), kind)
+    model = npgpt.inference.quant.quantize(npgpt.GPT(cfg, seed=0), kind)
     assert model.weights == kind
     # one packed wte for both uses
     assert model.lm_head.packed is model.wte.packed
@@ -117,12 +117,12 @@ def test_backward_is_an_error():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_checkpoint_roundtrip_memory_mapped(kind, tmp_path):
-    from npgpt.checkpoint import read_safetensors
+    from npgpt.io import read_safetensors
     cfg = npgpt.GPTConfig(**CFG)
-    npgpt.GPT(cfg, seed=0).save(tmp_path / "fp32")
-    model = npgpt.GPT.from_pretrained(tmp_path / "fp32", weights=kind)
+    npgpt.save_model(npgpt.GPT(cfg, seed=0), tmp_path / "fp32")
+    model = npgpt.load_model(tmp_path / "fp32", weights=kind)
     assert model.weights == kind
-    model.save(tmp_path / "q")
+    npgpt.save_model(model, tmp_path / "q")
     tensors, meta = read_safetensors(tmp_path / "q" / "model.safetensors", raw_bf16=True)
     assert meta["npgpt.weights"] == kind
     w = tensors["transformer.h.0.mlp.c_fc.weight"]
@@ -131,7 +131,7 @@ def test_checkpoint_roundtrip_memory_mapped(kind, tmp_path):
         assert w.dtype == np.int8 and tensors["transformer.h.0.mlp.c_fc.weight.scale"].dtype == np.float32
     else:
         assert w.dtype == np.uint16
-    loaded = npgpt.GPT.from_pretrained(tmp_path / "q")
+    loaded = npgpt.load_model(tmp_path / "q")
     assert loaded.weights == kind
     packed = loaded.h[1].mlp.c_proj.packed
     base = packed
@@ -143,23 +143,23 @@ def test_checkpoint_roundtrip_memory_mapped(kind, tmp_path):
     np.testing.assert_array_equal(loaded.forward(idx), model.forward(idx))
     other = "int8" if kind == "bf16" else "bf16"
     with pytest.raises(ValueError, match=f"holds {kind}"):
-        npgpt.GPT.from_pretrained(tmp_path / "q", weights=other)
+        npgpt.load_model(tmp_path / "q", weights=other)
 
 
 def test_cli_generate_weights(tmp_path, capsys, monkeypatch):
     """`generate --weights W` decodes with the weights packed as W: the model that generates holds W's
     packed matrices (and W's bytes), and the text is that model's greedy continuation."""
     from npgpt.cli import main
-    from npgpt.tokenizer import get_tokenizer
+    from npgpt.tokens.bpe import get_tokenizer
     path = tmp_path / "m"
-    npgpt.GPT(npgpt.GPTConfig(n_layer=1, n_embd=32, n_head=2, n_ctx=32, n_vocab=50257), seed=0).save(path)
+    npgpt.save_model(npgpt.GPT(npgpt.GPTConfig(n_layer=1, n_embd=32, n_head=2, n_ctx=32, n_vocab=50257), seed=0), path)
     want = {}
     for w in ["fp32", "bf16", "int8"]:
-        model = npgpt.GPT.from_pretrained(path, weights=w)
+        model = npgpt.load_model(path, weights=w)
         want[w] = (quant.weight_bytes(model), "hi" + npgpt.generate_text(model, get_tokenizer(), "hi", 3) + "\n")
     assert want["int8"][0] < want["bf16"][0] < want["fp32"][0]
     used = []
-    generate = importlib.import_module("npgpt.generate")        # the module (npgpt.generate is also a function)
+    generate = importlib.import_module("npgpt.inference.decode")        # the module (npgpt.inference.decode is also a function)
     real = generate.stream_tokens
     monkeypatch.setattr(generate, "stream_tokens", lambda model, *a, **kw: used.append(model) or real(model, *a, **kw))
     for w in ["fp32", "bf16", "int8"]:

@@ -36,7 +36,7 @@ def one_line_error(code, err, *needles):
 
 
 def weights(path):
-    return {k: v.copy() for k, v in npgpt.GPT.from_pretrained(path, dtype=np.float64).state_dict().items()}
+    return {k: v.copy() for k, v in npgpt.load_model(path, dtype=np.float64).state_dict().items()}
 
 
 # ----------------------------------------------------------------------------- 1. what the user owns
@@ -117,7 +117,7 @@ def test_an_update_that_goes_non_finite_is_never_saved(tmp_path, capsys):
     code, _, err = train(capsys, out, "--steps", "6", "--save-every", "1", "--eval-every", "0", "--lr", "1e38")
     line = one_line_error(code, err, "step", "finite", "lower the learning rate")
     for ckpt in out.glob("ckpt-*"):
-        model = npgpt.GPT.from_pretrained(ckpt, dtype=np.float64)
+        model = npgpt.load_model(ckpt, dtype=np.float64)
         assert all(np.isfinite(p.data).all() for p in model.parameters()), ckpt.name
     good = checkpoint_dir(out)
     assert good is None or good in line
@@ -214,7 +214,7 @@ def test_a_damaged_optimizer_state_gets_one_line(tmp_path, capsys, damage):
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[:100])
     else:
-        from npgpt.checkpoint.safetensors import save_safetensors
+        from npgpt.io.safetensors import save_safetensors
         save_safetensors(path, {"t": np.array(2), "m/x": np.zeros(3)})
     one_line_error(*train(capsys, out, "--resume", "--steps", "3")[::2], "optimizer.safetensors")
 
@@ -233,7 +233,7 @@ def test_a_full_disk_during_a_checkpoint_gets_one_line_and_the_last_one_loads(tm
     line = one_line_error(code, err, "No space left on device", "ckpt-000002")
     assert "--out" in line
     assert checkpoint_dir(out).endswith("ckpt-000002") and not list(out.glob(".ckpt-*"))
-    npgpt.GPT.from_pretrained(out)
+    npgpt.load_model(out)
 
 
 # ----------------------------------------------------------------------------- 5. what a resume may change

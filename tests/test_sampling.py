@@ -1,8 +1,8 @@
-"""Sampling: greedy, temperature, top-k, top-p, repetition penalty, seeds (npgpt.sampling)."""
+"""Sampling: greedy, temperature, top-k, top-p, repetition penalty, seeds (npgpt.inference.sampling)."""
 import numpy as np
 import pytest
 
-from npgpt.sampling import (Sampler, apply_repetition_penalty, sample_from_probs, softmax, top_k_filter,
+from npgpt.inference.sampling import (Sampler, apply_repetition_penalty, sample_from_probs, softmax, top_k_filter,
                             top_p_filter)
 
 P4 = np.array([0.5, 0.3, 0.15, 0.05])

@@ -7,8 +7,8 @@ import tiktoken
 import tiktoken.load
 import tiktoken.registry
 
-from npgpt.tokenizer import StreamDecoder, get_tokenizer
-from npgpt import tokenizer as tokmod
+from npgpt.tokens.bpe import StreamDecoder, get_tokenizer
+from npgpt.tokens import bpe as tokmod
 
 # Where tiktoken's own "gpt2" encoding downloads its files from (tiktoken_ext/openai_public.py).
 GPT2_URLS = {

@@ -15,7 +15,7 @@ from npgpt.train import data as D
 from npgpt.train import sources
 from npgpt.train.data import BatchStream, Windows, eval_batches, prepare_data, split_text, tokenize_cached
 from npgpt.train.sources import load_text
-from npgpt.train.tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer, make_tokenizer
+from npgpt.tokens.tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer, make_tokenizer
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(40))
@@ -308,7 +308,7 @@ def test_url_is_downloaded_once_into_the_cache(serve, tmp_path):
 
 
 def test_url_not_found_names_the_url(serve, tmp_path):
-    from npgpt.checkpoint.download import DownloadError
+    from npgpt.io.download import DownloadError
     server = serve({"story.txt": TEXT})
     with pytest.raises(DownloadError, match="missing.txt.*404"):
         load_text(server.url + "/missing.txt", cache_dir=tmp_path, progress=False)

@@ -208,7 +208,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch
         run_mod.save_checkpoint(tmp_path, model, adamw(model), {"step": 3, "tokens": 0})
     assert checkpoint_dir(tmp_path) == good
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".ckpt", "ckpt"))) == ["ckpt-000002"]
-    loaded = npgpt.GPT.from_pretrained(tmp_path, dtype=np.float64)
+    loaded = npgpt.load_model(tmp_path, dtype=np.float64)
     for k, v in saved.items():
         assert np.array_equal(loaded.state_dict()[k], v)
 
@@ -243,5 +243,5 @@ def test_a_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
         path = checkpoint_dir(run)
         assert path is not None
         step = json.load(open(os.path.join(path, "trainer.json")))["step"]
-        model = npgpt.GPT.from_pretrained(run, dtype=np.float64)
+        model = npgpt.load_model(run, dtype=np.float64)
         assert all(np.all(p.data == step) for p in model.parameters())

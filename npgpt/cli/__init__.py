@@ -5,6 +5,10 @@ import argparse
 import os
 import sys
 
+from ..fast import settings
+
+settings.blas_threads_spin_briefly()   # the `npgpt` command's process: before its commands load NumPy
+
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
@@ -42,7 +46,7 @@ def quiet_on_broken_pipe(run, args) -> int:
 def refuse_packed(init) -> None:
     """CLIError when --init is a checkpoint of packed (bf16 / int8) weights: a command that trains
     needs float weights (a packed model has no backward)."""
-    from ..quant import checkpoint_kind
+    from ..io.quantized import checkpoint_kind
     kind = checkpoint_kind(init)
     if kind is not None:
         raise CLIError(f"--init {init}: holds packed {kind} weights, which are inference-only; "
@@ -60,10 +64,7 @@ INFERENCE_COMMANDS = ("generate", "chat", "classify")   # many small kernels per
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..runtime import keep_freed_memory, spin_between_kernels
-    keep_freed_memory()
-    if args.command in INFERENCE_COMMANDS:
-        spin_between_kernels()
+    settings.apply(inference=args.command in INFERENCE_COMMANDS)
     from ..distributed import launched_by_mpi
     if launched_by_mpi():
         return _main_mpi(args)
@@ -107,9 +108,9 @@ def _main_mpi(args) -> int:
 
 def _main(args, raise_user_errors: bool = False) -> int:
     try:
-        from .. import kernels
+        from .. import fast
         try:
-            kernels.get_backend()            # a bad NPGPT_KERNELS is a user error, reported up front
+            fast.get_backend()            # a bad NPGPT_KERNELS is a user error, reported up front
         except ValueError as e:
             raise CLIError(str(e)) from None
         return quiet_on_broken_pipe(args.func, args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from . import CLIError
 from ..bench import SHAPE, WORKLOADS, _config, blas_info
 from ..bench import run as run_bench
 
@@ -18,7 +19,7 @@ def add_parser(sub):
                    help=f"default: all but train-large ({', '.join(WORKLOADS)})")
     b.add_argument("--compare", choices=["torch"], default=None, help="run the same workloads in PyTorch too")
     b.add_argument("--weights", choices=["fp32", "bf16", "int8"], default="fp32",
-                   help="npgpt's weights for the prefill/decode workloads (npgpt.quant); torch stays float32")
+                   help="npgpt's weights for the prefill/decode workloads (npgpt.inference.quant); torch stays float32")
     b.add_argument("--decode-batch", type=int, default=1, help="rows decoded together in the decode workload")
     b.add_argument("--prefill-T", dest="prefill_T", type=int, default=None, help="prompt length of prefill (default 256)")
     b.add_argument("--train-large-B", dest="train_large_B", type=int, default=None, help="batch of train-large (default 8)")
@@ -37,7 +38,10 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    cfg = _config(args)
+    try:
+        cfg = _config(args)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     if not args.json:
         print(f"BLAS: {blas_info()}; threads {args.threads}; "
               f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')}",

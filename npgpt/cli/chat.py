@@ -4,7 +4,7 @@
     printf 'Name the capital of France.\\nWhat is 2 + 2?\\n' | npgpt chat --model runs/instruct
 
 Each line read is one instruction: it is wrapped in the prompt format the model was trained on
-(the Alpaca format, instruction only, no input; npgpt/train/instruct.py) and the answer is streamed
+(the Alpaca format, instruction only, no input; npgpt/finetune/instruct.py) and the answer is streamed
 as it is decoded, without the prompt and without surrounding whitespace, then a newline. An answer
 ends at <|endoftext|>, at "\\n\\n### " (the model starting a new section) or after -n tokens. Every
 question is answered on its own: no earlier turn is fed back. Decoding is greedy unless
@@ -62,8 +62,8 @@ def answer(model, tokenizer, question: str, max_new_tokens: int, temperature: fl
            top_p=None, seed=None, repetition_penalty=None):
     """Yield the answer to one question as text pieces: the continuation of its prompt, streamed, with
     leading and trailing whitespace held back (the pieces join to generate_text(...).strip())."""
-    from ..generate import stream_text
-    from ..train.instruct import format_prompt
+    from ..inference.decode import stream_text
+    from ..finetune.instruct import format_prompt
     pieces = stream_text(model, tokenizer, format_prompt({"instruction": question}), max_new_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                          repetition_penalty=repetition_penalty, stop=[STOP])
@@ -85,7 +85,7 @@ def answer(model, tokenizer, question: str, max_new_tokens: int, temperature: fl
 
 
 def run(args) -> int:
-    from ..tokenizer import get_tokenizer
+    from ..tokens.bpe import get_tokenizer
     from .generate import _check_args, _load_model, _stdin, _write
 
     _check_args(args)

@@ -17,10 +17,10 @@ def add_parser(sub):
 def run(args) -> int:
     import numpy as np
 
-    from ..classifier import Classifier
+    from ..finetune.classifier import Classifier
     from ..layers.module import no_grad
-    from ..tokenizer import get_tokenizer
-    from ..train.classify import pad_batch
+    from ..tokens.bpe import get_tokenizer
+    from ..finetune.classify import pad_batch
     try:
         model = Classifier.load(args.model, weights=args.weights)
     except (OSError, ValueError, KeyError) as e:

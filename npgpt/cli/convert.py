@@ -20,16 +20,17 @@ def add_parser(sub):
 
 def run(args) -> int:
     import numpy as np
-    from .. import lora, quant
-    from ..checkpoint import hf_param_shapes, save_hf_checkpoint
-    from ..model import GPT
-    from ..train.tokenizers import save_tokenizer
+    from ..layers import lora
+    from ..inference import quant
+    from ..io import hf_param_shapes, save_hf_checkpoint
+    from ..io.pretrained import load_model
+    from ..tokens.tokenizers import save_tokenizer
     from .generate import _tokenizer_for
     if not str(args.src).strip() or not str(args.dst).strip():
         raise CLIError("SRC and DST must not be empty")
     dtype = np.dtype(args.dtype)
     try:
-        model = GPT.from_pretrained(args.src, dtype=dtype, verify=args.verify)
+        model = load_model(args.src, dtype=dtype, verify=args.verify)
         if lora.lora_layers(model):
             lora.merge(model)                         # W + (alpha/r) A B: the function the adapted model computes
         state = quant.float_state(model)              # packed bf16/int8 weights: the float weights they stand for

@@ -11,7 +11,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..checkpoint import ensure_downloaded
+    from ..io import ensure_downloaded
     try:
         path = ensure_downloaded(args.name)
     except (OSError, ValueError) as e:

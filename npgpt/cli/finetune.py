@@ -10,7 +10,7 @@ undersampling and split 70/10/20 (seeded). Bad input prints one line and exits w
     npgpt finetune instruct --data instruction-data.json --init gpt2-medium --out runs/instruct
     npgpt chat --model runs/instruct
 
-Instruction fine-tuning (the book's chapter 7): see npgpt/train/instruct.py.
+Instruction fine-tuning (the book's chapter 7): see npgpt/finetune/instruct.py.
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ import math
 import os
 
 from . import CLIError, refuse_packed
-from ..lora import add_lora_args, finish_lora, setup_lora
+from ..io.peft import BASE_REF, save_adapter
+from ..io.pretrained import save_model
+from ..layers.lora import apply_lora, merge
 
 
 def add_parser(sub):
@@ -42,7 +44,7 @@ def add_parser(sub):
     c.add_argument("--limit", type=int, default=None, help="use only the first N rows of the file")
     c.add_argument("--seed", type=int, default=0, help="split, shuffling and the head's initial weights (0)")
     c.add_argument("--no-progress", action="store_true")
-    add_lora_args(c)                                   # --lora-rank --lora-alpha --lora-targets --merge (npgpt.lora)
+    add_lora_args(c)                                   # --lora-rank --lora-alpha --lora-targets --merge (below)
     _add_overwrite(c)
     c.set_defaults(func=run)
     return p
@@ -101,14 +103,14 @@ def run(args) -> int:
 
 
 def _classify(args, hold) -> int:
-    from ..classifier import Classifier
+    from ..finetune.classifier import Classifier
     from ..optim import AdamW
-    from ..tokenizer import get_tokenizer
-    from ..train.classify import ClassRows, balance_and_split, classify_evaluator, classify_loss, count_rows, \
+    from ..tokens.bpe import get_tokenizer
+    from ..finetune.classify import ClassRows, balance_and_split, classify_evaluator, classify_loss, count_rows, \
         read_table
     from ..train.data import BatchStream
     from ..train.loop import LoopConfig, fit
-    from ..train.run import write_json
+    from ..io.atomic import write_json
     from .. import distributed
 
     dist = distributed.init()                    # one process, or this rank of `mpiexec -n K npgpt finetune ...`
@@ -208,7 +210,7 @@ def _add_instruct(tasks):
     c.add_argument("--max-new-tokens", type=int, default=256, help="longest test response, in tokens (256)")
     c.add_argument("--seed", type=int, default=0, help="shuffling of the training entries (0)")
     c.add_argument("--no-progress", action="store_true")
-    add_lora_args(c)                             # --lora-rank --lora-alpha --lora-targets --merge (npgpt.lora)
+    add_lora_args(c)                             # --lora-rank --lora-alpha --lora-targets --merge (below)
     _add_overwrite(c)
     c.set_defaults(func=run_instruct)
     return c
@@ -225,17 +227,14 @@ def run_instruct(args) -> int:
 
 
 def _instruct(args, hold) -> int:
-    import json
-
-    from ..checkpoint.safetensors import atomic_write
-    from ..model import GPT
+    from ..io.pretrained import load_model
     from ..optim import AdamW
-    from ..tokenizer import get_tokenizer
-    from ..train.instruct import InstructBatches, encode_entry, eval_batches, generate_responses, \
+    from ..tokens.bpe import get_tokenizer
+    from ..finetune.instruct import InstructBatches, encode_entry, eval_batches, generate_responses, \
         instruct_evaluator, read_entries, split_entries
     from ..train.lm import count_targets, lm_loss, mean_loss
     from ..train.loop import LoopConfig, fit
-    from ..train.run import write_json
+    from ..io.atomic import write_json
     from .. import distributed
 
     dist = distributed.init()                    # one process, or this rank of `mpiexec -n K npgpt finetune ...`
@@ -255,7 +254,7 @@ def _instruct(args, hold) -> int:
                        f"of {args.batch}; use more entries or a smaller --batch")
     try:
         refuse_packed(args.init)
-        model = GPT.from_pretrained(args.init)
+        model = load_model(args.init)
     except (OSError, ValueError, KeyError) as e:
         raise CLIError(f"--init {args.init}: {e}") from None
     n_ctx, V = model.config.n_ctx, model.config.n_vocab
@@ -303,8 +302,7 @@ def _instruct(args, hold) -> int:
     bar.close()
     out_entries = [{**e, "model_response": r} for e, r in zip(test, responses)]
     path = os.path.join(args.out, "test-responses.json")
-    with atomic_write(path) as f:
-        f.write((json.dumps(out_entries, indent=4) + "\n").encode("utf-8"))
+    write_json(path, out_entries, indent=4)
     test_loss = mean_loss(model, eval_batches(*splits["test"], args.batch, 0, max_length, args.mask_prompt))
     last = result.last_eval or {}
     write_json(os.path.join(args.out, "metrics.json"),
@@ -315,3 +313,58 @@ def _instruct(args, hold) -> int:
     print(f"npgpt finetune instruct: test loss {test_loss:.4f}; {len(out_entries)} responses in {path}; "
           f"model in {args.out} (npgpt chat --model {args.out})")
     return 0
+
+
+# ----------------------------------------------------------------------------- LoRA flags
+# ----------------------------------------------------------------------------- command-line helpers
+def add_lora_args(parser):
+    """--lora-rank, --lora-alpha, --lora-targets, --merge (for `npgpt finetune` subcommands)."""
+    g = parser.add_argument_group("LoRA (train low-rank adapters; the base model stays frozen)")
+    g.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="train LoRA adapters of rank R on the frozen model instead of its weights (classify: the classification head trains too)")
+    g.add_argument("--lora-alpha", type=float, default=None, metavar="A",
+                   help="the adapters' scale is A/R (default A = R: a scale of 1)")
+    g.add_argument("--lora-targets", default=None, metavar="NAMES",
+                   help="comma-separated layer names, as PEFT's target_modules (c_attn,c_proj,c_fc); default every Linear")
+    g.add_argument("--merge", action="store_true",
+                   help="at the end, fold the adapters into the weights and save the merged model")
+    return g
+
+
+def setup_lora(model, args, base=None):
+    """Apply LoRA as the arguments ask: nothing without --lora-rank (returns None), else apply_lora with
+    the run's seed; returns the trainable parameter count. Raises CLIError on bad arguments."""
+    rank, alpha = getattr(args, "lora_rank", None), getattr(args, "lora_alpha", None)
+    if rank is None:
+        for flag, v in (("--lora-alpha", alpha), ("--lora-targets", getattr(args, "lora_targets", None)),
+                        ("--merge", getattr(args, "merge", False) or None)):
+            if v is not None:
+                raise CLIError(f"{flag} needs --lora-rank")
+        return None
+    if rank < 1:
+        raise CLIError(f"--lora-rank must be >= 1, got {rank}")
+    alpha = float(rank) if alpha is None else alpha
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise CLIError(f"--lora-alpha must be a finite number > 0, got {alpha}")
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
+    try:
+        return apply_lora(model, rank, alpha, targets, seed=getattr(args, "seed", 0),
+                          base=base if base is not None else getattr(args, "init", None))
+    except ValueError as e:
+        raise CLIError(f"--lora-rank: {e}") from None
+
+
+def finish_lora(model, args, run_dir, checkpoint=None) -> None:
+    """After training with --lora-rank: the adapter alone into RUN/adapter (small, PEFT-readable); with
+    --merge, the adapters folded in and the run's checkpoint re-saved as a whole plain model (which no
+    longer refers to its base)."""
+    if getattr(args, "lora_rank", None) is None:
+        return
+    save_adapter(model, os.path.join(os.fspath(run_dir), "adapter"))
+    if getattr(args, "merge", False):
+        merge(model)
+        if checkpoint is not None:
+            save_model(model, checkpoint)           # the whole model; the checkpoint's other files are kept,
+            stale = os.path.join(checkpoint, BASE_REF)      # base_model.json too, which no longer applies
+            if os.path.isfile(stale):
+                os.remove(stale)

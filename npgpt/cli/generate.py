@@ -96,17 +96,17 @@ def _stdin(hint: str):
 
 
 def _load_model(name_or_path, weights=None):
-    from ..model import GPT
+    from ..io.pretrained import load_model
     try:
-        return GPT.from_pretrained(name_or_path, weights=weights)
+        return load_model(name_or_path, weights=weights)
     except (OSError, ValueError, KeyError) as e:
         raise CLIError(f"cannot load model {name_or_path}: {str(e) or type(e).__name__}") from None
 
 
 def _tokenizer_for(path):
     """The tokenizer a training run saved beside its model (npgpt train: DIR/npgpt_tokenizer.json), else None."""
-    from ..checkpoint import resolve_run_dir
-    from ..train.tokenizers import find_tokenizer
+    from ..io import resolve_run_dir
+    from ..tokens.tokenizers import find_tokenizer
     for d in (path, resolve_run_dir(path)):
         if os.path.isdir(d):
             try:
@@ -129,8 +129,8 @@ def _write(stream, text: str):
 
 def run(args) -> int:
     """User errors raise CLIError, which `npgpt.cli.main` prints as one line (exit status 2)."""
-    from ..generate import TextStreamer, encode_prompt, stream_tokens
-    from ..tokenizer import get_tokenizer
+    from ..inference.decode import TextStreamer, encode_prompt, stream_tokens
+    from ..tokens.bpe import get_tokenizer
 
     stops = _check_args(args)
     prompt = args.prompt
@@ -152,7 +152,7 @@ def run(args) -> int:
     out = sys.stdout
     t_warm = None
     if args.stats:   # load the kernels (Numba's cache) first, so the prompt's tokens/s is the prefill's own
-        from ..kvcache import KVCache
+        from ..inference.kvcache import KVCache
         t_warm = time.perf_counter()
         model.forward_cached(np.zeros((1, 1), dtype=np.int64), KVCache.for_model(model, 1))
         t_warm = time.perf_counter() - t_warm

@@ -11,11 +11,11 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from .. import kernels
+    from .. import fast
     from ..gradcheck import check_everything, format_table
     ok = True
     for backend in (["numpy", "numba"] if args.kernels == "both" else [args.kernels]):
-        with kernels.use_backend(backend):
+        with fast.use_backend(backend):
             results = check_everything(seed=args.seed)
         print(f"gradient check, float64, fourth-order central differences, kernels={backend}")
         print(format_table(results))

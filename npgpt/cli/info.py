@@ -14,8 +14,8 @@ def add_parser(sub):
 
 def _info_path(path: str) -> str:
     """info reads only local files: a model name means its already-downloaded native copy."""
-    from ..checkpoint import is_model_name
-    from ..checkpoint.download import native_dir
+    from ..io import is_model_name
+    from ..io.download import native_dir
     if os.path.exists(path) or os.path.exists(path + ".index") or not is_model_name(path):
         return path
     native = native_dir(path)
@@ -31,14 +31,16 @@ FORMATS = {"hf": "Hugging Face safetensors", "tf": "OpenAI TensorFlow checkpoint
 
 def run(args) -> int:
     import numpy as np
-    from .. import lora, quant
-    from ..checkpoint import detect_format, hf_param_shapes
-    from ..model import GPT
+    from ..layers import lora
+    from ..inference import quant
+    from ..io import detect_format, hf_param_shapes
+    from ..io.pretrained import load_model
+    from ..io.quantized import checkpoint_kind
     path = _info_path(args.path)
     try:
-        stored = quant.checkpoint_kind(path)
+        stored = checkpoint_kind(path)
         fmt = f"npgpt, {stored} weights packed (safetensors)" if stored else FORMATS[detect_format(path)]
-        model = GPT.from_pretrained(path)            # every format npgpt writes; weights memory-mapped, not read
+        model = load_model(path)            # every format npgpt writes; weights memory-mapped, not read
     except (OSError, ValueError) as e:
         raise CLIError(str(e)) from None
     n = sum(int(np.prod(shape)) for shape in hf_param_shapes(model.config).values())

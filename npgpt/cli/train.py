@@ -25,8 +25,7 @@ import sys
 
 from . import CLIError
 
-CONFIGS = {"tiny": dict(n_layer=2, n_head=2, n_embd=64), "small": dict(n_layer=6, n_head=6, n_embd=384)}
-PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+from ..config import PRESETS, SMALL_SHAPES
 RUN_FILE = "run.json"
 # What a --resume may change: the run's length and its evaluation, sampling and saving cadence. Every
 # other flag of run.json shapes the model, the data or the optimisation, and must stay as it was.
@@ -56,7 +55,7 @@ def add_parser(sub):
     m = p.add_argument_group("model")
     m.add_argument("--init", default=None, metavar="gpt2|PATH",
                    help="start from a checkpoint: a model name, a checkpoint path or a run directory")
-    m.add_argument("--config", default=None, choices=[*CONFIGS, *PRESETS],
+    m.add_argument("--config", default=None, choices=[*SMALL_SHAPES, *PRESETS],
                    help="start from random weights of this shape: tiny (2 layers, 2 heads, 64 wide), small "
                         "(6, 6, 384; the default), gpt2 ... gpt2-xl")
     m.add_argument("--n-layer", type=int, default=None)
@@ -165,11 +164,11 @@ def _default_out(args) -> str:
 def _load_init(args):
     import numpy as np
 
-    from ..model import GPT
+    from ..io.pretrained import load_model
     from . import refuse_packed
     try:
         refuse_packed(args.init)
-        model = GPT.from_pretrained(args.init, dtype=np.dtype(args.dtype))
+        model = load_model(args.init, dtype=np.dtype(args.dtype))
     except (OSError, ValueError, KeyError) as e:
         raise CLIError(f"--init {args.init}: {e}") from None
     if args.context > model.config.n_ctx:
@@ -191,7 +190,7 @@ def _build_model(args, n_vocab: int, model=None):
         set_dropout(model, args.dropout)
         return model
     name = args.config or "small"
-    shape = dict(CONFIGS[name]) if name in CONFIGS else GPTConfig.from_preset(name).to_hparams()
+    shape = dict(SMALL_SHAPES[name]) if name in SMALL_SHAPES else GPTConfig.from_preset(name).to_hparams()
     typed = [k for k in ("n_layer", "n_head", "n_embd") if getattr(args, k) is not None]
     shape.update({k: getattr(args, k) for k in typed})
     try:
@@ -285,7 +284,7 @@ def run(args) -> int:
     from ..train.lm import count_targets, lm_evaluator, lm_loss, lm_sampler
     from ..train.loop import LoopConfig, fit
     from ..train.run import RunDirError, check_run_dir, open_run
-    from ..train.tokenizers import save_tokenizer, tokenizer_files
+    from ..tokens.tokenizers import save_tokenizer, tokenizer_files
     from .. import distributed
 
     typed = _typed(args)
@@ -389,7 +388,7 @@ def _resume_point(out) -> tuple:
 def _tokenizer(args):
     """--tokenizer, or the saved one of the run being resumed or of the --init run/checkpoint (a character
     vocabulary must stay the one the model was trained with)."""
-    from ..train.tokenizers import find_tokenizer
+    from ..tokens.tokenizers import find_tokenizer
     for path in ([args.out] if args.resume else []) + ([args.init] if args.init else []):
         tok = find_tokenizer(path) if path and os.path.isdir(path) else None
         if tok is not None:

@@ -10,11 +10,11 @@
 Two implementations of the attention core (s, a, y and their backward):
   - the readable one below (`attend` and `backward`), which holds the (B, NH, T, T) probabilities
     between forward and backward; it is the reference, and the only path with NPGPT_KERNELS=numpy;
-  - the fused Numba kernel npgpt/kernels/flash_attention.py (FlashAttention-2 tiling): it keeps
+  - the fused Numba kernel npgpt/fast/flash_attention.py (FlashAttention-2 tiling): it keeps
     only one logsumexp per query row and recomputes the probabilities block by block in backward.
 The layer takes the fused kernel when the Numba backend is on, attention dropout is inactive
 (p = 0, or eval mode: the kernel has no dropout) and T >= the threshold: the module constant
-FLASH_MIN_T (set from measurements, see BENCHMARKS.md; the environment variable
+FLASH_MIN_T (set from measurements, see docs/performance.md; the environment variable
 NPGPT_FLASH_MIN_T overrides it at import), or a layer's own `flash_min_T` attribute when set
 (0 = always fused, a huge value = never). The kernel needs SciPy (Numba's np.dot calls its BLAS);
 without it the readable path runs.
@@ -26,13 +26,13 @@ import os
 
 import numpy as np
 
-from .. import kernels
+from .. import fast
 from .dropout import Dropout
 from .linear import Linear
 from .module import Module, spawn_seeds
 
 
-FLASH_MIN_T = int(os.environ.get("NPGPT_FLASH_MIN_T", "128"))   # measured crossover: BENCHMARKS.md
+FLASH_MIN_T = int(os.environ.get("NPGPT_FLASH_MIN_T", "128"))   # measured crossover: docs/performance.md
 
 
 def causal_softmax_numpy(s, scale):
@@ -48,9 +48,9 @@ def causal_softmax_numpy(s, scale):
 
 
 def causal_softmax(s, scale):
-    """The Numba kernel (in place over s) or the NumPy reference, as npgpt.kernels selects."""
-    if kernels.use_numba():
-        return kernels.causal_softmax_forward(s, scale)
+    """The Numba kernel (in place over s) or the NumPy reference, as npgpt.fast selects."""
+    if fast.use_numba():
+        return fast.causal_softmax_forward(s, scale)
     return causal_softmax_numpy(s, scale)
 
 
@@ -79,7 +79,7 @@ class CausalSelfAttention(Module):
 
     def fused(self, T: int) -> bool:
         """True when this forward runs the fused kernel (see the module docstring)."""
-        if not kernels.use_numba() or self.attn_dropout.active() or not kernels.flash_attention_available():
+        if not fast.use_numba() or self.attn_dropout.active() or not fast.flash_attention_available():
             return False
         threshold = FLASH_MIN_T if self.flash_min_T is None else self.flash_min_T
         return T >= threshold
@@ -99,7 +99,7 @@ class CausalSelfAttention(Module):
         q, k, v = self.split_heads(qkv)                                # (B, NH, T, hs) each
         if self.fused(T):
             y = np.empty((B, T, C), dtype=qkv.dtype)                   # heads written straight in place
-            _, L = kernels.flash_attention_forward(q, k, v, 1.0 / math.sqrt(self.hs),
+            _, L = fast.flash_attention_forward(q, k, v, 1.0 / math.sqrt(self.hs),
                                                    out=self.heads_view(y))
             self.save_for_backward(q=q, k=k, v=v, a=None, y=y, L=L)    # y is c_proj's input: no copy
         else:
@@ -123,7 +123,7 @@ class CausalSelfAttention(Module):
         dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # views (B, NH, T, hs)
         if a is None:                                                  # the forward ran the fused kernel
             y, L = self.saved("y", "L")
-            kernels.flash_attention_backward(q, k, v, self.heads_view(y), L, dy, scale, dq, dk, dv)
+            fast.flash_attention_backward(q, k, v, self.heads_view(y), L, dy, scale, dq, dk, dv)
             return self.c_attn.backward(dqkv.reshape(B, T, 3 * C))
         a_drop = self.attn_dropout.replay(a)                           # dropout(a) with the forward's mask
         # y = a_drop @ v  =>  da_drop = dy v^T,  dv = a_drop^T dy
@@ -131,8 +131,8 @@ class CausalSelfAttention(Module):
         np.matmul(a_drop.transpose(0, 1, 3, 2), dy, out=dv)
         da = self.attn_dropout.backward(da)                            # a_drop = dropout(a)
         # a = softmax(scale * s)  =>  ds = scale * a * (da - rowsum(da * a))
-        if kernels.use_numba():
-            ds = kernels.causal_softmax_backward(da, a, scale)         # in place over da
+        if fast.use_numba():
+            ds = fast.causal_softmax_backward(da, a, scale)         # in place over da
         else:
             ds = causal_softmax_backward_numpy(da, a, scale)
         # s = q @ k^T  =>  dq = ds @ k,  dk = ds^T @ q
@@ -143,7 +143,7 @@ class CausalSelfAttention(Module):
     # ----------------------------------------------------------------- inference with a KV cache
     def forward_cached(self, x, layer_cache, keep=None):
         """Inference only (no dropout, nothing kept for backward): x (B, T, C) holds the newest T
-        positions. Their keys and values are appended to layer_cache (npgpt.kvcache.LayerKV) and their
+        positions. Their keys and values are appended to layer_cache (npgpt.inference.kvcache.LayerKV) and their
         queries attend to every cached position of their row, query t seeing keys j <= t + Tk - T.
         keep (B,): only the output at position keep[b] of each row is wanted (the last block of a
         prefill): every key and value is still stored, but one query per row attends -> (B, 1, C)."""
@@ -153,7 +153,7 @@ class CausalSelfAttention(Module):
         if keep is None and layer_cache.empty() and self.fused(T):     # a prompt into an empty cache
             y = np.empty((B, T, C), dtype=q.dtype)
             kv = layer_cache.buffers(q.dtype)                          # the kernel stores k, v on its way
-            kernels.flash_attention_forward(q, k, v, scale, out=self.heads_view(y), kv_out=kv)
+            fast.flash_attention_forward(q, k, v, scale, out=self.heads_view(y), kv_out=kv)
             if kv is None:                                             # a cache of another dtype or layout
                 layer_cache.store(k, v)
             return self.c_proj(y)

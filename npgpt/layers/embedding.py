@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import kernels
+from .. import fast
 from .module import Module, Parameter, normal_init
 
 
@@ -22,8 +22,8 @@ class Embedding(Module):
         idx = self.saved("idx")
         if not self.weight.requires_grad:
             return None                                                # frozen: no scatter-add at all
-        if kernels.use_numba():
-            kernels.embedding_backward(idx, dout, self.weight.grad)
+        if fast.use_numba():
+            fast.embedding_backward(idx, dout, self.weight.grad)
         else:
             C = dout.shape[-1]
             np.add.at(self.weight.grad, idx.reshape(-1), dout.reshape(-1, C))

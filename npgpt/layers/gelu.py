@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from .. import kernels
+from .. import fast
 from .module import Module
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
@@ -18,8 +18,8 @@ GELU_CUBIC = 0.044715
 class GELU(Module):
     def forward(self, x):
         self.save_for_backward(x=x)
-        if kernels.use_numba():
-            return kernels.gelu_forward(x)
+        if fast.use_numba():
+            return fast.gelu_forward(x)
         return self.forward_numpy(x)
 
     @staticmethod
@@ -29,8 +29,8 @@ class GELU(Module):
 
     def backward(self, dy):
         x = self.saved("x")
-        if kernels.use_numba():
-            return kernels.gelu_backward(dy, x)
+        if fast.use_numba():
+            return fast.gelu_backward(dy, x)
         return self.backward_numpy(dy, x)
 
     @staticmethod

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import kernels
+from .. import fast
 from .module import Module, Parameter
 
 
@@ -14,8 +14,8 @@ class LayerNorm(Module):
         self.bias = Parameter(np.zeros(C, dtype=dtype))    # b (C,)
 
     def forward(self, x):
-        if kernels.use_numba():
-            y, xhat, rstd = kernels.layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
+        if fast.use_numba():
+            y, xhat, rstd = fast.layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
             self.save_for_backward(xhat=xhat, rstd=rstd)
             return y
         return self.forward_numpy(x)
@@ -30,9 +30,9 @@ class LayerNorm(Module):
         return xhat * self.weight.data + self.bias.data
 
     def backward(self, dy):
-        if kernels.use_numba():
+        if fast.use_numba():
             xhat, rstd = self.saved("xhat", "rstd")
-            return kernels.layernorm_backward(dy, xhat, rstd, self.weight.data,
+            return fast.layernorm_backward(dy, xhat, rstd, self.weight.data,
                                               self._grad_sink(self.weight), self._grad_sink(self.bias))
         return self.backward_numpy(dy)
 

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import kernels
+from .. import fast
 from .module import Module, Parameter, normal_init
 
 
 def add_bias_(y, b):
     """y += b in place for a GEMM's output y (N, out) and b (out,): the Numba kernel
-    (npgpt/kernels/bias.py) or this NumPy line, as npgpt.kernels selects. Returns y."""
-    if kernels.use_numba():
-        return kernels.add_bias_(y, b)
+    (npgpt/fast/bias.py) or this NumPy line, as npgpt.fast selects. Returns y."""
+    if fast.use_numba():
+        return fast.add_bias_(y, b)
     y += b
     return y
 

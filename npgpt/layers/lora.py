@@ -9,11 +9,29 @@ r * (in + out) numbers instead of in * out.
 
 A is drawn as PEFT draws it (kaiming_uniform_(a=sqrt(5)) of its (r, in) weight): uniform in
 [-1/sqrt(in), 1/sqrt(in)].
+
+Putting adapters into a model and taking them out again (the surgery, below the layer):
+
+    apply_lora(model, rank=16, alpha=16)   every Linear of the GPT body -> LoRALinear; everything but the
+                                           adapters (and a classifier's head) frozen; returns the
+                                           number of trainable parameters
+    merge(model)                           W += s A B in every LoRALinear, back to plain Linears
+
+`targets` names a subset as PEFT's target_modules does: a layer matches a name when its dotted name
+(as Hugging Face's GPT2LMHeadModel names it, transformer.h.0.attn.c_attn) equals it or ends in
+"." + name; a single string is a regular expression matched against the whole name. The adapter
+files (PEFT's layout) are read and written by npgpt/io/peft.py.
 """
 from __future__ import annotations
 
+import math
+import os
+import re
+from dataclasses import dataclass
+
 import numpy as np
 
+from .last_token import LastTokenHead
 from .linear import Linear, add_bias_
 from .module import Module, Parameter
 
@@ -80,3 +98,102 @@ class LoRALinear(Module):
     def __repr__(self):
         n_in, n_out = self.weight.data.shape
         return f"LoRALinear({n_in}, {n_out}, rank={self.rank}, alpha={self.alpha})"
+
+
+# ----------------------------------------------------------------------------- surgery
+LORA_PARAMS = ("lora_A", "lora_B")
+
+
+@dataclass
+class LoRAConfig:
+    """What apply_lora did (kept on the GPT as .lora_config, for save_adapter)."""
+    rank: int
+    alpha: float
+    target_modules: list | str
+    base: str | None = None
+
+
+# ----------------------------------------------------------------------------- finding layers
+def _body(model):
+    """The GPT a model is built on: a Classifier's .gpt, else the model itself."""
+    gpt = getattr(model, "gpt", None)
+    return gpt if isinstance(gpt, Module) else model
+
+
+def _layers(module, kinds, prefix=""):
+    """(dotted name, owner module, attribute name, layer) for every layer of the given kinds held as
+    a direct attribute of some module, depth first, with Hugging Face names (transformer.h.0...)."""
+    for name, v in module._members():
+        if not isinstance(v, Module):
+            continue
+        if isinstance(v, kinds):
+            attr = next((a for a, value in vars(module).items() if value is v), None)
+            if attr is not None:
+                yield prefix + name, module, attr, v
+        else:
+            yield from _layers(v, kinds, prefix + name + ".")
+
+
+def lora_layers(model) -> list:
+    """[(dotted name, LoRALinear)] of the model's GPT body (names as in GPT2LMHeadModel)."""
+    return [(name, layer) for name, _, _, layer in _layers(_body(model), LoRALinear)]
+
+
+def _matches(name: str, targets) -> bool:
+    if targets is None:
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def count_trainable(model) -> int:
+    return sum(p.data.size for p in model.parameters() if p.requires_grad)
+
+
+def _base_params(gpt):
+    """(name, Parameter) of the GPT's weights other than its adapters."""
+    return [(name, p) for name, p in gpt.named_parameters() if name.rsplit(".", 1)[-1] not in LORA_PARAMS]
+
+
+# ----------------------------------------------------------------------------- apply / merge
+def apply_lora(model, rank: int, alpha: float, targets=None, seed=0, base: str | None = None) -> int:
+    """Wrap every Linear of the model's GPT body (or those `targets` names) in a LoRALinear, freeze
+    everything else except a classification head, and return the number of trainable parameters.
+    A is drawn from np.random.default_rng(seed), layer by layer in module order; B starts at zero.
+    base: the base model's name or path, recorded for save_adapter."""
+    if lora_layers(model):
+        raise ValueError("the model already holds LoRA adapters (merge them first, or load into a fresh model)")
+    if not (isinstance(rank, (int, np.integer)) and rank >= 1):
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank}")
+    if isinstance(targets, (list, tuple)) and not targets:
+        raise ValueError("targets must name at least one layer (None: every Linear)")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha}")
+    body = _body(model)
+    found = [(name, owner, attr, lin) for name, owner, attr, lin in _layers(body, Linear)
+             if not isinstance(lin, LastTokenHead) and _matches(name, targets)]
+    if not found:
+        raise ValueError(f"no Linear layer matches targets {targets!r}")
+    model.requires_grad_(False)                                      # the whole base model frozen
+    rng = np.random.default_rng(seed)
+    for name, owner, attr, lin in found:
+        setattr(owner, attr, LoRALinear(lin, rank, alpha, rng=rng))  # A (in, r) random, B (r, out) zero
+    for m in model.modules():
+        if isinstance(m, LastTokenHead):
+            m.requires_grad_(True)                                   # a classification head trains in full
+    if targets is None:
+        targets = sorted({name.rsplit(".", 1)[-1] for name, *_ in found})
+    body.lora_config = LoRAConfig(int(rank), float(alpha), list(targets) if not isinstance(targets, str) else targets,
+                                  None if base is None else os.fspath(base))
+    return count_trainable(model)
+
+
+def merge(model):
+    """Fold every adapter into its base weight, W += (alpha/r) A B, and put plain Linears back (in place;
+    returns the model). The merged model computes the same function, with no adapter cost."""
+    body = _body(model)
+    for _, owner, attr, layer in list(_layers(body, LoRALinear)):
+        setattr(owner, attr, layer.merged())
+    body.__dict__.pop("lora_config", None)
+    return model

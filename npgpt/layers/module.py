@@ -160,6 +160,24 @@ class Module:
             else:
                 yield from value.named_parameters(prefix + name + ".", seen)
 
+    def named_modules(self, prefix: str = ""):
+        """(dotted name, module): this module (named `prefix`, "" at the top), then every submodule, depth
+        first, each parent before its children, named as named_parameters names their parameters."""
+        yield prefix, self
+        for name, value in self._members():
+            if isinstance(value, Module):
+                yield from value.named_modules(dotted(prefix, name))
+
+    def replace(self, name: str, new: "Module") -> "Module":
+        """Put `new` where the submodule called `name` (as named_modules names it) is; returns the old one."""
+        owner_name, _, attr = name.rpartition(".")
+        owner = dict(self.named_modules())[owner_name]
+        old = getattr(owner, attr)
+        if not isinstance(old, Module):
+            raise KeyError(f"{name} is not a submodule")
+        setattr(owner, attr, new)
+        return old
+
     def modules(self):
         """This module and every submodule, depth first, each parent before its children."""
         stack = [self]
@@ -304,3 +322,16 @@ def normal_init(rng, shape, std: float, dtype):
     if rng is None:
         return np.zeros(shape, dtype=dtype)
     return (std * rng.standard_normal(shape, dtype=np.float32 if dtype == np.float32 else np.float64)).astype(dtype)
+
+
+def dotted(*names) -> str:
+    """The dotted path of names, the empty ones left out: dotted("", "h.0", "attn") == "h.0.attn"."""
+    return ".".join(n for n in names if n)
+
+
+def first_non_finite(named_arrays) -> str | None:
+    """The name of the first array in (name, array) pairs holding a NaN or an infinity, or None."""
+    for name, a in named_arrays:
+        if not np.isfinite(a).all():
+            return name
+    return None

@@ -13,10 +13,10 @@ A loop of your own in a few lines:
 """
 from .data import BatchStream, Data, Windows, prepare_data
 from .lm import count_targets, lm_evaluator, lm_loss, lm_sampler, mean_loss
-from .loop import FitResult, LoopConfig, SingleProcess, fit, split_rows, train_step
+from .loop import FitResult, LoopConfig, fit, split_rows, train_step
 from .run import checkpoint_dir, plot_losses, read_metrics
-from .tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer
+from ..tokens.tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer
 
 __all__ = ["prepare_data", "Data", "Windows", "BatchStream", "fit", "train_step", "LoopConfig", "FitResult",
-           "SingleProcess", "split_rows", "lm_loss", "count_targets", "mean_loss", "lm_evaluator", "lm_sampler",
+           "split_rows", "lm_loss", "count_targets", "mean_loss", "lm_evaluator", "lm_sampler",
            "checkpoint_dir", "read_metrics", "plot_losses", "CharTokenizer", "GPT2Tokenizer", "load_tokenizer"]

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..checkpoint.download import cache_dir as default_cache_dir
+from ..io.download import cache_dir as default_cache_dir
 from .sources import load_text
-from .tokenizers import make_tokenizer
+from ..tokens.tokenizers import make_tokenizer
 
 __all__ = ["Data", "Windows", "BatchStream", "prepare_data", "split_text", "tokenize_cached",
            "eval_batches"]
@@ -108,8 +108,8 @@ class BatchStream:
     """Training batches from ``windows``, one ``next()`` after another across epochs.
 
     ``windows`` is anything with ``len()`` and ``get(index) -> batch`` (index: an int array of rows):
-    pretraining's token ``Windows``, and fine-tuning's padded rows (npgpt.train.classify.ClassRows,
-    npgpt.train.instruct.InstructRows), so every training stream shuffles and resumes the same way.
+    pretraining's token ``Windows``, and fine-tuning's padded rows (npgpt.finetune.classify.ClassRows,
+    npgpt.finetune.instruct.InstructRows), so every training stream shuffles and resumes the same way.
 
     Each epoch visits ``batches_per_epoch = len(windows) // batch_size`` batches (the
     last partial batch is dropped). With ``shuffle`` the window order of epoch ``e`` is

@@ -48,7 +48,7 @@ def lm_sampler(tokenizer, prompt: str, max_new_tokens: int = 50, seed: int = 0, 
                top_k: int | None = 40):
     """sample(model) for fit: the prompt followed by its continuation (seeded: the same each time,
     so samples never move the training RNGs)."""
-    from ..generate import generate
+    from ..inference.decode import generate
 
     def sample(model):
         ids = tokenizer.encode(prompt) if prompt else [getattr(tokenizer, "eot_token", None) or 0]

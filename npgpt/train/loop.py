@@ -31,8 +31,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..distributed import LocalDist
 from ..optim import clip_coef, grad_norm, lr_schedule
-from .run import Metrics, NonFiniteError, checkpoint_dir, first_non_finite, jump_rngs, load_checkpoint_state, \
+from ..layers.module import first_non_finite
+from .run import Metrics, NonFiniteError, checkpoint_dir, jump_rngs, load_checkpoint_state, \
     open_run, plot_losses, rng_states, save_checkpoint, set_rng_states
 
 
@@ -66,20 +68,6 @@ class LoopConfig:
         return lr_schedule(step, self.lr, self.warmup, self.steps, min_lr)
 
 
-class SingleProcess:
-    """The `dist` of one process: rank 0 of 1, nothing to reduce."""
-    rank, world_size, is_main = 0, 1, True
-
-    def allreduce_grads(self, model):
-        pass
-
-    def allreduce_sum(self, x: float) -> float:
-        return x
-
-    def gather(self, obj):
-        return [obj]
-
-
 def split_rows(batch: tuple, parts: int, index: int | None = None):
     """Cut every array of `batch` into `parts` equal, contiguous row blocks; all of them, or block `index`."""
     B = len(batch[0])
@@ -94,7 +82,7 @@ def train_step(model, optimizer, batch, lr: float, *, loss_fn, count_fn, grad_ac
                clip: float = 1.0, dist=None) -> tuple:
     """One update on the global `batch` (a tuple of arrays, rows first). Returns (loss, grad_norm):
     the batch's mean loss before the update and the gradient norm before clipping."""
-    dist = dist or SingleProcess()
+    dist = dist or LocalDist()
     n = max(count_fn(batch), 1)                             # targets in the global batch
     mine = split_rows(batch, dist.world_size, dist.rank)    # this process's contiguous rows
     model.zero_grad()
@@ -169,7 +157,7 @@ def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, eva
     rank 0's is the single-process stream); checkpoints keep every rank's states ("rank_rngs"), so a
     resume with the same rank count continues bit for bit; with another count, ranks the checkpoint
     has no state for start from rank 0's state jumped r times."""
-    dist = dist or SingleProcess()
+    dist = dist or LocalDist()
     held = open_run(run_dir, resume=resume, overwrite=overwrite) if run_dir is not None and dist.is_main \
         else contextlib.nullcontext()
     with held, np.errstate(over="ignore", invalid="ignore"):    # a non-finite update is caught, by name, below

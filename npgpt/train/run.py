@@ -31,8 +31,10 @@ import tempfile
 
 import numpy as np
 
-from ..checkpoint.safetensors import _fsync_dir, atomic_write, read_safetensors, save_safetensors
+from ..io.atomic import atomic_write, fsync_dir, write_bytes, write_json
+from ..io.safetensors import read_safetensors, save_safetensors
 from ..layers.dropout import Dropout
+from ..layers.module import first_non_finite
 
 CHECKPOINT = "checkpoint"
 TRAINER_STATE = "trainer.json"
@@ -62,11 +64,6 @@ def is_run_dir(path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(settings, dict) and (RUN_MARK in settings or settings.get("command") == "train")
-
-
-def write_json(path, obj) -> None:
-    with atomic_write(path) as f:
-        f.write((json.dumps(obj, indent=1) + "\n").encode("utf-8"))
 
 
 def read_json(path) -> dict:
@@ -221,7 +218,7 @@ def save_checkpoint(run_dir, model, optimizer, trainer_state: dict, extra_files:
     check_finite(model, opt)
     tmp = tempfile.mkdtemp(dir=run_dir, prefix=f".ckpt-{step:06d}.", suffix=".tmp")
     try:
-        from ..lora import save_model_files
+        from ..io.pretrained import save_model_files
         save_model_files(model, os.path.join(tmp, "model"))     # the model, or a LoRA model's adapters, fsynced
         for name in os.listdir(os.path.join(tmp, "model")):
             os.rename(os.path.join(tmp, "model", name), os.path.join(tmp, name))
@@ -229,11 +226,10 @@ def save_checkpoint(run_dir, model, optimizer, trainer_state: dict, extra_files:
         save_safetensors(os.path.join(tmp, OPTIMIZER), {k: np.asarray(v) for k, v in opt.items()},
                          {"format": "npgpt-adamw"})
         for name, data in (extra_files or {}).items():
-            with atomic_write(os.path.join(tmp, name)) as f:
-                f.write(data)
+            write_bytes(os.path.join(tmp, name), data)
         write_json(os.path.join(tmp, TRAINER_STATE), trainer_state)   # written last: marks the checkpoint complete
         os.chmod(tmp, 0o755)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if os.path.lexists(final):                             # a checkpoint of the same step: replace it
             shutil.rmtree(final)                               # (checked above: npgpt's own)
         os.rename(tmp, final)
@@ -242,7 +238,7 @@ def save_checkpoint(run_dir, model, optimizer, trainer_state: dict, extra_files:
             os.remove(link_tmp)
         os.symlink(os.path.basename(final), link_tmp)
         os.replace(link_tmp, link)                             # the atomic switch
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if is_run_dir(run_dir):
@@ -287,14 +283,6 @@ class NonFiniteError(FloatingPointError):
     """Training went non-finite (a loss, the gradient norm, or a parameter); nothing was saved."""
 
 
-def first_non_finite(named_arrays) -> str | None:
-    """The name of the first array in (name, array) pairs holding a NaN or an infinity, or None."""
-    for name, a in named_arrays:
-        if not np.isfinite(a).all():
-            return name
-    return None
-
-
 def check_finite(model, optimizer_state: dict) -> None:
     """NonFiniteError unless every parameter and every optimizer moment is finite (checked before a
     checkpoint is written: a checkpoint of NaN weights would replace the last good one)."""
@@ -330,7 +318,7 @@ def load_checkpoint_state(run_dir, model, optimizer) -> dict:
     if path is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (no {os.path.join(run_dir, CHECKPOINT)})")
     state = read_trainer_state(os.path.join(path, TRAINER_STATE))
-    from ..lora import load_model_weights
+    from ..io.pretrained import load_model_weights
     load_model_weights(model, path)                             # the weights, or a LoRA model's adapters
     opt_path = os.path.join(path, OPTIMIZER)
     try:

@@ -6,7 +6,7 @@
   domain, 20479 characters), shipped inside the package, so training works offline;
 - ``"tinyshakespeare"``: downloaded once from ``NAMED_URLS["tinyshakespeare"]`` into the cache;
 - an ``http://`` or ``https://`` URL: downloaded once into the cache (progress bar, resumable,
-  atomic, at most ``max_bytes``: ``npgpt.checkpoint.download.download_file``); later runs reuse
+  atomic, at most ``max_bytes``: ``npgpt.io.download.download_file``); later runs reuse
   the cached file;
 - a ``.txt`` (or any UTF-8 text) file;
 - a directory: its ``*.txt`` files (not recursive), sorted by name, joined with one blank
@@ -21,8 +21,8 @@ import hashlib
 import os
 from urllib.parse import urlparse
 
-from ..checkpoint.download import cache_dir as default_cache_dir
-from ..checkpoint.download import download_file
+from ..io.download import cache_dir as default_cache_dir
+from ..io.download import download_file
 
 __all__ = ["load_text", "NAMED_URLS", "BUNDLED", "DOC_SEPARATOR", "DEFAULT_DATA"]
 

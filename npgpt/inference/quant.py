@@ -15,24 +15,20 @@ lookup (unpacking only the looked-up rows) and the LM head (which reads the pack
 LayerNorms, biases and wpe stay float32. A quantized model is inference-only: backward raises.
 
 Products with few rows (decoding, N <= PACKED_MAX_ROWS) run the Numba kernels of
-npgpt/kernels/quant.py straight from the packed weights; with more rows (a long prompt) a block
+npgpt/fast/quant.py straight from the packed weights; with more rows (a long prompt) a block
 of output channels at a time is unpacked into a float32 scratch and multiplied by BLAS.
 
-Checkpoints: `save_quantized(model, dir)` (or model.save) writes config.json + model.safetensors
-with the packed weights under their usual names in (out, in) layout, as BF16 or I8, the int8
-scales beside them as `name.scale` (F32), and metadata npgpt.weights = bf16 | int8;
-`GPT.from_pretrained(dir)` maps them back with no copy (`load_quantized`).
+Their files (npgpt.save_model of a quantized model, npgpt.load_model of its directory, with no
+copy) are npgpt/io/quantized.py's.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from . import kernels
-from .layers.embedding import Embedding, TiedLMHead
-from .layers.linear import Linear
-from .layers.module import Module, Parameter
+from .. import fast
+from ..layers.embedding import Embedding, TiedLMHead
+from ..layers.linear import Linear
+from ..layers.module import Module, Parameter
 
 KINDS = ("fp32", "bf16", "int8")
 PACKED_MAX_ROWS = 16             # up to this many rows: packed kernels; above: unpack a block + BLAS
@@ -103,10 +99,10 @@ def packed_linear(x2, packed, scale, bias):
     """y (N, out) = x2 (N, in) @ W^T + bias, W the float32 weights `packed` stands for."""
     N, K = x2.shape
     O = packed.shape[0]
-    if not kernels.use_numba():
+    if not fast.use_numba():
         y = np.asarray(x2, np.float32) @ unpack(packed, scale).T
         return y + bias if bias is not None else y
-    from .kernels.quant import dequantize_rows, packed_matmul
+    from ..fast.quant import dequantize_rows, packed_matmul
     if N <= PACKED_MAX_ROWS:
         return packed_matmul(x2, packed, scale, bias)
     x2 = np.ascontiguousarray(x2, dtype=np.float32)
@@ -117,7 +113,7 @@ def packed_linear(x2, packed, scale, bias):
         w = dequantize_rows(packed, scale, np.arange(o0, o1), out=_block_scratch((o1 - o0) * K).reshape(o1 - o0, K))
         np.matmul(x2, w.T, out=y[:, o0:o1])
     if bias is not None:
-        kernels.add_bias_(y, bias)                   # y += bias, a Numba loop
+        fast.add_bias_(y, bias)                   # y += bias, a Numba loop
     return y
 
 
@@ -162,8 +158,8 @@ class QuantEmbedding(Module):
 
     def forward(self, idx):
         idx = np.asarray(idx)
-        if kernels.use_numba():
-            from .kernels.quant import dequantize_rows
+        if fast.use_numba():
+            from ..fast.quant import dequantize_rows
             rows = dequantize_rows(self.packed, self.scale, idx)
         else:
             flat = idx.reshape(-1)
@@ -187,12 +183,6 @@ class QuantTiedLMHead(Module):
 
 
 # ----------------------------------------------------------------------------- whole models
-def _linears(model):
-    """(owner module, attribute name, Linear) for every Linear in the model."""
-    for m in list(model.modules()):
-        for name, v in list(vars(m).items()):
-            if isinstance(v, Linear):
-                yield m, name, v
 
 
 def quantize(model, kind: str = "int8"):
@@ -207,13 +197,13 @@ def quantize(model, kind: str = "int8"):
         raise ValueError(f"the model already holds {current} weights; quantize its float32 original")
     if model.dtype != np.float32:
         raise ValueError(f"quantize needs a float32 model, got {model.dtype}")
-    from .layers.lora import LoRALinear
+    from ..layers.lora import LoRALinear
     if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ValueError("the model holds LoRA adapters: npgpt.lora.merge(model) first, then quantize")
+        raise ValueError("the model holds LoRA adapters: npgpt.layers.lora.merge(model) first, then quantize")
     if not (isinstance(model.lm_head, TiedLMHead) and model.lm_head.weight is model.wte.weight):
         raise ValueError("quantize expects the LM head tied to wte")
-    for owner, name, lin in list(_linears(model)):
-        setattr(owner, name, QuantLinear.from_linear(lin, kind))
+    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]:
+        model.replace(name, QuantLinear.from_linear(lin, kind))
     model.wte = QuantEmbedding.from_embedding(model.wte, kind)
     model.lm_head = QuantTiedLMHead(model.wte)
     model.weights = kind
@@ -236,121 +226,13 @@ def weight_bytes(model) -> int:
     return total
 
 
-def _named_modules(module, prefix=""):
-    yield prefix, module
-    for name, v in module._members():
-        if isinstance(v, Module):
-            yield from _named_modules(v, prefix + name + ".")
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def save_quantized(model, directory) -> str:
-    """config.json + model.safetensors of a quantized model (see the module docstring), written as
-    npgpt.checkpoint.safetensors.write_model_dir writes them."""
-    from .checkpoint.safetensors import hf_config_dict, write_model_dir
-    kind = getattr(model, "weights", "fp32")
-    if kind == "fp32":
-        raise ValueError("save_quantized: the model holds float32 weights (use model.save)")
-    tensors, dtypes = {}, {}
-    for name, p in model.named_parameters():
-        tensors[name] = p.data
-    for prefix, m in _named_modules(model):
-        if isinstance(m, (QuantLinear, QuantEmbedding)):
-            name = prefix + "weight"
-            tensors[name] = m.packed
-            if m.kind == "bf16":
-                dtypes[name] = "BF16"
-            else:
-                tensors[name + ".scale"] = m.scale
-    meta = {"format": "npgpt", META_KEY: kind,
-            "npgpt.layout": "packed weights are (out, in): Conv1D weights transposed, wte as is"}
-    cfg = hf_config_dict(model.config)
-    cfg["torch_dtype"] = {"bf16": "bfloat16", "int8": "int8"}[kind]
-    cfg["npgpt_weights"] = kind
-    return write_model_dir(directory, cfg, tensors, meta, dtypes)
-
-
-def _weights_file(path):
-    from .checkpoint import resolve_run_dir
-    path = resolve_run_dir(os.fspath(path))
-    f = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
-    return f if f.endswith(".safetensors") and os.path.isfile(f) else None
-
-
-def checkpoint_kind(path):
-    """'bf16' / 'int8' for a quantized npgpt checkpoint, else None (float checkpoints, model names)."""
-    from .checkpoint.safetensors import read_safetensors_header
-    f = _weights_file(path)
-    if f is None:
-        return None
-    _, meta, _, _ = read_safetensors_header(f)
-    return meta.get(META_KEY)
-
-
-def packed_names(config) -> dict:
-    """{Hugging Face name: packed shape (out, in)} of the weights a quantized checkpoint stores packed:
-    every 2-D weight but wpe; wte (V, C) is already (out, in), the Conv1D weights are transposed."""
-    from .checkpoint.layout import hf_param_shapes
-    wte, wpe = "transformer.wte.weight", "transformer.wpe.weight"
-    return {k: (s if k == wte else s[::-1]) for k, s in hf_param_shapes(config).items() if len(s) == 2 and k != wpe}
-
-
-def read_quantized(path) -> tuple:
-    """(GPTConfig, kind, {name: (packed, scale | None)} of the packed weights, {name: array} of the float
-    ones) of a quantized checkpoint: read-only views of a memory map of the file, each checked against
-    config.json (the config's sizes against the file's own tensors first, before anything grows with it)."""
-    from .checkpoint.layout import hf_param_shapes, read_json_object
-    from .checkpoint.safetensors import check_hf_config_fits, config_from_hf, read_safetensors
-    f = _weights_file(path)
-    cfg_path = os.path.join(os.path.dirname(f) or ".", "config.json")
-    config = config_from_hf(read_json_object(cfg_path, "JSON"), cfg_path)
-    tensors, meta = read_safetensors(f, mmap=True, writable=False, raw_bf16=True)
-    kind = check_kind(meta.get(META_KEY))
-    check_hf_config_fits(config, tensors, f, cfg_path)
-    want = np.uint16 if kind == "bf16" else np.int8
-    packed = {}
-    for name, shape in packed_names(config).items():
-        q, scale = tensors.pop(name, None), tensors.pop(name + ".scale", None)
-        if q is None or q.shape != shape or q.dtype != want:
-            raise ValueError(f"{f}: {name} must be {np.dtype(want)}{list(shape)} for {kind} weights, got "
-                             f"{None if q is None else (q.dtype, q.shape)}")
-        if kind == "int8" and (scale is None or scale.shape != shape[:1] or scale.dtype != np.float32):
-            raise ValueError(f"{f}: {name}.scale must be float32[{shape[0]}]")
-        packed[name] = (q, scale)
-    floats = {k: s for k, s in hf_param_shapes(config).items() if k not in packed}
-    extra = sorted(set(tensors) - set(floats))
-    bad = [k for k, s in floats.items() if k not in tensors or tensors[k].shape != s or tensors[k].dtype.kind != "f"]
-    problems = ([f"unexpected tensors {extra[:5]}"] if extra else []) + \
-               ([f"missing or mis-shaped tensors {bad[:5]}"] if bad else [])
-    if problems:
-        raise ValueError(f"{f}: {kind} checkpoint does not match {cfg_path}: " + "; ".join(problems))
-    return config, kind, packed, tensors
-
-
-def load_quantized(path):
-    """A GPT whose packed weights are read-only views of a memory map of the file (no copy)."""
-    from .model import GPT
-    config, kind, packed, floats = read_quantized(path)
-    model = GPT(config, init=False)
-    for prefix, m in list(_named_modules(model)):
-        for attr, v in list(vars(m).items()):
-            if isinstance(v, Linear):
-                n_out = v.weight.data.shape[1]                      # Linear keeps (in, out)
-                setattr(m, attr, QuantLinear(*packed[f"{prefix}{attr}.weight"], np.zeros(n_out, np.float32)))
-    model.wte = QuantEmbedding(*packed["transformer.wte.weight"])
-    model.lm_head = QuantTiedLMHead(model.wte)
-    model.weights = kind
-    model.load_state_dict(floats, strict=True, assign=True)   # LayerNorms, biases, wpe (small copies)
-    return model.eval()
-
-
 def float_state(model) -> dict:
     """The model's weights as float arrays under Hugging Face names and layouts, whatever it holds:
     packed weights are unpacked (what they stand for), float ones returned as they are."""
     state = dict(model.state_dict())
-    for prefix, m in _named_modules(model):
+    for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            state[prefix + "weight"] = unpack(m.packed, m.scale).T      # (out, in) -> Conv1D's (in, out)
+            state[f"{name}.weight"] = unpack(m.packed, m.scale).T      # (out, in) -> Conv1D's (in, out)
         elif isinstance(m, QuantEmbedding):
-            state[prefix + "weight"] = unpack(m.packed, m.scale)
+            state[f"{name}.weight"] = unpack(m.packed, m.scale)
     return state

@@ -15,9 +15,9 @@ import pytest
 
 import npgpt
 from npgpt import GPT, AdamW, GPTConfig, clip_grad_norm
-from npgpt.kvcache import KVCache
+from npgpt.inference.kvcache import KVCache
 from npgpt.layers import CausalSelfAttention, Dropout, Linear, Module, Parameter
-from npgpt.sampling import Sampler, sample_from_probs, top_p_filter
+from npgpt.inference.sampling import Sampler, sample_from_probs, top_p_filter
 
 TINY = dict(n_vocab=29, n_ctx=10, n_embd=12, n_head=3, n_layer=2)
 
@@ -198,7 +198,7 @@ def test_parameter_is_c_contiguous_and_adamw_moves_it(backend):
 
 
 def test_numba_kernels_refuse_non_contiguous():
-    from npgpt.kernels import adamw
+    from npgpt.fast import adamw
     a = np.ones((4, 3)).T
     with pytest.raises(ValueError, match="contiguous"):
         adamw.adamw_update(a, a, a, a, 0.1, 0.9, 0.95, 1e-8, 0.0, 0.1, 0.05)
@@ -308,7 +308,7 @@ def test_gradcheck_non_contiguous_input(backend):
 
 
 def test_config_from_hf_reads_every_dropout_field():
-    from npgpt.checkpoint.safetensors import config_from_hf
+    from npgpt.io.safetensors import config_from_hf
     base = dict(model_type="gpt2", vocab_size=29, n_positions=10, n_embd=12, n_head=3, n_layer=2)
     assert config_from_hf({**base, "resid_pdrop": 0.1, "attn_pdrop": 0.1, "embd_pdrop": 0.1}, "c").dropout == 0.1
     assert config_from_hf(base, "c").dropout == 0.0
@@ -352,7 +352,7 @@ def test_cross_entropy_normalizer_accumulates_micro_batches_exactly(backend, ran
 
 
 def test_cross_entropy_normalizer_reference_and_kernel_agree():
-    from npgpt.kernels import cross_entropy_forward_backward
+    from npgpt.fast import cross_entropy_forward_backward
     from npgpt.loss import cross_entropy_numpy
     rng = np.random.default_rng(0)
     logits, t = rng.standard_normal((6, 11)), rng.integers(0, 11, 6)
@@ -384,7 +384,7 @@ def test_eval_mode_reentered_and_with_a_given_module_list():
 def test_decoder_leaves_training_mode_alone():
     """Sampling from a model in training mode (as fit's sampler does) runs without dropout and leaves
     every module's mode as it was."""
-    from npgpt.generate import generate
+    from npgpt.inference.decode import generate
     model = GPT(GPTConfig(n_vocab=32, n_ctx=16, n_embd=8, n_head=2, n_layer=2, dropout=0.5), dtype=np.float64, seed=0)
     model.train()
     a = generate(model, np.array([[1, 2, 3]]), 5)
@@ -394,10 +394,10 @@ def test_decoder_leaves_training_mode_alone():
 
 
 def test_spin_between_kernels_sets_gomp_spincount_once(monkeypatch):
-    from npgpt import runtime
+    from npgpt.fast import settings
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    assert runtime.spin_between_kernels() is True
-    assert os.environ["GOMP_SPINCOUNT"] == runtime.INFERENCE_SPIN_COUNT
+    assert settings.spin_between_kernels() is True
+    assert os.environ["GOMP_SPINCOUNT"] == settings.INFERENCE_SPIN_COUNT
     monkeypatch.setenv("GOMP_SPINCOUNT", "123")
-    assert runtime.spin_between_kernels() is False        # the user's value wins
+    assert settings.spin_between_kernels() is False        # the user's value wins
     assert os.environ["GOMP_SPINCOUNT"] == "123"

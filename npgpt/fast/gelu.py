@@ -12,7 +12,7 @@ through the identities 0.5 (1 + tanh u) = sigmoid(2u) and 1 - tanh^2 u = 4 sigmo
 
 with both sigmoids taken from e = exp(-2|u|) <= 1 (sigmoid(2|u|) = 1 / (1 + e), sigmoid(-2|u|) =
 e / (1 + e)), so nothing overflows or cancels. One pass over the elements; the exp is the
-vectorised one of npgpt/kernels/_math.py (NumPy's tanh is SIMD only on AVX-512 CPUs: on AVX2 it
+vectorised one of npgpt/fast/_math.py (NumPy's tanh is SIMD only on AVX-512 CPUs: on AVX2 it
 costs ~3.5 ns an element, more than the rest of a train step's GELU together).
 """
 import math

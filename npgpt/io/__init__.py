@@ -1,9 +1,15 @@
-"""Checkpoint loading/saving: OpenAI TensorFlow checkpoints, Hugging Face safetensors, downloads.
+"""Every file npgpt reads or writes.
 
-Everything returns ``(GPTConfig, state_dict)`` where the state dict maps Hugging
-Face GPT-2 names (``transformer.wte.weight``, ``transformer.h.0.attn.c_attn.weight``,
-...) to float32 (or float64, as stored) NumPy arrays in Hugging Face layouts (see ``layout.py``).
-Nothing here imports the model, and nothing is ever unpickled.
+    pretrained.py    load_model / save_model: the one module that knows every format (and imports the model)
+    safetensors.py   safetensors; Hugging Face GPT-2 checkpoints          tf_bundle.py, crc32c.py  OpenAI's TF ones
+    quantized.py     16- and 8-bit checkpoints                           peft.py   LoRA adapters (PEFT's layout)
+    download.py      OpenAI's released files, pinned and converted once  layout.py GPT-2's names and shapes
+    atomic.py        writing a file whole or not at all
+
+This package's own functions (below) return ``(GPTConfig, state_dict)`` where the state dict maps
+Hugging Face GPT-2 names (``transformer.wte.weight``, ``transformer.h.0.attn.c_attn.weight``, ...) to
+float32 (or float64, as stored) NumPy arrays in Hugging Face layouts (see ``layout.py``). Only
+pretrained.py builds a model from them; nothing is ever unpickled.
 """
 from __future__ import annotations
 

@@ -10,9 +10,9 @@ import json
 
 import numpy as np
 
-from ..config import GPTConfig
+from ..config import HF_PREFIX, GPTConfig
 
-PREFIX = "transformer."
+PREFIX = HF_PREFIX
 
 
 def hf_param_shapes(config: GPTConfig) -> dict:

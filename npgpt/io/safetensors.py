@@ -27,7 +27,8 @@ import tempfile
 
 import numpy as np
 
-from ..config import GPTConfig
+from ..config import EOT_ID, GPTConfig
+from .atomic import atomic_write, fsync_dir
 from .layout import PREFIX, bf16_to_f32, check_config_fits, check_state_dict, hf_param_shapes, read_json_object
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -99,7 +100,7 @@ def read_safetensors(path, mmap: bool = True, writable: bool = False, raw_bf16: 
     (nothing is read until used), or with ``writable=True`` copy-on-write views
     (writes go to private memory, never to the file); otherwise they are ordinary
     in-memory arrays. BF16 tensors are converted to float32, or with ``raw_bf16=True`` kept as
-    their uint16 bit patterns (views of the map, for npgpt.quant's packed weights).
+    their uint16 bit patterns (views of the map, for npgpt.inference.quant's packed weights).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -125,19 +126,6 @@ def read_safetensors(path, mmap: bool = True, writable: bool = False, raw_bf16: 
             arr = bf16_to_f32(arr)
         out[name] = arr
     return out, meta
-
-
-def _fsync_dir(path: str):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_safetensors_to(f, tensors: dict, metadata, dtypes=None) -> None:
@@ -170,29 +158,6 @@ def _write_safetensors_to(f, tensors: dict, metadata, dtypes=None) -> None:
     for arr in arrays:
         if arr.nbytes:
             f.write(arr.reshape(-1).view(np.uint8).data)
-
-
-@contextlib.contextmanager
-def atomic_write(path):
-    """Open a temporary file beside ``path`` for writing; on success fsync it and rename it over
-    ``path``; on any error (or Ctrl-C) delete it, so ``path`` is never left half-written."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(d)
 
 
 def save_safetensors(path, tensors: dict, metadata: dict | None = None, dtypes: dict | None = None) -> None:
@@ -247,7 +212,7 @@ def config_from_hf(cfg: dict, source: str) -> GPTConfig:
 
 def hf_config_dict(config: GPTConfig) -> dict:
     """A Hugging Face GPT-2 config.json for ``config``."""
-    eot = 50256 if config.n_vocab > 50256 else None     # GPT-2's <|endoftext|>; a smaller vocabulary has none
+    eot = EOT_ID if config.n_vocab > EOT_ID else None   # GPT-2's <|endoftext|>; a smaller vocabulary has none
     return {
         "activation_function": "gelu_new",
         "architectures": ["GPT2LMHeadModel"],
@@ -433,12 +398,12 @@ def write_model_dir(path, cfg: dict, tensors: dict, metadata: dict, dtypes: dict
             for name, write in files:
                 os.replace(_stage(tmpdir, name, write), os.path.join(tmpdir, name))
             os.chmod(tmpdir, 0o755)
-            _fsync_dir(tmpdir)
+            fsync_dir(tmpdir)
             os.rename(tmpdir, path)
         except BaseException:
             shutil.rmtree(tmpdir, ignore_errors=True)
             raise
-        _fsync_dir(parent)
+        fsync_dir(parent)
         return path
     if not os.path.isdir(path):
         raise NotADirectoryError(f"{path} exists and is not a directory")
@@ -455,7 +420,7 @@ def write_model_dir(path, cfg: dict, tensors: dict, metadata: dict, dtypes: dict
         for tmp, _ in staged:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-    _fsync_dir(path)
+    fsync_dir(path)
     return path
 
 

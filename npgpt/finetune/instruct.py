@@ -31,11 +31,12 @@ import json
 
 import numpy as np
 
+from ..config import EOT_ID
 from ..layers.module import no_grad
 from ..loss import IGNORE_INDEX
-from .lm import mean_loss
+from ..train.lm import mean_loss
 
-END_ID = 50256   # <|endoftext|>: the end of a response, and the padding
+END_ID = EOT_ID   # <|endoftext|>: the end of a response, and the padding
 HEADER = ("Below is an instruction that describes a task. "
           "Write a response that appropriately completes the request.")
 RESPONSE_MARK = "\n\n### Response:\n"
@@ -141,7 +142,7 @@ class InstructRows:
 def InstructBatches(seqs, prompt_lens, batch_size: int, max_length=None, mask_prompt: bool = False, seed: int = 0):
     """Shuffled (seeded) batches of (inputs, targets), reshuffled each epoch; the last partial batch of an
     epoch is dropped (as the book's training loader does), so every update has batch_size rows."""
-    from .data import BatchStream
+    from ..train.data import BatchStream
     return BatchStream(InstructRows(seqs, prompt_lens, max_length, mask_prompt), batch_size, seed=seed)
 
 
@@ -170,7 +171,7 @@ def generate_responses(model, tokenizer, entries, max_new_tokens: int = 256, bat
     """The model's response to each entry's prompt: greedy, up to max_new_tokens, ending at the
     end token; decoded and stripped of surrounding whitespace. Rows are decoded batch_size at a
     time (each row as it would be alone). progress(n_done) is called after each batch."""
-    from ..generate import generate
+    from ..inference.decode import generate
     out = []
     for i in range(0, len(entries), batch_size):
         prompts = [tokenizer.encode(format_prompt(e)) for e in entries[i:i + batch_size]]

@@ -11,11 +11,11 @@ contiguous row; the work is split over output channels (prange). NumPy they mirr
     y = (x @ q.astype(np.float32).T) * scale + b           # (N, out)
 
 Sums run in float32 (reassociated into SIMD lanes). A bf16 weight becomes a float32 in a register
-(a zero-extend, a shift and a bit cast: npgpt/kernels/_math.py), so both kernels read each packed
+(a zero-extend, a shift and a bit cast: npgpt/fast/_math.py), so both kernels read each packed
 weight once and do one multiply-add with it. Made for the N <= ~16 rows of decoding,
 where reading the weights from DRAM is the cost and packed weights read 2x / 4x fewer bytes;
 for many rows (a long prompt) `dequantize_rows` unpacks a block of output channels into a
-float32 scratch and BLAS does the product (see npgpt/quant.py).
+float32 scratch and BLAS does the product (see npgpt/inference/quant.py).
 """
 import numpy as np
 from numba import njit, prange

@@ -38,7 +38,7 @@ class GPT2Tokenizer:
     identity = "gpt2"
 
     def __init__(self):
-        from ..tokenizer import get_tokenizer   # built once per process (lru_cache)
+        from .bpe import get_tokenizer   # built once per process (lru_cache)
         self._tok = get_tokenizer()
         self.n_vocab = self._tok.n_vocab        # 50257
         self.eot_token = self._tok.eot_token    # 50256
@@ -51,7 +51,7 @@ class GPT2Tokenizer:
 
     @property
     def encoding(self):
-        """The tiktoken encoding (what npgpt.tokenizer.StreamDecoder reads bytes from)."""
+        """The tiktoken encoding (what npgpt.tokens.bpe.StreamDecoder reads bytes from)."""
         return self._tok.encoding
 
     def to_json(self) -> dict:
@@ -60,7 +60,7 @@ class GPT2Tokenizer:
     def hf_files(self) -> dict:
         """What Hugging Face's GPT-2 tokenizer reads: vocab.json and merges.txt (OpenAI's files) and a
         tokenizer_config.json naming the class and <|endoftext|> as its special token."""
-        from ..tokenizer import ENDOFTEXT, hf_vocab_files
+        from .bpe import ENDOFTEXT, hf_vocab_files
         config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT,
                   "unk_token": ENDOFTEXT, "add_prefix_space": False, "clean_up_tokenization_spaces": False}
         return {**hf_vocab_files(), "tokenizer_config.json": _json_bytes(config)}
@@ -108,7 +108,7 @@ class CharTokenizer:
             raise ValueError(f"token id {bad[0]} is outside the character vocabulary (0..{self.n_vocab - 1})")
         return "".join(self.chars[i] for i in ids)
 
-    # the two byte-level methods npgpt.tokenizer.StreamDecoder needs, so generation streams char models too
+    # the two byte-level methods npgpt.tokens.bpe.StreamDecoder needs, so generation streams char models too
     @property
     def encoding(self):
         return self
@@ -222,6 +222,5 @@ def _json_bytes(obj) -> bytes:
 
 
 def _write_atomic(path, data: bytes) -> None:
-    from ..checkpoint.safetensors import atomic_write
-    with atomic_write(path) as f:
-        f.write(data)
+    from ..io.atomic import write_bytes
+    write_bytes(path, data)

@@ -8,10 +8,11 @@ from collections import Counter
 
 import numpy as np
 
+from ..config import EOT_ID
 from ..layers.module import no_grad
 from ..loss import cross_entropy
 
-PAD_ID = 50256   # <|endoftext|>, GPT-2's padding token
+PAD_ID = EOT_ID   # <|endoftext|>, GPT-2's padding token
 
 
 def read_table(path, text_col=None, label_col=None):

@@ -7,7 +7,7 @@
 
 One pass over the (N, V) logits from memory, a row at a time (prange over rows): the row is copied
 into dz (unless dz is the logits array itself, out=logits), and while it sits in cache its max is
-found (max_of), e = exp(z - m) written and summed (the vectorised exp of npgpt/kernels/_math.py;
+found (max_of), e = exp(z - m) written and summed (the vectorised exp of npgpt/fast/_math.py;
 blocks of SUM_BLOCK terms in the logits' dtype, the block sums in float64), and e scaled into dz.
 """
 import numpy as np

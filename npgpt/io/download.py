@@ -34,7 +34,7 @@ DEFAULT_MAX_BYTES = 8 << 30   # the most a download may bring when nothing pins 
 # - sizes of 124M and 355M: rasbt/LLMs-from-scratch, ch05/01_main-chapter-code/tests.py, which checks
 #   them with HEAD requests against openaipublic.blob.core.windows.net;
 # - SHA-256s of 124M: the CHECKSUMS table of a public GPT-2 download script (Apache-2.0), corroborated:
-#   its encoder.json and vocab.bpe hashes are the ones tiktoken checks (npgpt/tokenizer.py), its
+#   its encoder.json and vocab.bpe hashes are the ones tiktoken checks (npgpt/tokens/bpe.py), its
 #   hparams.json hash is that of the 90-byte file holding the 124M preset, and another public
 #   document gives the same size and hash for the data file.
 # None found for the 355M hashes or for 774M and 1558M at all: those files are checked by the

@@ -31,7 +31,7 @@ is one small, single-threaded GEMM; Numba takes it from SciPy, so the kernel nee
 without it CausalSelfAttention keeps the readable path); the softmax parts are loops over the tile. The forward's
 row sums are kept in the input dtype (float32 or float64), as the reference does (a float64 sum over
 float32 tiles ran at half the SIMD width); the backward's D, a dot product of hs terms per row, is
-summed in float64. exp is the vectorised one of npgpt/kernels/_math.py.
+summed in float64. exp is the vectorised one of npgpt/fast/_math.py.
 
 Dropout on the probabilities is not implemented here: CausalSelfAttention uses this kernel only
 when attention dropout is inactive (p = 0 or eval mode) and takes the readable path otherwise.

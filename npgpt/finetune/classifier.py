@@ -8,7 +8,7 @@ Batches are padded on the right; lengths (B,) holds each row's count of real tok
 classifier is a directory: the GPT in Hugging Face layout (config.json, model.safetensors; it
 loads with GPT.from_pretrained), plus classifier.safetensors (head.weight, head.bias) and
 classifier.json (the label names). A LoRA run's checkpoint holds the head and the adapters, and refers
-to the base GPT instead of copying it (npgpt.lora.save_model_files).
+to the base GPT instead of copying it (npgpt.io.pretrained.save_model_files).
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import os
 
 import numpy as np
 
-from .layers import LastTokenHead, Module
-from .model import GPT
+from ..layers import LastTokenHead, Module
+from ..io.pretrained import load_model, save_model
+from ..model import GPT
 
 HEAD_FILE = "classifier.safetensors"
 LABELS_FILE = "classifier.json"
@@ -65,18 +66,18 @@ class Classifier(Module):
     def save(self, directory) -> str:
         """config.json + model.safetensors (the GPT) and classifier.safetensors + classifier.json."""
         directory = os.fspath(directory)
-        self.gpt.save(directory)
+        save_model(self.gpt, directory)
         return self.save_head(directory)
 
     def save_head(self, directory) -> str:
         """classifier.safetensors (head.weight, head.bias) + classifier.json (the labels) into `directory`."""
-        from .checkpoint.safetensors import atomic_write, save_safetensors
+        from ..io.atomic import write_json
+        from ..io.safetensors import save_safetensors
         directory = os.fspath(directory)
         save_safetensors(os.path.join(directory, HEAD_FILE),
                          {"head.weight": self.head.weight.data, "head.bias": self.head.bias.data},
                          {"format": "npgpt-classifier"})
-        with atomic_write(os.path.join(directory, LABELS_FILE)) as f:
-            f.write((json.dumps({"labels": self.labels}, indent=1) + "\n").encode("utf-8"))
+        write_json(os.path.join(directory, LABELS_FILE), {"labels": self.labels})
         return directory
 
     def load_head(self, directory) -> "Classifier":
@@ -92,22 +93,22 @@ class Classifier(Module):
         """A directory written by save(), or a `npgpt finetune classify` run directory (its checkpoint).
         weights="bf16" | "int8" packs the transformer's weights for inference (GPT.from_pretrained); the
         small head stays in float32."""
-        from .checkpoint import resolve_run_dir
+        from ..io import resolve_run_dir
         path = resolve_run_dir(os.fspath(path))
         labels, head = _read_head(path)
-        model = cls(GPT.from_pretrained(path, dtype=dtype, weights=weights), labels, init=False)
+        model = cls(load_model(path, dtype=dtype, weights=weights), labels, init=False)
         model.head.load_state_dict(head)
         return model.eval()
 
     @classmethod
     def from_pretrained(cls, name_or_path, labels, dtype=np.float32, seed=None) -> "Classifier":
         """A new head (random, seeded) on a pretrained GPT: a model name, checkpoint or run directory."""
-        return cls(GPT.from_pretrained(name_or_path, dtype=dtype), labels, seed=seed)
+        return cls(load_model(name_or_path, dtype=dtype), labels, seed=seed)
 
 
 def _read_head(path) -> tuple:
     """(labels, {"weight", "bias"}) of the head saved in directory `path`."""
-    from .checkpoint.safetensors import read_safetensors
+    from ..io.safetensors import read_safetensors
     head_path, labels_path = os.path.join(path, HEAD_FILE), os.path.join(path, LABELS_FILE)
     for p in (head_path, labels_path):
         if not os.path.isfile(p):

@@ -157,7 +157,7 @@ def _drawable(logits, model, step: int, n_vocab: int):
     """The first n_vocab logits of each row (B, n_vocab); FloatingPointError when any is not finite."""
     logits = logits[:, :n_vocab]
     if not np.isfinite(logits).all():
-        from .train.run import first_non_finite
+        from ..layers.module import first_non_finite
         bad = first_non_finite((name, p.data) for name, p in model.named_parameters())
         why = (f"its parameter {bad} holds NaN or infinite values" if bad is not None else
                "an activation overflowed, or its packed weights hold NaN or infinite values")
@@ -203,7 +203,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k=No
 
     idx: (B, T) or (T,) int token ids -> returns an int64 array (B, T + n_new); or a list of 1-D
     sequences (lengths may differ) -> returns a list of 1-D arrays (len(prompt_b) + n_new).
-    temperature 0 is greedy; top_k, top_p, repetition_penalty: see npgpt.sampling; seed makes
+    temperature 0 is greedy; top_k, top_p, repetition_penalty: see npgpt.inference.sampling; seed makes
     sampling reproducible. A row that samples eos_id stops and is padded with eos_id; n_new is
     max_new_tokens unless every row stopped earlier. keep: tokens kept when the window slides
     (default n_ctx // 2; see the module docstring). n_vocab: draw only ids below it (a tokenizer's size;
@@ -234,7 +234,7 @@ def stream_tokens(model, idx, max_new_tokens: int, temperature: float = 0.0, top
 
 # ----------------------------------------------------------------------------- text
 class TextStreamer:
-    """Token ids -> text pieces, never splitting a UTF-8 character (npgpt.tokenizer.StreamDecoder) and
+    """Token ids -> text pieces, never splitting a UTF-8 character (npgpt.tokens.bpe.StreamDecoder) and
     holding back any tail that could be the start of a stop string.
 
         ts = TextStreamer(tokenizer, stop=["\\n\\n"])
@@ -246,7 +246,7 @@ class TextStreamer:
     Text from a stop string on is dropped (the stop string itself is not emitted)."""
 
     def __init__(self, tokenizer, stop: Sequence[str] | str | None = None):
-        from .tokenizer import StreamDecoder
+        from ..tokens.bpe import StreamDecoder
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")

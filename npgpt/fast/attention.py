@@ -5,7 +5,7 @@
 
 Both work in place on the (B, NH, Tq, Tk) score array (prange over rows); only the unmasked
 prefix j <= i + (Tk - Tq) of each row is touched, the rest is set to 0. The exp is the vectorised one of
-npgpt/kernels/_math.py.
+npgpt/fast/_math.py.
 """
 import numpy as np
 from numba import prange

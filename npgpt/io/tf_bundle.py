@@ -440,7 +440,7 @@ def load_tf_checkpoint(path, verify: bool = False, writable: bool = False) -> tu
     tensor's CRC-32C (about 2-3 s per 500 MB).
 
     Returns ``(GPTConfig, state_dict)`` where the state dict has the Hugging
-    Face names/layouts of ``npgpt.checkpoint.layout``.  float32 and float64
+    Face names/layouts of ``npgpt.io.layout``.  float32 and float64
     tensors are read-only memory-mapped views of the data file; half and
     bfloat16 are converted to float32.
     """

@@ -1,0 +1,1 @@
+"""Fine-tuning a pretrained GPT: a classification head (classifier.py, classify.py) and instruction following (instruct.py). LoRA's layer and surgery are in npgpt/layers/lora.py, its files in npgpt/io/peft.py."""
