@@ -14,7 +14,8 @@ import argparse
 import math
 import time
 
-import npgpt  # noqa: F401  (first: sets OpenBLAS's idle spin before NumPy loads it)
+from npgpt.fast import settings
+settings.apply()   # first: OpenBLAS's short idle spin must be set before NumPy loads it
 import numpy as np
 
 from npgpt import fast
@@ -52,8 +53,6 @@ def main():
     ap.add_argument("--hs", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
-    from npgpt.fast.settings import keep_freed_memory
-    keep_freed_memory()
     print(f"BLAS: {blas_info()}")
     print("| B | T | materialised fwd+bwd | fused fwd+bwd | fused / materialised | (B, NH, T, T) float32 arrays avoided |")
     print("|---|---|---|---|---|---|")

@@ -17,7 +17,8 @@ import statistics
 import subprocess
 import time
 
-import npgpt  # noqa: F401  (before NumPy: npgpt's OpenBLAS settings)
+from npgpt.fast import settings
+settings.apply()   # before NumPy: npgpt's OpenBLAS settings
 import numpy as np
 
 from npgpt import distributed
@@ -39,8 +40,6 @@ def main():
     p.add_argument("--vocab", type=int, default=50257)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
-    from npgpt.fast.settings import keep_freed_memory
-    keep_freed_memory()
     d = distributed.init(a.threads)
     cfg = GPTConfig(n_vocab=a.vocab, n_ctx=a.context, n_embd=a.embd, n_head=a.heads, n_layer=a.layers)
     model = GPT(cfg, dtype=np.float32, seed=0)

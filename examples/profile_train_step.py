@@ -4,31 +4,42 @@ per-function profile of one more step.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/profile_train_step.py --B 4 --T 64
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/profile_train_step.py --B 8 --T 256 --steps 3
+    python examples/profile_train_step.py --shape nanogpt --B 12 --T 64 --threads 16   # nanoGPT's CPU shape
 
 `npgpt bench --workloads train train-large` reports the same step / GEMM ratio.
 """
 import argparse
 import cProfile
+import os
 import pstats
 
-import npgpt  # first: sets OpenBLAS's idle spin before NumPy loads it
-import numpy as np
-from npgpt.bench import blas_info, npgpt_train
-from npgpt.fast.settings import keep_freed_memory
-from npgpt.train.lm import count_targets, lm_loss
-from npgpt.train.loop import train_step
+SHAPES = {"gpt2": dict(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12),
+          "small": dict(n_vocab=50257, n_ctx=256, n_embd=384, n_head=6, n_layer=6),        # npgpt train --config small
+          "nanogpt": dict(n_vocab=65, n_ctx=64, n_embd=128, n_head=4, n_layer=4)}        # shakespeare_char on a CPU
+ap = argparse.ArgumentParser()
+ap.add_argument("--shape", choices=list(SHAPES), default="gpt2")
+ap.add_argument("--B", type=int, default=4)
+ap.add_argument("--T", type=int, default=64)
+ap.add_argument("--steps", type=int, default=5)
+ap.add_argument("--threads", type=int, default=None, help="BLAS and Numba threads (default: all cores)")
+ap.add_argument("--rows", type=int, default=25, help="profile rows to print")
+args = ap.parse_args()
+if args.threads:                             # read when NumPy and Numba load their thread pools
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+
+from npgpt.fast import settings  # noqa: E402
+settings.apply()   # first: OpenBLAS's short idle spin must be set before NumPy loads it
+import npgpt  # noqa: E402
+import numpy as np  # noqa: E402
+from npgpt.bench import blas_info, npgpt_train  # noqa: E402
+from npgpt.train.lm import count_targets, lm_loss  # noqa: E402
+from npgpt.train.loop import train_step  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--B", type=int, default=4)
-    ap.add_argument("--T", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--rows", type=int, default=25, help="profile rows to print")
-    args = ap.parse_args()
-    keep_freed_memory()
-    cfg = npgpt.GPTConfig().to_hparams()
-    print("blas:", blas_info())
+    cfg = SHAPES[args.shape]
+    print(f"shape {args.shape} {cfg}; blas: {blas_info()}")
     r = npgpt_train(cfg, args.B, args.T, args.steps)
     print(f"train step B={args.B} T={args.T}: {r['seconds']:.3f} s (median of {args.steps} after 2 warm-up steps), "
           f"peak RSS {r['peak_rss_mb'] / 1024:.2f} GB")
@@ -37,7 +48,7 @@ def main():
           f"step / GEMMs = {r['over_gemm']:.3f}x, everything else {r['paired_seconds'] - r['gemm_seconds']:.3f} s")
     print("  steps:", " ".join(f"{t:.3f}" for t in r["paired_all"]), "| GEMMs:", " ".join(f"{t:.3f}" for t in r["gemm_all"]))
 
-    model = npgpt.GPT(npgpt.GPTConfig(), seed=0)       # a fresh model for the profile (two warm-up steps)
+    model = npgpt.GPT(npgpt.GPTConfig(**cfg), seed=0)  # a fresh model for the profile (two warm-up steps)
     opt = npgpt.AdamW(model, lr=1e-4)
     rng = np.random.default_rng(0)
 

@@ -19,7 +19,7 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("run")
 p.add_argument("--batch", type=int, default=32)
 args = p.parse_args()
-npgpt.fast.settings.keep_freed_memory()
+npgpt.fast.settings.apply()
 
 run = json.load(open(os.path.join(args.run, "run.json")))
 tok = find_tokenizer(args.run)

@@ -27,7 +27,7 @@ p.add_argument("--data", default="tinyshakespeare")
 p.add_argument("--out", default="runs/shakespeare-char")
 p.add_argument("--steps", type=int, default=2000)
 args = p.parse_args()
-npgpt.fast.settings.keep_freed_memory()
+npgpt.fast.settings.apply()
 
 data = prepare_data(args.data, tokenizer="char", context=64)
 config = npgpt.GPTConfig(n_vocab=data.n_vocab, n_ctx=64, n_embd=128, n_head=4, n_layer=4)

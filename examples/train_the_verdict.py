@@ -28,7 +28,7 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--out", default="runs/the-verdict-book")
 p.add_argument("--epochs", type=int, default=10)
 args = p.parse_args()
-npgpt.fast.settings.keep_freed_memory()
+npgpt.fast.settings.apply()
 
 data = prepare_data("the-verdict", tokenizer="gpt2", context=256)             # 90/10 split by characters
 config = npgpt.GPTConfig.from_preset("gpt2", n_ctx=256, dropout=0.1)

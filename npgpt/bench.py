@@ -115,7 +115,7 @@ def prefill_gemm_replay(model, T, block=None):
     block = BLOCK if block is None else block
     C, NH = model.config.n_embd, model.config.n_head
     hs, L = C // NH, len(model.h)
-    fused = model.h[0].attn.fused(T)
+    fused = model.h[0].attn.runs_fused(T)
     dt = model.wte.weight.data.dtype
     rng = np.random.default_rng(0)
     act = {n: rng.standard_normal((T, n)).astype(dt) for n in (C, 4 * C)}    # inputs of the linears
@@ -413,7 +413,7 @@ def _run_worker(framework, workload, cfg, opts):
     env.setdefault("NUMBA_NUM_THREADS", str(opts["threads"]))
     if framework == "npgpt" and workload in ("prefill", "decode", "startup"):
         env.setdefault("GOMP_SPINCOUNT", INFERENCE_SPIN_COUNT)          # as `npgpt generate` runs
-    if framework == "npgpt" and opts.get("attention", "auto") != "auto":   # read by npgpt.layers.attention
+    if framework == "npgpt" and opts.get("attention", "auto") != "auto":   # read by npgpt.fast.fused_attention
         env["NPGPT_FLASH_MIN_T"] = "0" if opts["attention"] == "fused" else str(1 << 30)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:

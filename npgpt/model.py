@@ -18,7 +18,7 @@ PREFIX = HF_PREFIX
 
 
 class GPT(Module):
-    weights = "fp32"   # "bf16" | "int8" once npgpt.inference.quant.quantize swapped packed modules in
+    weight_format = "fp32"   # "bf16" | "int8" once npgpt.inference.quant.quantize swapped packed modules in
 
     def __init__(self, config: GPTConfig, dtype=np.float32, seed=None, init: bool = True):
         """init=False allocates zero weights without drawing random numbers (for loading checkpoints)."""
@@ -138,11 +138,11 @@ class GPT(Module):
         with no_grad(), self.eval_mode():
             pos = cache.begin(T)                                                   # (B, T)
             x = self.wte(idx) + self.wpe.forward_cached(pos)                       # (B, T, C)
-            keep = None                                                            # the last block: one position a row
+            only_at = None                                                            # the last block: one position a row
             if last_only and T > 1:
-                keep = np.full(B, T - 1) if n_valid is None else n_valid - 1      # (B,) each row's last real position
+                only_at = np.full(B, T - 1) if n_valid is None else n_valid - 1      # (B,) each row's last real position
             for l, block in enumerate(self.h):
-                x = block.forward_cached(x, cache.layer(l), keep if l == len(self.h) - 1 else None)   # (B, T | 1, C)
+                x = block.forward_cached(x, cache.layer(l), only_at if l == len(self.h) - 1 else None)   # (B, T | 1, C)
             cache.advance(n_valid)
             if last_only:
                 x = x[:, 0]                                                        # (B, C): the one position left

@@ -78,13 +78,13 @@ def test_prefill_gemm_replay_counts_the_prefills_products():
     last_query = 2 * 2 * 1 * 5 * 4 * 2                                                 # 160
     tiles = (2 * 2 * 4 * 4 * 4 + 2 * 2 * 1 * 5 * 4) * 2                               # 672
     full = 2 * 2 * 5 * 5 * 4 * 2                                                       # 800
-    assert not model.h[0].attn.fused(5)                        # T=5 is below the fused kernel's threshold
+    assert not model.h[0].attn.runs_fused(5)                        # T=5 is below the fused kernel's threshold
     run, flops = prefill_gemm_replay(model, 5, block=4)
     run()
     assert flops == linears + last_query + full == 11888
     for blk in model.h:
         blk.attn.flash_min_T = 1                               # the fused kernel from T=1
-    assert model.h[0].attn.fused(5)
+    assert model.h[0].attn.runs_fused(5)
     run, flops = prefill_gemm_replay(model, 5, block=4)
     run()
     assert flops == linears + last_query + tiles == 11760

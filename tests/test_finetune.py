@@ -117,7 +117,7 @@ def test_classifier_load_packed_weights(tmp_path, weights, tol):
     clf = npgpt.Classifier(tiny(), ["ham", "spam", "eggs"], seed=3)
     clf.save(tmp_path / "c")
     packed = npgpt.Classifier.load(tmp_path / "c", weights=weights)
-    assert packed.gpt.weights == weights and packed.head.weight.data.dtype == np.float32
+    assert packed.gpt.weight_format == weights and packed.head.weight.data.dtype == np.float32
     ids, lengths = np.array([[1, 2, 3, 4], [5, 6, 7, 0]]), np.array([4, 3])
     ref = clf.eval()(ids, lengths)
     got = packed(ids, lengths)

@@ -9,7 +9,7 @@ import pytest
 
 from npgpt import fast
 from npgpt.layers import CausalSelfAttention
-from npgpt.layers import attention as attention_mod
+from npgpt.fast import fused_attention as attention_mod
 from npgpt.layers.attention import causal_softmax_backward_numpy, causal_softmax_numpy
 
 pytest.importorskip("numba")
@@ -119,7 +119,7 @@ def layer_run(dtype, B, T, C, NH, fused, seed=0):
     dout = rng.standard_normal((B, T, C)).astype(dtype)
     layer.flash_min_T = 0 if fused else 1 << 30
     with fast.use_backend("numba" if fused else "numpy"):
-        assert layer.fused(T) == fused
+        assert layer.runs_fused(T) == fused
         layer.zero_grad()
         out = layer.forward(x)
         assert (layer.a is None) == fused
@@ -145,17 +145,17 @@ def test_when_the_fused_kernel_runs(monkeypatch):
     layer = CausalSelfAttention(8, 2, dtype=np.float64, rng=np.random.default_rng(0), dropout=0.1, seed=0)
     monkeypatch.setattr(attention_mod, "FLASH_MIN_T", 16)
     with fast.use_backend("numba"):
-        assert not layer.fused(64)                     # attention dropout active: readable path
+        assert not layer.runs_fused(64)                     # attention dropout active: readable path
         layer.eval()
-        assert layer.fused(64) and layer.fused(16) and not layer.fused(15)   # module threshold
+        assert layer.runs_fused(64) and layer.runs_fused(16) and not layer.runs_fused(15)   # module threshold
         layer.flash_min_T = 100                        # the layer's own threshold wins
-        assert not layer.fused(64) and layer.fused(100)
+        assert not layer.runs_fused(64) and layer.runs_fused(100)
     with fast.use_backend("numpy"):
-        assert not layer.fused(4096)                   # NPGPT_KERNELS=numpy: always readable
+        assert not layer.runs_fused(4096)                   # NPGPT_KERNELS=numpy: always readable
     layer.train()
     layer.attn_dropout.p = 0.0
     with fast.use_backend("numba"):
-        assert layer.fused(100)                        # dropout p = 0 in training: fused
+        assert layer.runs_fused(100)                        # dropout p = 0 in training: fused
 
 
 def test_switching_paths_between_calls():

@@ -231,7 +231,7 @@ def test_model_with_adapter_saves_base_plus_adapter_and_loads_as_is(tmp_path):
     np.testing.assert_array_equal(again.forward(x), model.forward(x))
     assert lora_layers(again)
     bf16 = npgpt.load_model(tmp_path / "run", weights="bf16")      # the adapter merged, then packed
-    assert bf16.weights == "bf16" and not lora_layers(bf16)
+    assert bf16.weight_format == "bf16" and not lora_layers(bf16)
     np.testing.assert_allclose(bf16.forward(x), model.forward(x), rtol=0, atol=0.05 * np.abs(model.forward(x)).max())
     npgpt.save_model(merge(again), tmp_path / "run")                  # a plain model over it: no stale adapter left behind
     assert "adapter_config.json" not in os.listdir(tmp_path / "run")

@@ -79,7 +79,7 @@ def test_quantized_model_close_to_float32(kind, backend):
     cfg = npgpt.GPTConfig(**CFG)
     ref_model = npgpt.GPT(cfg, seed=0).eval()
     model = npgpt.inference.quant.quantize(npgpt.GPT(cfg, seed=0), kind)
-    assert model.weights == kind
+    assert model.weight_format == kind
     # one packed wte for both uses
     assert model.lm_head.packed is model.wte.packed
     idx = np.random.default_rng(0).integers(0, cfg.n_vocab, (2, 30))
@@ -121,7 +121,7 @@ def test_checkpoint_roundtrip_memory_mapped(kind, tmp_path):
     cfg = npgpt.GPTConfig(**CFG)
     npgpt.save_model(npgpt.GPT(cfg, seed=0), tmp_path / "fp32")
     model = npgpt.load_model(tmp_path / "fp32", weights=kind)
-    assert model.weights == kind
+    assert model.weight_format == kind
     npgpt.save_model(model, tmp_path / "q")
     tensors, meta = read_safetensors(tmp_path / "q" / "model.safetensors", raw_bf16=True)
     assert meta["npgpt.weights"] == kind
@@ -132,7 +132,7 @@ def test_checkpoint_roundtrip_memory_mapped(kind, tmp_path):
     else:
         assert w.dtype == np.uint16
     loaded = npgpt.load_model(tmp_path / "q")
-    assert loaded.weights == kind
+    assert loaded.weight_format == kind
     packed = loaded.h[1].mlp.c_proj.packed
     base = packed
     while base.base is not None and not isinstance(base, np.memmap):
@@ -166,5 +166,5 @@ def test_cli_generate_weights(tmp_path, capsys, monkeypatch):
         assert main(["generate", "--model", str(path), "--weights", w, "-n", "3", "--temperature", "0", "hi"]) == 0
         (model,) = used
         used.clear()
-        assert model.weights == w
+        assert model.weight_format == w
         assert (quant.weight_bytes(model), capsys.readouterr().out) == want[w]

@@ -42,5 +42,5 @@ def run(args) -> int:
         raise CLIError(str(e)) from None
     n = sum(int(np.prod(shape)) for shape in hf_param_shapes(model.config).values())
     print(f"wrote {args.dst} ({n:,} parameters, {args.dtype}"
-          + (f", unpacked from {model.weights}" if model.weights != "fp32" else "") + ")")
+          + (f", unpacked from {model.weight_format}" if model.weight_format != "fp32" else "") + ")")
     return 0

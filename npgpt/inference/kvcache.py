@@ -14,7 +14,7 @@ was prefilled with right padding. When all rows hold the same length the causal 
 attention kernel alone does the masking; otherwise an additive mask (-inf on the keys a row
 must not see) is built once per forward pass and shared by all layers. When only one position a
 row is wanted (the last block of GPT.forward_cached with last_only), that block's one query a row
-gets its own (B, 1, 1, Tk) mask from LayerKV.store(keep=).
+gets its own (B, 1, 1, Tk) mask from LayerKV.store(only_at=).
 """
 from __future__ import annotations
 
@@ -138,12 +138,12 @@ class LayerKV:
         ok = self.empty() and all(a.dtype == dtype and a.flags.c_contiguous for a in (self.k, self.v))
         return (self.k, self.v) if ok else None
 
-    def store(self, k, v, keep=None):
+    def store(self, k, v, only_at=None):
         """Write the new keys/values k, v (B, NH, T, hs) after each row's cached positions.
 
         Returns (keys, values, mask): all keys and values to attend to (B, NH, Tk, hs), views into
         the buffers, and the additive mask (B, 1, T, Tk) or None when the kernel's causal offset
-        Tk - T is exact (all rows hold the same length). keep (B,): only query keep[b] of row b
+        Tk - T is exact (all rows hold the same length). only_at (B,): only query only_at[b] of row b
         will attend (the one position whose output is needed); the mask is then (B, 1, 1, Tk),
         hiding the keys past that query's own position, or None when there are none."""
         pos, Tk, mask = self.cache._step
@@ -157,8 +157,8 @@ class LayerKV:
             # advanced indices on axes 0 and 2 -> the indexed view is (B, T, NH, hs)
             self.k[rows, :, pos] = k.transpose(0, 2, 1, 3)
             self.v[rows, :, pos] = v.transpose(0, 2, 1, 3)
-        if keep is not None:
-            at = pos[np.arange(pos.shape[0]), keep]                    # (B,) the kept queries' positions
+        if only_at is not None:
+            at = pos[np.arange(pos.shape[0]), only_at]                    # (B,) the kept queries' positions
             hidden = np.arange(Tk)[None, :] > at[:, None]              # (B, Tk) keys after them
             mask = additive_mask(hidden, self.k.dtype)[:, None, None] if hidden.any() else None   # (B, 1, 1, Tk)
         return self.k[:, :, :Tk], self.v[:, :, :Tk], mask

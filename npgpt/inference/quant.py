@@ -192,7 +192,7 @@ def quantize(model, kind: str = "int8"):
     kind = check_kind(kind)
     if kind == "fp32":
         return model
-    current = getattr(model, "weights", "fp32")
+    current = model.weight_format
     if current != "fp32":
         raise ValueError(f"the model already holds {current} weights; quantize its float32 original")
     if model.dtype != np.float32:
@@ -206,7 +206,7 @@ def quantize(model, kind: str = "int8"):
         model.replace(name, QuantLinear.from_linear(lin, kind))
     model.wte = QuantEmbedding.from_embedding(model.wte, kind)
     model.lm_head = QuantTiedLMHead(model.wte)
-    model.weights = kind
+    model.weight_format = kind
     return model.eval()
 
 

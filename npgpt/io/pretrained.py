@@ -65,7 +65,7 @@ def save_model(model, directory) -> str:
     if hasattr(model, "save_head"):                  # a Classifier
         save_model(model.gpt, directory)
         return model.save_head(directory)
-    if model.weights != "fp32":
+    if model.weight_format != "fp32":
         return save_quantized(model, directory)
     if lora_layers(model):
         return save_with_adapter(model, directory)   # base weights + adapter_config.json + adapter_model.safetensors

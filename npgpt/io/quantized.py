@@ -18,7 +18,7 @@ def save_quantized(model, directory) -> str:
     """config.json + model.safetensors of a quantized model (see the module docstring), written as
     npgpt.io.safetensors.write_model_dir writes them."""
     from .safetensors import hf_config_dict, write_model_dir
-    kind = getattr(model, "weights", "fp32")
+    kind = model.weight_format
     if kind == "fp32":
         raise ValueError("save_quantized: the model holds float32 weights (use model.save)")
     tensors, dtypes = {}, {}
@@ -107,6 +107,6 @@ def load_quantized(path):
         model.replace(name, QuantLinear(*packed[f"{name}.weight"], np.zeros(n_out, np.float32)))
     model.wte = QuantEmbedding(*packed["transformer.wte.weight"])
     model.lm_head = QuantTiedLMHead(model.wte)
-    model.weights = kind
+    model.weight_format = kind
     model.load_state_dict(floats, strict=True, assign=True)   # LayerNorms, biases, wpe (small copies)
     return model.eval()

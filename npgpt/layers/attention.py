@@ -7,32 +7,22 @@
     y   = a @ v                                                  (B, NH, T, hs) -> (B, T, C)
     out = y @ w_proj + b_proj,  then residual dropout            (B, T, C)
 
-Two implementations of the attention core (s, a, y and their backward):
-  - the readable one below (`attend` and `backward`), which holds the (B, NH, T, T) probabilities
-    between forward and backward; it is the reference, and the only path with NPGPT_KERNELS=numpy;
-  - the fused Numba kernel npgpt/fast/flash_attention.py (FlashAttention-2 tiling): it keeps
-    only one logsumexp per query row and recomputes the probabilities block by block in backward.
-The layer takes the fused kernel when the Numba backend is on, attention dropout is inactive
-(p = 0, or eval mode: the kernel has no dropout) and T >= the threshold: the module constant
-FLASH_MIN_T (set from measurements, see docs/performance.md; the environment variable
-NPGPT_FLASH_MIN_T overrides it at import), or a layer's own `flash_min_T` attribute when set
-(0 = always fused, a huge value = never). The kernel needs SciPy (Numba's np.dot calls its BLAS);
-without it the readable path runs.
+The attention core (s, a, y and their backward) below is the readable one (`attend` and `backward`),
+which holds the (B, NH, T, T) probabilities between forward and backward. For long sequences the
+layer asks npgpt/fast/fused_attention.py one question, `runs_fused(T)`, and on yes runs the fused
+Numba kernel (FlashAttention-2 tiling) that the readable core is the reference of.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
 from .. import fast
+from ..fast import fused_attention
 from .dropout import Dropout
 from .linear import Linear
 from .module import Module, spawn_seeds
-
-
-FLASH_MIN_T = int(os.environ.get("NPGPT_FLASH_MIN_T", "128"))   # measured crossover: docs/performance.md
 
 
 def causal_softmax_numpy(s, scale):
@@ -60,7 +50,7 @@ def causal_softmax_backward_numpy(da, a, scale):
 
 
 class CausalSelfAttention(Module):
-    flash_min_T = None          # per-layer override of the module's FLASH_MIN_T (None: use the module's)
+    flash_min_T = None          # this layer's fused-kernel threshold (None: npgpt.fast.fused_attention's)
 
     def __init__(self, C: int, NH: int, *, dtype=np.float32, rng=None, dropout: float = 0.0,
                  n_layer: int = 1, seed=None):
@@ -77,19 +67,16 @@ class CausalSelfAttention(Module):
         qkv = qkv.reshape(B, T, 3, self.NH, self.hs)
         return [qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]
 
-    def fused(self, T: int) -> bool:
-        """True when this forward runs the fused kernel (see the module docstring)."""
-        if not fast.use_numba() or self.attn_dropout.active() or not fast.flash_attention_available():
-            return False
-        threshold = FLASH_MIN_T if self.flash_min_T is None else self.flash_min_T
-        return T >= threshold
+    def runs_fused(self, T: int) -> bool:
+        """Whether a forward over T positions runs the fused kernel (npgpt.fast.fused_attention decides)."""
+        return fused_attention.runs_fused(T, self.attn_dropout.active(), self.flash_min_T)
 
     def attend(self, q, k, v):
         """The attention core on (B, NH, T, hs) tensors; returns y (B, NH, T, hs)."""
         scale = 1.0 / math.sqrt(self.hs)
         s = q @ k.transpose(0, 1, 3, 2)                                # (B, NH, T, T)
         a = causal_softmax(s, scale)                                   # (B, NH, T, T)
-        self.save_for_backward(q=q, k=k, v=v, a=a, y=None, L=None)
+        self.save_for_backward(q=q, k=k, v=v, a=a, y=None, L=None, fused=False)
         a_drop = self.attn_dropout(a)                                  # (B, NH, T, T)
         return a_drop @ v                                              # (B, NH, T, hs)
 
@@ -97,11 +84,10 @@ class CausalSelfAttention(Module):
         B, T, C = x.shape
         qkv = self.c_attn(x)                                           # (B, T, 3C)
         q, k, v = self.split_heads(qkv)                                # (B, NH, T, hs) each
-        if self.fused(T):
+        if self.runs_fused(T):
             y = np.empty((B, T, C), dtype=qkv.dtype)                   # heads written straight in place
-            _, L = fast.flash_attention_forward(q, k, v, 1.0 / math.sqrt(self.hs),
-                                                   out=self.heads_view(y))
-            self.save_for_backward(q=q, k=k, v=v, a=None, y=y, L=L)    # y is c_proj's input: no copy
+            _, L = fast.flash_attention_forward(q, k, v, 1.0 / math.sqrt(self.hs), out=self.heads_view(y))
+            self.save_for_backward(q=q, k=k, v=v, a=None, y=y, L=L, fused=True)   # y is c_proj's input: no copy
         else:
             y = self.attend(q, k, v)                                   # (B, NH, T, hs)
             y = y.transpose(0, 2, 1, 3).reshape(B, T, C)               # re-assemble heads (B, T, C)
@@ -114,14 +100,14 @@ class CausalSelfAttention(Module):
 
     def backward(self, dout):
         B, T, C = dout.shape
-        q, k, v, a = self.saved("q", "k", "v", "a")
+        q, k, v, a, fused = self.saved("q", "k", "v", "a", "fused")
         scale = 1.0 / math.sqrt(self.hs)
         # out = dropout(y @ w_proj + b_proj)
         dy = self.c_proj.backward(self.resid_dropout.backward(dout))   # (B, T, C)
         dy = dy.reshape(B, T, self.NH, self.hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
         dqkv = np.empty((B, T, 3, self.NH, self.hs), dtype=dout.dtype)
         dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # views (B, NH, T, hs)
-        if a is None:                                                  # the forward ran the fused kernel
+        if fused:                                                      # the forward ran the fused kernel
             y, L = self.saved("y", "L")
             fast.flash_attention_backward(q, k, v, self.heads_view(y), L, dy, scale, dq, dk, dv)
             return self.c_attn.backward(dqkv.reshape(B, T, 3 * C))
@@ -141,25 +127,22 @@ class CausalSelfAttention(Module):
         return self.c_attn.backward(dqkv.reshape(B, T, 3 * C))
 
     # ----------------------------------------------------------------- inference with a KV cache
-    def forward_cached(self, x, layer_cache, keep=None):
+    def forward_cached(self, x, layer_cache, only_at=None):
         """Inference only (no dropout, nothing kept for backward): x (B, T, C) holds the newest T
         positions. Their keys and values are appended to layer_cache (npgpt.inference.kvcache.LayerKV) and their
         queries attend to every cached position of their row, query t seeing keys j <= t + Tk - T.
-        keep (B,): only the output at position keep[b] of each row is wanted (the last block of a
+        only_at (B,): only the output at position only_at[b] of each row is wanted (the last block of a
         prefill): every key and value is still stored, but one query per row attends -> (B, 1, C)."""
         B, T, C = x.shape
         q, k, v = self.split_heads(self.c_attn(x))                     # (B, NH, T, hs) each
         scale = 1.0 / math.sqrt(self.hs)
-        if keep is None and layer_cache.empty() and self.fused(T):     # a prompt into an empty cache
+        if only_at is None and layer_cache.empty() and self.runs_fused(T):   # a prompt into an empty cache
             y = np.empty((B, T, C), dtype=q.dtype)
-            kv = layer_cache.buffers(q.dtype)                          # the kernel stores k, v on its way
-            fast.flash_attention_forward(q, k, v, scale, out=self.heads_view(y), kv_out=kv)
-            if kv is None:                                             # a cache of another dtype or layout
-                layer_cache.store(k, v)
+            fused_attention.prefill(q, k, v, scale, self.heads_view(y), layer_cache)   # stores k, v too
             return self.c_proj(y)
-        keys, values, mask = layer_cache.store(k, v, keep)             # (B, NH, Tk, hs); mask (B, 1, T | 1, Tk) | None
-        if keep is not None:
-            q, T = q[np.arange(B), :, keep][:, :, None], 1             # (B, NH, 1, hs): the kept queries
+        keys, values, mask = layer_cache.store(k, v, only_at)             # (B, NH, Tk, hs); mask (B, 1, T | 1, Tk) | None
+        if only_at is not None:
+            q, T = q[np.arange(B), :, only_at][:, :, None], 1             # (B, NH, 1, hs): the kept queries
         s = q @ keys.transpose(0, 1, 3, 2)                             # (B, NH, T, Tk)
         if mask is not None:
             s += mask                                                  # -inf on keys a ragged row must not see

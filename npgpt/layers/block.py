@@ -33,16 +33,16 @@ class Block(Module):
         # x1 = x + attn(ln_1(x))   =>  dx  = dx1 + ln_1'(attn'(dx1))
         return dx1 + self.ln_1.backward(self.attn.backward(dx1))
 
-    def forward_cached(self, x, layer_cache, keep=None):
+    def forward_cached(self, x, layer_cache, only_at=None):
         """Inference with a KV cache (see CausalSelfAttention.forward_cached), keeping nothing for
         backward. The sub-layers' own forward runs (a swapped MLP runs too), so dropout is off only in
-        eval mode: GPT.forward_cached runs every block under model.eval_mode(). keep (B,): only the
-        output at position keep[b] of each row is computed (B, 1, C); the keys and values of all
+        eval mode: GPT.forward_cached runs every block under model.eval_mode(). only_at (B,): only the
+        output at position only_at[b] of each row is computed (B, 1, C); the keys and values of all
         T positions still go into the cache."""
         with no_grad():
-            a = self.attn.forward_cached(self.ln_1(x), layer_cache, keep)  # (B, T, C) | (B, 1, C)
-            if keep is not None:
-                x = x[np.arange(len(x)), keep][:, None]                    # (B, 1, C): the kept positions
+            a = self.attn.forward_cached(self.ln_1(x), layer_cache, only_at)  # (B, T, C) | (B, 1, C)
+            if only_at is not None:
+                x = x[np.arange(len(x)), only_at][:, None]                    # (B, 1, C): the kept positions
             x = x + a
             x = x + self.mlp(self.ln_2(x))                                 # (B, T, C) | (B, 1, C)
         return x
