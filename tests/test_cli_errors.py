@@ -159,7 +159,7 @@ def test_train_beyond_memory_names_the_flag(tmp_path, capsys, flag, value):
 def test_training_bytes_is_a_lower_bound(backend):
     """What the memory check counts never exceeds what a training step allocates (traced), on the leanest
     path: the fused attention kernel (T >= its threshold) keeps no attention probabilities."""
-    from npgpt.cli.train import _gpt_parameters, _training_bytes
+    from npgpt.train.recipe import _gpt_parameters, _training_bytes
     from npgpt.optim import AdamW
     from npgpt.train.lm import lm_loss
     config = GPTConfig(n_vocab=50257, n_ctx=256, n_embd=128, n_head=2, n_layer=2)

@@ -13,7 +13,7 @@ import pytest
 
 import npgpt
 from npgpt.cli import main
-from npgpt.cli.finetune import finish_lora
+from npgpt.finetune.recipes import finish_lora
 from npgpt.layers.lora import apply_lora, lora_layers
 from npgpt.finetune.classify import ClassRows, classify_loss, count_rows
 from npgpt.train.data import BatchStream, Windows

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -43,14 +44,17 @@ def quiet_on_broken_pipe(run, args) -> int:
         return 0
 
 
-def refuse_packed(init) -> None:
-    """CLIError when --init is a checkpoint of packed (bf16 / int8) weights: a command that trains
-    needs float weights (a packed model has no backward)."""
-    from ..io.quantized import checkpoint_kind
-    kind = checkpoint_kind(init)
-    if kind is not None:
-        raise CLIError(f"--init {init}: holds packed {kind} weights, which are inference-only; "
-                       "train from the float checkpoint they were packed from")
+@contextlib.contextmanager
+def recipe_errors():
+    """A library recipe's user errors as CLIError: the ValueError or OSError (FloatingPointError: a run
+    gone non-finite) whose one line names the flag or file. A reader of stdout that went away stays a
+    BrokenPipeError (quiet_on_broken_pipe)."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except (ValueError, OSError, FloatingPointError) as e:
+        raise CLIError(str(e)) from None
 
 
 def one_line(msg) -> str:
