@@ -32,6 +32,8 @@ import sys
 
 import numpy as np
 
+from .fast.settings import set_threads
+
 BUCKET_BYTES = 32 * 2**20
 
 # Set by the launchers: MPICH/Intel hydra (PMI_*, MPI_LOCALNRANKS), Open MPI (OMPI_*), PMIx (PMIX_RANK).
@@ -250,35 +252,6 @@ def init(threads: int | None = None):
     elif threads:
         set_threads(threads, _DIST.local_size)
     return _DIST
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def set_threads(threads: int | None = None, local_ranks: int = 1) -> int | None:
-    """BLAS (threadpoolctl) and Numba threads: `threads` if given, else max(1, cores // local_ranks),
-    unless the user set OMP_NUM_THREADS / NUMBA_NUM_THREADS (then those stand). Returns what was set."""
-    if threads is None:
-        if os.environ.get("OMP_NUM_THREADS") or os.environ.get("NUMBA_NUM_THREADS"):
-            return None
-        threads = max(1, cores() // max(1, local_ranks))
-    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):   # BLAS libraries loaded later (SciPy's, via Numba)
-        os.environ[var] = str(threads)
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(limits=threads)
-    except ImportError:
-        pass
-    try:
-        import numba
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:
-        pass
-    return threads
 
 
 def rank() -> int:

@@ -5,14 +5,11 @@ parallel, and picks per call: a parallel region costs a thread wake-up on every 
 waste for the tiny arrays of decoding and gradient checks, and a stall whenever another
 process holds a core. Call `kernel(work, *args)` where `work` is the number of elements touched.
 """
-import os
 import types
 
-# GNU OpenMP threads spin after each parallel region by default, on the very cores OpenBLAS
-# needs for the next GEMM (and OpenBLAS's threads do the same to us): the two pools then fight
-# over 2 cores and a train step runs ~4x slower. Passive waiting puts idle threads to sleep.
-# Read by libgomp when Numba first loads it (the first parallel launch), so set it here.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from .settings import quiet_kernel_threads
+
+quiet_kernel_threads()   # before Numba loads libgomp (see npgpt/fast/settings.py)
 
 from numba import njit  # noqa: E402
 

@@ -3,9 +3,12 @@
     apply(inference=False)     what the `npgpt` command and `npgpt bench` call first, before NumPy loads:
                                blas_threads_spin_briefly(), keep_freed_memory(), and for the
                                inference commands spin_between_kernels()
-    OMP_WAIT_POLICY=PASSIVE    set by npgpt/fast/_jit.py when the kernels are first compiled (Numba's
-                               OpenMP threads sleep between kernels, leaving the cores to OpenBLAS)
-    set_threads(...)           BLAS and Numba threads of one MPI rank (npgpt.distributed.set_threads)
+    quiet_kernel_threads()     OMP_WAIT_POLICY=PASSIVE, which npgpt/fast/_jit.py asks for before Numba
+                               loads libgomp (the kernels' OpenMP threads sleep between kernels,
+                               leaving the cores to OpenBLAS; otherwise the two pools fight over the
+                               cores and a 2-core train step runs ~4x slower)
+    set_threads(n, local_ranks) BLAS and Numba threads of this process (npgpt.distributed.init calls it
+                               for an MPI rank, or for --threads)
 
 Library users call apply() themselves, first thing, if they want the same.
 
@@ -79,3 +82,38 @@ def spin_between_kernels() -> bool:
         return False
     os.environ["GOMP_SPINCOUNT"] = INFERENCE_SPIN_COUNT
     return True
+
+
+def quiet_kernel_threads() -> None:
+    """OMP_WAIT_POLICY=PASSIVE unless set: idle OpenMP threads sleep instead of spinning on the cores the
+    next GEMM needs. libgomp reads it when Numba first loads it (the first parallel launch)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None = None, local_ranks: int = 1) -> int | None:
+    """BLAS (threadpoolctl) and Numba threads: `threads` if given, else max(1, cores // local_ranks),
+    unless the user set OMP_NUM_THREADS / NUMBA_NUM_THREADS (then those stand). Returns what was set."""
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS") or os.environ.get("NUMBA_NUM_THREADS"):
+            return None
+        threads = max(1, cores() // max(1, local_ranks))
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):   # BLAS libraries loaded later (SciPy's, via Numba)
+        os.environ[var] = str(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=threads)
+    except ImportError:
+        pass
+    try:
+        import numba
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+    return threads

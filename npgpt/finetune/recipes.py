@@ -277,8 +277,6 @@ def setup_lora(model, cfg, base=None):
             if v is not None:
                 raise ValueError(f"--{name.replace('_', '-')} needs --lora-rank")
         return None
-    if rank < 1:
-        raise ValueError(f"--lora-rank must be >= 1, got {rank}")
     alpha = float(rank) if alpha is None else alpha
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"--lora-alpha must be a finite number > 0, got {alpha}")

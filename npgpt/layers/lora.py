@@ -36,11 +36,16 @@ from .linear import Linear, add_bias_
 from .module import Module, Parameter
 
 
+def check_rank(rank) -> None:
+    """ValueError unless rank is a whole number >= 1 (the one place a LoRA rank is checked)."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank}")
+
+
 class LoRALinear(Module):
     def __init__(self, base: Linear, rank: int, alpha: float, *, rng=None, freeze_base: bool = True):
         n_in, n_out = base.weight.data.shape
-        if int(rank) != rank or rank < 1:
-            raise ValueError(f"LoRA rank must be an integer >= 1, got {rank}")
+        check_rank(rank)
         dtype = base.weight.data.dtype
         self.rank, self.alpha = int(rank), float(alpha)
         self.scale = self.alpha / self.rank                                   # s = alpha / r
@@ -120,23 +125,9 @@ def _body(model):
     return gpt if isinstance(gpt, Module) else model
 
 
-def _layers(module, kinds, prefix=""):
-    """(dotted name, owner module, attribute name, layer) for every layer of the given kinds held as
-    a direct attribute of some module, depth first, with Hugging Face names (transformer.h.0...)."""
-    for name, v in module._members():
-        if not isinstance(v, Module):
-            continue
-        if isinstance(v, kinds):
-            attr = next((a for a, value in vars(module).items() if value is v), None)
-            if attr is not None:
-                yield prefix + name, module, attr, v
-        else:
-            yield from _layers(v, kinds, prefix + name + ".")
-
-
 def lora_layers(model) -> list:
     """[(dotted name, LoRALinear)] of the model's GPT body (names as in GPT2LMHeadModel)."""
-    return [(name, layer) for name, _, _, layer in _layers(_body(model), LoRALinear)]
+    return [(name, m) for name, m in _body(model).named_modules() if isinstance(m, LoRALinear)]
 
 
 def _matches(name: str, targets) -> bool:
@@ -164,26 +155,25 @@ def apply_lora(model, rank: int, alpha: float, targets=None, seed=0, base: str |
     base: the base model's name or path, recorded for save_adapter."""
     if lora_layers(model):
         raise ValueError("the model already holds LoRA adapters (merge them first, or load into a fresh model)")
-    if not (isinstance(rank, (int, np.integer)) and rank >= 1):
-        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank}")
+    check_rank(rank)
     if isinstance(targets, (list, tuple)) and not targets:
         raise ValueError("targets must name at least one layer (None: every Linear)")
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha}")
     body = _body(model)
-    found = [(name, owner, attr, lin) for name, owner, attr, lin in _layers(body, Linear)
-             if not isinstance(lin, LastTokenHead) and _matches(name, targets)]
+    found = [(name, lin) for name, lin in body.named_modules()
+             if isinstance(lin, Linear) and not isinstance(lin, LastTokenHead) and _matches(name, targets)]
     if not found:
         raise ValueError(f"no Linear layer matches targets {targets!r}")
     model.requires_grad_(False)                                      # the whole base model frozen
     rng = np.random.default_rng(seed)
-    for name, owner, attr, lin in found:
-        setattr(owner, attr, LoRALinear(lin, rank, alpha, rng=rng))  # A (in, r) random, B (r, out) zero
+    for name, lin in found:
+        body.replace(name, LoRALinear(lin, rank, alpha, rng=rng))   # A (in, r) random, B (r, out) zero
     for m in model.modules():
         if isinstance(m, LastTokenHead):
             m.requires_grad_(True)                                   # a classification head trains in full
     if targets is None:
-        targets = sorted({name.rsplit(".", 1)[-1] for name, *_ in found})
+        targets = sorted({name.rsplit(".", 1)[-1] for name, _ in found})
     body.lora_config = LoRAConfig(int(rank), float(alpha), list(targets) if not isinstance(targets, str) else targets,
                                   None if base is None else os.fspath(base))
     return count_trainable(model)
@@ -193,7 +183,7 @@ def merge(model):
     """Fold every adapter into its base weight, W += (alpha/r) A B, and put plain Linears back (in place;
     returns the model). The merged model computes the same function, with no adapter cost."""
     body = _body(model)
-    for _, owner, attr, layer in list(_layers(body, LoRALinear)):
-        setattr(owner, attr, layer.merged())
+    for name, layer in lora_layers(body):
+        body.replace(name, layer.merged())
     body.__dict__.pop("lora_config", None)
     return model

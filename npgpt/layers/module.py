@@ -51,20 +51,16 @@ class no_grad(contextlib.ContextDecorator):
 
 
 class Parameter:
-    """data and its gradient. zero_grad() only marks the gradient as zero; the array is
-    cleared when `.grad` is next read, or, by add_matmul, overwritten by a product with no
-    temporary and no clearing pass (the largest gradients are all matmul products). As with
-    PyTorch's zero_grad(set_to_none=True), a gradient array fetched before zero_grad() keeps
-    its old values: fetch `.grad` again after zeroing.
+    """An array (data, always C-contiguous) and its gradient (grad), which backward passes only add into.
 
-    has_grad tells whether a gradient arrived since the last zero_grad() (a backward, or anything
-    else, read or wrote `.grad`): AdamW and clip_grad_norm skip parameters without one, so a
-    parameter no backward reached (or a frozen one) neither decays nor moves on old momentum.
-
-    requires_grad = False freezes the parameter: backward passes compute no gradient for it (a frozen
-    Linear skips its dL/dw GEMM), so it never has one, and AdamW keeps no moments for it.
-
-    data is always C-contiguous (converted on assignment), so kernels can update it through a flat view."""
+    - requires_grad = False freezes it: no gradient is computed for it (a frozen Linear skips its
+      dL/dw GEMM) and AdamW keeps no moments for it.
+    - has_grad: whether a gradient arrived since the last zero_grad(). AdamW and clip_grad_norm skip
+      parameters without one, so a parameter no backward reached neither decays nor moves on old momentum.
+    - Speed, not math: zero_grad() only marks the gradient as zero (the array is cleared when .grad is
+      next read, or overwritten by add_matmul's product with no clearing pass), and move_to() lets
+      AdamW keep every parameter in one flat buffer. As with PyTorch's zero_grad(set_to_none=True),
+      fetch .grad again after zeroing."""
     __slots__ = ("_data", "_grad", "_grad_is_zero", "requires_grad")
 
     def __init__(self, data: np.ndarray, requires_grad: bool = True):
