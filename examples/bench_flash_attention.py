@@ -6,7 +6,7 @@ process and run, alternating, best of --reps after a warm-up:
 
   materialised  s = q k^T (BLAS), causal softmax kernel, y = a v; backward da = dy v^T, dv = a^T dy,
                 softmax backward kernel, dq = ds k, dk = ds^T q (exactly the layer's readable path)
-  fused         npgpt/kernels/flash_attention.py forward + backward
+  fused         npgpt/fast/flash_attention.py forward + backward
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/bench_flash_attention.py
 """

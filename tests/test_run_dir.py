@@ -296,3 +296,89 @@ def test_the_run_directory_itself_opens_as_a_hugging_face_model_directory(tmp_pa
         assert (out / name).is_symlink() and os.readlink(out / name) == os.path.join("checkpoint", name)
         assert (out / name).read_bytes() == (out / "ckpt-000004" / name).read_bytes()
     assert {"tokenizer.json", "tokenizer_config.json", "npgpt_tokenizer.json"} <= {p.name for p in out.iterdir()}
+
+
+# ----------------------------------------------------------------------------- found in review
+def test_train_resume_refuses_a_finetune_run_and_leaves_it_alone(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(capsys, out, "--steps", "2")[0] == 0
+    run_json = out / "run.json"
+    s = json.loads(run_json.read_text())
+    run_json.write_text(json.dumps({**s, "command": "finetune", "task": "instruct"}))
+    before = run_json.read_bytes()
+    one_line_error(*train(capsys, out, "--resume", "--steps", "4")[::2], "npgpt finetune instruct", "cannot continue")
+    assert run_json.read_bytes() == before
+
+
+def test_a_resume_that_fails_to_load_leaves_run_json_as_it_was(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(capsys, out, "--steps", "2")[0] == 0
+    (out / "checkpoint" / "optimizer.safetensors").write_bytes(b"garbage")
+    before = (out / "run.json").read_bytes()
+    one_line_error(*train(capsys, out, "--resume", "--steps", "40")[::2], "optimizer.safetensors")
+    assert (out / "run.json").read_bytes() == before
+
+
+def test_links_where_the_lock_or_the_metrics_go_are_not_followed(tmp_path, capsys):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("mine")
+    a = tmp_path / "a"
+    a.mkdir()
+    os.symlink(precious, a / LOCK_FILE)
+    one_line_error(*train(capsys, a, "--steps", "2")[::2], LOCK_FILE, "link")
+    b = tmp_path / "b"
+    b.mkdir()
+    os.symlink(precious, b / "metrics.jsonl")
+    one_line_error(*train(capsys, b, "--steps", "2", "--overwrite")[::2], "metrics.jsonl")
+    assert precious.read_text() == "mine"
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_again(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = train(capsys, out, "--steps", "3", "--save-every", "1", "--eval-every", "0", "--lr", "1e38")
+    assert code == 2 and checkpoint_dir(out) is None, err
+    code, _, err = train(capsys, out, "--steps", "2", "--eval-every", "0")
+    assert code == 0, err
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2]   # the new run's only
+
+
+def test_set_threads_asks_for_quiet_kernel_threads_first(monkeypatch):
+    from npgpt.fast import settings
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    settings.set_threads(1)
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_init_from_a_lora_run_trains_every_weight_of_what_that_run_computes(tmp_path):
+    from npgpt.layers.lora import apply_lora, lora_layers
+    from npgpt.train.recipe import load_init
+    model = npgpt.GPT(npgpt.GPTConfig(n_vocab=61, n_ctx=16, n_embd=16, n_head=2, n_layer=1), seed=0)
+    apply_lora(model, 2, 4.0, seed=1, base="base")
+    for _, layer in lora_layers(model):
+        layer.lora_B.data[...] = 0.1                    # an adapter that changes the function
+    npgpt.save_model(model, tmp_path / "lora")
+    idx = np.arange(8)[None]
+    expected = model.forward(idx)
+    loaded = load_init(str(tmp_path / "lora"), npgpt.load_model)
+    assert not lora_layers(loaded) and all(p.requires_grad for p in loaded.parameters())
+    np.testing.assert_allclose(loaded.forward(idx), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_interrupted_classify_run_exits_130_and_reports_no_accuracy(tmp_path, capsys, monkeypatch):
+    """Ctrl-C (here: a stop asked for from the first update on) ends `finetune classify` with 130 and
+    no metrics.json, instead of the last evaluation's accuracy as if the run had finished."""
+    from npgpt.train import loop
+    base = tmp_path / "base"
+    npgpt.save_model(npgpt.GPT(npgpt.GPTConfig(n_vocab=50257, n_ctx=32, n_embd=16, n_head=2, n_layer=1), seed=0), base)
+    rows = tmp_path / "rows.tsv"
+    rows.write_text("".join(f"{'spam' if i % 2 else 'ham'}\tmessage number {i}\n" for i in range(40)))
+
+    def asked_to_stop(self):
+        self.requested = True
+        return self
+    monkeypatch.setattr(loop._StopOnSigint, "__enter__", asked_to_stop)
+    code = main(["finetune", "classify", "--data", str(rows), "--init", str(base), "--out", str(tmp_path / "run"),
+                 "--epochs", "3", "--batch", "4", "--no-progress"])
+    out = capsys.readouterr()
+    assert code == 130 and "interrupted" in out.out, out
+    assert not (tmp_path / "run" / "metrics.json").exists() and checkpoint_dir(tmp_path / "run") is not None

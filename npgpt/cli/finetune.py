@@ -69,6 +69,11 @@ def run(args) -> int:
     dist = distributed.init()                    # one process, or this rank of `mpiexec -n K npgpt finetune ...`
     with recipe_errors():
         r = finetune_classify(dist=dist, **_invocation(args))
+    if r.fit.interrupted:
+        if dist.is_main:
+            print(f"npgpt finetune classify: interrupted after {r.fit.step} updates; model in {r.out}; "
+                  "no test accuracy written", flush=True)
+        return 130
     if dist.is_main:                             # rank 0 evaluates and writes
         print(f"npgpt finetune classify: test accuracy {r.metrics['test_accuracy']:.4f}; model in {r.out} "
               f"(npgpt classify --model {r.out} TEXT)")

@@ -49,6 +49,7 @@ M_MMAP_MAX = -4
 def apply(inference: bool = False) -> None:
     """Every setting of the module docstring that a process makes for itself, at its start."""
     blas_threads_spin_briefly()
+    quiet_kernel_threads()
     keep_freed_memory()
     if inference:
         spin_between_kernels()
@@ -100,6 +101,7 @@ def cores() -> int:
 def set_threads(threads: int | None = None, local_ranks: int = 1) -> int | None:
     """BLAS (threadpoolctl) and Numba threads: `threads` if given, else max(1, cores // local_ranks),
     unless the user set OMP_NUM_THREADS / NUMBA_NUM_THREADS (then those stand). Returns what was set."""
+    quiet_kernel_threads()                  # before numba.set_num_threads loads libgomp
     if threads is None:
         if os.environ.get("OMP_NUM_THREADS") or os.environ.get("NUMBA_NUM_THREADS"):
             return None

@@ -6,7 +6,7 @@ last real token.
 
 Batches are padded on the right; lengths (B,) holds each row's count of real tokens. A saved
 classifier is a directory: the GPT in Hugging Face layout (config.json, model.safetensors; it
-loads with GPT.from_pretrained), plus classifier.safetensors (head.weight, head.bias) and
+loads with npgpt.load_model), plus classifier.safetensors (head.weight, head.bias) and
 classifier.json (the label names). A LoRA run's checkpoint holds the head and the adapters, and refers
 to the base GPT instead of copying it (npgpt.io.pretrained.save_model_files).
 """
@@ -91,7 +91,7 @@ class Classifier(Module):
     @classmethod
     def load(cls, path, dtype=np.float32, weights=None) -> "Classifier":
         """A directory written by save(), or a `npgpt finetune classify` run directory (its checkpoint).
-        weights="bf16" | "int8" packs the transformer's weights for inference (GPT.from_pretrained); the
+        weights="bf16" | "int8" packs the transformer's weights for inference (npgpt.load_model); the
         small head stays in float32."""
         from ..io import resolve_run_dir
         path = resolve_run_dir(os.fspath(path))

@@ -21,7 +21,7 @@ from .. import distributed
 from ..io.atomic import write_json
 from ..io.peft import BASE_REF, save_adapter
 from ..io.pretrained import load_model, save_model
-from ..layers.lora import apply_lora, merge
+from ..layers.lora import apply_lora, check_rank, merge
 from ..optim import AdamW
 from ..tokens.bpe import get_tokenizer
 from ..train.data import BatchStream
@@ -146,7 +146,7 @@ def _classify(cfg: ClassifyConfig, out, overwrite, progress, dist, log, hold) ->
     settings = run_settings(cfg, command="finetune", task="classify")
     result = _fit(hold, settings, cfg, out, overwrite, progress, dist, log, model, opt, batches, loop,
                   loss_fn=classify_loss, count_fn=count_rows, evaluate=evaluate)
-    if not dist.is_main:                         # rank 0 evaluates and writes
+    if not dist.is_main or result.interrupted:   # rank 0 writes the metrics of a finished run
         return RunResult(out, model, result)
     last = epoch_rows[-1]
     metrics = {"train_accuracy": last["train_accuracy"], "val_accuracy": last["val_accuracy"],
@@ -277,6 +277,10 @@ def setup_lora(model, cfg, base=None):
             if v is not None:
                 raise ValueError(f"--{name.replace('_', '-')} needs --lora-rank")
         return None
+    try:
+        check_rank(rank)
+    except ValueError as e:
+        raise ValueError(f"--lora-rank: {e}") from None
     alpha = float(rank) if alpha is None else alpha
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"--lora-alpha must be a finite number > 0, got {alpha}")

@@ -178,7 +178,7 @@ def load_adapter(model, directory):
 
 
 def save_with_adapter(gpt, directory) -> str:
-    """GPT.save of a model holding adapters: the base weights (config.json + model.safetensors, as if
+    """save_model of a GPT holding adapters: the base weights (config.json + model.safetensors, as if
     the adapters were not there) and the adapter files, in one directory."""
     from . import save_hf_checkpoint
     base = {name: p.data for name, p in _base_params(gpt)}
@@ -232,7 +232,7 @@ def read_base_ref(directory) -> dict:
 
 
 def base_of(name_or_path):
-    """Where GPT.from_pretrained reads the weights of `name_or_path`: for a checkpoint that refers to its
+    """Where npgpt.load_model reads the weights of `name_or_path`: for a checkpoint that refers to its
     base (base_model.json, no model.safetensors), that base (FileNotFoundError when it is gone); else itself."""
     directory = _model_dir(name_or_path)
     if directory is None or not _refers_to_base(directory):

@@ -77,7 +77,7 @@ def save_model_files(model, directory) -> str:
     """The model's part of a training checkpoint, written into `directory`. A model with LoRA adapters on
     a known, frozen base (apply_lora's base: `npgpt finetune --init`) copies none of the base's weights:
     config.json, the adapter (PEFT's layout), base_model.json and a Classifier's head. Any other model:
-    model.save(directory), the whole model. Returns the directory."""
+    save_model(model, directory), the whole model. Returns the directory."""
     body = _body(model)
     cfg = getattr(body, "lora_config", None)
     if cfg is None or cfg.base is None or not lora_layers(model) or any(p.requires_grad for _, p in _base_params(body)):

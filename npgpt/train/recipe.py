@@ -29,6 +29,7 @@ from ..config import PRESETS, SMALL_SHAPES, GPTConfig
 from ..io.pretrained import load_model
 from ..io.quantized import checkpoint_kind
 from ..layers.dropout import Dropout
+from ..layers.lora import lora_layers, merge
 from ..model import GPT
 from ..optim import AdamW
 from ..tokens.tokenizers import find_tokenizer, save_tokenizer, tokenizer_files
@@ -166,7 +167,8 @@ def pretrain(*, out=None, resume: bool = False, overwrite: bool = False, progres
     prompt = cfg.prompt if cfg.prompt is not None else _default_prompt(data)
 
     procs = f"; {dist.world_size} processes x {cfg.batch // dist.world_size} rows" if dist.world_size > 1 else ""
-    held = open_run(out, run_settings(cfg, command="train"), resume=resume, overwrite=overwrite) if main \
+    settings = run_settings(cfg, command="train")
+    held = open_run(out, settings, resume=resume, overwrite=overwrite) if main \
         else contextlib.nullcontext()
     try:
         with held:
@@ -183,7 +185,7 @@ def pretrain(*, out=None, resume: bool = False, overwrite: bool = False, progres
             result = fit(model, opt, batches, loop, loss_fn=lm_loss, count_fn=count_targets,
                          evaluate=lm_evaluator(data, cfg.batch, cfg.eval_batches),
                          sample=lm_sampler(data.tokenizer, prompt, cfg.sample_tokens, seed=cfg.seed),
-                         run_dir=out, resume=resume, overwrite=overwrite, extra_files=extra,
+                         run_dir=out, resume=resume, overwrite=overwrite, settings=settings, extra_files=extra,
                          progress=progress, dist=dist, log=log)
     except BrokenPipeError:                               # the reader of the log went away: not the run's fault
         raise
@@ -279,6 +281,9 @@ def resumed_config(given: dict, out) -> PretrainConfig:
         raise ValueError(f"--resume: {path} is unreadable ({e})") from None
     if not isinstance(saved, dict):
         raise ValueError(f"--resume: {path} is not a JSON object")
+    if saved.get("command") != "train":
+        what = f"npgpt {saved['command']} {saved.get('task', '')}".strip() if saved.get("command") else "not npgpt train"
+        raise ValueError(f"--resume: {out} holds a run of {what}, which npgpt train cannot continue")
     was = {**DEFAULTS, **{k: v for k, v in saved.items() if k in DEFAULTS}}
     for k, v in was.items():
         if not _fits(k, v):
@@ -344,15 +349,20 @@ def hold_out(hold: contextlib.ExitStack, out, settings: dict, *, overwrite: bool
 
 def load_init(init, load):
     """load(init) for training; ValueError naming --init when it fails, or when init holds packed (bf16 /
-    int8) weights: training needs float weights (a packed model has no backward)."""
+    int8) weights: training needs float weights (a packed model has no backward). A model that comes
+    with LoRA adapters (a LoRA run) has them merged, and every weight trainable again: training goes on
+    from what that run computes, not from its frozen base."""
     try:
         kind = checkpoint_kind(init)
         if kind is not None:
             raise ValueError(f"holds packed {kind} weights, which are inference-only; "
                              "train from the float checkpoint they were packed from")
-        return load(init)
+        model = load(init)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"--init {init}: {e}") from e
+    if lora_layers(model):
+        merge(model).requires_grad_(True)
+    return model
 
 
 # ----------------------------------------------------------------------------- model

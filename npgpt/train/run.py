@@ -101,6 +101,8 @@ def check_run_dir(run_dir, *, resume: bool = False, overwrite: bool = False) -> 
         return
     if overwrite or not _entries(run_dir):
         return
+    if is_run_dir(run_dir) and checkpoint_dir(run_dir) is None:
+        return                                    # a run that stopped before its first checkpoint starts again
     if is_run_dir(run_dir):
         raise RunDirError(f"{run_dir} already holds a run; continue it with --resume, or start it again with "
                           f"--overwrite, or choose another --out")
@@ -115,7 +117,8 @@ _held: dict = {}                                  # the runs this process holds:
 def open_run(run_dir, settings: dict | None = None, *, resume: bool = False, overwrite: bool = False):
     """Hold run_dir as this process's run for the body: take its lock, check it again (another process
     may have written since check_run_dir), clear a previous run's files on --overwrite, and write
-    run.json (the mark and `settings`; on a resume only when settings are given).
+    run.json (the mark and `settings`) for a new run; a resume's new settings are written by fit once the
+    checkpoint has loaded (write_settings), so a damaged checkpoint leaves run.json as it was.
 
     The lock is an exclusive flock on DIR/.npgpt.lock, which holds the holder's pid: a second process
     gets RunDirError naming it. Opening a run this process already holds does nothing (the command
@@ -133,13 +136,18 @@ def open_run(run_dir, settings: dict | None = None, *, resume: bool = False, ove
         check_run_dir(run_dir, resume=resume, overwrite=overwrite)
         if overwrite and not resume and is_run_dir(run_dir):
             _remove_run_files(run_dir)
-        if not resume or settings is not None:
-            write_json(os.path.join(run_dir, RUN_FILE), {RUN_MARK: 1, **(settings or {})})
+        if not resume:
+            write_settings(run_dir, settings)
         yield
     finally:
         del _held[key]
         if fd is not None:
             os.close(fd)                          # closing the descriptor releases the flock
+
+
+def write_settings(run_dir, settings: dict | None) -> None:
+    """run.json: the run mark and the run's settings, atomically."""
+    write_json(os.path.join(os.fspath(run_dir), RUN_FILE), {RUN_MARK: 1, **(settings or {})})
 
 
 def _lock(run_dir) -> int | None:
@@ -148,7 +156,12 @@ def _lock(run_dir) -> int | None:
         import fcntl
     except ImportError:                           # pragma: no cover - not POSIX: no lock
         return None
-    fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    path = os.path.join(run_dir, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:                          # ELOOP: a link where npgpt's lock file goes
+        raise RunDirError(f"{path} is not npgpt's lock file ({e.strerror}); npgpt does not follow links in a "
+                          f"run directory") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -348,7 +361,12 @@ class Metrics:
                 if os.path.isfile(self.path) else []
             with atomic_write(self.path) as f:
                 f.write("".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
-        self.f = open(self.path, "w" if resume_step is None else "a", encoding="utf-8")
+        mode = os.O_TRUNC if resume_step is None else os.O_APPEND
+        try:                                      # a link named metrics.jsonl is never written through
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | mode, 0o644)
+        except OSError as e:
+            raise RunDirError(f"{self.path} is not npgpt's metrics file ({e.strerror})") from None
+        self.f = os.fdopen(fd, "a", encoding="utf-8")
 
     def write(self, row: dict) -> None:
         self.f.write(json.dumps(row) + "\n")
