@@ -18,6 +18,16 @@ the sum is the gradient one process computes on the whole batch. (The two paths 
 different places; with more than 2 ranks MPI may then add in another order, which can change the
 last bits of a sum, never more.)
 
+During the backward. `npgpt.train.train_step` runs the last backward of each update inside
+`reduce_during_backward(model)`: as GPT.backward_hidden finishes ln_f and then each block (its
+grads_ready_hook), that module's slice of AdamW's packed gradient buffer starts its sum over the
+ranks (Iallreduce, in place) while the blocks below are still in backward, and allreduce_grads
+then starts what is left (wte, wpe), and waits for everything before the gradient norm and
+clipping: PyTorch DDP's bucket hooks. Earlier micro-batches of a gradient accumulation start
+nothing. Where the layout does not allow it (a frozen parameter, LoRA, a classifier, no packed
+buffer, ranks whose layouts differ) every rank falls back, alike, to the path below
+(_OverlappedReduce says how they agree). OVERLAP = False turns it off.
+
 Parameters with no gradient this step (`has_grad` False on a rank): the ranks first compare, with
 one MAX reduce of two integers per parameter (its code and minus it: no gradient, or where it lies
 in the buffer), which parameters received a gradient where. If that differs between ranks, the
@@ -27,14 +37,21 @@ clipping skip the same set everywhere.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import sys
+import threading
+import time
 
 import numpy as np
 
 from .fast.settings import set_threads
 
 BUCKET_BYTES = 32 * 2**20
+PROGRESS_SECONDS = 0.005     # how often the progress thread tests unfinished buckets (2 ms hides no more on
+                             # 2 cores; testing every 1 ms even when idle made the step 5% slower there)
+OVERLAP = True               # False: sum every gradient after the backward (set alike on every rank)
 
 # Set by the launchers: MPICH/Intel hydra (PMI_*, MPI_LOCALNRANKS), Open MPI (OMPI_*), PMIx (PMIX_RANK).
 MPI_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "MPI_LOCALNRANKS", "PMIX_RANK")
@@ -99,6 +116,9 @@ class LocalDist:
     def allreduce_grads(self, model):
         pass
 
+    def reduce_during_backward(self, model):
+        return contextlib.nullcontext()
+
     def allreduce_sum(self, x: float) -> float:
         return x
 
@@ -135,8 +155,12 @@ class MPIDist:
         self.local_size = node.Get_size()
         node.Free()
         self._plans = {}
+        self._overlap = None               # the _OverlappedReduce of the backward in progress
         self.bytes_per_step = 0            # bytes this rank's last allreduce_grads handed to MPI
-        self.allreduce_seconds = 0.0       # time the last allreduce_grads spent in MPI (incl. waiting)
+        self.allreduce_seconds = 0.0       # time the last allreduce_grads spent in MPI (incl. waiting):
+                                           # the communication left exposed after the backward
+        self.overlapped_buckets = 0        # buckets of the last update started during its backward
+        self.overlapped_bytes = 0          # and their bytes
 
     # ------------------------------------------------------------------ gradients
     def _plan(self, params):
@@ -155,11 +179,42 @@ class MPIDist:
             plan = self._plans[key] = (buffers, where)
         return plan
 
-    def allreduce_grads(self, model):
-        import time
+    @contextlib.contextmanager
+    def reduce_during_backward(self, model):
+        """Around the last backward of an update (every rank enters it, for the same update): as the
+        backward finishes each block's gradients (model.grads_ready_hook), their slice of AdamW's
+        packed gradient buffer starts its sum over the ranks (Iallreduce, in place) while the blocks
+        below are still in backward; allreduce_grads then reduces the rest and waits for them all.
+        See _OverlappedReduce for when it falls back to reducing everything after the backward."""
+        if not OVERLAP:
+            yield
+            return
+        overlap = self._overlap = _OverlappedReduce(self, model)
+        hooked = hasattr(model, "grads_ready_hook")
+        if hooked:
+            model.grads_ready_hook = overlap.ready
+        try:
+            yield
+        except BaseException:
+            overlap.stop_progress()
+            self._overlap = None
+            raise
+        finally:
+            if hooked:
+                del model.grads_ready_hook          # back to the class's None
 
+    def allreduce_grads(self, model):
         from .optim import tiled_buffer
         params = list(model.parameters())
+        overlap, self._overlap = self._overlap, None
+        self.overlapped_buckets = self.overlapped_bytes = 0
+        if overlap is not None and overlap.agreed():     # alike on every rank
+            t0 = time.perf_counter()
+            self.bytes_per_step = overlap.finish()
+            self._agree_on_missing(params)
+            self.overlapped_buckets, self.overlapped_bytes = overlap.buckets_in_backward, overlap.bytes_in_backward
+            self.allreduce_seconds = time.perf_counter() - t0
+            return
         if not params:
             return
         t0 = time.perf_counter()
@@ -181,6 +236,16 @@ class MPIDist:
         else:
             self.bytes_per_step = self._allreduce_copied(params, hi > -2)    # hi > -2: a gradient on some rank
         self.allreduce_seconds = time.perf_counter() - t0
+
+    def _agree_on_missing(self, params):
+        """After an overlapped reduce: a parameter with no gradient on this rank sent zeros (its slot was
+        cleared first); it gets the sum as its gradient when another rank had one, and stays without
+        one when no rank had (as the copying path leaves it). One MAX reduce of a flag a parameter."""
+        flags = np.array([p.has_grad for p in params], dtype=np.int8)
+        self.comm.Allreduce(self.MPI.IN_PLACE, flags, op=self.MPI.MAX)
+        for p, f in zip(params, flags):
+            if f and not p.has_grad:
+                p.grad = p._grad                # the slot holds the sum: mark it as this rank's gradient
 
     def _allreduce_flat(self, buf) -> int:
         """Sum buf over the ranks in place, bucket by bucket; returns the bytes handed to MPI."""
@@ -229,6 +294,150 @@ class MPIDist:
         sys.stdout.flush()
         sys.stderr.flush()
         self.comm.Abort(code)
+
+
+class _OverlappedReduce:
+    """One update's gradient sum, started during its backward (MPIDist.reduce_during_backward).
+
+    Made as the last micro-batch's backward begins: every rank describes its layout (1 when the model
+    calls grads_ready_hook, every parameter is trainable and the gradients tile one flat buffer, as
+    AdamW packs them; the parameter count; a digest of each one's offset and size) and starts one
+    MAX reduce of it, so that every rank decides alike, from the reduced result alone, whether to
+    overlap. Otherwise (a frozen parameter, LoRA, a classifier whose model calls no hook, no packed
+    buffer, ranks disagreeing) nothing starts early and allreduce_grads takes its usual path.
+
+    When they agree, each module the backward reports (ready) has its parameters' slices summed in
+    place: adjacent slices merged into contiguous runs of the buffer, each run cut into buckets of at
+    most BUCKET_BYTES, one Iallreduce a bucket. AdamW packs the >= 2-D parameters first, then the
+    rest, each part in model order, so a block gives two runs (its matrices; its biases and layernorm
+    weights). finish() starts what is left (wte and wpe, final only when backward returns) and waits
+    for everything. Every rank must run the same backward (the same modules reported, in the same
+    order), as with PyTorch's DDP: the ranks' buckets pair up by the order they start in.
+
+    MPICH moves a non-blocking collective only while some MPI call runs in the process, so a thread
+    (_Progress) tests the buckets in flight every PROGRESS_SECONDS while the backward computes; when MPI
+    was not initialised for threads, each report tests them instead."""
+
+    def __init__(self, dist, model):
+        self.dist, self.MPI = dist, dist.MPI
+        self.params = model.parameters()
+        self.flat, self.where = self._layout(model, self.params)
+        digest = 0
+        if self.flat is not None:
+            spans = np.array([self.where[id(p)] for p in self.params], dtype=np.int64)
+            h = hashlib.blake2b(spans.tobytes() + self.flat.dtype.str.encode(), digest_size=7).digest()
+            digest = int.from_bytes(h, "little")
+        mine = np.array([self.flat is not None, len(self.params), digest], dtype=np.int64)
+        self._layouts = np.concatenate([mine, -mine])            # MAX of (x, -x): each entry's max and min
+        self._request = dist.comm.Iallreduce(self.MPI.IN_PLACE, self._layouts, op=self.MPI.MAX)
+        self._agreed = None
+        self.started = set()                  # id of every parameter whose slice is on its way
+        self.requests, self.sent = [], 0
+        self.buckets_in_backward = self.bytes_in_backward = 0
+        self.progress = None
+
+    @staticmethod
+    def _layout(model, params):
+        """(the flat buffer the gradients tile, {id(p): (offset, size)}), or (None, None)."""
+        from .optim import tiled_buffer
+        if not hasattr(model, "grads_ready_hook") or not params or \
+                any(not p.requires_grad or p._grad is None for p in params):
+            return None, None
+        flat = tiled_buffer([p._grad for p in params])
+        if flat is None:
+            return None, None
+        base = flat.ctypes.data
+        return flat, {id(p): ((p._grad.ctypes.data - base) // flat.itemsize, p._grad.size) for p in params}
+
+    def agreed(self) -> bool:
+        """Whether every rank can overlap, with the same layout (waits for the layouts' reduce once)."""
+        if self._agreed is None:
+            self._request.Wait()
+            n = len(self._layouts) // 2
+            hi, lo = self._layouts[:n], -self._layouts[n:]
+            self._agreed = bool(np.array_equal(hi, lo) and hi[0] == 1)
+            if self._agreed and self.MPI.Query_thread() == self.MPI.THREAD_MULTIPLE:
+                self.progress = _Progress(self.MPI)
+        return self._agreed
+
+    def ready(self, module):
+        """grads_ready_hook: `module`'s parameters have their final gradients; start summing them."""
+        if not self.agreed():
+            return
+        self._start([p for p in module.parameters() if id(p) not in self.started])
+        self.buckets_in_backward = len(self.requests)
+        self.bytes_in_backward = self.sent
+        if self.progress is None:
+            self.MPI.Request.Testall(self.requests)      # no progress thread: move them along now
+
+    def _start(self, params):
+        runs = []                                        # [offset, end) of each contiguous run
+        for p in sorted(params, key=lambda p: self.where[id(p)][0]):
+            self.started.add(id(p))
+            if not p.has_grad:
+                p._grad.fill(0)                          # no gradient here: this rank adds zeros
+            off, n = self.where[id(p)]
+            if runs and runs[-1][1] == off:
+                runs[-1][1] = off + n
+            else:
+                runs.append([off, off + n])
+        step = max(1, BUCKET_BYTES // self.flat.itemsize)
+        for lo, hi in runs:
+            for a in range(lo, hi, step):
+                bucket = self.flat[a:min(a + step, hi)]
+                request = self.dist.comm.Iallreduce(self.MPI.IN_PLACE, bucket, op=self.MPI.SUM)
+                self.requests.append(request)
+                if self.progress is not None:
+                    self.progress.add(request)
+                self.sent += bucket.nbytes
+
+    def finish(self) -> int:
+        """Start the parameters no report covered, wait for every bucket; returns the bytes handed to MPI."""
+        self._start([p for p in self.params if id(p) not in self.started])
+        self.stop_progress()
+        self.MPI.Request.Waitall(self.requests)
+        return self.sent
+
+    def stop_progress(self):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class _Progress:
+    """A thread that tests the requests it is given, every PROGRESS_SECONDS while any is unfinished,
+    until stop(): MPICH progresses a non-blocking collective only inside MPI calls (a bucket takes
+    about 5 tests, its copying done inside one of them), and the main thread makes none while it
+    computes. It sleeps while nothing is in flight: each wake-up costs the main thread a GIL hand-off
+    and, on a machine with no idle core, a context switch. mpi4py releases the GIL inside MPI calls;
+    the main thread never touches these requests before stop()."""
+
+    def __init__(self, MPI):
+        self.MPI = MPI
+        self._requests, self._lock, self._work, self._stopped = [], threading.Lock(), threading.Event(), False
+        self._thread = threading.Thread(target=self._run, name="npgpt-mpi-progress", daemon=True)
+        self._thread.start()
+
+    def add(self, request):
+        with self._lock:
+            self._requests.append(request)
+            self._work.set()
+
+    def _run(self):
+        while self._work.wait() and not self._stopped:
+            time.sleep(PROGRESS_SECONDS)
+            with self._lock:
+                pending = list(self._requests)
+            if self.MPI.Request.Testall(pending):
+                with self._lock:
+                    if len(self._requests) == len(pending):      # none added meanwhile: sleep until one is
+                        self._requests.clear()
+                        self._work.clear()
+
+    def stop(self):
+        self._stopped = True
+        self._work.set()
+        self._thread.join()
 
 
 _DIST = None

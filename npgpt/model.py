@@ -19,6 +19,12 @@ PREFIX = HF_PREFIX
 
 class GPT(Module):
     weight_format = "fp32"   # "bf16" | "int8" once npgpt.inference.quant.quantize swapped packed modules in
+    # Called by backward_hidden with each module whose parameters' gradients are final, in the order
+    # the backward finishes them (ln_f, then block L-1 down to the lowest block it runs; wte and wpe
+    # are final only when backward returns). Set for one backward by a data-parallel dist
+    # (npgpt.distributed.MPIDist.reduce_during_backward), which starts summing those gradients over
+    # the processes while the blocks below are still in backward. None: nothing is called.
+    grads_ready_hook = None
 
     def __init__(self, config: GPTConfig, dtype=np.float32, seed=None, init: bool = True):
         """init=False allocates zero weights without drawing random numbers (for loading checkpoints)."""
@@ -66,9 +72,11 @@ class GPT(Module):
         lowest = 0 if embeddings else next((l for l, b in enumerate(self.h) if b.needs_grad()), len(self.h))
         # hidden = ln_f(x)
         dx = self.ln_f.backward(dx)
+        self._grads_ready(self.ln_f)
         # x = block_{L-1}(... block_0(x0)): walk the blocks in reverse, down to the lowest that needs it
         for block in reversed(self.h[lowest:]):
             dx = block.backward(dx)
+            self._grads_ready(block)                              # nothing below adds into its gradients
         if not embeddings:
             return
         # x0 = drop(wte[idx] + wpe[0:T])
@@ -76,6 +84,10 @@ class GPT(Module):
         # x = wte[idx] + wpe[0:T]: the sum passes dx to both tables
         self.wpe.backward(dx)
         self.wte.backward(dx)                                     # second contribution to wte.grad
+
+    def _grads_ready(self, module):
+        if self.grads_ready_hook is not None:
+            self.grads_ready_hook(module)
 
     def _check_idx(self, idx, start_pos):
         idx = np.asarray(idx)

@@ -340,3 +340,70 @@ def test_two_ranks_fine_tune_a_classifier_as_one_process_does(tmp_path):
     assert not np.array_equal(one["gpt.transformer.h.0.mlp.c_fc.weight"], start["transformer.h.0.mlp.c_fc.weight"])
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["test_accuracy"] == json.loads((tmp_path / "one" / "metrics.json").read_text())["test_accuracy"]
+
+
+OVERLAP_SCRIPT = '''
+import json, sys, numpy as np, npgpt.distributed as d
+from npgpt.config import GPTConfig
+from npgpt.model import GPT
+from npgpt.optim import AdamW
+from npgpt.train.lm import count_targets, lm_loss
+from npgpt.train.loop import train_step
+x = d.init(); r = x.rank
+cfg = GPTConfig(n_vocab=31, n_ctx=8, n_embd=16, n_head=2, n_layer=3)
+
+progress_thread = d._Progress
+
+def run(dist, accum, bucket_bytes=d.BUCKET_BYTES, freeze=False, rebind=False, overlap=True, thread=True):
+    d.BUCKET_BYTES, d.OVERLAP = bucket_bytes, overlap
+    d._Progress = progress_thread if thread else (lambda MPI: None)   # none: each report tests the buckets
+    m = GPT(cfg, dtype=np.float64, seed=0)
+    if freeze:
+        m.h[1].ln_1.weight.requires_grad = False             # a frozen parameter: no overlap
+    opt = AdamW(m, lr=1e-2); rng = np.random.default_rng(1); log = []
+    if rebind and r == 1:
+        m.wpe.weight.grad = np.zeros_like(m.wpe.weight.data)  # rank 1 alone leaves the packed buffer
+    for step in range(4):
+        xb = rng.integers(0, cfg.n_vocab, (4, cfg.n_ctx))
+        train_step(m, opt, (xb, np.roll(xb, -1, 1)), 1e-2, loss_fn=lm_loss, count_fn=count_targets,
+                   grad_accum=accum, dist=dist)
+        log.append([getattr(dist, "overlapped_buckets", 0), getattr(dist, "overlapped_bytes", 0)])
+    return m, log
+
+out = {}
+for name, kw in {"accum1": dict(accum=1), "accum2": dict(accum=2), "buckets64": dict(accum=1, bucket_bytes=64),
+                 "no_thread": dict(accum=2, thread=False),
+                 "frozen": dict(accum=1, freeze=True), "ranks_disagree": dict(accum=2, rebind=True),
+                 "off": dict(accum=1, overlap=False)}.items():
+    two, log = run(x, **kw)
+    kw.pop("rebind", None)
+    one, _ = run(d.LocalDist(), **kw)                         # one process, the whole batch
+    diff = max(float(np.max(np.abs(p.data - q.data))) for p, q in zip(two.parameters(), one.parameters()))
+    out[name] = [diff, log]
+blocks = sum(p.data.nbytes for mod in (two.ln_f, *two.h) for p in mod.parameters())   # all but wte, wpe
+open(sys.argv[1] + f".{r}", "w").write(json.dumps([out, blocks]))
+'''
+
+
+@needs_mpi
+def test_gradients_summed_during_the_backward_train_what_one_process_trains(tmp_path):
+    """mpiexec -n 2, float64: each block's gradients start their Allreduce (Iallreduce) as its backward
+    ends; 4 updates end on the weights one process computes on the same global batch (1e-9), with
+    grad_accum 1 and 2 (only the last micro-batch's backward starts buckets) and with buckets cut
+    small, and with no progress thread (MPI without thread support). The overlapped path is taken
+    (buckets started during the backward: ln_f's, then two a block, its matrices and its vectors,
+    whose slices lie in AdamW's two parts), and not taken, with the same result, when a parameter is
+    frozen, when rank 1 alone has a gradient outside the packed buffer, or with OVERLAP off."""
+    script = tmp_path / "overlap.py"
+    script.write_text(OVERLAP_SCRIPT)
+    _run(_mpi_cmd(2, script, tmp_path / "out"))
+    (out0, blocks), (out1, _) = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
+    for name in out0:
+        assert out0[name][0] <= 1e-9 and out1[name][0] <= 1e-9, (name, out0[name][0], out1[name][0])
+        assert out0[name][1] == out1[name][1], name                          # the ranks agree
+    n_layer = 3
+    for name in ("accum1", "accum2", "no_thread"):
+        assert out0[name][1] == [[1 + 2 * n_layer, blocks]] * 4, (name, out0[name][1])
+    assert all(n > 1 + 2 * n_layer and sent == blocks for n, sent in out0["buckets64"][1])
+    for name in ("frozen", "ranks_disagree", "off"):
+        assert out0[name][1] == [[0, 0]] * 4, (name, out0[name][1])

@@ -35,7 +35,7 @@ from ..distributed import LocalDist
 from ..optim import clip_coef, grad_norm, lr_schedule
 from ..layers.module import first_non_finite
 from .run import Metrics, NonFiniteError, checkpoint_dir, jump_rngs, load_checkpoint_state, \
-    open_run, plot_losses, rng_states, save_checkpoint, set_rng_states
+    open_run, plot_losses, rng_states, save_checkpoint, set_rng_states, write_settings
 
 
 @dataclass
@@ -87,9 +87,12 @@ def train_step(model, optimizer, batch, lr: float, *, loss_fn, count_fn, grad_ac
     mine = split_rows(batch, dist.world_size, dist.rank)    # this process's contiguous rows
     model.zero_grad()
     loss = 0.0
-    for micro in split_rows(mine, grad_accum):
-        loss += loss_fn(model, micro, n)                    # grads += d(sum of losses)/dparam / n
-    dist.allreduce_grads(model)                             # sum the processes' gradients
+    micros = split_rows(mine, grad_accum)
+    for i, micro in enumerate(micros):
+        # the last backward may start summing the gradients it finishes over the processes
+        with dist.reduce_during_backward(model) if i == len(micros) - 1 else contextlib.nullcontext():
+            loss += loss_fn(model, micro, n)                # grads += d(sum of losses)/dparam / n
+    dist.allreduce_grads(model)                             # sum the processes' gradients (waits for those started)
     loss = dist.allreduce_sum(loss)
     norm = grad_norm(model)
     if not (math.isfinite(loss) and math.isfinite(norm)):   # alike on every rank (both are reduced)
@@ -139,13 +142,14 @@ class FitResult:
 
 
 def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, evaluate=None, sample=None,
-        run_dir=None, resume: bool = False, overwrite: bool = False, extra_files: dict | None = None, dist=None,
-        progress: bool = True, log=None) -> FitResult:
+        run_dir=None, resume: bool = False, overwrite: bool = False, settings: dict | None = None,
+        extra_files: dict | None = None, dist=None, progress: bool = True, log=None) -> FitResult:
     """Train `model` for config.steps updates on `batches` (an object with next() -> global batch
     tuple, state_dict() and load_state_dict(d)). With run_dir, write metrics.jsonl, loss.png and
     checkpoints there; resume=True continues from its checkpoint, bit for bit (config.steps may have
     grown since: the learning-rate schedule follows the new total). run_dir is held locked for the
     run (npgpt.train.run.open_run: a new run needs a new or empty directory, or overwrite=True).
+    settings: the run's settings for run.json (a resume writes them once its checkpoint has loaded).
 
     An update whose loss or gradient norm is not finite, or a checkpoint whose weights would not be,
     raises NonFiniteError naming the step and what went non-finite; the last good checkpoint stays.
@@ -158,15 +162,15 @@ def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, eva
     resume with the same rank count continues bit for bit; with another count, ranks the checkpoint
     has no state for start from rank 0's state jumped r times."""
     dist = dist or LocalDist()
-    held = open_run(run_dir, resume=resume, overwrite=overwrite) if run_dir is not None and dist.is_main \
+    held = open_run(run_dir, settings, resume=resume, overwrite=overwrite) if run_dir is not None and dist.is_main \
         else contextlib.nullcontext()
     with held, np.errstate(over="ignore", invalid="ignore"):    # a non-finite update is caught, by name, below
         return _fit(model, optimizer, batches, config, loss_fn, count_fn, evaluate, sample, run_dir, resume,
-                    extra_files, dist, progress, log)
+                    settings, extra_files, dist, progress, log)
 
 
-def _fit(model, optimizer, batches, config, loss_fn, count_fn, evaluate, sample, run_dir, resume, extra_files, dist,
-         progress, log) -> FitResult:
+def _fit(model, optimizer, batches, config, loss_fn, count_fn, evaluate, sample, run_dir, resume, settings,
+         extra_files, dist, progress, log) -> FitResult:
     from tqdm.auto import tqdm
     main = dist.is_main
     log = log or (lambda msg: tqdm.write(msg))
@@ -189,6 +193,8 @@ def _fit(model, optimizer, batches, config, loss_fn, count_fn, evaluate, sample,
         elif dist.rank:
             jump_rngs(model, dist.rank)
         if main:
+            if settings is not None:
+                write_settings(run_dir, settings)           # the resume's settings, now that its state loaded
             metrics = Metrics(run_dir, resume_step=step)
     else:
         if dist.rank:
