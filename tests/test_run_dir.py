@@ -382,3 +382,24 @@ def test_an_interrupted_classify_run_exits_130_and_reports_no_accuracy(tmp_path,
     out = capsys.readouterr()
     assert code == 130 and "interrupted" in out.out, out
     assert not (tmp_path / "run" / "metrics.json").exists() and checkpoint_dir(tmp_path / "run") is not None
+
+
+def test_a_checkpoint_rewritten_in_place_is_old_or_new_never_half(tmp_path, capsys):
+    """rewrite_checkpoint (what finetune --merge uses): a write that fails part way leaves the checkpoint
+    exactly as it was and no temporary directory; one that succeeds replaces it whole."""
+    from npgpt.train.run import rewrite_checkpoint
+    out = tmp_path / "run"
+    assert train(capsys, out, "--steps", "2", "--eval-every", "0")[0] == 0
+    ckpt = Path(checkpoint_dir(out))
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+
+    def half_then_fail(copy):
+        (Path(copy) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError):
+        rewrite_checkpoint(ckpt, half_then_fail)
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".ckpt")]
+    rewrite_checkpoint(ckpt, lambda copy: (Path(copy) / "note.txt").write_text("new"))
+    assert (ckpt / "note.txt").read_text() == "new" and (ckpt / "trainer.json").read_bytes() == before["trainer.json"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".ckpt")]

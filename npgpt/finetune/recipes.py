@@ -27,6 +27,7 @@ from ..tokens.bpe import get_tokenizer
 from ..train.data import BatchStream
 from ..train.lm import count_targets, lm_loss, mean_loss
 from ..train.loop import LoopConfig, fit
+from ..train.run import rewrite_checkpoint
 from ..train.recipe import RunResult, check_numbers, check_out, hold_out, load_init, paths_as_str, run_settings, \
     takes
 from .classifier import Classifier
@@ -302,7 +303,13 @@ def finish_lora(model, cfg, run_dir, checkpoint=None) -> None:
     if getattr(cfg, "merge", False):
         merge(model)
         if checkpoint is not None:
-            save_model(model, checkpoint)           # the whole model; the checkpoint's other files are kept,
-            stale = os.path.join(checkpoint, BASE_REF)      # base_model.json too, which no longer applies
-            if os.path.isfile(stale):
-                os.remove(stale)
+            rewrite_checkpoint(checkpoint, lambda copy: _as_merged(model, copy))   # in one atomic swap
+
+
+def _as_merged(model, directory) -> None:
+    """The whole merged model into a checkpoint's directory (its other files kept), and no base_model.json:
+    a merged checkpoint needs no base."""
+    save_model(model, directory)
+    stale = os.path.join(directory, BASE_REF)
+    if os.path.isfile(stale):
+        os.remove(stale)

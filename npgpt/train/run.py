@@ -243,9 +243,10 @@ def save_checkpoint(run_dir, model, optimizer, trainer_state: dict, extra_files:
         write_json(os.path.join(tmp, TRAINER_STATE), trainer_state)   # written last: marks the checkpoint complete
         os.chmod(tmp, 0o755)
         fsync_dir(tmp)
-        if os.path.lexists(final):                             # a checkpoint of the same step: replace it
-            shutil.rmtree(final)                               # (checked above: npgpt's own)
-        os.rename(tmp, final)
+        if not (os.path.lexists(final) and _exchange(tmp, final)):   # a checkpoint of the same step: swapped
+            if os.path.lexists(final):                         # whole (the old one is left in tmp), or,
+                shutil.rmtree(final)                           # without the swap, replaced (npgpt's own: checked)
+            os.rename(tmp, final)
         link_tmp = os.path.join(run_dir, f".{CHECKPOINT}.{step:06d}.link")
         if os.path.lexists(link_tmp):
             os.remove(link_tmp)
@@ -271,6 +272,44 @@ def _link_model_files(run_dir, checkpoint) -> None:
         top = os.path.join(run_dir, name)
         if os.path.isfile(os.path.join(checkpoint, name)) and not os.path.lexists(top):
             os.symlink(os.path.join(CHECKPOINT, name), top)
+
+
+def rewrite_checkpoint(path, write) -> None:
+    """Give the checkpoint directory `path` new content in one atomic step: a copy of its files is made
+    beside it, write(copy) changes the copy, and the two directories swap in one rename (renameat2's
+    RENAME_EXCHANGE, Linux). A kill before the swap leaves the old checkpoint whole, after it the new;
+    the old copy is then removed. Where the swap is not available, the old directory is moved aside
+    and the new one renamed in (two renames: not atomic)."""
+    path = os.fspath(path)
+    run_dir, name = os.path.split(path)
+    tmp = tempfile.mkdtemp(dir=run_dir, prefix=f".{name}.", suffix=".tmp")     # _rotate removes leftovers
+    try:
+        for entry in os.listdir(path):
+            src = os.path.join(path, entry)
+            if os.path.isfile(src) and not os.path.islink(src):
+                shutil.copy2(src, os.path.join(tmp, entry))
+        write(tmp)
+        os.chmod(tmp, 0o755)
+        fsync_dir(tmp)
+        if not _exchange(tmp, path):
+            aside = tmp + ".old"
+            os.rename(path, aside)
+            os.rename(tmp, path)
+            tmp = aside
+        fsync_dir(run_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a, b) -> bool:
+    """Swap two paths atomically (renameat2 with RENAME_EXCHANGE); False where that is not available."""
+    import ctypes
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
 def _is_checkpoint(path) -> bool:
