@@ -73,6 +73,21 @@ def test_convert_into_a_directory_never_follows_or_copies_its_links(tmp_path, ca
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("theirs", [("model.safetensors.index.json", "model-00001-of-00002.safetensors"),
+                                    ("adapter_config.json", "adapter_model.safetensors")])
+def test_convert_refuses_a_directory_whose_model_files_it_would_leave_stale(tmp_path, capsys, theirs):
+    """A sharded model or a LoRA adapter in DST would be read with the new weights; npgpt removes nothing it
+    may not have written, so it says so in one line and leaves the directory as it was."""
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    for name in theirs:
+        (dst / name).write_text("theirs")
+    assert main(["convert", str(TINY_HF), str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(name in err[0] for name in theirs), err
+    assert tree(dst) == {name: b"theirs" for name in theirs}
+
+
 # ----------------------------------------------------------------------------- tokenizers others read (item 9)
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

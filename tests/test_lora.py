@@ -233,9 +233,11 @@ def test_model_with_adapter_saves_base_plus_adapter_and_loads_as_is(tmp_path):
     bf16 = npgpt.load_model(tmp_path / "run", weights="bf16")      # the adapter merged, then packed
     assert bf16.weight_format == "bf16" and not lora_layers(bf16)
     np.testing.assert_allclose(bf16.forward(x), model.forward(x), rtol=0, atol=0.05 * np.abs(model.forward(x)).max())
-    npgpt.save_model(merge(again), tmp_path / "run")                  # a plain model over it: no stale adapter left behind
-    assert "adapter_config.json" not in os.listdir(tmp_path / "run")
-    np.testing.assert_allclose(npgpt.load_model(tmp_path / "run").forward(x), model.forward(x),
+    with pytest.raises(ValueError, match="adapter_config.json"):   # a plain model over it would load with
+        npgpt.save_model(merge(again), tmp_path / "run")            # the old adapter: refused, nothing removed
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "run"))
+    npgpt.save_model(again, tmp_path / "merged")
+    np.testing.assert_allclose(npgpt.load_model(tmp_path / "merged").forward(x), model.forward(x),
                                rtol=1e-5, atol=1e-5)
     clf = npgpt.Classifier(npgpt.load_model(tmp_path / "base"), ["a", "b"], seed=0)
     apply_lora(clf, rank=2, alpha=4)

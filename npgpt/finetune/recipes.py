@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .. import distributed
 from ..io.atomic import write_json
-from ..io.peft import BASE_REF, save_adapter
+from ..io.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_REF, save_adapter
 from ..io.pretrained import load_model, save_model
 from ..layers.lora import apply_lora, check_rank, merge
 from ..optim import AdamW
@@ -307,9 +307,9 @@ def finish_lora(model, cfg, run_dir, checkpoint=None) -> None:
 
 
 def _as_merged(model, directory) -> None:
-    """The whole merged model into a checkpoint's directory (its other files kept), and no base_model.json:
-    a merged checkpoint needs no base."""
+    """The whole merged model into npgpt's own copy of a LoRA checkpoint (rewrite_checkpoint's), in place
+    of its adapter files and base_model.json: a merged checkpoint needs neither."""
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_REF):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(directory, name))
     save_model(model, directory)
-    stale = os.path.join(directory, BASE_REF)
-    if os.path.isfile(stale):
-        os.remove(stale)

@@ -380,12 +380,13 @@ def write_model_dir(path, cfg: dict, tensors: dict, metadata: dict, dtypes: dict
     into directory ``path``, and nothing else. Returns ``path``.
 
     A new directory is assembled under a temporary name beside ``path`` and renamed into place
-    whole. In an existing directory only npgpt's own files change: the other entries are never
-    read, followed or copied (a link stays a link, pointing where it did), each new file is written
-    whole and fsynced under a temporary name, then the files it supersedes (a sharded index and its
-    shards, and a LoRA adapter, which belonged to the old weights) are removed and the weights and
-    config renamed over the old ones. A kill between those two renames leaves the new weights
-    beside the old config.json, against which loading checks them."""
+    whole. In an existing directory only these two files change: the other entries are never read,
+    followed, copied or removed (a link stays a link, pointing where it did); each new file is written
+    whole and fsynced under a temporary name, then renamed over the old one. A directory holding files
+    the new weights would leave stale (a sharded index and its shards, or a LoRA adapter, which
+    loaders would read with them) is refused with a ValueError naming them: npgpt removes nothing it
+    may not have written. A kill between the two renames leaves the new weights beside the old
+    config.json, against which loading checks them."""
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -407,13 +408,15 @@ def write_model_dir(path, cfg: dict, tensors: dict, metadata: dict, dtypes: dict
         return path
     if not os.path.isdir(path):
         raise NotADirectoryError(f"{path} exists and is not a directory")
+    stale = sorted(n for n in os.listdir(path) if n in _SUPERSEDED or _SHARD_RE.match(n))
+    if stale:
+        raise ValueError(f"{path} holds {', '.join(stale)}, which loaders would read with the weights written "
+                         f"beside them; remove them or choose another directory (npgpt removes no file it may "
+                         f"not have written)")
     staged = []
     try:
         for name, write in files:
             staged.append((_stage(path, name, write), name))
-        for name in os.listdir(path):
-            if name in _SUPERSEDED or _SHARD_RE.match(name):
-                os.unlink(os.path.join(path, name))      # a file or a link; never what a link points to
         for tmp, name in staged:
             os.replace(tmp, os.path.join(path, name))
     finally:
@@ -438,8 +441,3 @@ def _stage(directory: str, name: str, write) -> str:
             os.unlink(tmp)
         raise
     return tmp
-
-
-def _write_bytes_atomic(path: str, data: bytes) -> None:
-    with atomic_write(path) as f:
-        f.write(data)

@@ -23,6 +23,8 @@ import json
 import os
 from typing import Iterable
 
+from ..io.atomic import write_bytes
+
 __all__ = ["CharTokenizer", "GPT2Tokenizer", "make_tokenizer", "load_tokenizer", "find_tokenizer",
            "save_tokenizer", "tokenizer_files", "TOKENIZERS", "RECORD"]
 
@@ -66,7 +68,7 @@ class GPT2Tokenizer:
         return {**hf_vocab_files(), "tokenizer_config.json": _json_bytes(config)}
 
     def save(self, path) -> None:
-        _write_atomic(path, _json_bytes(self.to_json()))
+        write_bytes(path, _json_bytes(self.to_json()))
 
     def __repr__(self) -> str:
         return f"GPT2Tokenizer(n_vocab={self.n_vocab})"
@@ -136,7 +138,7 @@ class CharTokenizer:
         return {"tokenizer.json": _json_bytes(spec), "tokenizer_config.json": _json_bytes(config)}
 
     def save(self, path) -> None:
-        _write_atomic(path, _json_bytes(self.to_json()))
+        write_bytes(path, _json_bytes(self.to_json()))
 
     def __repr__(self) -> str:
         return f"CharTokenizer(n_vocab={self.n_vocab})"
@@ -214,13 +216,8 @@ def save_tokenizer(tok, directory) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(legacy)
     for name, data in files.items():
-        _write_atomic(os.path.join(directory, name), data)
+        write_bytes(os.path.join(directory, name), data)
 
 
 def _json_bytes(obj) -> bytes:
     return json.dumps(obj, ensure_ascii=True).encode("utf-8")
-
-
-def _write_atomic(path, data: bytes) -> None:
-    from ..io.atomic import write_bytes
-    write_bytes(path, data)
