@@ -1,6 +1,6 @@
-"""The fused causal attention kernel (npgpt/fast/flash_attention.py) against the readable
-attention path it mirrors: the forward output, dq, dk, dv, and through CausalSelfAttention the
-layer's output, dx and the c_attn / c_proj gradients. Odd T (a partial last block), several block
+"""The fused causal attention kernel (npgpt/fast/flash_attention.py) and the per-head kernel
+(npgpt/fast/head_attention.py) against the readable attention path they mirror: the forward output,
+dq, dk, dv, and through CausalSelfAttention the layer's output, dx and the c_attn / c_proj gradients. Odd T (a partial last block), several block
 sizes, (B, NH, hs) shapes, float64 (tight) and float32, serial and parallel builds."""
 import math
 
@@ -109,30 +109,32 @@ def test_kernel_stores_k_and_v_into_kv_out(dtype):
         fast.flash_attention_forward(q, k, v, 0.25, kv_out=(K[..., ::2], V))       # not contiguous
 
 
-def layer_run(dtype, B, T, C, NH, fused, seed=0):
-    """Output, dx and the parameter gradients of one CausalSelfAttention forward + backward."""
+def layer_run(dtype, B, T, C, NH, core, seed=0):
+    """Output, dx and the parameter gradients of one CausalSelfAttention forward + backward through
+    the attention core `core` ("readable", "fused" or "heads")."""
     rng = np.random.default_rng(seed)
     layer = CausalSelfAttention(C, NH, dtype=dtype, rng=np.random.default_rng(1))
     layer.c_attn.weight.data[...] = rng.standard_normal(layer.c_attn.weight.data.shape) * 0.3
     layer.c_attn.bias.data[...] = rng.standard_normal(3 * C) * 0.1
     x = rng.standard_normal((B, T, C)).astype(dtype)
     dout = rng.standard_normal((B, T, C)).astype(dtype)
-    layer.flash_min_T = 0 if fused else 1 << 30
-    with fast.use_backend("numba" if fused else "numpy"):
-        assert layer.runs_fused(T) == fused
+    layer.flash_min_T = 0 if core == "fused" else 1 << 30
+    with fast.use_backend("numpy" if core == "readable" else "numba"):
+        assert layer.core(T) == core
         layer.zero_grad()
         out = layer.forward(x)
-        assert (layer.a is None) == fused
+        assert (layer.a is None) == (core == "fused")
         dx = layer.backward(dout)
     grads = {n: g.copy() for n, g in layer.named_grads()}
     return out, dx, grads
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("core", ["fused", "heads"])
 @pytest.mark.parametrize("B,T,C,NH", [(1, 1, 8, 2), (2, 7, 12, 3), (1, 67, 128, 2), (2, 130, 48, 4)])
-def test_layer_fused_matches_readable(dtype, B, T, C, NH):
-    out_ref, dx_ref, g_ref = layer_run(dtype, B, T, C, NH, fused=False)
-    out, dx, g = layer_run(dtype, B, T, C, NH, fused=True)
+def test_layer_kernels_match_readable(dtype, core, B, T, C, NH):
+    out_ref, dx_ref, g_ref = layer_run(dtype, B, T, C, NH, "readable")
+    out, dx, g = layer_run(dtype, B, T, C, NH, core)
     assert out.dtype == dx.dtype == dtype
     assert rel_err(out, out_ref) <= RTOL[dtype]
     assert rel_err(dx, dx_ref) <= RTOL[dtype]
@@ -141,17 +143,37 @@ def test_layer_fused_matches_readable(dtype, B, T, C, NH):
         assert rel_err(g[name], g_ref[name]) <= RTOL[dtype], name
 
 
-def test_when_the_fused_kernel_runs(monkeypatch):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,NH,T,hs", [(1, 1, 1, 4), (2, 3, 9, 8), (3, 2, 64, 32)])
+def test_head_kernel_matches_reference(dtype, B, NH, T, hs):
+    """The per-head kernel on strided views (as the layer passes them) against the NumPy lines."""
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((B, T, 3, NH, hs)).astype(dtype)
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))    # (B, NH, T, hs) views
+    dy = rng.standard_normal((B, NH, T, hs)).astype(dtype)
+    scale = 1.0 / math.sqrt(hs)
+    y_ref, dq_ref, dk_ref, dv_ref = reference(q, k, v, dy, scale)
+    y, a = fast.head_attention_forward(q, k, v, scale)
+    assert rel_err(y, y_ref) <= RTOL[dtype]
+    assert rel_err(a, causal_softmax_numpy(q @ k.transpose(0, 1, 3, 2), scale)) <= RTOL[dtype]
+    assert np.all(np.triu(a, k=1) == 0)                                 # masked keys exactly 0
+    dq, dk, dv = (np.full((B, NH, T, hs), np.nan, dtype) for _ in range(3))
+    fast.head_attention_backward(q, k, v, a, dy, scale, dq, dk, dv)
+    for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
+        assert rel_err(got, want) <= RTOL[dtype]
+
+
+def test_which_core_runs(monkeypatch):
     layer = CausalSelfAttention(8, 2, dtype=np.float64, rng=np.random.default_rng(0), dropout=0.1, seed=0)
     monkeypatch.setattr(attention_mod, "FLASH_MIN_T", 16)
     with fast.use_backend("numba"):
-        assert not layer.runs_fused(64)                     # attention dropout active: readable path
+        assert layer.core(64) == "readable"                 # attention dropout active: readable path
         layer.eval()
-        assert layer.runs_fused(64) and layer.runs_fused(16) and not layer.runs_fused(15)   # module threshold
+        assert layer.core(64) == layer.core(16) == "fused" and layer.core(15) == "heads"   # module threshold
         layer.flash_min_T = 100                        # the layer's own threshold wins
-        assert not layer.runs_fused(64) and layer.runs_fused(100)
+        assert layer.core(64) == "heads" and layer.runs_fused(100)
     with fast.use_backend("numpy"):
-        assert not layer.runs_fused(4096)                   # NPGPT_KERNELS=numpy: always readable
+        assert layer.core(4096) == "readable"               # NPGPT_KERNELS=numpy: always readable
     layer.train()
     layer.attn_dropout.p = 0.0
     with fast.use_backend("numba"):
@@ -159,17 +181,17 @@ def test_when_the_fused_kernel_runs(monkeypatch):
 
 
 def test_switching_paths_between_calls():
-    """One layer, fused then readable then fused: each backward uses its own forward's state."""
+    """One layer, fused then per-head then readable then fused: each backward uses its own forward's state."""
     rng = np.random.default_rng(0)
     layer = CausalSelfAttention(8, 2, dtype=np.float64, rng=rng)
     x, dout = rng.standard_normal((2, 2, 9, 8))
     dxs = []
-    for threshold in (0, 1 << 30, 0):
+    for threshold, backend in ((0, "numba"), (1 << 30, "numba"), (0, "numpy"), (0, "numba")):
         layer.flash_min_T = threshold
-        with fast.use_backend("numba"):
+        with fast.use_backend(backend):
             layer.forward(x)
             dxs.append(layer.backward(dout))
-    assert rel_err(dxs[0], dxs[1]) <= 1e-12 and np.array_equal(dxs[0], dxs[2])
+    assert rel_err(dxs[0], dxs[1]) <= 1e-12 and rel_err(dxs[0], dxs[2]) <= 1e-12 and np.array_equal(dxs[0], dxs[3])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -13,7 +13,11 @@ quiet_kernel_threads()   # before Numba loads libgomp (see npgpt/fast/settings.p
 
 from numba import njit  # noqa: E402
 
-PARALLEL_MIN_WORK = 1 << 16      # below ~65k elements one thread finishes before others wake up
+# Below ~262k elements one thread finishes before the others are awake: waking the kernels' sleeping
+# OpenMP threads right after a GEMM costs ~50-100 us on 2 cores. Measured there (examples/profile_ops.py,
+# docs/performance.md "Every op on every core"): at 98k elements (nanoGPT's CPU shape) LayerNorm's
+# kernels ran 0.7x as fast on 2 threads as on 1, GELU's 1.2-1.5x; from ~200k up both gain.
+PARALLEL_MIN_WORK = 1 << 18
 
 # error_model="numpy": a float division by zero gives inf/nan as in NumPy instead of raising
 # ZeroDivisionError. Parallel builds use it anyway; in a serial build the Python model's check

@@ -5,13 +5,13 @@
 
 Both work in place on the (B, NH, Tq, Tk) score array (prange over rows); only the unmasked
 prefix j <= i + (Tk - Tq) of each row is touched, the rest is set to 0. The exp is the vectorised one of
-npgpt/fast/_math.py.
+npgpt/fast/_math.py (exp_sum_).
 """
 import numpy as np
 from numba import prange
 
 from ._jit import pjit
-from ._math import exp
+from ._math import exp_sum_, max_of
 
 
 @pjit(reductions=True)
@@ -19,23 +19,15 @@ def _forward(s, scale):                       # s (R, Tq, Tk), in place
     R, Tq, Tk = s.shape
     off = Tk - Tq
     for r in prange(R * Tq):
-        b, i = r // Tq, r % Tq
-        last = i + off                        # keys 0..last are visible
-        mx = s[b, i, 0] * scale               # key 0 is always visible (scale has s's dtype)
-        for j in range(1, last + 1):
-            v = s[b, i, j] * scale
-            if v > mx:
-                mx = v
-        total = 0.0
-        for j in range(last + 1):
-            e = exp(s[b, i, j] * scale - mx)
-            s[b, i, j] = e
-            total += e
-        inv = 1.0 / total
-        for j in range(last + 1):
-            s[b, i, j] *= inv
-        for j in range(last + 1, Tk):
-            s[b, i, j] = 0.0
+        row = s[r // Tq, r % Tq]              # a 1-D row: LLVM vectorises loops over it, not over s[b, i, j]
+        n = r % Tq + off + 1                  # keys 0 .. n-1 are visible (key 0 always)
+        for j in range(n):
+            row[j] *= scale
+        inv = 1.0 / exp_sum_(row[:n], max_of(row, 0, n))   # exp(z - max z) in place, and its sum
+        for j in range(n):
+            row[j] *= inv
+        for j in range(n, Tk):
+            row[j] = 0.0
 
 
 @pjit(reductions=True)
@@ -43,15 +35,15 @@ def _backward(da, a, scale):                  # da, a (R, Tq, Tk); da becomes ds
     R, Tq, Tk = a.shape
     off = Tk - Tq
     for r in prange(R * Tq):
-        b, i = r // Tq, r % Tq
-        last = i + off
+        dar, ar = da[r // Tq, r % Tq], a[r // Tq, r % Tq]
+        n = r % Tq + off + 1
         dot = 0.0
-        for j in range(last + 1):
-            dot += da[b, i, j] * a[b, i, j]
-        for j in range(last + 1):
-            da[b, i, j] = scale * a[b, i, j] * (da[b, i, j] - dot)
-        for j in range(last + 1, Tk):
-            da[b, i, j] = 0.0
+        for j in range(n):
+            dot += dar[j] * ar[j]
+        for j in range(n):
+            dar[j] = scale * ar[j] * (dar[j] - dot)
+        for j in range(n, Tk):
+            dar[j] = 0.0
 
 
 def causal_softmax_forward(s, scale):

@@ -1,4 +1,5 @@
-"""When and how the attention layer runs the fused kernel (flash_attention.py) instead of its readable core.
+"""Which attention core the layer runs: the fused kernel (flash_attention.py), the per-head kernel
+(head_attention.py) or its readable core; and how the fused kernel fills a KV cache.
 
 The readable core (npgpt/layers/attention.py: `attend` and `backward`) holds the (B, NH, T, T)
 probabilities between forward and backward; it is the reference, and the only path with
@@ -10,6 +11,9 @@ probabilities block by block in backward. A layer takes it when
     - T >= FLASH_MIN_T, the measured crossover (docs/performance.md, "Fused attention crossover"),
       which the environment variable NPGPT_FLASH_MIN_T overrides at import, or the layer's own
       threshold when it sets one (0 = always fused, a huge value = never).
+
+Below that length, with the Numba backend, SciPy and no attention dropout, the layer runs the per-head
+kernel: the readable core's products, its (batch row, head) pairs split over the cores.
 """
 from __future__ import annotations
 
@@ -20,11 +24,12 @@ from . import flash_attention_available, use_numba
 FLASH_MIN_T = int(os.environ.get("NPGPT_FLASH_MIN_T", "128"))
 
 
-def runs_fused(T: int, dropout_active: bool, min_T: int | None = None) -> bool:
-    """Whether a forward over T positions takes the fused kernel (min_T: the layer's own threshold)."""
+def core(T: int, dropout_active: bool, min_T: int | None = None) -> str:
+    """The core a forward over T positions takes: "fused", "heads" or "readable" (min_T: the layer's
+    own threshold for the fused kernel)."""
     if not use_numba() or dropout_active or not flash_attention_available():
-        return False
-    return T >= (FLASH_MIN_T if min_T is None else min_T)
+        return "readable"
+    return "fused" if T >= (FLASH_MIN_T if min_T is None else min_T) else "heads"
 
 
 def prefill(q, k, v, scale, y_heads, layer_cache) -> None:

@@ -44,19 +44,21 @@ def _backward(dy, xhat, rstd, g, dg, db, dx, n_chunks):   # dy, xhat, dx (N, C)
     part_b = np.zeros((n_chunks, C))
     rows_per = (N + n_chunks - 1) // n_chunks
     for k in prange(n_chunks):
+        pg, pb = part_g[k], part_b[k]
         for n in range(k * rows_per, min(N, (k + 1) * rows_per)):
+            dyn, xn, dxn = dy[n], xhat[n], dx[n]     # rows as 1-D arrays: LLVM vectorises these loops, not 2-D ones
             mean_d = 0.0       # mean(dxhat)
             mean_dx = 0.0      # mean(dxhat * xhat)
             for c in range(C):
-                d = dy[n, c] * g[c]
+                d = dyn[c] * g[c]
                 mean_d += d
-                mean_dx += d * xhat[n, c]
-                part_g[k, c] += dy[n, c] * xhat[n, c]
-                part_b[k, c] += dy[n, c]
+                mean_dx += d * xn[c]
+                pg[c] += dyn[c] * xn[c]
+                pb[c] += dyn[c]
             mean_d /= C
             mean_dx /= C
             for c in range(C):
-                dx[n, c] = rstd[n] * (dy[n, c] * g[c] - mean_d - xhat[n, c] * mean_dx)
+                dxn[c] = rstd[n] * (dyn[c] * g[c] - mean_d - xn[c] * mean_dx)
     for c in range(C):
         sg = 0.0
         sb = 0.0

@@ -8,9 +8,10 @@
     out = y @ w_proj + b_proj,  then residual dropout            (B, T, C)
 
 The attention core (s, a, y and their backward) below is the readable one (`attend` and `backward`),
-which holds the (B, NH, T, T) probabilities between forward and backward. For long sequences the
-layer asks npgpt/fast/fused_attention.py one question, `runs_fused(T)`, and on yes runs the fused
-Numba kernel (FlashAttention-2 tiling) that the readable core is the reference of.
+which holds the (B, NH, T, T) probabilities between forward and backward. It is the reference of two
+Numba kernels, and npgpt/fast/fused_attention.py says which runs (`core(T)`): for long sequences the
+fused kernel (FlashAttention-2 tiling, no probabilities kept), for short ones the same products as
+here with the (batch row, head) pairs split over the cores (fast/head_attention.py).
 """
 from __future__ import annotations
 
@@ -67,16 +68,21 @@ class CausalSelfAttention(Module):
         qkv = qkv.reshape(B, T, 3, self.NH, self.hs)
         return [qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]
 
+    def core(self, T: int) -> str:
+        """Which attention core a forward over T positions runs: "fused", "heads" or "readable"
+        (npgpt.fast.fused_attention decides)."""
+        return fused_attention.core(T, self.attn_dropout.active(), self.flash_min_T)
+
     def runs_fused(self, T: int) -> bool:
-        """Whether a forward over T positions runs the fused kernel (npgpt.fast.fused_attention decides)."""
-        return fused_attention.runs_fused(T, self.attn_dropout.active(), self.flash_min_T)
+        """Whether a forward over T positions runs the fused kernel."""
+        return self.core(T) == "fused"
 
     def attend(self, q, k, v):
         """The attention core on (B, NH, T, hs) tensors; returns y (B, NH, T, hs)."""
         scale = 1.0 / math.sqrt(self.hs)
         s = q @ k.transpose(0, 1, 3, 2)                                # (B, NH, T, T)
         a = causal_softmax(s, scale)                                   # (B, NH, T, T)
-        self.save_for_backward(q=q, k=k, v=v, a=a, y=None, L=None, fused=False)
+        self.save_for_backward(q=q, k=k, v=v, a=a, y=None, L=None, ran_core="readable")
         a_drop = self.attn_dropout(a)                                  # (B, NH, T, T)
         return a_drop @ v                                              # (B, NH, T, hs)
 
@@ -84,10 +90,15 @@ class CausalSelfAttention(Module):
         B, T, C = x.shape
         qkv = self.c_attn(x)                                           # (B, T, 3C)
         q, k, v = self.split_heads(qkv)                                # (B, NH, T, hs) each
-        if self.runs_fused(T):
+        core = self.core(T)
+        if core == "fused":
             y = np.empty((B, T, C), dtype=qkv.dtype)                   # heads written straight in place
             _, L = fast.flash_attention_forward(q, k, v, 1.0 / math.sqrt(self.hs), out=self.heads_view(y))
-            self.save_for_backward(q=q, k=k, v=v, a=None, y=y, L=L, fused=True)   # y is c_proj's input: no copy
+            self.save_for_backward(q=q, k=k, v=v, a=None, y=y, L=L, ran_core=core)   # y is c_proj's input: no copy
+        elif core == "heads":
+            y = np.empty((B, T, C), dtype=qkv.dtype)
+            _, a = fast.head_attention_forward(q, k, v, 1.0 / math.sqrt(self.hs), out=self.heads_view(y))
+            self.save_for_backward(q=q, k=k, v=v, a=a, y=None, L=None, ran_core=core)
         else:
             y = self.attend(q, k, v)                                   # (B, NH, T, hs)
             y = y.transpose(0, 2, 1, 3).reshape(B, T, C)               # re-assemble heads (B, T, C)
@@ -100,16 +111,19 @@ class CausalSelfAttention(Module):
 
     def backward(self, dout):
         B, T, C = dout.shape
-        q, k, v, a, fused = self.saved("q", "k", "v", "a", "fused")
+        q, k, v, a, core = self.saved("q", "k", "v", "a", "ran_core")
         scale = 1.0 / math.sqrt(self.hs)
         # out = dropout(y @ w_proj + b_proj)
         dy = self.c_proj.backward(self.resid_dropout.backward(dout))   # (B, T, C)
         dy = dy.reshape(B, T, self.NH, self.hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
         dqkv = np.empty((B, T, 3, self.NH, self.hs), dtype=dout.dtype)
         dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # views (B, NH, T, hs)
-        if fused:                                                      # the forward ran the fused kernel
+        if core == "fused":                                            # the forward ran the fused kernel
             y, L = self.saved("y", "L")
             fast.flash_attention_backward(q, k, v, self.heads_view(y), L, dy, scale, dq, dk, dv)
+            return self.c_attn.backward(dqkv.reshape(B, T, 3 * C))
+        if core == "heads":                                            # the lines below, a head per task
+            fast.head_attention_backward(q, k, v, a, dy, scale, dq, dk, dv)
             return self.c_attn.backward(dqkv.reshape(B, T, 3 * C))
         a_drop = self.attn_dropout.replay(a)                           # dropout(a) with the forward's mask
         # y = a_drop @ v  =>  da_drop = dy v^T,  dv = a_drop^T dy

@@ -36,6 +36,7 @@ class Linear(Module):
         if self.weight.requires_grad:                        # frozen: skip a third of the backward's work
             self.weight.add_matmul(x2.T, dy2)                # dL/dw += x^T dy   (in, out)
         if self.bias.requires_grad:
-            self.bias.grad += dy2.sum(axis=0)                # dL/db = sum_n dy  (out,)
+            self.bias.grad += np.ones(len(dy2), dy2.dtype) @ dy2   # dL/db = sum_n dy = 1^T dy  (out,): BLAS's
+            #                                                  threaded GEMV, 2-2.5x NumPy's one-core column sum
         dx = dy2 @ w.T                                       # dL/dx = dy w^T    (N, in)
         return dx.reshape(*dy.shape[:-1], w.shape[0])
