@@ -17,7 +17,8 @@ class CLIError(Exception):
 
 # One module per command, each with add_parser(subparsers) and run(args). Imported eagerly: a broken
 # import is a bug to see, not a command to hide.
-COMMANDS = ("gradcheck", "info", "download", "convert", "generate", "train", "finetune", "classify", "chat", "bench")
+COMMANDS = ("gradcheck", "info", "download", "convert", "generate", "train", "finetune", "classify", "chat", "bench",
+            "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
