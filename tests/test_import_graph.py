@@ -9,7 +9,7 @@
     rank 5  train, distributed          data, the loop, run directories; processes
     rank 6  finetune, gradcheck, eval   classification, instructions, LoRA; checks against finite differences;
                                         perplexity and zero-shot tasks
-    rank 7  bench, cli                  the benchmark harness; argparse -> recipes
+    rank 7  bench, cli, serve           the benchmark harness; argparse -> recipes; the HTTP server
 
 Every import counts, those inside functions too. npgpt/__init__.py, the public API, is above them all.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).parent.parent / "npgpt"
 RANKS = {"config": 0, "tokens": 0, "fast": 0, "io.atomic": 0, "layers": 1, "model": 2, "loss": 2, "optim": 3, "inference": 3,
          "io": 4, "train": 5, "distributed": 5, "finetune": 6, "gradcheck": 6, "eval": 6, "bench": 7, "cli": 7,
-         "__main__": 7}
+         "serve": 7, "__main__": 7}
 
 
 def modules() -> dict:

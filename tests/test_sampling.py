@@ -117,3 +117,186 @@ def test_sample_from_probs_never_draws_zero_probability():
 def test_bad_sampler_arguments(kwargs):
     with pytest.raises(ValueError):
         Sampler(**{"temperature": 1.0, **kwargs})
+
+
+# ----------------------------------------------------------------------------- transformers' processors (fixture)
+import os  # noqa: E402
+
+from npgpt.inference.sampling import (TokenHistory, apply_presence_frequency, log_softmax, min_p_filter,  # noqa: E402
+                                      sample_seed, top_logprobs)
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+@pytest.fixture(scope="module")
+def hf():
+    """tests/fixtures/sampling.npz, written by make_sampling_fixtures.py with transformers 5.25."""
+    with np.load(os.path.join(FIXTURES, "sampling.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def seen_of(hf):
+    return TokenHistory(hf["input_ids"], hf["logits"].shape[-1]).seen
+
+
+def test_repetition_penalty_matches_transformers(hf):
+    np.testing.assert_allclose(apply_repetition_penalty(hf["logits"], seen_of(hf), 1.3), hf["rep"], rtol=1e-14)
+
+
+@pytest.mark.parametrize("kwargs, key", [(dict(top_k=7), "top_k"), (dict(top_p=0.7), "top_p"),
+                                         (dict(min_p=0.05), "min_p_005"), (dict(min_p=0.3), "min_p_03")])
+def test_filters_match_transformers(hf, kwargs, key):
+    probs = Sampler(temperature=1.0, **kwargs).probs(hf["logits"])
+    assert ((probs > 0) == np.isfinite(hf[key])).all()                      # the same tokens kept
+    np.testing.assert_allclose(probs, softmax(hf[key]), rtol=1e-12, atol=1e-15)
+
+
+def test_whole_chain_matches_transformers(hf):
+    s = Sampler(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2, min_p=0.1)
+    probs = s.probs(hf["logits"], seen_of(hf))
+    assert ((probs > 0) == (hf["chain_probs"] > 0)).all() and (probs > 0).sum() < probs.size // 4
+    np.testing.assert_allclose(probs, hf["chain_probs"], rtol=1e-12, atol=1e-15)
+
+
+def test_min_p_keeps_tokens_at_least_min_p_times_the_best():
+    probs = np.array([[0.5, 0.3, 0.15, 0.05]])
+    np.testing.assert_allclose(min_p_filter(probs, 0.31), [[0.625, 0.375, 0, 0]], atol=1e-15)   # 0.15 < 0.31 * 0.5
+    np.testing.assert_allclose(min_p_filter(probs, 0.0), probs, atol=1e-15)
+    np.testing.assert_allclose(min_p_filter(probs, 1.0), [[1, 0, 0, 0]], atol=1e-15)          # the best stays
+    f = frequencies(Sampler(1.0, min_p=0.31, seed=0), np.log(probs[0]))
+    assert f[2] == 0 and f[3] == 0 and abs(f[0] - 0.625) < 0.015
+
+
+# ----------------------------------------------------------------------------- presence and frequency (OpenAI)
+def test_presence_and_frequency_penalties_are_openais_formula():
+    # mu[j] -> mu[j] - c[j] * frequency - (c[j] > 0) * presence, c[j] = times j was generated so far
+    logits = np.array([[1.0, 2.0, 3.0, 4.0]])
+    counts = np.array([[0, 1, 2, 0]])
+    np.testing.assert_array_equal(apply_presence_frequency(logits, counts, 0.5, 0.25), [[1.0, 1.25, 2.0, 4.0]])
+    np.testing.assert_array_equal(apply_presence_frequency(logits, counts, -0.5, 0.0), [[1.0, 2.5, 3.5, 4.0]])
+
+
+def test_history_counts_only_generated_tokens_and_penalties_use_them():
+    h = TokenHistory([np.array([3, 3])], 4)                  # the prompt: seen, not counted
+    assert h.seen.tolist() == [[False, False, False, True]] and not h.counts.any()
+    logits = np.array([[0.0, 0.0, 2.9, 3.0]])
+    s = Sampler(0.0, presence_penalty=0.5)
+    assert s.penalised and s(logits, h.seen, h.counts).tolist() == [3]        # the prompt's 3 is not penalised
+    h.add(np.array([3]))
+    h.add(np.array([3]))
+    assert h.counts.tolist() == [[0, 0, 0, 2]]
+    assert s(logits, h.seen, h.counts).tolist() == [2]                         # 3 - 0.5 < 2.9
+    assert Sampler(0.0, frequency_penalty=0.06)(logits, h.seen, h.counts).tolist() == [2]   # 3 - 2 * 0.06
+    assert Sampler(0.0, frequency_penalty=0.06)(logits).tolist() == [3]        # no history, no penalty
+    assert not Sampler(0.0, repetition_penalty=1.0).penalised
+
+
+def test_generate_applies_presence_and_frequency_penalties():
+    """A frequency penalty far above any logit gap: greedy never picks a token it generated before."""
+    import npgpt
+    from npgpt.inference.decode import generate
+    model = npgpt.load_model(os.path.join(FIXTURES, "tiny_hf"))
+    prompt = np.array([16, 10, 16, 28, 17])
+    plain = generate(model, prompt, 24)[0, 5:]
+    assert len(set(plain.tolist())) < 24                                       # the tiny model repeats itself
+    fresh = generate(model, prompt, 24, sampler=Sampler(0.0, frequency_penalty=1e3))[0, 5:]
+    assert len(set(fresh.tolist())) == 24 and fresh[0] == plain[0]             # the first token: nothing counted yet
+
+
+# ----------------------------------------------------------------------------- logprobs and seeds of n samples
+def test_top_logprobs_are_the_models_own_best_first():
+    logits = np.random.default_rng(2).standard_normal((3, 40))
+    lp = log_softmax(logits)
+    np.testing.assert_allclose(np.exp(lp).sum(-1), 1.0, rtol=1e-14)
+    top = top_logprobs(logits, np.array([0, 5, 39]), 4)
+    np.testing.assert_array_equal(top.ids, np.argsort(-logits, axis=-1)[:, :4])
+    np.testing.assert_array_equal(top.values, np.take_along_axis(lp, top.ids, -1))
+    np.testing.assert_array_equal(top.chosen, lp[[0, 1, 2], [0, 5, 39]])
+    s = Sampler(0.7, top_k=3, seed=0, logprobs=2)
+    tok = s(logits)
+    np.testing.assert_array_equal(s.last.chosen, lp[np.arange(3), tok])      # before temperature and filters
+    assert s.last.ids.shape == (3, 2) and Sampler(0.0).last is None
+
+
+def test_sample_seeds():
+    assert sample_seed(7, 0) == 7 and sample_seed(None, 3) is None
+    draws = [np.random.default_rng(sample_seed(7, i)).random() for i in range(3)]
+    assert len(set(draws)) == 3 and draws[0] == np.random.default_rng(7).random()
+
+
+@pytest.mark.parametrize("kwargs", [dict(min_p=1.5), dict(min_p=-0.1), dict(presence_penalty=float("nan")),
+                                    dict(frequency_penalty=float("inf")), dict(logprobs=-1), dict(logprobs=1.5)])
+def test_bad_new_sampler_arguments(kwargs):
+    with pytest.raises(ValueError):
+        Sampler(**{"temperature": 1.0, **kwargs})
+
+
+# ----------------------------------------------------------------------------- npgpt generate's sampling flags
+def generate_cli(*args):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + ([os.environ["PYTHONPATH"]]
+                                                                  if os.environ.get("PYTHONPATH") else [])))
+    return subprocess.run([sys.executable, "-m", "npgpt", "generate", "--model", os.path.join(FIXTURES, "tiny_hf"),
+                           *args], capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
+
+
+TINY_PROMPT = "1+1=2"                                   # ids [16, 10, 16, 28, 17], all in tiny_hf's 101
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import npgpt
+    return npgpt.load_model(os.path.join(FIXTURES, "tiny_hf"))
+
+
+def test_generate_prints_logprobs(tiny_model):
+    import json
+    from npgpt.tokens.bpe import get_tokenizer
+    r = generate_cli("-n", "6", "--temperature", "0", "--logprobs", "2", "--no-echo", TINY_PROMPT)
+    assert r.returncode == 0, r.stderr
+    text, header, *rows = r.stdout.split("\n")[:-1]
+    assert header.startswith("# token") and len(rows) == 6
+    enc = get_tokenizer().encoding
+    ids = [16, 10, 16, 28, 17]
+    for row in rows:
+        cols = row.split("\t")
+        tok = json.loads(cols[0])
+        ids.append(enc.encode_single_token(bytes(int(h, 16) for h in tok[6:].split("\\x")[1:])
+                                           if tok.startswith("bytes:") else tok.encode()))
+        assert len(cols) == 4 and cols[2] == f"{cols[0]} {cols[1]}"            # greedy: the token is the best
+    ref = log_softmax(tiny_model.forward(np.array([ids]))[0])[4:-1]            # (6, V)
+    got = np.array([float(row.split("\t")[1]) for row in rows])
+    np.testing.assert_allclose(got, ref[np.arange(6), ids[5:]], atol=2e-4)
+    second = np.array([float(row.split("\t")[3].rsplit(" ", 1)[1]) for row in rows])
+    np.testing.assert_allclose(second, np.sort(ref, axis=-1)[:, -2], atol=2e-4)
+
+
+def test_generate_samples_and_penalties_use_the_one_sampler(tiny_model):
+    from npgpt.inference.decode import generate_text
+    from npgpt.tokens.bpe import get_tokenizer
+    tok = get_tokenizer()
+    r = generate_cli("-n", "10", "--temperature", "1", "--top-k", "0", "--top-p", "1", "--samples", "2",
+                     "--seed", "3", "--no-echo", TINY_PROMPT)
+    assert r.returncode == 0, r.stderr
+    samples = r.stdout.split("\n---\n")
+    assert len(samples) == 2 and samples[1].endswith("\n")
+    for i, s in enumerate(samples):
+        expected = generate_text(tiny_model, tok, TINY_PROMPT, 10, sampler=Sampler(1.0, seed=sample_seed(3, i)))
+        assert s.rstrip("\n") == expected
+    assert samples[0] != samples[1].rstrip("\n")
+    r = generate_cli("-n", "12", "--temperature", "0", "--frequency-penalty", "2", "--presence-penalty", "0.5",
+                     "--min-p", "0.2", "--no-echo", TINY_PROMPT)
+    expected = generate_text(tiny_model, tok, TINY_PROMPT, 12,
+                             sampler=Sampler(0.0, frequency_penalty=2.0, presence_penalty=0.5))
+    assert r.returncode == 0 and r.stdout == expected + "\n"
+    assert expected != generate_text(tiny_model, tok, TINY_PROMPT, 12)          # the penalties changed the text
+
+
+@pytest.mark.parametrize("args, flag", [(["--min-p", "2"], "--min-p"), (["--presence-penalty", "5"], "--presence-penalty"),
+                                        (["--frequency-penalty", "nan"], "--frequency-penalty"),
+                                        (["--samples", "0"], "--samples"), (["--logprobs", "-1"], "--logprobs")])
+def test_generate_bad_sampling_flags_are_one_line(args, flag):
+    r = generate_cli(*args, TINY_PROMPT)
+    assert r.returncode == 2 and flag in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -18,7 +18,7 @@ class CLIError(Exception):
 # One module per command, each with add_parser(subparsers) and run(args). Imported eagerly: a broken
 # import is a bug to see, not a command to hide.
 COMMANDS = ("gradcheck", "info", "download", "convert", "generate", "train", "finetune", "classify", "chat", "bench",
-            "eval")
+            "eval", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +63,7 @@ def one_line(msg) -> str:
     return " ".join(line.strip() for line in str(msg).splitlines() if line.strip())
 
 
-INFERENCE_COMMANDS = ("generate", "chat", "classify")   # many small kernels per token: spin, don't sleep
+INFERENCE_COMMANDS = ("generate", "chat", "classify", "serve")   # many small kernels per token: spin, don't sleep
 
 
 def main(argv=None) -> int:

@@ -8,8 +8,8 @@ Each line read is one instruction: it is wrapped in the prompt format the model 
 as it is decoded, without the prompt and without surrounding whitespace, then a newline. An answer
 ends at <|endoftext|>, at "\\n\\n### " (the model starting a new section) or after -n tokens. Every
 question is answered on its own: no earlier turn is fed back. Decoding is greedy unless
---temperature > 0 (then --top-k / --top-p / --seed apply as in `npgpt generate`; with --seed every
-answer starts from that seed).
+--temperature > 0 (then --top-k / --top-p / --min-p / --seed apply as in `npgpt generate`; with --seed
+every answer starts from that seed); the repetition, presence and frequency penalties apply either way.
 
 On a terminal it shows a "> " prompt; Ctrl-C stops an answer, Ctrl-D (or Ctrl-C at the prompt)
 ends. With stdin piped in it reads one question per line (empty lines are skipped), prints each
@@ -59,14 +59,15 @@ def _questions(interactive: bool):
 
 
 def answer(model, tokenizer, question: str, max_new_tokens: int, temperature: float = 0.0, top_k=None,
-           top_p=None, seed=None, repetition_penalty=None):
+           top_p=None, seed=None, repetition_penalty=None, sampler=None):
     """Yield the answer to one question as text pieces: the continuation of its prompt, streamed, with
-    leading and trailing whitespace held back (the pieces join to generate_text(...).strip())."""
+    leading and trailing whitespace held back (the pieces join to generate_text(...).strip()). sampler:
+    a Sampler instead of temperature .. repetition_penalty (npgpt.inference.decode.generate)."""
     from ..inference.decode import stream_text
     from ..finetune.instruct import format_prompt
     pieces = stream_text(model, tokenizer, format_prompt({"instruction": question}), max_new_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                         repetition_penalty=repetition_penalty, stop=[STOP])
+                         repetition_penalty=repetition_penalty, stop=[STOP], sampler=sampler)
     started, held = False, ""
     try:
         for piece in pieces:
@@ -86,7 +87,7 @@ def answer(model, tokenizer, question: str, max_new_tokens: int, temperature: fl
 
 def run(args) -> int:
     from ..tokens.bpe import get_tokenizer
-    from .generate import _check_args, _load_model, _stdin, _write
+    from .generate import _check_args, _load_model, _stdin, _write, sampler_from_args
 
     _check_args(args)
     _stdin("pipe the questions in, one a line, or run chat on a terminal")   # before the model loads
@@ -104,9 +105,7 @@ def run(args) -> int:
         print(f"npgpt chat: {args.model}; one instruction per line; Ctrl-D ends", file=sys.stderr)
     out = sys.stdout
     for question in _questions(interactive):
-        pieces = answer(model, tokenizer, question, args.n, temperature=args.temperature,
-                        top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1.0 else None, seed=args.seed,
-                        repetition_penalty=args.repetition_penalty)
+        pieces = answer(model, tokenizer, question, args.n, sampler=sampler_from_args(args, args.seed))
         try:
             for piece in pieces:
                 _write(out, piece)

@@ -13,6 +13,7 @@ one line to stderr and exit with status 2.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -37,13 +38,17 @@ def add_parser(subparsers):
                    help="stop at this string (not printed); repeatable; backslash escapes such as \\n work")
     p.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt before it")
     p.add_argument("--stats", action="store_true", help="print prompt and generation speed to stderr")
+    p.add_argument("--samples", type=int, default=1, metavar="N",
+                   help="N continuations, one after another (sample i draws with seed [SEED, i]; default 1)")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="after the text, each new token's log-probability and the N most likely tokens there")
     p.set_defaults(func=run)
     return p
 
 
 def add_sampling_args(p, n: int, temperature: float):
-    """--weights, -n, --temperature, --top-k, --top-p, --seed, --repetition-penalty (generate and chat),
-    checked by _check_args."""
+    """--weights, -n, --temperature, --top-k, --top-p, --seed, --repetition-penalty, --min-p, --presence-penalty,
+    --frequency-penalty (generate and chat), checked by _check_args; sampler_from_args builds their Sampler."""
     p.add_argument("--weights", choices=["fp32", "bf16", "int8"], default=None,
                    help="pack the weights for faster decoding: bf16 (2 bytes a weight) or int8 (1 byte, per-channel "
                         "scales); default: as the checkpoint stores them (fp32, or a quantized checkpoint's own)")
@@ -54,6 +59,12 @@ def add_sampling_args(p, n: int, temperature: float):
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling (default: random)")
     p.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
                    help="CTRL repetition penalty, e.g. 1.2 (default off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than min_p times the best "
+                                                            "one; 0 = off (default 0)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="OpenAI's: subtract this from the logit of every token generated so far (default 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="OpenAI's: subtract this times its count from each generated token's logit (default 0)")
 
 
 def _unescape(s: str) -> str:
@@ -75,6 +86,16 @@ def _check_args(args):
         raise CLIError(f"--repetition-penalty must be a finite number > 0, got {args.repetition_penalty}")
     if args.seed is not None and args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    if not 0.0 <= args.min_p <= 1.0:
+        raise CLIError(f"--min-p must be in [0, 1], got {args.min_p}")
+    for flag in ("presence_penalty", "frequency_penalty"):
+        v = getattr(args, flag)
+        if not (math.isfinite(v) and -2.0 <= v <= 2.0):
+            raise CLIError(f"--{flag.replace('_', '-')} must be in [-2, 2], got {v}")
+    if getattr(args, "samples", 1) < 1:
+        raise CLIError(f"--samples must be >= 1, got {args.samples}")
+    if getattr(args, "logprobs", None) is not None and args.logprobs < 0:
+        raise CLIError(f"--logprobs must be >= 0, got {args.logprobs}")
     stops = []
     for s in args.stop:
         try:
@@ -86,6 +107,14 @@ def _check_args(args):
     if not args.model.strip():
         raise CLIError("--model is empty: give a model name (gpt2, ...) or a checkpoint path")
     return stops
+
+
+def sampler_from_args(args, seed=None, logprobs=None):
+    """The Sampler the sampling flags describe (top-k 0 and top-p 1 mean off), drawing with seed."""
+    from ..inference.sampling import Sampler
+    return Sampler(args.temperature, args.top_k or None, args.top_p if args.top_p < 1.0 else None,
+                   args.repetition_penalty, seed, args.min_p or None, args.presence_penalty, args.frequency_penalty,
+                   logprobs)
 
 
 def _stdin(hint: str):
@@ -129,7 +158,8 @@ def _write(stream, text: str):
 
 def run(args) -> int:
     """User errors raise CLIError, which `npgpt.cli.main` prints as one line (exit status 2)."""
-    from ..inference.decode import TextStreamer, encode_prompt, stream_tokens
+    from ..inference.decode import encode_prompt
+    from ..inference.sampling import sample_seed
     from ..tokens.bpe import get_tokenizer
 
     stops = _check_args(args)
@@ -147,8 +177,6 @@ def run(args) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from None
 
-    eos_id = tokenizer.eot_token
-    streamer = TextStreamer(tokenizer, stops)
     out = sys.stdout
     t_warm = None
     if args.stats:   # load the kernels (Numba's cache) first, so the prompt's tokens/s is the prefill's own
@@ -156,18 +184,34 @@ def run(args) -> int:
         t_warm = time.perf_counter()
         model.forward_cached(np.zeros((1, 1), dtype=np.int64), KVCache.for_model(model, 1))
         t_warm = time.perf_counter() - t_warm
-    n_new, t_first = 0, None
+        print(f"kernels loaded and one warm-up token in {t_warm:.3f} s", file=sys.stderr)
+    for i in range(args.samples):
+        if i:
+            _write(out, "---\n")
+        sampler = sampler_from_args(args, sample_seed(args.seed, i), args.logprobs)
+        drawn, times = _sample(model, tokenizer, ids, "" if args.no_echo else prompt, stops, args, sampler, out)
+        if args.logprobs is not None:
+            _write_logprobs(out, tokenizer, drawn)
+        if args.stats:
+            _print_stats(len(ids), len(drawn), *times)
+    return 0
+
+
+def _sample(model, tokenizer, ids, echo: str, stops, args, sampler, out):
+    """Print echo, then stream one continuation of ids to out -> ([(token, TopLogprobs | None)] drawn,
+    (t0, t_first, t_end))."""
+    from ..inference.decode import TextStreamer, stream_tokens
+    eos_id = tokenizer.eot_token
+    streamer = TextStreamer(tokenizer, stops)
+    drawn, t_first = [], None
     t0 = time.perf_counter()
-    tokens = stream_tokens(model, ids, args.n, temperature=args.temperature, top_k=args.top_k or None,
-                           top_p=args.top_p if args.top_p < 1.0 else None, seed=args.seed, eos_id=eos_id,
-                           repetition_penalty=args.repetition_penalty, n_vocab=tokenizer.n_vocab)
-    if not args.no_echo:
-        _write(out, prompt)
+    tokens = stream_tokens(model, ids, args.n, eos_id=eos_id, n_vocab=tokenizer.n_vocab, sampler=sampler)
+    _write(out, echo)
     try:
         for t in tokens:
             if t_first is None:
                 t_first = time.perf_counter()
-            n_new += 1
+            drawn.append((t, sampler.last))
             if t == eos_id:
                 break
             piece = streamer.push(t)
@@ -180,18 +224,27 @@ def run(args) -> int:
     tokens.close()
     t_end = time.perf_counter()
     _write(out, streamer.finish() + "\n")
+    return drawn, (t0, t_first, t_end)
 
-    if args.stats:
-        err = sys.stderr
-        P = len(ids)
-        print(f"kernels loaded and one warm-up token in {t_warm:.3f} s", file=err)
-        if t_first is None:
-            print(f"prompt: {P} tokens; nothing generated (-n 0)", file=err)
-        else:
-            t_pre = t_first - t0
-            print(f"prompt: {P} tokens in {t_pre:.3f} s ({P / t_pre:.1f} tokens/s)", file=err)
-            print(f"time to first token: {t_pre:.3f} s after the warm-up", file=err)
-            t_gen = t_end - t_first
-            rate = f"{(n_new - 1) / t_gen:.1f} tokens/s" if n_new > 1 and t_gen > 0 else "n/a"
-            print(f"generation: {n_new} tokens, {n_new - 1} after the first in {t_gen:.3f} s ({rate})", file=err)
-    return 0
+
+def _write_logprobs(out, tokenizer, drawn):
+    """One line a drawn token: the token, its log-probability, then the most likely tokens with theirs."""
+    from ..serve.protocol import token_text
+    name = lambda t: json.dumps(token_text(tokenizer.encoding.decode_single_token_bytes(int(t))))   # noqa: E731
+    _write(out, "# token\tlogprob\tthe most likely tokens there, best first\n")
+    for t, top in drawn:
+        alts = "\t".join(f"{name(i)} {v:.4f}" for i, v in zip(top.ids[0], top.values[0]))
+        _write(out, f"{name(t)}\t{top.chosen[0]:.4f}" + (f"\t{alts}" if alts else "") + "\n")
+
+
+def _print_stats(P: int, n_new: int, t0, t_first, t_end):
+    err = sys.stderr
+    if t_first is None:
+        print(f"prompt: {P} tokens; nothing generated (-n 0)", file=err)
+        return
+    t_pre = t_first - t0
+    print(f"prompt: {P} tokens in {t_pre:.3f} s ({P / t_pre:.1f} tokens/s)", file=err)
+    print(f"time to first token: {t_pre:.3f} s after the warm-up", file=err)
+    t_gen = t_end - t_first
+    rate = f"{(n_new - 1) / t_gen:.1f} tokens/s" if n_new > 1 and t_gen > 0 else "n/a"
+    print(f"generation: {n_new} tokens, {n_new - 1} after the first in {t_gen:.3f} s ({rate})", file=err)

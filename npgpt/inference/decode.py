@@ -34,7 +34,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .kvcache import KVCache
-from .sampling import Sampler
+from .sampling import Sampler, TokenHistory
 
 __all__ = ["generate", "generate_text", "stream_tokens", "stream_text", "Decoder", "TextStreamer"]
 
@@ -178,27 +178,23 @@ def _steps(model, prompts, max_new_tokens, sampler: Sampler, eos_id=None, keep=N
     Vd = V if n_vocab is None else min(V, int(n_vocab))                    # ids that may be drawn: 0 .. Vd - 1
     dec = Decoder(model, B, max(len(p) for p in prompts) + max_new_tokens, keep=keep)
     logits = _drawable(dec.prefill(prompts), model, 0, Vd)                 # (B, Vd)
-    seen = None
-    if sampler.repetition_penalty not in (None, 1.0):
-        seen = np.zeros((B, Vd), dtype=bool)                               # (B, Vd) tokens in each row so far
-        for b, p in enumerate(prompts):
-            seen[b, p[p < Vd]] = True
+    history = TokenHistory(prompts, Vd) if sampler.penalised else None     # what the penalties look at
     finished = np.zeros(B, dtype=bool)
     for step in range(max_new_tokens):
-        tok = sampler(logits, seen)                                        # (B,)
+        tok = sampler(logits, *((history.seen, history.counts) if history else ()))   # (B,)
         if eos_id is not None:
             tok = np.where(finished, eos_id, tok)
             finished |= tok == eos_id
         yield tok
         if finished.all() or step == max_new_tokens - 1:
             return
-        if seen is not None:
-            seen[np.arange(B), tok] = True
+        if history is not None:
+            history.add(tok)
         logits = _drawable(dec.step(tok), model, step + 1, Vd)             # (B, Vd)
 
 
 def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None, seed=None,
-             eos_id=None, repetition_penalty=None, keep=None, n_vocab=None):
+             eos_id=None, repetition_penalty=None, keep=None, n_vocab=None, sampler=None):
     """Continue each prompt by up to max_new_tokens tokens.
 
     idx: (B, T) or (T,) int token ids -> returns an int64 array (B, T + n_new); or a list of 1-D
@@ -207,10 +203,11 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k=No
     sampling reproducible. A row that samples eos_id stops and is padded with eos_id; n_new is
     max_new_tokens unless every row stopped earlier. keep: tokens kept when the window slides
     (default n_ctx // 2; see the module docstring). n_vocab: draw only ids below it (a tokenizer's size;
-    default the model's vocabulary)."""
+    default the model's vocabulary). sampler: a Sampler to draw with instead of the settings temperature
+    .. seed (for its min_p, presence and frequency penalties and logprobs)."""
     max_new_tokens = _check_steps(max_new_tokens)
     prompts, as_list = _as_prompts(idx)
-    sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed)
+    sampler = sampler or Sampler(temperature, top_k, top_p, repetition_penalty, seed)
     steps = list(_steps(model, prompts, max_new_tokens, sampler, eos_id, keep, n_vocab))
     new = np.stack(steps, axis=1) if steps else np.zeros((len(prompts), 0), dtype=np.int64)   # (B, n_new)
     if as_list:
@@ -219,15 +216,15 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k=No
 
 
 def stream_tokens(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None, seed=None,
-                  eos_id=None, repetition_penalty=None, keep=None, n_vocab=None) -> Iterator[int]:
+                  eos_id=None, repetition_penalty=None, keep=None, n_vocab=None, sampler=None) -> Iterator[int]:
     """Yield the new token ids of one prompt (T,) or (1, T) one at a time, as they are decoded;
     stops after max_new_tokens or after yielding eos_id. Same tokens as generate() with the same seed
-    (and n_vocab)."""
+    (and n_vocab). sampler: as in generate (its .last holds each token's logprobs when it records them)."""
     max_new_tokens = _check_steps(max_new_tokens)
     prompts, _ = _as_prompts(idx)
     if len(prompts) != 1:
         raise ValueError(f"stream_tokens takes one prompt, got {len(prompts)}")
-    sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed)
+    sampler = sampler or Sampler(temperature, top_k, top_p, repetition_penalty, seed)
     for tok in _steps(model, prompts, max_new_tokens, sampler, eos_id, keep, n_vocab):
         yield int(tok[0])
 
@@ -301,15 +298,15 @@ def encode_prompt(model, tokenizer, prompt: str) -> list:
 
 def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.0, top_k=None,
                 top_p=None, seed=None, repetition_penalty=None, stop=None, stop_at_eos: bool = True,
-                keep=None) -> Iterator[str]:
+                keep=None, sampler=None) -> Iterator[str]:
     """Yield the continuation of prompt as text pieces, as it is decoded (the prompt is not repeated).
     Stops at <|endoftext|> (unless stop_at_eos=False), at the first stop string (not emitted), or
-    after max_new_tokens tokens. Only ids the tokenizer holds are drawn."""
+    after max_new_tokens tokens. Only ids the tokenizer holds are drawn. sampler: as in generate."""
     ids = encode_prompt(model, tokenizer, prompt)
     eos_id = tokenizer.eot_token if stop_at_eos else None
     ts = TextStreamer(tokenizer, stop)
     for t in stream_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-                           repetition_penalty, keep, tokenizer.n_vocab):
+                           repetition_penalty, keep, tokenizer.n_vocab, sampler):
         if t == eos_id:
             break
         piece = ts.push(t)
@@ -324,7 +321,7 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temper
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.0,
                   top_k=None, top_p=None, seed=None, repetition_penalty=None, stop=None, stop_at_eos: bool = True,
-                  keep=None) -> str:
+                  keep=None, sampler=None) -> str:
     """The continuation of prompt as one string (the prompt is not included); see stream_text."""
     return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                               repetition_penalty, stop, stop_at_eos, keep))
+                               repetition_penalty, stop, stop_at_eos, keep, sampler))

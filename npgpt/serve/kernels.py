@@ -1,0 +1,175 @@
+"""Batch-invariant kernels: one decoding step for several sequences at once, where each row's
+arithmetic is fixed by that row alone, never by how many rows share the step or which.
+
+A BLAS GEMM of M rows may split, order and fuse its sums differently for every M, so a sequence
+decoded beside others can round differently from the same sequence decoded alone, and greedy
+text can drift. These kernels read each weight once per step for all rows (what makes batching
+pay) but compute every output from its own row by a sequence of operations that depends only on
+the layer's shape:
+
+    in_out_matmul    y[a] = x[a] @ w + b, w (in, out) as Linear keeps it. Each thread takes a range of
+                     output columns, and acc[a, n] += x[a, k] * w[k, n] for k = 0, 1, ..., K-1 in order,
+                     in plain IEEE float arithmetic (no reassociation, no fused multiply-add),
+                     vectorised across the columns, then + b[n]: every y[a, n] is the same chain of
+                     roundings whatever the rows, the range or the SIMD lane holding column n (so the
+                     ranges may follow the thread count; reading each w row's range in one sweep
+                     measured faster than L1-sized tiles).
+    out_in_matmul    y[a, o] = s[o] * (x[a] . w[o]) + b[o], w (out, in): float rows (the tied LM head),
+                     bf16 bits or int8 with per-row scales s (QuantLinear). Each weight row is unpacked
+                     once, then every x[a] takes its dot product with it through the one compiled `_dot`,
+                     whose sum is reassociated into SIMD lanes in an order fixed by K alone.
+    attend_rows      per (row, head): softmax(q . k_t / sqrt(hs)) over that row's own L keys, then the
+                     weighted sum of its values, t = 0 .. L-1 in order: the sums depend on L alone,
+                     never on the longest row of the step (as a padded, masked batch's would).
+
+Each kernel is one parallel build (no serial/parallel switch by size), split over output columns
+or (row, head) pairs, never inside a sum. NumPy they mirror, for one row a:
+
+    y[a] = x[a] @ w + b                     # in_out_matmul
+    y[a] = (x[a] @ w.T) * s + b             # out_in_matmul, w unpacked
+    p = softmax(q[a, h] @ K[r, h, :L].T * scale); out[a, h] = p @ V[r, h, :L]    # attend_rows
+"""
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+from ..fast._jit import JIT_OPTIONS, REDUCTION_MATH
+from ..fast._math import bits_to_float32, exp
+
+LANES = 16          # in_out_matmul's column ranges start at multiples of this (whole SIMD vectors)
+CHUNK = 16          # output rows a task of out_in_matmul takes (one unpacked weight row at a time)
+
+
+@njit(**JIT_OPTIONS)                                 # no fastmath: every element's own chain of roundings
+def _axpy(y, alpha, x):
+    # y += alpha * x, elementwise
+    for j in range(y.shape[0]):
+        y[j] += alpha * x[j]
+
+
+@njit(parallel=True, **JIT_OPTIONS)
+def _in_out(x, w, b, y, tile):
+    # y[a, n] = b[n] + sum_k x[a, k] * w[k, n], k ascending; columns in ranges of `tile`
+    A, K = x.shape
+    N = w.shape[1]
+    for t in prange((N + tile - 1) // tile):
+        n0 = t * tile
+        n1 = min(N, n0 + tile)
+        acc = np.zeros((A, n1 - n0), dtype=y.dtype)     # (A, width)
+        for k in range(K):
+            wk = w[k, n0:n1]                             # read once for every row
+            for a in range(A):
+                _axpy(acc[a], x[a, k], wk)
+        for a in range(A):
+            y[a, n0:n1] = acc[a] + b[n0:n1]
+
+
+@njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
+def _dot(x, w):
+    # x . w, reassociated into SIMD lanes in an order fixed by len(x)
+    acc = x[0] * w[0]
+    for k in range(1, x.shape[0]):
+        acc += x[k] * w[k]
+    return acc
+
+
+@njit(parallel=True, fastmath=REDUCTION_MATH, **JIT_OPTIONS)
+def _out_in_float(x, w, b, y):
+    # y[a, o] = x[a] . w[o] + b[o]
+    A = x.shape[0]
+    O = w.shape[0]
+    for c in prange((O + CHUNK - 1) // CHUNK):
+        for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
+            for a in range(A):
+                y[a, o] = _dot(x[a], w[o]) + b[o]
+
+
+@njit(parallel=True, fastmath=REDUCTION_MATH, **JIT_OPTIONS)
+def _out_in_bf16(x, w16, b, y):
+    # y[a, o] = x[a] . f32(w16[o]) + b[o]
+    A, K = x.shape
+    O = w16.shape[0]
+    for c in prange((O + CHUNK - 1) // CHUNK):
+        row = np.empty(K, np.float32)
+        for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
+            for k in range(K):
+                row[k] = bits_to_float32(np.uint32(w16[o, k]) << np.uint32(16))
+            for a in range(A):
+                y[a, o] = _dot(x[a], row) + b[o]
+
+
+@njit(parallel=True, fastmath=REDUCTION_MATH, **JIT_OPTIONS)
+def _out_in_int8(x, q, scale, b, y):
+    # y[a, o] = scale[o] * (x[a] . q[o]) + b[o]
+    A, K = x.shape
+    O = q.shape[0]
+    for c in prange((O + CHUNK - 1) // CHUNK):
+        row = np.empty(K, np.float32)
+        for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
+            for k in range(K):
+                row[k] = np.float32(q[o, k])
+            for a in range(A):
+                y[a, o] = _dot(x[a], row) * scale[o] + b[o]
+
+
+@njit(parallel=True, fastmath=REDUCTION_MATH, **JIT_OPTIONS)
+def _attend(q, K, V, rows, lengths, scale, out):
+    # out[a, h] = softmax_t(scale * q[a, h] . K[r, h, t]) @ V[r, h, :L], r = rows[a], L = lengths[a]
+    A, NH, hs = q.shape
+    for i in prange(A * NH):
+        a = i // NH
+        h = i - a * NH
+        r = rows[a]
+        L = lengths[a]
+        s = np.empty(L, dtype=out.dtype)
+        for t in range(L):
+            s[t] = _dot(q[a, h], K[r, h, t]) * scale
+        m = s[0]
+        for t in range(1, L):
+            m = max(m, s[t])
+        total = s[0] * 0
+        for t in range(L):
+            s[t] = exp(s[t] - m)
+            total += s[t]
+        acc = np.zeros(hs, dtype=out.dtype)
+        for t in range(L):
+            p = s[t]
+            for d in range(hs):
+                acc[d] += p * V[r, h, t, d]
+        for d in range(hs):
+            out[a, h, d] = acc[d] / total
+
+
+def in_out_matmul(x, w, b):
+    """y (A, out) = x (A, in) @ w (in, out) + b (out,), each row by the same fixed arithmetic."""
+    x = np.ascontiguousarray(x, dtype=w.dtype)
+    N = w.shape[1]
+    y = np.empty((x.shape[0], N), dtype=w.dtype)
+    tile = -(-N // (get_num_threads() * LANES)) * LANES      # one contiguous column range per thread
+    _in_out(x, w, b, y, tile)
+    return y
+
+
+def out_in_matmul(x, w, scale=None, b=None):
+    """y (A, out) = x (A, in) @ W^T (* scale) + b for w (out, in): float, bf16 bits (uint16) or int8
+    (with scale (out,)); each row by the same fixed arithmetic."""
+    dtype = np.float32 if w.dtype in (np.uint16, np.int8) else w.dtype
+    x = np.ascontiguousarray(x, dtype=dtype)
+    y = np.empty((x.shape[0], w.shape[0]), dtype=dtype)
+    b = np.zeros(w.shape[0], dtype) if b is None else b
+    if w.dtype == np.uint16:
+        _out_in_bf16(x, w, b, y)
+    elif w.dtype == np.int8:
+        _out_in_int8(x, w, scale, b, y)
+    else:
+        _out_in_float(x, w, b, y)
+    return y
+
+
+def attend_rows(q, k_cache, v_cache, rows, lengths):
+    """q (A, NH, hs): one query per row; k_cache, v_cache (B, NH, n_ctx, hs); row a attends to the
+    first lengths[a] keys of cache row rows[a] -> (A, NH, hs)."""
+    q = np.ascontiguousarray(q)
+    out = np.empty(q.shape, dtype=q.dtype)
+    scale = q.dtype.type(1.0 / np.sqrt(q.shape[-1]))
+    _attend(q, k_cache, v_cache, np.asarray(rows, np.int64), np.asarray(lengths, np.int64), scale, out)
+    return out
