@@ -11,6 +11,11 @@ is the step's wall time minus every op's. Each op's speed-up from 1 to N threads
 the cores: an op near 1.0x runs on one core while the others wait. The table gives each op's share of
 the N-thread step; the last lines sum the time of ops that gain less than --serial-below.
 
+The last line extrapolates to --predict threads op by op with Amdahl's law: an op taking t1 on one
+thread and tN on N has a serial fraction f = (tN / t1 - 1/N) / (1 - 1/N) (clipped to [0, 1]), and is
+predicted to take t1 (f + (1 - f) / P) on P threads. It ignores what only shows with more cores
+(memory bandwidth, cache sizes, GEMMs that split better or worse), so it is a forecast, not a figure.
+
 The timers cost about a microsecond a call, so the step is also timed without them ("bare").
 """
 import argparse
@@ -31,6 +36,7 @@ ap.add_argument("--steps", type=int, default=5, help="timed steps per round and 
 ap.add_argument("--rounds", type=int, default=3)
 ap.add_argument("--serial-below", type=float, default=1.25, help="speed-up under which an op counts as serial")
 ap.add_argument("--rows", type=int, default=30)
+ap.add_argument("--predict", type=int, default=16, help="thread count to extrapolate the step to (Amdahl, op by op)")
 args = ap.parse_args()
 
 from npgpt.fast import settings  # noqa: E402
@@ -154,6 +160,14 @@ def main():
         calls = clock.calls.get(name, 0) / args.steps
         print(f"| {name}{mark} | {calls:.0f} | {t1 * 1e3:.2f} | {tN * 1e3:.2f} | {gain:.2f}x | {tN / stepN:.1%} |")
     print(f"ops gaining under {args.serial_below}x from {N} threads: {serial * 1e3:.2f} ms, {serial / stepN:.1%} of the step")
+    P, predicted, serial_P = args.predict, 0.0, 0.0
+    for name, t1 in med[1].items():
+        tN = med[N].get(name, t1)
+        f = min(1.0, max(0.0, (tN / t1 - 1 / N) / (1 - 1 / N))) if t1 > 0 and N > 1 else 1.0
+        predicted += t1 * (f + (1 - f) / P)
+        serial_P += t1 * f
+    print(f"Amdahl, op by op, at {P} threads: {predicted * 1e3:.1f} ms a step ({step1 / predicted:.1f}x one thread), "
+          f"of which {serial_P * 1e3:.1f} ms serial ({serial_P / predicted:.0%})")
 
 
 if __name__ == "__main__":

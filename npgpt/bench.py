@@ -14,6 +14,7 @@ time over that floor is the most the speed ratio could reach here.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -238,6 +239,63 @@ def npgpt_train_loop(cfg, B, T, steps):
             "bare_tokens_per_s": B * T / t_bare, "overhead": t_loop / t_bare - 1.0}
 
 
+def npgpt_train_ranks(cfg, B, T, steps, threads=None, overlap=(True,)) -> list | None:
+    """The data-parallel train step, timed on a global batch of B x T: under mpiexec each rank computes
+    its B / ranks rows (npgpt.train.loop.train_step with npgpt.distributed's dist), alone one process
+    computes them all. `overlap` lists the distributed.OVERLAP settings the timed steps cycle through
+    (`steps` of each after two warm-up steps; (True, False, False, True) alternates the two ABBA).
+    Per setting, the median step time and the time allreduce_grads took inside the step: the
+    communication left exposed after the backward, waiting for the slower ranks included (rank 0's,
+    and each rank's); then the whole Allreduce timed alone after a barrier. Returns one summary per
+    distinct setting on rank 0, None on the others."""
+    import numpy as np
+
+    from . import distributed
+    from .optim import AdamW
+    from .train.lm import count_targets, lm_loss
+    from .train.loop import train_step
+    d = distributed.init(threads)
+    model = _npgpt_model(cfg)
+    d.broadcast_parameters(model)
+    opt = AdamW(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    rng = np.random.default_rng(0)                 # the same global batches on every rank
+    settings = list(dict.fromkeys(overlap))
+    timed = {o: [] for o in settings}              # per setting: (step s, exposed s, buckets started in backward)
+    before = distributed.OVERLAP
+    try:
+        for i in range(2 + steps * len(settings)):
+            distributed.OVERLAP = overlap[(i - 2) % len(overlap)] if i >= 2 else overlap[0]
+            idx = rng.integers(0, cfg["n_vocab"], (B, T))
+            t0 = time.perf_counter()
+            train_step(model, opt, (idx, np.roll(idx, -1, axis=1)), 1e-4, loss_fn=lm_loss, count_fn=count_targets,
+                       clip=1.0, dist=d)
+            if i >= 2:                             # the first steps compile and page-fault
+                timed[distributed.OVERLAP].append((time.perf_counter() - t0, getattr(d, "allreduce_seconds", 0.0),
+                                                   getattr(d, "overlapped_buckets", 0)))
+    finally:
+        distributed.OVERLAP = before
+    alone = []
+    if d.world_size > 1:
+        for _ in range(3):
+            d.barrier()
+            d.allreduce_grads(model)
+            alone.append(d.allreduce_seconds)
+    by_rank = d.gather({o: _median([t[1] for t in rows]) for o, rows in timed.items()})
+    if not d.is_main:
+        return None
+    out = []
+    for o, rows in timed.items():
+        step, exposed = _median([t[0] for t in rows]), _median([t[1] for t in rows])
+        out.append({"ranks": d.world_size, "threads": threads, "params": model.num_parameters(),
+                    "overlap": o and d.world_size > 1, "seconds": step, "all": [t[0] for t in rows],
+                    "tokens_per_s": B * T / step, "allreduce_in_step_s": exposed,
+                    "allreduce_in_step_by_rank_s": [r[o] for r in by_rank], "exposed_pct": 100 * exposed / step,
+                    "buckets_in_backward": max(t[2] for t in rows),
+                    "allreduce_alone_s": _median(alone) if alone else 0.0,
+                    "bytes_per_rank_per_step": getattr(d, "bytes_per_step", 0), "peak_rss_mb": _peak_rss_mb()})
+    return out
+
+
 def _npgpt_inference_model(cfg, weights):
     from .inference.quant import quantize
     return quantize(_npgpt_model(cfg).eval(), weights)
@@ -320,26 +378,46 @@ def _torch_model(cfg, train):
     return model.train() if train else model.eval()
 
 
-def torch_train(cfg, B, T, steps):
+# DDP's reducer, when freed, joins gloo's worker thread while holding the GIL that thread may need to free
+# its last work item: a deadlock (seen with torch 2.13, at random). The DDP worker keeps its model here
+# and _worker ends that process without freeing anything once the report is out.
+_KEEP_UNTIL_EXIT = []
+
+
+def torch_train(cfg, B, T, steps, rank=0, world=1):
+    """PyTorch's train step (forward, backward, clipping, AdamW) on a global batch of B x T, timed after
+    two warm-up steps. With world > 1 this is rank `rank` of a DDP job over gloo (torch.distributed's
+    env:// rendezvous: MASTER_ADDR, MASTER_PORT) and computes its B / world rows of every batch; DDP
+    averages the ranks' gradients during the backward."""
     import torch
     model = _torch_model(cfg, train=True)
+    net = model
+    if world > 1:
+        import torch.distributed as tdist
+        tdist.init_process_group("gloo", rank=rank, world_size=world)
+        net = torch.nn.parallel.DistributedDataParallel(model)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
     g = torch.Generator().manual_seed(0)
+    rows = slice(rank * B // world, (rank + 1) * B // world)      # this rank's contiguous rows
     times = []
     for s in range(steps + 2):                       # two warm-up steps, as npgpt's
-        idx = torch.randint(0, cfg["n_vocab"], (B, T), generator=g)
+        idx = torch.randint(0, cfg["n_vocab"], (B, T), generator=g)[rows]
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        logits = model(idx).logits
+        logits = net(idx).logits
         loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), torch.roll(idx, -1, 1).view(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         times.append(time.perf_counter() - t0)
-    return {"seconds": _median(times[2:]), "all": times[2:], "loss": float(loss)}
+    if world > 1:
+        _KEEP_UNTIL_EXIT.append(net)                 # see _KEEP_UNTIL_EXIT
+        if rank:
+            return None                              # rank 0 reports
+    return {"seconds": _median(times[2:]), "all": times[2:], "loss": loss.item(), "ranks": world}
 
 
 def torch_prefill(cfg, T, reps):
@@ -377,6 +455,7 @@ def torch_decode(cfg, prompt, new, reps, B=1):
 def _worker(argv):
     """python -m npgpt.bench FRAMEWORK WORKLOAD CFG_JSON OPTS_JSON -> one JSON line on stdout."""
     framework, workload, cfg, o = argv[0], argv[1], json.loads(argv[2]), json.loads(argv[3])
+    rank = int(os.environ.get("RANK", 0))           # a torch DDP rank's (set by run_grid); MPI ranks ask MPI
     if framework == "npgpt":
         from .fast import settings
         settings.apply()                              # as the npgpt command does, before NumPy loads
@@ -391,24 +470,39 @@ def _worker(argv):
           ("npgpt", "decode"): lambda: npgpt_decode(cfg, o["decode_prompt"], o["decode_new"], o["reps"],
                                                     o.get("weights", "fp32"), o.get("decode_B", 1)),
           ("npgpt", "startup"): lambda: npgpt_startup(cfg),
-          ("torch", "train"): lambda: torch_train(cfg, o["train_B"], o["train_T"], o["steps"]),
+          ("npgpt", "train-ranks"): lambda: npgpt_train_ranks(cfg, o["train_B"], o["train_T"], o["steps"], o["threads"]),
+          ("torch", "train"): lambda: torch_train(cfg, o["train_B"], o["train_T"], o["steps"], rank, o.get("ranks", 1)),
           ("torch", "train-large"): lambda: torch_train(cfg, o["train_large_B"], o["train_large_T"], o["steps"]),
           ("torch", "prefill"): lambda: torch_prefill(cfg, o["prefill_T"], o["reps"]),
           ("torch", "decode"): lambda: torch_decode(cfg, o["decode_prompt"], o["decode_new"], o["reps"],
                                                     o.get("decode_B", 1))}[
         (framework, workload)]
     result = fn()
+    if result is None:                                # a rank other than 0 of a data-parallel job
+        _exit_if_kept()
+        return
+    if isinstance(result, list):                      # npgpt_train_ranks: one summary per OVERLAP setting
+        result = result[0]
     result.setdefault("peak_rss_mb", _peak_rss_mb())
     result["wall_s"] = time.perf_counter() - t_import
     if framework == "torch":
         import torch
         result["version"] = torch.__version__
-    print(json.dumps(result))
+    print(json.dumps(result), flush=True)
+    _exit_if_kept()
+
+
+def _exit_if_kept():
+    """End a DDP worker without freeing its model (see _KEEP_UNTIL_EXIT)."""
+    if _KEEP_UNTIL_EXIT:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _run_worker(framework, workload, cfg, opts):
-    cmd = [sys.executable, "-m", "npgpt.bench", framework, workload, json.dumps(cfg), json.dumps(opts)]
-    env = dict(os.environ)
+    cmd = _worker_cmd(framework, workload, cfg, opts)
+    env = _worker_env()
     env.setdefault("OMP_NUM_THREADS", str(opts["threads"]))
     env.setdefault("NUMBA_NUM_THREADS", str(opts["threads"]))
     if framework == "npgpt" and workload in ("prefill", "decode", "startup"):
@@ -421,31 +515,51 @@ def _run_worker(framework, workload, cfg, opts):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _torch_available() -> bool:
+def _worker_cmd(framework, workload, cfg, opts) -> list:
+    """The worker's command line: PyTorch's runs in opts["torch_python"] (another environment may hold torch)."""
+    python = (opts.get("torch_python") or sys.executable) if framework == "torch" else sys.executable
+    return [python, "-m", "npgpt.bench", framework, workload, json.dumps(cfg), json.dumps(opts)]
+
+
+def _worker_env() -> dict:
+    """This environment, with npgpt importable from any Python (the torch worker's may be another venv's)."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _torch_available(python=None) -> bool:
+    """Whether `python` (default: this one) can import torch and transformers."""
+    probe = "import importlib.util as u, sys; sys.exit(not (u.find_spec('torch') and u.find_spec('transformers')))"
     try:
-        import importlib.util
-        return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
-    except ValueError:
+        return subprocess.run([python or sys.executable, "-c", probe], capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
         return False
 
 
 def _config(args) -> dict:
     """Check the options and build the model shape here, so bad input fails before any worker starts."""
-    from .config import GPTConfig
-    for k in ("threads", "steps", "reps", "rounds", "decode_batch", "prefill_T", "train_large_B", "train_large_T") + SHAPE:
+    from .config import SMALL_SHAPES, GPTConfig
+    for k in ("threads", "steps", "reps", "rounds", "decode_batch", "prefill_T", "train_large_B", "train_large_T",
+              "batch", "context", "timeout") + SHAPE:
         v = getattr(args, k, None)
         if v is not None and v < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
-    if args.compare == "torch" and not _torch_available():
-        raise ValueError("--compare torch needs torch and transformers installed "
-                       "(pip install torch==2.13.0 transformers)")
-    try:
-        cfg = GPTConfig.from_preset(args.model).to_hparams()
+    if args.compare == "torch" and not _torch_available(getattr(args, "torch_python", None)):
+        raise ValueError(f"--compare torch needs torch and transformers installed in "
+                         f"{getattr(args, 'torch_python', None) or sys.executable} "
+                         "(pip install torch==2.13.0 transformers, or --torch-python PYTHON of an environment that has them)")
+    try:              # tiny and small: `npgpt train --config` bodies, with GPT-2's vocabulary and context
+        cfg = (GPTConfig.from_preset("gpt2", **SMALL_SHAPES[args.model]) if args.model in SMALL_SHAPES
+               else GPTConfig.from_preset(args.model)).to_hparams()
     except ValueError as e:
         raise ValueError(f"--model: {e}") from None
     cfg.update({k: getattr(args, k) for k in SHAPE if getattr(args, k) is not None})
     if cfg["n_embd"] % cfg["n_head"]:
         raise ValueError(f"--n-embd {cfg['n_embd']} is not divisible by --n-head {cfg['n_head']}")
+    if getattr(args, "grid", None) is not None:
+        _check_grid(args, cfg)
     return GPTConfig(**cfg).to_hparams()
 
 
@@ -453,7 +567,7 @@ def run(args, cfg=None) -> dict:
     cfg = cfg or _config(args)
     opts = dict(DEFAULTS, threads=args.threads, steps=args.steps, reps=args.reps,
                 weights=getattr(args, "weights", None) or "fp32", decode_B=getattr(args, "decode_batch", None) or 1,
-                attention=getattr(args, "attention", None) or "auto")
+                attention=getattr(args, "attention", None) or "auto", torch_python=getattr(args, "torch_python", None))
     for k in ("prefill_T", "train_large_B", "train_large_T"):
         if getattr(args, k, None) is not None:
             opts[k] = getattr(args, k)
@@ -568,6 +682,248 @@ def _print_row(w, row, o, suffix=""):
             if t:
                 line += f", torch / those GEMMs {_ceiling(row):.2f}x"
     print(line, flush=True)
+
+
+# ----------------------------------------------------------------------------- ranks x threads
+def cpu_model() -> str:
+    """The CPU's model name as lscpu gives it (else /proc/cpuinfo's), for the reports' headers."""
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout.splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        lines = []
+    if not lines and os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.lower().startswith("model name")), "unknown")
+
+
+def find_mpiexec() -> str | None:
+    """The mpiexec beside this Python (the mpich wheel puts it there; mpi4py binds to its MPI), else PATH's."""
+    import shutil
+    import sysconfig
+    local = os.path.join(sysconfig.get_path("scripts"), "mpiexec")
+    return local if os.access(local, os.X_OK) else shutil.which("mpiexec")
+
+
+def _have_mpi4py() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("mpi4py") is not None
+
+
+def parse_grid(text: str | None, cores: int) -> list:
+    """'1x2,2x1' -> [(1, 2), (2, 1)], ranks x threads; 'auto' or None: every split of `cores` into
+    ranks x threads == cores, one rank first."""
+    if text in (None, "auto"):
+        return [(r, cores // r) for r in range(1, cores + 1) if cores % r == 0]
+    splits = []
+    for part in text.split(","):
+        try:
+            r, t = (int(x) for x in part.strip().lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--grid: {part.strip()!r} is not RANKSxTHREADS (such as 2x4)") from None
+        if r < 1 or t < 1:
+            raise ValueError(f"--grid: {part.strip()!r}: ranks and threads must be >= 1")
+        splits.append((r, t))
+    return list(dict.fromkeys(splits))
+
+
+def _check_grid(args, cfg):
+    """--grid's splits against the batch, the context and what is installed, before anything runs."""
+    from .fast.settings import cores
+    if args.workloads:
+        raise ValueError("--grid measures the train step over ranks x threads; leave out --workloads")
+    splits = parse_grid(args.grid, cores())
+    for r, t in splits:
+        if args.batch % r:
+            raise ValueError(f"--batch {args.batch} is not a multiple of the {r} ranks of --grid {r}x{t}")
+    if args.context > cfg["n_ctx"]:
+        raise ValueError(f"--context {args.context} is longer than the model's n_ctx {cfg['n_ctx']} (--n-ctx)")
+    if any(r > 1 for r, _ in splits) and (find_mpiexec() is None or not _have_mpi4py()):
+        raise ValueError("--grid with more than one rank runs npgpt under mpiexec, and mpiexec or mpi4py is not "
+                         "installed (pip install -e \".[mpi]\")")
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(jobs, timeout: float) -> tuple:
+    """Start every (cmd, env) of `jobs`, each in its own process group, and wait for them all, at most
+    `timeout` seconds in all. When one fails, the others are ended; at the deadline all are (SIGTERM,
+    which mpiexec forwards to its ranks, then SIGKILL): a hung MPI or gloo job never hangs the bench.
+    Returns (status: 0, the first failure's exit status, or 124 at the deadline; the first job's
+    stdout; every job's stderr)."""
+    import signal
+    with contextlib.ExitStack() as stack:
+        files = [[stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2)] for _ in jobs]
+        procs = [subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+                 for (cmd, env), (out, err) in zip(jobs, files)]
+        deadline = time.monotonic() + timeout
+        while True:
+            codes = [p.poll() for p in procs]
+            status = next((c for c in codes if c), 0)
+            if status or None not in codes:
+                break
+            if time.monotonic() > deadline:
+                status = 124
+                break
+            time.sleep(0.1)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in procs:
+                if p.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(p.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                for p in procs:
+                    p.wait(timeout=5)
+        for p in procs:
+            p.wait()
+        for f in sum(files, []):
+            f.seek(0)
+        return status, files[0][0].read(), "".join(err.read() for _, err in files)
+
+
+def _run_split(framework, ranks, threads, cfg, opts, timeout) -> dict:
+    """One run of the train step at ranks x threads: npgpt under `mpiexec -n ranks` (one plain process
+    for 1), PyTorch as one process or `ranks` DDP processes over gloo on 127.0.0.1, each with `threads`
+    threads. The worker's report (rank 0's), or {"error": ...}."""
+    from .distributed import MPI_ENV
+    o = dict(opts, threads=threads, ranks=ranks)
+    env = {k: v for k, v in _worker_env().items() if k not in MPI_ENV}
+    for k in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[k] = str(threads)
+    if framework == "npgpt":
+        cmd = _worker_cmd("npgpt", "train-ranks", cfg, o)
+        if ranks > 1:
+            cmd = [find_mpiexec(), "-n", str(ranks), *cmd]
+            env.setdefault("HYDRA_LAUNCHER", "fork")          # MPICH: every rank here, no ssh
+        jobs = [(cmd, env)]
+    else:
+        cmd = _worker_cmd("torch", "train", cfg, o)
+        rendezvous = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(ranks))
+        jobs = [(cmd, dict(env, RANK=str(r), LOCAL_RANK=str(r), **rendezvous)) for r in range(ranks)]
+    status, out, err = _launch(jobs, timeout)
+    tail = " | ".join(err.strip().splitlines()[-3:])
+    if status == 124:
+        return {"error": f"timed out after {timeout:g} s (--timeout): {tail}"}
+    if status:
+        return {"error": f"exit status {status}: {tail}"}
+    try:
+        return json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"error": f"no report: {tail}"}
+
+
+def _ok(result) -> bool:
+    return result is not None and "error" not in result
+
+
+def _split_summary(rounds, tokens: int) -> dict:
+    """Medians over a split's rounds that ran: each framework's step time and tokens/s, npgpt's
+    Allreduce left exposed after the backward, and the median of the same-round speed ratios
+    npgpt / PyTorch."""
+    out = {}
+    for fw in ("npgpt", "torch"):
+        ran = [p[fw] for p in rounds if _ok(p.get(fw))]
+        if ran:
+            step = _median([r["seconds"] for r in ran])
+            out[fw] = {"seconds": step, "tokens_per_s": tokens / step}
+            if fw == "npgpt":
+                exposed = _median([r["allreduce_in_step_s"] for r in ran])
+                out[fw].update(allreduce_in_step_s=exposed, exposed_pct=100 * exposed / step)
+    ratios = [p["torch"]["seconds"] / p["npgpt"]["seconds"] for p in rounds
+              if _ok(p.get("npgpt")) and _ok(p.get("torch"))]
+    if ratios:
+        out["ratios"], out["median_ratio"] = ratios, _median(ratios)
+    return out
+
+
+def _best(rows) -> dict:
+    """Each framework's fastest split (median tokens/s), and the one's speed over the other's."""
+    best = {}
+    for fw in ("npgpt", "torch"):
+        ran = [r for r in rows if fw in r]
+        if ran:
+            b = max(ran, key=lambda r: r[fw]["tokens_per_s"])
+            best[fw] = {"ranks": b["ranks"], "threads": b["threads"], "tokens_per_s": b[fw]["tokens_per_s"]}
+    if len(best) == 2:
+        best["ratio"] = best["npgpt"]["tokens_per_s"] / best["torch"]["tokens_per_s"]
+    return best
+
+
+def run_grid(args, cfg) -> dict:
+    """The train step on a global batch of args.batch x args.context at every ranks x threads split of
+    args.grid, npgpt's and (--compare torch) PyTorch's alternately, split after split, args.rounds times."""
+    from .fast.settings import cores
+    B, T, rounds = args.batch, args.context, args.rounds or 1
+    compare = args.compare == "torch"
+    opts = dict(train_B=B, train_T=T, steps=args.steps, torch_python=args.torch_python)
+    rows = [{"ranks": r, "threads": t, "rounds": []} for r, t in parse_grid(args.grid, cores())]
+    for rnd in range(rounds):
+        for row in rows:
+            pair = {"npgpt": _run_split("npgpt", row["ranks"], row["threads"], cfg, opts, args.timeout)}
+            if compare:
+                pair["torch"] = _run_split("torch", row["ranks"], row["threads"], cfg, opts, args.timeout)
+            row["rounds"].append(pair)
+            if not args.json:
+                print(_round_line(row, pair, B * T, f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""), flush=True)
+    for row in rows:
+        row.update(_split_summary(row["rounds"], B * T))
+    report = {"cpu": cpu_model(), "cores": cores(), "blas": blas_info(), "config": cfg, "batch": B, "context": T,
+              "steps": args.steps, "rounds": rounds, "compare": args.compare,
+              "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "NPGPT_KERNELS")},
+              "grid": rows, "best": _best(rows)}
+    if not args.json:
+        print(grid_table(report), flush=True)
+    return report
+
+
+def _torch_kind(ranks: int) -> str:
+    return "one process" if ranks == 1 else "DDP, gloo"
+
+
+def _round_line(row, pair, tokens: int, suffix: str) -> str:
+    """One run's figures, printed as it finishes."""
+    def figures(r):
+        return f"{r['seconds']:.3f} s {tokens / r['seconds']:.0f} tok/s" if _ok(r) else f"failed: {r['error']}"
+    n, t = pair["npgpt"], pair.get("torch")
+    line = f"{row['ranks']} x {row['threads']}{suffix}".ljust(22) + f" npgpt {figures(n)}"
+    if _ok(n) and row["ranks"] > 1:
+        line += f", Allreduce left after the backward {n['allreduce_in_step_s']:.3f} s ({n['exposed_pct']:.1f}%)"
+    if t is not None:
+        line += f" | PyTorch ({_torch_kind(row['ranks'])}) {figures(t)}"
+        if _ok(n) and _ok(t):
+            line += f" | npgpt / PyTorch {t['seconds'] / n['seconds']:.2f}x"
+    return line
+
+
+def grid_table(report) -> str:
+    """The grid's medians as a Markdown table, and each framework's best split."""
+    compare = report["compare"] == "torch"
+    head = ["ranks x threads", "npgpt tok/s", "npgpt step", "Allreduce left after the backward"]
+    if compare:
+        head += ["PyTorch tok/s", "PyTorch step", "npgpt / PyTorch"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in report["grid"]:
+        n, t = row.get("npgpt"), row.get("torch")
+        cells = [f"{row['ranks']} x {row['threads']}"]
+        cells += ([f"{n['tokens_per_s']:.0f}", f"{n['seconds']:.3f} s",
+                   f"{n['allreduce_in_step_s']:.3f} s ({n['exposed_pct']:.1f}%)" if row["ranks"] > 1 else ""]
+                  if n else ["failed", "", ""])
+        if compare:
+            cells += ([f"{t['tokens_per_s']:.0f} ({_torch_kind(row['ranks'])})", f"{t['seconds']:.3f} s"]
+                      if t else ["failed", ""])
+            cells.append(f"{row['median_ratio']:.2f}x" if "median_ratio" in row else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    best = report["best"]
+    said = [f"best {name}: {b['ranks']} x {b['threads']}, {b['tokens_per_s']:.0f} tok/s"
+            for name, b in (("npgpt", best.get("npgpt")), ("PyTorch", best.get("torch"))) if b]
+    if "ratio" in best:
+        said.append(f"npgpt's best / PyTorch's best {best['ratio']:.2f}x")
+    return "\n".join(lines + ["; ".join(said)])
 
 
 if __name__ == "__main__":

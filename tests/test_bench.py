@@ -1,7 +1,13 @@
 """`npgpt bench` runs end to end on a tiny config and reports what it promises (figures, BLAS, JSON)."""
 import json
+import os
 import subprocess
 import sys
+import time
+
+import pytest
+
+from npgpt.distributed import MPI_ENV
 
 
 def test_bench_json_tiny_config():
@@ -88,3 +94,113 @@ def test_prefill_gemm_replay_counts_the_prefills_products():
     run, flops = prefill_gemm_replay(model, 5, block=4)
     run()
     assert flops == linears + last_query + tiles == 11760
+
+
+# ----------------------------------------------------------------------------- --grid: ranks x threads
+def _have_mpi():
+    from npgpt.bench import _have_mpi4py, find_mpiexec
+    return find_mpiexec() is not None and _have_mpi4py()
+
+
+def test_parse_grid_splits_and_default():
+    from npgpt.bench import parse_grid
+    assert parse_grid("1x2, 2X1,1x2", 4) == [(1, 2), (2, 1)]              # as given, repeats dropped
+    assert parse_grid(None, 4) == [(1, 4), (2, 2), (4, 1)]                # every ranks x threads == cores
+    assert parse_grid("auto", 6) == [(1, 6), (2, 3), (3, 2), (6, 1)]
+    for bad in ("2y1", "0x2", "2x", "", "1x2x3"):
+        with pytest.raises(ValueError, match="--grid"):
+            parse_grid(bad, 4)
+
+
+def test_grid_bad_input_is_one_line():
+    def bench(*args):
+        r = subprocess.run([sys.executable, "-m", "npgpt", "bench", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        return r.stderr
+    assert "--batch 16 is not a multiple of the 3 ranks of --grid 3x1" in bench("--grid", "1x1,3x1")
+    assert "'2y1' is not RANKSxTHREADS" in bench("--grid", "2y1")
+    assert "leave out --workloads" in bench("--grid", "--workloads", "train")
+    assert "--context 300 is longer than the model's n_ctx 256" in bench("--grid", "1x1", "--n-ctx", "256", "--context", "300")
+    if not _torch_importable():                        # this Python has no torch: --compare names where it looked
+        assert sys.executable in bench("--grid", "1x1", "--compare", "torch", "--torch-python", sys.executable)
+
+
+def _torch_importable():
+    import importlib.util
+    return importlib.util.find_spec("torch") is not None
+
+
+def test_grid_summary_best_and_table():
+    """Medians over the rounds that ran (a failed run left out), same-round speed ratios, each side's best."""
+    from npgpt.bench import _best, _split_summary, grid_table
+    run = lambda s, exposed=0.0: {"seconds": s, "allreduce_in_step_s": exposed, "exposed_pct": 100 * exposed / s}
+    one = [{"npgpt": run(2.0), "torch": {"seconds": 1.0}}, {"npgpt": run(4.0), "torch": {"seconds": 3.0}},
+           {"npgpt": {"error": "timed out after 5 s (--timeout)"}, "torch": {"seconds": 9.0}}]
+    two = [{"npgpt": run(1.0, 0.1), "torch": {"seconds": 2.0}}, {"npgpt": run(1.0, 0.3), "torch": {"seconds": 4.0}}]
+    rows = [dict(ranks=1, threads=2, rounds=one), dict(ranks=2, threads=1, rounds=two)]
+    for row in rows:
+        row.update(_split_summary(row["rounds"], 1000))
+    assert rows[0]["npgpt"]["seconds"] == 3.0 and rows[0]["npgpt"]["tokens_per_s"] == 1000 / 3.0
+    assert rows[0]["torch"]["seconds"] == 3.0 and rows[0]["ratios"] == [0.5, 0.75]      # the failed round left out
+    assert rows[1]["npgpt"]["allreduce_in_step_s"] == 0.2 and rows[1]["npgpt"]["exposed_pct"] == 20.0
+    assert rows[1]["median_ratio"] == 3.0
+    best = _best(rows)
+    assert (best["npgpt"]["ranks"], best["npgpt"]["threads"]) == (2, 1) and best["npgpt"]["tokens_per_s"] == 1000
+    assert (best["torch"]["ranks"], best["torch"]["threads"]) == (1, 2) and best["ratio"] == 1000 / (1000 / 3.0)
+    table = grid_table({"compare": "torch", "grid": rows, "best": best}).splitlines()
+    assert table[2] == "| 1 x 2 | 333 | 3.000 s |  | 333 (one process) | 3.000 s | 0.62x |"
+    assert table[3] == "| 2 x 1 | 1000 | 1.000 s | 0.200 s (20.0%) | 333 (DDP, gloo) | 3.000 s | 3.00x |"
+    assert table[4].startswith("best npgpt: 2 x 1, 1000 tok/s; best PyTorch: 1 x 2, 333 tok/s; npgpt's best / PyTorch's best 3.00x")
+
+
+def test_launch_ends_a_hung_job_and_its_children(tmp_path):
+    """A run past --timeout is ended with everything it started; one failing rank ends the others at once."""
+    from npgpt.bench import _launch
+    pidfile = tmp_path / "child.pid"
+    hang = [sys.executable, "-c", "import subprocess, sys, time; "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            f"open({str(pidfile)!r}, 'w').write(str(c.pid)); time.sleep(120)"]
+    t0 = time.monotonic()
+    status, _, _ = _launch([(hang, dict(os.environ))], timeout=3)
+    assert status == 124 and time.monotonic() - t0 < 30
+    assert not _alive(int(pidfile.read_text()))        # the grandchild (an MPI rank's place) is gone too
+    fail = [sys.executable, "-c", "import sys; print('rank 1 broke', file=sys.stderr); sys.exit(3)"]
+    t0 = time.monotonic()
+    status, _, err = _launch([(hang, dict(os.environ)), (fail, dict(os.environ))], timeout=100)
+    assert status == 3 and "rank 1 broke" in err and time.monotonic() - t0 < 30
+
+
+def _alive(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _have_mpi(), reason="mpiexec or mpi4py not installed")
+def test_grid_runs_ranks_under_mpiexec():
+    """`npgpt bench --grid 1x1,2x1`: one process, then 2 ranks under mpiexec that really form one job
+    (world of 2, every gradient byte summed, some of it during the backward), with sane figures."""
+    from npgpt.bench import grid_table
+    env = {k: v for k, v in os.environ.items() if k not in MPI_ENV}
+    env["NPGPT_KERNELS"] = "numpy"                     # MPI does not depend on the kernels; no compilation
+    cmd = [sys.executable, "-m", "npgpt", "bench", "--grid", "1x1,2x1", "--n-layer", "1", "--n-embd", "32",
+           "--n-head", "2", "--n-vocab", "101", "--n-ctx", "16", "--batch", "4", "--context", "16", "--steps", "2",
+           "--timeout", "300", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["cpu"] and report["blas"] and (report["batch"], report["context"]) == (4, 16)
+    one, two = report["grid"]
+    assert (one["ranks"], one["threads"], two["ranks"], two["threads"]) == (1, 1, 2, 1)
+    n1, n2 = one["rounds"][0]["npgpt"], two["rounds"][0]["npgpt"]
+    assert n1["ranks"] == 1 and n1["bytes_per_rank_per_step"] == 0 and n1["allreduce_in_step_s"] == 0
+    assert n2["ranks"] == 2 and n2["bytes_per_rank_per_step"] == 4 * n2["params"]    # float32: every gradient summed
+    assert n2["buckets_in_backward"] >= 1 and len(n2["allreduce_in_step_by_rank_s"]) == 2
+    for row, run in ((one, n1), (two, n2)):
+        assert 0 < run["seconds"] < 60 and row["npgpt"]["tokens_per_s"] == 4 * 16 / run["seconds"]
+        assert 0 <= run["allreduce_in_step_s"] < run["seconds"]
+    assert (report["best"]["npgpt"]["ranks"], report["best"]["npgpt"]["threads"]) in ((1, 1), (2, 1))
+    table = grid_table(report).splitlines()
+    assert table[2].startswith("| 1 x 1 | ") and table[3].startswith("| 2 x 1 | ") and "%)" in table[3]

@@ -1,18 +1,22 @@
 """`npgpt bench`: speed and memory of prefill, decode, train steps and start-up, optionally side by side
-with PyTorch (`--compare torch`). The workloads themselves are in npgpt/bench.py."""
+with PyTorch (`--compare torch`); with --grid, the train step over ranks x threads splits. The
+workloads themselves are in npgpt/bench.py."""
 from __future__ import annotations
 
 import json
 import os
 
 from . import CLIError
-from ..bench import SHAPE, WORKLOADS, _config, blas_info
+from ..bench import SHAPE, WORKLOADS, _config, blas_info, cpu_model, run_grid
 from ..bench import run as run_bench
+from ..fast.settings import cores
 
 
 def add_parser(sub):
     b = sub.add_parser("bench", help="measure prefill/decode tokens/s, train-step time, memory, start-up")
-    b.add_argument("--model", default="gpt2", help="shape preset: gpt2 (default), gpt2-medium, ... (random weights)")
+    b.add_argument("--model", default="gpt2",
+                   help="shape preset: gpt2 (default), gpt2-medium, ..., or tiny / small (`npgpt train --config` "
+                        "bodies with GPT-2's vocabulary and context); random weights")
     for k in SHAPE:
         b.add_argument("--" + k.replace("_", "-"), dest=k, type=int, default=None)
     b.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=None,
@@ -33,6 +37,16 @@ def add_parser(sub):
     b.add_argument("--rounds", type=int, default=1,
                    help="run each workload this many times, npgpt and PyTorch alternately, and report the "
                         "median of the same-round ratios (on a machine whose speed drifts from minute to minute)")
+    b.add_argument("--grid", nargs="?", const="auto", default=None, metavar="RxT,...",
+                   help="measure the train step at each RANKSxTHREADS split (such as 1x8,2x4,8x1; alone: every "
+                        "split of this machine's cores): npgpt under mpiexec -n RANKS, with --compare torch PyTorch "
+                        "in one process or DDP over gloo; global batch --batch x --context")
+    b.add_argument("--batch", type=int, default=16, help="--grid: the global batch, split over the ranks (default 16)")
+    b.add_argument("--context", type=int, default=128, help="--grid: tokens per row (default 128)")
+    b.add_argument("--timeout", type=float, default=1800,
+                   help="--grid: seconds one run (one split, one framework) may take before it is ended (default 1800)")
+    b.add_argument("--torch-python", default=None, metavar="PYTHON",
+                   help="the Python that runs PyTorch's workers (default: this one), for a torch in another environment")
     b.add_argument("--json", action="store_true", help="print one JSON report instead of the table")
     b.set_defaults(func=run)
 
@@ -42,11 +56,18 @@ def run(args) -> int:
         cfg = _config(args)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    if not args.json:
-        print(f"BLAS: {blas_info()}; threads {args.threads}; "
-              f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')}",
-              flush=True)
-    report = run_bench(args, cfg)
+    env = f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')}"
+    if args.grid is not None:
+        if not args.json:
+            print(f"CPU: {cpu_model()}, {cores()} cores; BLAS: {blas_info().split(' threads=')[0]}; {env}\n"
+                  f"train step of {cfg['n_layer']} layers x {cfg['n_embd']} wide, {cfg['n_head']} heads, vocabulary "
+                  f"{cfg['n_vocab']}; global batch {args.batch} x {args.context}; median of {args.steps} steps after "
+                  f"2 warm-up steps; {args.rounds} round(s)", flush=True)
+        report = run_grid(args, cfg)
+    else:
+        if not args.json:
+            print(f"BLAS: {blas_info()}; threads {args.threads}; {env}", flush=True)
+        report = run_bench(args, cfg)
     if args.json:
         print(json.dumps(report, indent=2))
     return 0
