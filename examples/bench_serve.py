@@ -1,7 +1,7 @@
 """`npgpt serve` throughput at GPT-2 124M shapes (random weights), and what batch invariance costs.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=. python examples/bench_serve.py \\
-        [--requests 16] [--max-tokens 64] [--clients 1 4 8] [--weights fp32]
+        [--requests 16] [--max-tokens 64] [--clients 1 4 8] [--weights fp32] [--rounds 1]
 
 1. The decoding step alone, A rows at context 128: the ordinary batched step (GPT.forward_cached on A
    rows: BLAS GEMMs, not batch-invariant), npgpt serve's batch-invariant step (npgpt/serve/batched.py,
@@ -101,6 +101,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--weights", default="fp32", choices=["fp32", "bf16", "int8"])
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the client counts, every other round in reverse order")
     args = ap.parse_args()
 
     from npgpt.fast import settings
@@ -116,12 +117,13 @@ def main():
         del model
         proc, url = serve(d, args.weights)
         try:
-            print(f"\n| concurrent clients | requests/s | generated tokens/s | wall ({args.requests} requests, "
+            print(f"\n| round | concurrent clients | requests/s | generated tokens/s | wall ({args.requests} requests, "
                   f"{args.max_tokens} tokens each) |")
-            print("|---:|---:|---:|---:|")
-            for c in args.clients:
-                rps, tps, wall = load(url, c, args.requests, args.max_tokens)
-                print(f"| {c} | {rps:.2f} | {tps:.1f} | {wall:.1f} s |", flush=True)
+            print("|---:|---:|---:|---:|---:|")
+            for r in range(args.rounds):
+                for c in (args.clients if r % 2 == 0 else args.clients[::-1]):
+                    rps, tps, wall = load(url, c, args.requests, args.max_tokens)
+                    print(f"| {r + 1} | {c} | {rps:.2f} | {tps:.1f} | {wall:.1f} s |", flush=True)
         finally:
             proc.terminate()
             proc.wait(30)
