@@ -1,0 +1,190 @@
+"""npgpt's decoding against llama.cpp's (llama-cpp-python) on the same CPU, in each precision (issue 25).
+
+    # once, in a separate environment with torch and transformers (llama.cpp's converter imports them;
+    # llama.cpp is a benchmark-only dependency; 3-8 minutes on 2 cores):
+    CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python==0.3.36
+    # on a CPU with AMX where the guest does not let a process use it (llama.cpp's q8_0 products then
+    # crash with SIGSEGV on prompts of more than one token), every other extension instead:
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+        -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" \
+        pip install llama-cpp-python==0.3.36
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36   # its sdist: vendor/llama.cpp's converter
+    # then, in this repository:
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/bench_llama_cpp.py \\
+        --llama-python /path/to/env/bin/python --llama-cpp /path/to/sdist/vendor/llama.cpp [--rounds 3]
+
+1. A random-weight GPT-2 124M (seed 0) is saved with npgpt.save_model, with GPT-2's tokenizer files and
+   n_ctx in config.json, and converted by llama.cpp's own convert_hf_to_gguf.py to f32, f16 and q8_0.
+2. The workload is npgpt bench's decode: a 32-token prompt, then 128 greedy tokens, B=1, the whole call
+   timed (prefill included), median of --reps calls after a warm-up. Each engine runs in its own
+   subprocess with --threads threads: npgpt with fp32 / bf16 / int8 weights, llama.cpp with the f32 / f16
+   / q8_0 GGUF. The pairs alternate (npgpt first in odd rounds, llama.cpp first in even ones), --rounds
+   times; the table gives each side's median and the median and spread of the same-round ratios.
+3. Quality (--quality): the next-token logits after every position of a 64-token text, npgpt's 8/16-bit
+   weights against its float32, and llama.cpp's q8_0 / f16 against its f32 (logits_all): the relative
+   error ||l - l_ref|| / ||l_ref|| over all positions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAIRS = (("fp32", "f32"), ("bf16", "f16"), ("int8", "q8_0"))
+
+# The llama.cpp worker, run by --llama-python: decode timing or logits, one JSON line.
+LLAMA_WORKER = r'''
+import json, sys, time
+import numpy as np
+from llama_cpp import Llama
+path, mode, threads, prompt, new, reps = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=256, n_batch=256,
+            logits_all=(mode == "logits"), verbose=False)
+if mode == "logits":
+    llm.reset(); llm.eval(prompt)
+    print(json.dumps({"logits": np.asarray(llm.scores[:len(prompt)], dtype=np.float32).tolist()})); sys.exit()
+def decode():
+    llm.reset()
+    out = []
+    for tok in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(tok)
+        if len(out) == new:
+            break
+    return out
+decode()
+times = []
+for _ in range(reps):
+    t = time.perf_counter(); toks = decode(); times.append(time.perf_counter() - t)
+print(json.dumps({"seconds": sorted(times)[len(times) // 2], "all": times, "tokens": toks[:8]}))
+'''
+
+# The npgpt worker, run by this Python: the same workload through npgpt.generate.
+NPGPT_WORKER = r'''
+import json, sys, time
+from npgpt.fast import settings
+settings.apply(inference=True)
+import numpy as np, npgpt
+path, mode, weights, prompt, new, reps = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+model = npgpt.load_model(path, weights=weights)
+ids = np.array([prompt])
+if mode == "logits":
+    print(json.dumps({"logits": model.forward(ids)[0].astype(np.float32).tolist()})); sys.exit()
+npgpt.generate(model, ids, new)
+times = []
+for _ in range(reps):
+    t = time.perf_counter(); toks = npgpt.generate(model, ids, new); times.append(time.perf_counter() - t)
+print(json.dumps({"seconds": sorted(times)[len(times) // 2], "all": times, "tokens": toks[0, len(prompt):len(prompt) + 8].tolist()}))
+'''
+
+
+def run(cmd, env=None) -> dict:
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if r.returncode:
+        raise SystemExit(f"{cmd[0]} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def make_model(d) -> str:
+    """A random GPT-2 124M with tokenizer files, as llama.cpp's converter wants it."""
+    import numpy as np
+
+    import npgpt
+    from npgpt.tokens.tokenizers import make_tokenizer, save_tokenizer
+    model_dir = os.path.join(d, "gpt2-random")
+    npgpt.save_model(npgpt.GPT(npgpt.GPTConfig.from_preset("gpt2"), dtype=np.float32, seed=0), model_dir)
+    save_tokenizer(make_tokenizer("gpt2"), model_dir)
+    cfg_path = os.path.join(model_dir, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg.setdefault("n_ctx", cfg.get("n_positions", 1024))
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    return model_dir
+
+
+def convert(llama_python, llama_cpp, model_dir, outtype, d) -> str:
+    out = os.path.join(d, f"gpt2-random-{outtype}.gguf")
+    env = dict(os.environ, PYTHONPATH=os.path.join(llama_cpp, "gguf-py"))
+    r = subprocess.run([llama_python, os.path.join(llama_cpp, "convert_hf_to_gguf.py"), model_dir, "--outfile", out,
+                        "--outtype", outtype], capture_output=True, text=True, env=env, timeout=1800)
+    if r.returncode:
+        raise SystemExit(f"convert_hf_to_gguf.py --outtype {outtype} failed: {r.stderr.strip()[-2000:]}")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-python", required=True, help="a Python with llama_cpp (and torch, for the converter)")
+    ap.add_argument("--llama-cpp", required=True, help="llama.cpp's source tree (the sdist's vendor/llama.cpp)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--precisions", nargs="+", default=[p for p, _ in PAIRS], choices=[p for p, _ in PAIRS])
+    ap.add_argument("--quality", action="store_true", help="also compare the logits of the packed weights")
+    a = ap.parse_args()
+
+    import numpy as np
+
+    from npgpt.bench import blas_info, cpu_model
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), NUMBA_NUM_THREADS=str(a.threads),
+               PYTHONPATH=ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
+    prompt = np.random.default_rng(1).integers(0, 50257, a.prompt).tolist()
+    pairs = [(n, g) for n, g in PAIRS if n in a.precisions]
+    with tempfile.TemporaryDirectory() as d:
+        model_dir = make_model(d)
+        gguf = {g: convert(a.llama_python, a.llama_cpp, model_dir, g, d) for _, g in pairs}
+        ver = subprocess.run([a.llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                             capture_output=True, text=True).stdout.strip()
+        print(f"CPU: {cpu_model()}; npgpt's BLAS: {blas_info()}; llama-cpp-python {ver}; {a.threads} threads; "
+              f"decode B=1: {a.prompt}-token prompt + {a.new} greedy tokens, whole call, median of {a.reps}", flush=True)
+
+        def npgpt_run(weights, mode="time", p=prompt):
+            return run([sys.executable, "-c", NPGPT_WORKER, model_dir, mode, weights, json.dumps(p), str(a.new),
+                        str(a.reps)], env)
+
+        def llama_run(kind, mode="time", p=prompt):
+            return run([a.llama_python, "-c", LLAMA_WORKER, gguf[kind], mode, str(a.threads), json.dumps(p), str(a.new),
+                        str(a.reps)], env)
+        results = {n: [] for n, _ in pairs}
+        for r in range(a.rounds):
+            for n, g in pairs:
+                order = ("npgpt", "llama") if r % 2 == 0 else ("llama", "npgpt")
+                got = {}
+                for who in order:
+                    got[who] = npgpt_run(n) if who == "npgpt" else llama_run(g)
+                results[n].append(got)
+                ratio = got["npgpt"]["seconds"] / got["llama"]["seconds"]
+                print(f"round {r + 1} {n} / {g}: npgpt {got['npgpt']['seconds']:.3f} s, llama.cpp "
+                      f"{got['llama']['seconds']:.3f} s, npgpt's time / llama.cpp's {ratio:.3f}", flush=True)
+        print("\n| precision | llama.cpp | npgpt | npgpt's time / llama.cpp's, median (spread) | per token, npgpt / llama.cpp |")
+        print("|---|---|---|---|---|")
+        for n, g in pairs:
+            ls = [x["llama"]["seconds"] for x in results[n]]
+            ns = [x["npgpt"]["seconds"] for x in results[n]]
+            ratios = [x["npgpt"]["seconds"] / x["llama"]["seconds"] for x in results[n]]
+            print(f"| {n} / {g} | {statistics.median(ls):.3f} s | {statistics.median(ns):.3f} s | "
+                  f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) | "
+                  f"{statistics.median(ns) / a.new * 1e3:.1f} / {statistics.median(ls) / a.new * 1e3:.1f} ms |")
+        if a.quality:
+            text = np.random.default_rng(2).integers(0, 50257, 64).tolist()
+            ref_n = np.array(npgpt_run("fp32", "logits", text)["logits"])
+            ref_l = np.array(llama_run("f32", "logits", text)["logits"])
+            print(f"\nlogits of a 64-token text; npgpt fp32 against llama.cpp f32: relative difference "
+                  f"{np.linalg.norm(ref_n - ref_l) / np.linalg.norm(ref_l):.2e}")
+            print("| precision | npgpt, against its fp32 | llama.cpp, against its f32 |")
+            print("|---|---|---|")
+            for n, g in pairs[1:] if pairs[0][0] == "fp32" else pairs:
+                en = np.linalg.norm(np.array(npgpt_run(n, "logits", text)["logits"]) - ref_n) / np.linalg.norm(ref_n)
+                el = np.linalg.norm(np.array(llama_run(g, "logits", text)["logits"]) - ref_l) / np.linalg.norm(ref_l)
+                print(f"| {n} / {g} | {en:.2e} | {el:.2e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Where a decoded token's time goes (issue 25): GPT-2 124M shapes (random weights), B rows, one token a
+step after a prompt, each op's own time per token, and the bytes the weight products read against the
+machine's memory bandwidth.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/profile_decode.py [--weights fp32 bf16 int8] \\
+        [--B 1] [--prompt 32] [--new 128] [--rounds 3]
+
+Ops are timed as profile_ops.py times them (a call's own time: its wall time minus the timed calls
+inside it): each Linear / QuantLinear (the matrix-vector products of the blocks), the LM head, the
+embedding lookups, LayerNorm, GELU, the attention layer's own work over the cache (the split into heads,
+q k^T, the probabilities' product with V), every Numba kernel, and "Python between them" (the token's
+wall time minus every op's). For the weight products the table gives GB/s: the bytes of their weights,
+biases and scales read once a token, over their time.
+
+The bandwidth line is NumPy's float32 matrix-vector product over a 256 MiB matrix on the same threads
+(what a memory-bound product can read here); the floor is every weight byte a token reads (blocks and LM
+head; the embedding rows and the KV cache are a few KB) over that bandwidth. The decode itself is also
+timed without the timers ("bare") in the same rounds.
+"""
+import argparse
+import functools
+import time
+from collections import defaultdict
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ap.add_argument("--weights", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
+ap.add_argument("--B", type=int, default=1)
+ap.add_argument("--prompt", type=int, default=32)
+ap.add_argument("--new", type=int, default=128)
+ap.add_argument("--rounds", type=int, default=3)
+args = ap.parse_args()
+
+from npgpt.fast import settings  # noqa: E402
+settings.apply(inference=True)   # as `npgpt generate` runs: before NumPy loads OpenBLAS
+import numpy as np  # noqa: E402
+
+import npgpt  # noqa: E402
+from npgpt import fast, layers  # noqa: E402
+from npgpt.bench import blas_info, cpu_model  # noqa: E402
+from npgpt.inference import quant  # noqa: E402
+from npgpt.inference.kvcache import KVCache  # noqa: E402
+
+
+class OpClock:
+    """Own wall time per op name (a timed call's time minus that of the timed calls inside it), and the
+    bytes each weight-product op reads per call."""
+
+    def __init__(self):
+        self.own, self.calls, self.bytes = defaultdict(float), defaultdict(int), defaultdict(int)
+        self._inner = []
+        self.on = False
+
+    def wrap(self, name, fn, weight_bytes=None):
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            if not self.on:
+                return fn(*a, **k)
+            self._inner.append(0.0)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                dt = time.perf_counter() - t0
+                self.own[name] += dt - self._inner.pop()
+                self.calls[name] += 1
+                if weight_bytes is not None:
+                    self.bytes[name] += weight_bytes(a[0])
+                if self._inner:
+                    self._inner[-1] += dt
+        return timed
+
+    def instrument(self):
+        def linear_bytes(m):
+            return m.weight.data.nbytes + m.bias.data.nbytes
+
+        def quant_bytes(m):
+            return m.packed.nbytes + (m.scale.nbytes if m.scale is not None else 0) + m.bias.data.nbytes
+
+        def head_bytes(m):
+            return m.weight.data.nbytes
+
+        def quant_head_bytes(m):
+            return m.packed.nbytes + (m.scale.nbytes if m.scale is not None else 0)
+        products = {(layers.Linear, "forward"): ("matrix-vector products (Linear)", linear_bytes),
+                    (quant.QuantLinear, "forward"): ("matrix-vector products (QuantLinear)", quant_bytes),
+                    (layers.TiedLMHead, "forward"): ("LM head (50,257 rows)", head_bytes),
+                    (quant.QuantTiedLMHead, "forward"): ("LM head (50,257 rows)", quant_head_bytes)}
+        for (cls, meth), (name, nbytes) in products.items():
+            setattr(cls, meth, self.wrap(name, vars(cls)[meth], nbytes))
+        others = {(layers.Embedding, "forward"): "embedding lookup", (quant.QuantEmbedding, "forward"): "embedding lookup",
+                  (layers.PositionEmbedding, "forward_cached"): "embedding lookup",
+                  (layers.LayerNorm, "forward"): "LayerNorm", (layers.GELU, "forward"): "GELU",
+                  (layers.CausalSelfAttention, "forward_cached"): "attention over the cache (own work)",
+                  (layers.Block, "forward_cached"): "block (residual adds)", (layers.MLP, "forward"): "MLP (own)",
+                  (npgpt.GPT, "forward_cached"): "GPT.forward_cached (own)"}
+        for (cls, meth), name in others.items():
+            setattr(cls, meth, self.wrap(name, vars(cls)[meth]))
+        for name in fast._KERNELS:
+            setattr(fast, name, self.wrap(f"kernel {name}", getattr(fast, name)))
+
+
+def bandwidth(reps=10) -> float:
+    """GB/s NumPy's float32 matrix-vector product reads from a 256 MiB matrix (median of reps)."""
+    w = np.random.default_rng(0).standard_normal((8192, 8192), dtype=np.float32)
+    x = np.ones(8192, np.float32)
+    w @ x
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        w @ x
+        ts.append(time.perf_counter() - t)
+    return w.nbytes / float(np.median(ts)) / 1e9
+
+
+def main():
+    print(f"CPU: {cpu_model()}; BLAS: {blas_info()}; GPT-2 124M shapes, B={args.B}, prompt {args.prompt}, "
+          f"{args.new} new tokens; {args.rounds} rounds", flush=True)
+    clock = OpClock()
+    clock.instrument()
+    cfg = npgpt.GPTConfig.from_preset("gpt2")
+    base = npgpt.GPT(cfg, dtype=np.float32, seed=0).eval()
+    float_weights = {k: v.copy() for k, v in base.state_dict().items()}
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, cfg.n_vocab, (args.B, args.prompt))
+
+    def decode(model, timed):
+        """Prefill untimed, then args.new tokens one step at a time -> seconds per step."""
+        cache = KVCache.for_model(model, args.B)
+        logits = model.forward_cached(prompt, cache)
+        clock.on = timed
+        t = time.perf_counter()
+        for _ in range(args.new):
+            logits = model.forward_cached(logits.argmax(-1)[:, None], cache)
+        dt = time.perf_counter() - t
+        clock.on = False
+        return dt / args.new
+
+    gbs = bandwidth()
+    print(f"NumPy float32 matrix-vector product over 256 MiB: {gbs:.1f} GB/s\n", flush=True)
+    for kind in args.weights:
+        model = npgpt.GPT(cfg, dtype=np.float32, seed=0)
+        model.load_state_dict(float_weights)
+        model = quant.quantize(model.eval(), kind)
+        decode(model, False)                                  # compile, fault the pages in
+        own, bare, wall, calls = defaultdict(list), [], [], {}
+        for _ in range(args.rounds):
+            bare.append(decode(model, False))
+            clock.own.clear(), clock.calls.clear(), clock.bytes.clear()
+            wall.append(decode(model, True))
+            timed = 0.0
+            for name, s in clock.own.items():
+                own[name].append(s / args.new)
+                timed += s / args.new
+            own["Python between them"].append(wall[-1] - timed)
+            calls = {k: v / args.new for k, v in clock.calls.items()}
+            nbytes = {k: v / args.new for k, v in clock.bytes.items()}
+        med = {k: float(np.median(v)) for k, v in own.items()}
+        step, step_bare = float(np.median(wall)), float(np.median(bare))
+        total_bytes = sum(nbytes.values())
+        floor = total_bytes / (gbs * 1e9)
+        print(f"### {kind}: {step_bare * 1e3:.2f} ms a token bare ({args.B / step_bare:.1f} tok/s), {step * 1e3:.2f} ms "
+              f"timed; weights read {total_bytes / 1e6:.1f} MB a token; floor at {gbs:.1f} GB/s {floor * 1e3:.2f} ms: "
+              f"bare / floor {step_bare / floor:.2f}x")
+        print("| op | calls a token | ms a token | share | GB/s |")
+        print("|---|---:|---:|---:|---:|")
+        for name in sorted(med, key=lambda k: -med[k]):
+            if med[name] < 0.005e-3:
+                continue
+            rate = f"{nbytes[name] / med[name] / 1e9:.1f}" if name in nbytes and med[name] > 0 else ""
+            print(f"| {name} | {calls.get(name, 0):.0f} | {med[name] * 1e3:.3f} | {med[name] / step:.1%} | {rate} |")
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
