@@ -147,6 +147,24 @@ def test_cross_entropy_all_ignored():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,V", [(1, 3), (7, 101), (5, 5003)])
+def test_token_nll_kernel(dtype, N, V):
+    from npgpt.eval.score import token_nll_numpy
+    rng = np.random.default_rng(4)
+    z = (5 * rng.standard_normal((N, V))).astype(dtype)
+    z[0, [1, V - 1]] = z[0].max() + 1             # a tie: the first maximum counts, as argmax
+    t = rng.integers(0, V, N)
+    t[0] = V - 1                                    # the tie's second place: not a hit
+    t[-1] = z[-1].argmax()                          # a hit
+    nll_ref, hit_ref = token_nll_numpy(z.copy(), t)
+    nll, hit = fast.token_nll(z.copy(), t)
+    assert nll.dtype == np.float64 and hit.dtype == np.bool_
+    close(nll, nll_ref, dtype)
+    np.testing.assert_array_equal(hit, hit_ref)
+    assert hit[-1] and (N == 1 or not hit[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_embedding_backward_kernel(dtype):
     rng = np.random.default_rng(4)
     idx = rng.integers(0, 11, (3, 9))

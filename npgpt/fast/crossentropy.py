@@ -9,6 +9,11 @@ One pass over the (N, V) logits from memory, a row at a time (prange over rows):
 into dz (unless dz is the logits array itself, out=logits), and while it sits in cache its max is
 found (max_of), e = exp(z - m) written and summed (the vectorised exp of npgpt/fast/_math.py;
 blocks of SUM_BLOCK terms in the logits' dtype, the block sums in float64), and e scaled into dz.
+
+token_nll is the forward alone, for evaluation (npgpt/eval/score.py:token_nll_numpy, which it mirrors):
+
+    best = argmax_v z  (the first maximum);  m = z[best]
+    nll = log(sum_v exp(z - m)) + m - z[target];  hit = best == target
 """
 import numpy as np
 from numba import prange
@@ -56,3 +61,32 @@ def cross_entropy_forward_backward(logits, targets, ignore_index, out=None, norm
     _rows(z.size, z, t, ignore_index, 1.0 / n, dz, same, nll)
     loss = nll.sum() / n
     return logits.dtype.type(loss), dz.reshape(logits.shape)
+
+
+@pjit(reductions=True)
+def _token_rows(z, t, nll, hit):                    # z (N, V) is overwritten with exp(z - m)
+    N, V = z.shape
+    for n in prange(N):
+        e = z[n]                                    # (V,)
+        mx = max_of(e, 0, V)                        # m = max_v z
+        best = 0
+        for v in range(V):                          # the first maximum, as argmax (or the first NaN)
+            if e[v] == mx or e[v] != e[v]:
+                best = v
+                break
+        zt = e[t[n]]
+        total = 0.0
+        for v0 in range(0, V, SUM_BLOCK):           # e = exp(z - m); sumexp in float64 over blocks
+            total += exp_sum_(e[v0:min(v0 + SUM_BLOCK, V)], mx)
+        nll[n] = np.log(total) + mx - zt            # nll = log(sumexp) + m - z[target]
+        hit[n] = best == t[n]
+
+
+def token_nll(logits, targets):
+    """-log softmax(logits)[target] (float64) and argmax == target for each row of logits (N, V), which are
+    overwritten (with exp(z - max)); one pass a row, rows over the cores."""
+    z = logits if logits.flags.c_contiguous else np.ascontiguousarray(logits)
+    t = np.ascontiguousarray(targets, dtype=np.int64).reshape(-1)
+    nll, hit = np.empty(len(t)), np.empty(len(t), dtype=np.bool_)
+    _token_rows(z.size, z, t, nll, hit)
+    return nll, hit
