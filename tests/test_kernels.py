@@ -292,3 +292,21 @@ def test_bits_to_float32():
     out = np.empty(100, np.float32)
     cast(top, out)
     np.testing.assert_array_equal(out, (top.astype(np.uint32) << 16).view(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint16, np.float32, np.float64])
+def test_prefetch_row_is_only_a_hint(dtype):
+    from numba import njit
+
+    from npgpt.fast._math import prefetch_row
+
+    @njit
+    def touch_all(a):
+        for i in range(a.shape[0]):
+            prefetch_row(a, i)
+        return a.sum()
+    a = np.arange(7 * 300).reshape(7, 300).astype(dtype)
+    before = a.copy()
+    assert touch_all(a) == before.sum() and touch_all(a[:, ::2]) == before[:, ::2].sum()   # C order and strided
+    np.testing.assert_array_equal(a, before)
+

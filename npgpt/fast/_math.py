@@ -1,5 +1,6 @@
 """Helpers the kernels call inside their loops: a bit cast, an exp that LLVM can vectorise, a row
-maximum over eight independent chains (max_of), and an in-place exp with its sum (exp_sum_).
+maximum over eight independent chains (max_of), an in-place exp with its sum (exp_sum_), and a
+software prefetch of a matrix row (prefetch_row).
 
 Numba hands `np.exp` on a float32 to libm one element at a time (it has no SVML here), so a
 loop of exps runs at scalar speed. `exp(x)` below is the textbook way to compute it with only
@@ -50,6 +51,34 @@ LN2_HI = np.float32(0.693359375)                       # 355 / 512: 9 significan
 LN2_LO = np.float32(math.log(2.0) - 0.693359375)
 C2, C3, C4, C5, C6, C7 = (np.float32(1.0 / math.factorial(k)) for k in range(2, 8))
 F1 = np.float32(1.0)
+
+
+@intrinsic
+def prefetch_row(typingctx, a, i):
+    """Ask the CPU to start loading row i of the 2-D array a (C order: its K elements from a[i, 0]) into its caches (one
+    llvm.prefetch per 64-byte line; a hint: no effect on any value, and nothing where the CPU has no
+    prefetch instruction). Decoding's packed products stream their weights from memory one row at a
+    time; the hardware prefetcher alone kept 11 GB/s of int8 weights coming on 2 cores, and asking for
+    the row 2-4 rows ahead 19-20 GB/s (examples/profile_decode.py, docs/performance.md)."""
+    if not (isinstance(a, types.Array) and a.ndim == 2 and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        from numba.core import cgutils
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        row = context.cast(builder, args[1], sig.args[1], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [row, context.get_constant(types.intp, 0)])
+        base = builder.bitcast(ptr, ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [base.type, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        row_bytes = builder.mul(builder.extract_value(ary.shape, 1),     # K elements x their size, from a[i, 0]
+                                context.get_constant(types.intp, context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))))
+        step = ir.Constant(row_bytes.type, 64)
+        with cgutils.for_range_slice(builder, ir.Constant(row_bytes.type, 0), row_bytes, step) as (offset, _):
+            builder.call(fn, [builder.gep(base, [offset]), i32(0), i32(3), i32(1)])   # read, keep in all caches, data
+        return context.get_dummy_value()
+    return types.void(a, i), codegen
 
 
 def exp(x):

@@ -21,9 +21,10 @@ import numpy as np
 from numba import njit, prange
 
 from ._jit import JIT_OPTIONS, REDUCTION_MATH, pjit
-from ._math import bits_to_float32
+from ._math import bits_to_float32, prefetch_row
 
 CHUNK = 16          # output channels per parallel task (one float32 row buffer each)
+AHEAD = 4           # a task asks for the weight row this many rows ahead of the one it reads (prefetch_row)
 
 
 @njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
@@ -64,6 +65,8 @@ def _bf16_matmul(x, w16, b, y):
     for c in prange((O + CHUNK - 1) // CHUNK):
         row = np.empty(K, np.float32)
         for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
+            if o + AHEAD < O:
+                prefetch_row(w16, o + AHEAD)        # a hint: the row to come starts loading now
             if N == 1:                              # one row of x: unpack on the fly, in registers
                 acc = np.float32(0.0)
                 for k in range(K):                  # w = (w16 << 16).view(float32)
@@ -83,6 +86,8 @@ def _int8_matmul(x, q, scale, b, y):
     for c in prange((O + CHUNK - 1) // CHUNK):
         row = np.empty(K, np.float32)
         for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
+            if o + AHEAD < O:
+                prefetch_row(q, o + AHEAD)          # a hint: the row to come starts loading now
             if N == 1:                              # one row of x: convert on the fly
                 acc = np.float32(0.0)
                 for k in range(K):

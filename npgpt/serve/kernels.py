@@ -33,7 +33,8 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from ..fast._jit import JIT_OPTIONS, REDUCTION_MATH
-from ..fast._math import bits_to_float32, exp
+from ..fast._math import bits_to_float32, exp, prefetch_row
+from ..fast.quant import AHEAD
 
 LANES = 16          # in_out_matmul's column ranges start at multiples of this (whole SIMD vectors)
 CHUNK = 16          # output rows a task of out_in_matmul takes (one unpacked weight row at a time)
@@ -79,6 +80,8 @@ def _out_in_float(x, w, b, y):
     O = w.shape[0]
     for c in prange((O + CHUNK - 1) // CHUNK):
         for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
+            if o + AHEAD < O:
+                prefetch_row(w, o + AHEAD)          # a hint (no effect on any value): the row to come
             for a in range(A):
                 y[a, o] = _dot(x[a], w[o]) + b[o]
 
@@ -91,6 +94,8 @@ def _out_in_bf16(x, w16, b, y):
     for c in prange((O + CHUNK - 1) // CHUNK):
         row = np.empty(K, np.float32)
         for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
+            if o + AHEAD < O:
+                prefetch_row(w16, o + AHEAD)
             for k in range(K):
                 row[k] = bits_to_float32(np.uint32(w16[o, k]) << np.uint32(16))
             for a in range(A):
@@ -105,6 +110,8 @@ def _out_in_int8(x, q, scale, b, y):
     for c in prange((O + CHUNK - 1) // CHUNK):
         row = np.empty(K, np.float32)
         for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
+            if o + AHEAD < O:
+                prefetch_row(q, o + AHEAD)
             for k in range(K):
                 row[k] = np.float32(q[o, k])
             for a in range(A):
