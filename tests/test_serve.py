@@ -285,6 +285,10 @@ BAD = [
     (json.dumps({"prompt": [7, 500]}), 400, "prompt"),                       # a token outside the vocabulary
     (json.dumps({"prompt": PROMPT, "suffix": "x"}), 400, "suffix"),
     (json.dumps({"prompt": PROMPT, "max_tokens": 1, "x": " " * (1 << 20)}), 413, None),
+    (json.dumps({"prompt": PROMPT, "top_k": 10 ** 400}), 400, "top_k"),        # an int no float holds
+    (json.dumps({"prompt": PROMPT, "temperature": 10 ** 400}), 400, "temperature"),
+    (json.dumps({"prompt": PROMPT, "repetition_penalty": 1e-300}), 400, "repetition_penalty"),
+    (b"[" * 100_000, 400, None),                                              # nested past Python's recursion limit
 ]
 
 
@@ -310,7 +314,7 @@ def test_chat_field_errors_routes_and_a_chunked_oversized_body(tiny, bytes_serve
         assert r.status_code == 400 and r.json()["error"]["param"] == param
     assert httpx.get(url + "/v1/nothing").status_code == 404
     r = httpx.get(url + "/v1/completions")
-    assert r.status_code == 405 and "error" in r.json()
+    assert r.status_code == 405 and "error" in r.json() and "POST" in r.headers["allow"]
 
     def chunks():                                        # no Content-Length: the limit is counted as it comes
         for _ in range(20):
@@ -391,12 +395,49 @@ def test_chat_in_the_instruct_format(bytes_server):
     assert two.usage.prompt_tokens > r.usage.prompt_tokens
 
 
+def test_llama_servers_repeat_penalty_is_the_repetition_penalty(tiny):
+    def text(**extra):
+        r = httpx.post(tiny.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                       json={"prompt": PROMPT, "max_tokens": 16, "temperature": 0, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+    plain, penalised = text(), text(repetition_penalty=5.0)
+    assert penalised != plain and text(repeat_penalty=5.0) == penalised
+
+
+def test_a_continued_assistant_message_keeps_its_leading_space():
+    from npgpt.serve import protocol
+    from npgpt.serve.app import Choice
+    from npgpt.serve.engine import Event
+    assert Choice(strip=True).add(Event(text=" Paris")) == "Paris"
+    assert Choice(strip=False).add(Event(text=" is")) == " is"
+    model = npgpt.GPT(npgpt.GPTConfig(n_vocab=50257, n_ctx=128, n_embd=8, n_head=2, n_layer=1), seed=0)
+    args = (model, get_tokenizer(), 50257, 24, "transcript")
+    ask = {"messages": [{"role": "user", "content": "1+1"}]}
+    go_on = {"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}
+    assert not protocol.parse_chat(ask, *args).continues and protocol.parse_chat(go_on, *args).continues
+
+
+def test_prompt_logprobs_in_blocks_equal_all_at_once():
+    from npgpt.inference.sampling import top_logprobs
+    from npgpt.serve.engine import PROMPT_LOGPROB_ROWS, Engine
+    rng = np.random.default_rng(0)
+    T = 2 * PROMPT_LOGPROB_ROWS + 7
+    ids, logits = rng.integers(0, 50, T), rng.standard_normal((T, 50)).astype(np.float32)
+    got = Engine._prompt_logprobs(ids, logits, 3)
+    ref = top_logprobs(logits[:-1], ids[1:], 3)
+    assert got[0] == (int(ids[0]), None, None) and len(got) == T
+    assert [g[1] for g in got[1:]] == ref.chosen.tolist()
+    assert [[i for i, _ in g[2]] for g in got[1:]] == ref.ids.tolist()
+
+
 # ----------------------------------------------------------------------------- the command line
 def test_serve_command_errors_are_one_line(tiny):
     port = tiny.url.rsplit(":", 1)[1]
     for args, msg in ((["--model", "no/such/dir"], "cannot load model"), (["--port", "70000"], "--port"),
                       (["--model", TINY, "--port", port], "cannot listen"), (["--parallel", "0"], "--parallel"),
-                      (["--model", TINY, "--max-tokens", "99"], "context")):
+                      (["--model", TINY, "--max-tokens", "99"], "context"),
+                      (["--model", TINY, "--api-key", "sk key"], "whitespace")):
         r = subprocess.run([sys.executable, "-m", "npgpt", "serve", *args], capture_output=True, text=True,
                            cwd=ROOT, env=env(), timeout=120)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

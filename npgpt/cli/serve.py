@@ -51,6 +51,8 @@ def _check_args(args):
         raise CLIError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.api_key is not None and not args.api_key.strip():
         raise CLIError(f"--api-key (or ${API_KEY_ENV}) is empty")
+    if args.api_key is not None and (args.api_key != args.api_key.strip() or any(c.isspace() for c in args.api_key)):
+        raise CLIError(f"--api-key (or ${API_KEY_ENV}) holds whitespace, which no Authorization header can carry")
     if not args.model.strip():
         raise CLIError("--model is empty: give a model name (gpt2, ...) or a checkpoint path")
 

@@ -94,7 +94,7 @@ async def read_json(request: HTTPRequest) -> dict:
         chunks.append(chunk)
     try:
         body = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise APIError(400, f"We could not parse the JSON body of your request ({e}). The body must be a JSON "
                             f"object.", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -156,11 +156,12 @@ def _sse(obj) -> bytes:
 
 
 class Choice:
-    """One choice's text and logprobs as its events arrive (a chat answer's leading whitespace dropped)."""
+    """One choice's text and logprobs as its events arrive (with strip, as for a chat answer to a user's
+    turn, its leading whitespace dropped; a continued assistant message keeps it)."""
 
-    def __init__(self, chat: bool, echo_text: str = ""):
-        self.chat, self.text, self.tokens, self.finish_reason = chat, echo_text, [], None
-        self.started = not chat          # a chat answer starts at its first non-space character
+    def __init__(self, strip: bool, echo_text: str = ""):
+        self.text, self.tokens, self.finish_reason = echo_text, [], None
+        self.started = not strip         # a stripped answer starts at its first non-space character
         self.fresh = True                # no event taken yet
 
     def add(self, ev) -> str:
@@ -205,7 +206,7 @@ def create_app(service: Service) -> Starlette:
     async def answer(request, run, meta) -> dict:
         req = run.req
         echo = [req.prompt_texts[i // req.n] if req.echo else "" for i in range(len(run.seqs))]
-        choices = [Choice(req.chat, e) for e in echo]
+        choices = [Choice(req.chat and not req.continues, e) for e in echo]
         prompt_lp = [[] for _ in choices]
         async for index, ev in run.events(request):
             if ev.error:
@@ -237,7 +238,7 @@ def create_app(service: Service) -> Starlette:
                 c = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
             return _sse({**meta, "object": kind, "choices": [c]})
 
-        choices = [Choice(req.chat) for _ in run.seqs]
+        choices = [Choice(req.chat and not req.continues) for _ in run.seqs]
         try:
             if req.chat:
                 for i in range(len(choices)):
@@ -288,8 +289,10 @@ def create_app(service: Service) -> Starlette:
 
     async def http_error(request, e: HTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return _error_response(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
-                                        code=kind))
+        response = _error_response(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                                            code=kind))
+        response.headers.update(e.headers or {})          # 405: Allow
+        return response
 
     async def server_error(request, e: Exception):
         return _error_response(APIError(500, f"internal error: {type(e).__name__}", type="server_error"))

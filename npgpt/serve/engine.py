@@ -39,6 +39,8 @@ from ..inference.kvcache import KVCache
 from ..inference.sampling import Sampler, TokenHistory, top_logprobs
 from .batched import BatchedStep
 
+PROMPT_LOGPROB_ROWS = 64     # echo + logprobs: the prompt's log-softmax this many positions at a time (not (T, V) float64 at once)
+
 
 @dataclass
 class Params:
@@ -255,8 +257,9 @@ class Engine:
     def _prompt_logprobs(ids, logits, n):
         """[(id, logprob, top n)] of each prompt token given the ones before it (the first has none)."""
         out = [(int(ids[0]), None, None)]
-        if len(ids) > 1:
-            top = top_logprobs(logits[:-1], ids[1:], n)                    # position t predicts token t + 1
+        for t0 in range(0, len(ids) - 1, PROMPT_LOGPROB_ROWS):              # a block of positions at a time
+            t1 = min(len(ids) - 1, t0 + PROMPT_LOGPROB_ROWS)
+            top = top_logprobs(logits[t0:t1], ids[t0 + 1:t1 + 1], n)        # position t predicts token t + 1
             out += [(int(t), float(c), list(zip(i.tolist(), v.tolist())))
-                    for t, c, i, v in zip(ids[1:], top.chosen, top.ids, top.values)]
+                    for t, c, i, v in zip(ids[t0 + 1:t1 + 1], top.chosen, top.ids, top.values)]
         return out

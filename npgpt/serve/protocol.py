@@ -10,12 +10,13 @@ Fields npgpt does not know are ignored (as llama-server does; OpenAI's clients a
 some, e.g. "user"); null means "the default". Known fields it cannot honour (suffix, best_of > n,
 tools, logit_bias, a response_format other than text) are refused by name.
 
-Sampling fields and defaults (OpenAI's; top_k, min_p and repetition_penalty as llama-server takes them):
+Sampling fields and defaults (OpenAI's; top_k, min_p and repetition_penalty (or llama-server's name for it,
+repeat_penalty) as llama-server takes them):
 
     max_tokens         completions: 16; chat: the rest of the context (also max_completion_tokens)
     temperature  1     0 = greedy          top_p        1      (0, 1]
     top_k        0     0 = off             min_p        0      [0, 1]
-    presence_penalty, frequency_penalty   0, in [-2, 2]        repetition_penalty   1 (off), > 0
+    presence_penalty, frequency_penalty   0, in [-2, 2]        repetition_penalty   1 (off), in [0.01, 100]
     n            1     choices per prompt  seed         null   an int: the same text again
     stop         null  a string or up to 4 (not included in the text)
     stream       false stream_options {"include_usage": true}: a last chunk with the usage
@@ -79,6 +80,10 @@ def _number(body, name, default, lo=-math.inf, hi=math.inf, lo_open=False):
         return default
     if type(v) not in (int, float):
         raise _type_error(name, "a number", v)
+    try:
+        v = float(v)                             # an int too large for a float overflows here
+    except OverflowError:
+        v = math.inf
     if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
         rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]" if math.isfinite(hi) else f"{'>' if lo_open else '>='} {lo:g}"
         raise _value_error(name, f"expected a number {'in ' if math.isfinite(hi) else ''}{rng}, got {v!r}.")
@@ -141,17 +146,26 @@ class Request:
     include_usage: bool = False
     echo: bool = False
     model: str | None = None
+    continues: bool = False  # a chat that ends with an assistant message: its answer continues that text
+
+
+MIN_TEMPERATURE = 1e-4     # below it a temperature is greedy (0)
 
 
 def _sampling(body, max_tokens, stops, logprobs, prompt_logprobs) -> Params:
-    top_k = _integer(body, "top_k", 0, 0)
+    top_k = _integer(body, "top_k", 0, 0, 1 << 31)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
-    rep = _number(body, "repetition_penalty", 1.0, 0.0, lo_open=True)
+    if "repetition_penalty" not in body and "repeat_penalty" in body:     # llama-server's name for it
+        body = dict(body, repetition_penalty=body["repeat_penalty"])
+    rep = _number(body, "repetition_penalty", 1.0, 0.01, 100.0)     # beyond: logits overflow to inf
     seed = body.get("seed")
     if seed is not None and type(seed) is not int:
         raise _type_error("seed", "an integer", seed)
-    return Params(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0),
+    temperature = _number(body, "temperature", 1.0, 0.0)
+    if temperature < MIN_TEMPERATURE:            # logits / temperature would overflow: greedy, as 0 is
+        temperature = 0.0
+    return Params(max_tokens=max_tokens, temperature=temperature,
                   top_k=top_k or None, top_p=top_p if top_p < 1.0 else None, min_p=min_p or None,
                   repetition_penalty=rep if rep != 1.0 else None,
                   presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
@@ -263,7 +277,8 @@ def _messages(body) -> list:
 def parse_chat(body: dict, model, tokenizer, n_vocab: int, cap: int, chat_format: str) -> Request:
     """POST /v1/chat/completions' body -> Request (APIError when a field is wrong)."""
     name, n, stream, include_usage = _common(body)
-    text = render(_messages(body), chat_format)
+    messages = _messages(body)
+    text = render(messages, chat_format)
     ids = [_prompt_ids(text, model, tokenizer, n_vocab, "messages")]
     want = _boolean(body, "logprobs", False)
     top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
@@ -272,7 +287,8 @@ def parse_chat(body: dict, model, tokenizer, n_vocab: int, cap: int, chat_format
     max_tokens = _max_tokens(body, cap, ids, model.config.n_ctx, cap)
     stops = _stops(body) + STOPS[chat_format]
     params = _sampling(body, max_tokens, stops, (top or 0) if want else None, False)
-    return Request(True, ids, [text], n, params, stream, include_usage, False, name)
+    return Request(True, ids, [text], n, params, stream, include_usage, False, name,
+                   continues=messages[-1][0] == "assistant")
 
 
 # ----------------------------------------------------------------------------- responses
