@@ -18,7 +18,6 @@ head; the embedding rows and the KV cache are a few KB) over that bandwidth. The
 timed without the timers ("bare") in the same rounds.
 """
 import argparse
-import functools
 import time
 from collections import defaultdict
 
@@ -36,38 +35,13 @@ import numpy as np  # noqa: E402
 
 import npgpt  # noqa: E402
 from npgpt import fast, layers  # noqa: E402
-from npgpt.bench import blas_info, cpu_model  # noqa: E402
+from npgpt.bench import OpClock, blas_info, cpu_model  # noqa: E402
 from npgpt.inference import quant  # noqa: E402
 from npgpt.inference.kvcache import KVCache  # noqa: E402
 
 
-class OpClock:
-    """Own wall time per op name (a timed call's time minus that of the timed calls inside it), and the
-    bytes each weight-product op reads per call."""
-
-    def __init__(self):
-        self.own, self.calls, self.bytes = defaultdict(float), defaultdict(int), defaultdict(int)
-        self._inner = []
-        self.on = False
-
-    def wrap(self, name, fn, weight_bytes=None):
-        @functools.wraps(fn)
-        def timed(*a, **k):
-            if not self.on:
-                return fn(*a, **k)
-            self._inner.append(0.0)
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                dt = time.perf_counter() - t0
-                self.own[name] += dt - self._inner.pop()
-                self.calls[name] += 1
-                if weight_bytes is not None:
-                    self.bytes[name] += weight_bytes(a[0])
-                if self._inner:
-                    self._inner[-1] += dt
-        return timed
+class DecodeClock(OpClock):
+    """npgpt.bench.OpClock over a decoded token's ops, with the bytes the weight products read."""
 
     def instrument(self):
         def linear_bytes(m):
@@ -115,7 +89,7 @@ def bandwidth(reps=10) -> float:
 def main():
     print(f"CPU: {cpu_model()}; BLAS: {blas_info()}; GPT-2 124M shapes, B={args.B}, prompt {args.prompt}, "
           f"{args.new} new tokens; {args.rounds} rounds", flush=True)
-    clock = OpClock()
+    clock = DecodeClock()
     clock.instrument()
     cfg = npgpt.GPTConfig.from_preset("gpt2")
     base = npgpt.GPT(cfg, dtype=np.float32, seed=0).eval()
@@ -145,7 +119,7 @@ def main():
         own, bare, wall, calls = defaultdict(list), [], [], {}
         for _ in range(args.rounds):
             bare.append(decode(model, False))
-            clock.own.clear(), clock.calls.clear(), clock.bytes.clear()
+            clock.clear()
             wall.append(decode(model, True))
             timed = 0.0
             for name, s in clock.own.items():

@@ -19,7 +19,6 @@ predicted to take t1 (f + (1 - f) / P) on P threads. It ignores what only shows 
 The timers cost about a microsecond a call, so the step is also timed without them ("bare").
 """
 import argparse
-import functools
 import os
 import time
 from collections import defaultdict
@@ -47,37 +46,14 @@ from threadpoolctl import ThreadpoolController  # noqa: E402
 
 import npgpt  # noqa: E402
 from npgpt import fast, layers  # noqa: E402
-from npgpt.bench import blas_info  # noqa: E402
+from npgpt.bench import OpClock, blas_info  # noqa: E402
 from npgpt.layers.module import Parameter  # noqa: E402
 from npgpt.train.lm import count_targets, lm_loss  # noqa: E402
 from npgpt.train.loop import train_step  # noqa: E402
 
 
-class OpClock:
-    """Own wall time per op name: a timed call's time, minus that of the timed calls inside it."""
-
-    def __init__(self):
-        self.own = defaultdict(float)
-        self.calls = defaultdict(int)
-        self._inner = []            # per open call: time spent in timed calls inside it
-        self.on = False
-
-    def wrap(self, name, fn):
-        @functools.wraps(fn)
-        def timed(*a, **k):
-            if not self.on:
-                return fn(*a, **k)
-            self._inner.append(0.0)
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                dt = time.perf_counter() - t0
-                self.own[name] += dt - self._inner.pop()
-                self.calls[name] += 1
-                if self._inner:
-                    self._inner[-1] += dt
-        return timed
+class TrainClock(OpClock):
+    """npgpt.bench.OpClock over a train step's ops."""
 
     def instrument(self):
         """Time every layer's forward/backward, every Numba kernel, the weight-gradient GEMM, AdamW."""
@@ -97,7 +73,7 @@ def main():
     cfg = SHAPES[args.shape]
     N = args.threads
     print(f"shape {args.shape} {cfg}, B={args.B} T={args.T}; threads 1 vs {N}; blas: {blas_info()}")
-    clock = OpClock()
+    clock = TrainClock()
     clock.instrument()
     model = npgpt.GPT(npgpt.GPTConfig(**cfg), seed=0)
     opt = npgpt.AdamW(model, lr=1e-4)

@@ -926,5 +926,42 @@ def grid_table(report) -> str:
     return "\n".join(lines + ["; ".join(said)])
 
 
+# ----------------------------------------------------------------------------- per-op timers
+class OpClock:
+    """Own wall time per op name for examples/profile_ops.py and profile_decode.py: a wrapped call's time
+    minus that of the wrapped calls inside it, its call count, and (given weight_bytes(self_arg)) the bytes
+    of weights it reads. Timing only while .on is set."""
+
+    def __init__(self):
+        from collections import defaultdict
+        self.own, self.calls, self.bytes = defaultdict(float), defaultdict(int), defaultdict(int)
+        self._inner = []            # per open call: time spent in timed calls inside it
+        self.on = False
+
+    def wrap(self, name, fn, weight_bytes=None):
+        import functools
+
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            if not self.on:
+                return fn(*a, **k)
+            self._inner.append(0.0)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                dt = time.perf_counter() - t0
+                self.own[name] += dt - self._inner.pop()
+                self.calls[name] += 1
+                if weight_bytes is not None:
+                    self.bytes[name] += weight_bytes(a[0])
+                if self._inner:
+                    self._inner[-1] += dt
+        return timed
+
+    def clear(self):
+        self.own.clear(), self.calls.clear(), self.bytes.clear()
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1:])

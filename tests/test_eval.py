@@ -5,16 +5,13 @@ metrics, the named sets' download path against a local server, a training run's 
 and the one-line errors."""
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
 import os
 import shutil
 import subprocess
-import threading
 import zipfile
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +27,7 @@ from npgpt.eval.perplexity import token_units
 from npgpt.eval.tasks import encode_pair
 from npgpt.tokens.tokenizers import GPT2Tokenizer, find_tokenizer
 from test_distributed import _env, _mpi_cmd, needs_mpi
+from test_train_data import _Server as Server       # a threaded HTTP server on 127.0.0.1 serving a directory
 
 ROOT = Path(__file__).parent.parent
 FIX = ROOT / "tests" / "fixtures" / "eval"
@@ -262,26 +260,6 @@ def test_eval_command_classify(capsys, tmp_path):
 
 
 # ----------------------------------------------------------------------------- named sets, downloaded
-class Server:
-    """A threaded HTTP server on 127.0.0.1 serving a directory, counting GETs."""
-
-    def __init__(self, directory):
-        self.requests = []
-        owner = self
-
-        class Handler(SimpleHTTPRequestHandler):
-            def do_GET(self):
-                owner.requests.append(self.path)
-                super().do_GET()
-
-            def log_message(self, *args):
-                pass
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(directory)))
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-
 @pytest.fixture
 def served(tmp_path, monkeypatch):
     """A server of tmp_path/www, with npgpt.eval.data.NAMED[name] pointed at a file there: served(name, file)."""
@@ -301,8 +279,7 @@ def served(tmp_path, monkeypatch):
             s.task, s.member))
         return server
     yield serve
-    server.httpd.shutdown()
-    server.httpd.server_close()
+    server.close()
 
 
 def test_hf_rows_text_is_the_datasets_rows_joined():
