@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from .fast.settings import INFERENCE_SPIN_COUNT
+from .fast.settings import INFERENCE_BLAS_TIMEOUT, INFERENCE_SPIN_COUNT
 
 WORKLOADS = ("prefill", "decode", "train", "train-large", "train-loop", "startup")
 SHAPE = ("n_layer", "n_embd", "n_head", "n_ctx", "n_vocab")
@@ -507,6 +507,7 @@ def _run_worker(framework, workload, cfg, opts):
     env.setdefault("NUMBA_NUM_THREADS", str(opts["threads"]))
     if framework == "npgpt" and workload in ("prefill", "decode", "startup"):
         env.setdefault("GOMP_SPINCOUNT", INFERENCE_SPIN_COUNT)          # as `npgpt generate` runs
+        env.setdefault("OPENBLAS_THREAD_TIMEOUT", INFERENCE_BLAS_TIMEOUT)
     if framework == "npgpt" and opts.get("attention", "auto") != "auto":   # read by npgpt.fast.fused_attention
         env["NPGPT_FLASH_MIN_T"] = "0" if opts["attention"] == "fused" else str(1 << 30)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -116,3 +116,19 @@ def test_a_broken_command_import_is_raised_not_hidden(monkeypatch):
     monkeypatch.setitem(_sys.modules, "npgpt.cli.generate", None)   # importing it now raises ImportError
     with pytest.raises(ImportError):
         build_parser()
+
+
+@pytest.mark.parametrize("command, expected", [("generate", "20"), ("serve", "20"), ("train", "4"), ("eval", "4")])
+def test_blas_threads_spin_longer_for_the_inference_commands(command, expected):
+    """OpenBLAS's idle threads spin 2^20 cycles for decoding's back-to-back matrix-vector products and 2^4
+    in training (where the kernels between GEMMs need the cores); a value the user set wins."""
+    root = str(Path(__file__).resolve().parent.parent)
+    probe = (f"import sys; sys.argv = ['npgpt', '{command}']; import npgpt.cli, os; "
+             "print(os.environ['OPENBLAS_THREAD_TIMEOUT'])")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    env["PYTHONPATH"] = root
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == [expected], out.stderr
+    env["OPENBLAS_THREAD_TIMEOUT"] = "7"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["7"], out.stderr

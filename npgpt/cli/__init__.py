@@ -8,7 +8,17 @@ import sys
 
 from ..fast import settings
 
-settings.blas_threads_spin_briefly()   # the `npgpt` command's process: before its commands load NumPy
+
+INFERENCE_COMMANDS = ("generate", "chat", "classify", "serve")   # many small kernels per token: spin, don't sleep
+
+
+def _argv_command():
+    """The command this process was started with (`npgpt generate ...`: generate), before argparse runs."""
+    return next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+
+
+# the `npgpt` command's process: before its commands' modules load NumPy (and OpenBLAS reads it)
+settings.blas_threads_spin_briefly(settings.INFERENCE_BLAS_TIMEOUT if _argv_command() in INFERENCE_COMMANDS else "4")
 
 
 class CLIError(Exception):
@@ -62,8 +72,6 @@ def one_line(msg) -> str:
     """A possibly multi-line message as one line."""
     return " ".join(line.strip() for line in str(msg).splitlines() if line.strip())
 
-
-INFERENCE_COMMANDS = ("generate", "chat", "classify", "serve")   # many small kernels per token: spin, don't sleep
 
 
 def main(argv=None) -> int:

@@ -14,8 +14,12 @@ Library users call apply() themselves, first thing, if they want the same.
 
 blas_threads_spin_briefly(): OpenBLAS's idle threads spin for ~2^28 cycles after every GEMM, on the
 cores the Numba kernels between GEMMs need. A short spin (OPENBLAS_THREAD_TIMEOUT=4: 2^4 cycles)
-measured ~7% faster train steps and 2x faster softmax/cross-entropy kernels on 2 cores. OpenBLAS
-reads it when NumPy first loads it, so it only takes effect before NumPy is imported.
+measured ~7% faster train steps and 2x faster softmax/cross-entropy kernels on 2 cores. Decoding
+is the opposite case: float32 weights go through 48 BLAS matrix-vector products a token with little
+between them, and threads that sleep after each cost their wake-up every time; the inference commands
+let them spin 2^20 cycles (~0.3 ms): fp32 decode 41.5 -> 45.5 tokens/s, prefill the same or faster,
+int8/bf16 (no BLAS) unchanged (docs/performance.md). OpenBLAS reads it when NumPy first loads it,
+so it only takes effect before NumPy is imported.
 
 keep_freed_memory(): glibc hands every large array (the (B, T, V) logits, attention scores,
 activations) its own fresh mmap and returns it to the kernel on free, so every training
@@ -41,6 +45,7 @@ import os
 import sys
 
 INFERENCE_SPIN_COUNT = "10000"     # GOMP_SPINCOUNT for inference: covers the gaps between decoding's kernels
+INFERENCE_BLAS_TIMEOUT = "20"      # OPENBLAS_THREAD_TIMEOUT for inference: 2^20 cycles (~0.3 ms) of spin
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -48,16 +53,17 @@ M_MMAP_MAX = -4
 
 def apply(inference: bool = False) -> None:
     """Every setting of the module docstring that a process makes for itself, at its start."""
-    blas_threads_spin_briefly()
+    blas_threads_spin_briefly(INFERENCE_BLAS_TIMEOUT if inference else "4")
     quiet_kernel_threads()
     keep_freed_memory()
     if inference:
         spin_between_kernels()
 
 
-def blas_threads_spin_briefly() -> bool:
-    """OPENBLAS_THREAD_TIMEOUT=4 unless set (the user's value wins); False if NumPy was loaded already."""
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+def blas_threads_spin_briefly(timeout: str = "4") -> bool:
+    """OPENBLAS_THREAD_TIMEOUT=timeout (2^timeout cycles; 4 for training, INFERENCE_BLAS_TIMEOUT for the
+    inference commands) unless set (the user's value wins); False if NumPy was loaded already."""
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", timeout)
     return "numpy" not in sys.modules
 
 
