@@ -208,6 +208,8 @@ def test_top_logprobs_are_the_models_own_best_first():
     logits = np.random.default_rng(2).standard_normal((3, 40))
     lp = log_softmax(logits)
     np.testing.assert_allclose(np.exp(lp).sum(-1), 1.0, rtol=1e-14)
+    shift = lp - logits                                                      # log softmax = z - logsumexp(z)
+    np.testing.assert_allclose(shift, -np.log(np.exp(logits).sum(-1, keepdims=True)) + 0 * shift, rtol=1e-14)
     top = top_logprobs(logits, np.array([0, 5, 39]), 4)
     np.testing.assert_array_equal(top.ids, np.argsort(-logits, axis=-1)[:, :4])
     np.testing.assert_array_equal(top.values, np.take_along_axis(lp, top.ids, -1))

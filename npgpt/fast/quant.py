@@ -18,13 +18,34 @@ for many rows (a long prompt) `dequantize_rows` unpacks a block of output channe
 float32 scratch and BLAS does the product (see npgpt/inference/quant.py).
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from ._jit import JIT_OPTIONS, REDUCTION_MATH, pjit
 from ._math import bits_to_float32, prefetch_row
 
 CHUNK = 16          # output channels per parallel task (one float32 row buffer each)
 AHEAD = 4           # a task asks for the weight row this many rows ahead of the one it reads (prefetch_row)
+
+
+def unpack_row(w, o, row):
+    """row (K,) float32 <- packed weight row o of w (out, K): f32(w16) for bf16 bits (uint16), float(q)
+    for int8 (its scale not applied). A Numba helper for the kernels (here and in npgpt/serve/kernels.py)."""
+    row[:] = (w[o].astype(np.uint32) << np.uint32(16)).view(np.float32) if w.dtype == np.uint16 else w[o]
+
+
+@overload(unpack_row)
+def _unpack_row(w, o, row):
+    if w.dtype == types.uint16:
+        def bf16(w, o, row):
+            for k in range(row.shape[0]):
+                row[k] = bits_to_float32(np.uint32(w[o, k]) << np.uint32(16))
+        return bf16
+    if w.dtype == types.int8:
+        def int8(w, o, row):
+            for k in range(row.shape[0]):
+                row[k] = np.float32(w[o, k])
+        return int8
 
 
 @njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
@@ -73,8 +94,7 @@ def _bf16_matmul(x, w16, b, y):
                     acc += x[0, k] * bits_to_float32(np.uint32(w16[o, k]) << np.uint32(16))
                 y[0, o] = acc + b[o]
                 continue
-            for k in range(K):                      # several rows: unpack the weight row once
-                row[k] = bits_to_float32(np.uint32(w16[o, k]) << np.uint32(16))
+            unpack_row(w16, o, row)                 # several rows: unpack the weight row once
             _dot_rows(x, row, np.float32(1.0), b[o], y, o)
 
 
@@ -94,19 +114,15 @@ def _int8_matmul(x, q, scale, b, y):
                     acc += x[0, k] * np.float32(q[o, k])
                 y[0, o] = acc * scale[o] + b[o]
                 continue
-            for k in range(K):                      # several rows: convert the weight row once
-                row[k] = np.float32(q[o, k])
+            unpack_row(q, o, row)                   # several rows: convert the weight row once
             _dot_rows(x, row, scale[o], b[o], y, o)
 
 
 @pjit
 def _bf16_rows(w16, rows, out):
     # out[i] = f32(w16[rows[i]])
-    K = w16.shape[1]
     for i in prange(rows.size):
-        r = rows[i]
-        for k in range(K):
-            out[i, k] = bits_to_float32(np.uint32(w16[r, k]) << np.uint32(16))
+        unpack_row(w16, rows[i], out[i])
 
 
 @pjit

@@ -33,8 +33,8 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from ..fast._jit import JIT_OPTIONS, REDUCTION_MATH
-from ..fast._math import bits_to_float32, exp, prefetch_row
-from ..fast.quant import AHEAD
+from ..fast._math import exp, prefetch_row
+from ..fast.quant import AHEAD, unpack_row
 
 LANES = 16          # in_out_matmul's column ranges start at multiples of this (whole SIMD vectors)
 CHUNK = 16          # output rows a task of out_in_matmul takes (one unpacked weight row at a time)
@@ -87,33 +87,16 @@ def _out_in_float(x, w, b, y):
 
 
 @njit(parallel=True, fastmath=REDUCTION_MATH, **JIT_OPTIONS)
-def _out_in_bf16(x, w16, b, y):
-    # y[a, o] = x[a] . f32(w16[o]) + b[o]
+def _out_in_packed(x, w, scale, b, y):
+    # y[a, o] = scale[o] * (x[a] . f32(w[o])) + b[o]; w bf16 bits (scale 1) or int8
     A, K = x.shape
-    O = w16.shape[0]
+    O = w.shape[0]
     for c in prange((O + CHUNK - 1) // CHUNK):
         row = np.empty(K, np.float32)
         for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
             if o + AHEAD < O:
-                prefetch_row(w16, o + AHEAD)
-            for k in range(K):
-                row[k] = bits_to_float32(np.uint32(w16[o, k]) << np.uint32(16))
-            for a in range(A):
-                y[a, o] = _dot(x[a], row) + b[o]
-
-
-@njit(parallel=True, fastmath=REDUCTION_MATH, **JIT_OPTIONS)
-def _out_in_int8(x, q, scale, b, y):
-    # y[a, o] = scale[o] * (x[a] . q[o]) + b[o]
-    A, K = x.shape
-    O = q.shape[0]
-    for c in prange((O + CHUNK - 1) // CHUNK):
-        row = np.empty(K, np.float32)
-        for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
-            if o + AHEAD < O:
-                prefetch_row(q, o + AHEAD)
-            for k in range(K):
-                row[k] = np.float32(q[o, k])
+                prefetch_row(w, o + AHEAD)
+            unpack_row(w, o, row)                   # the weight row once, for every row of x
             for a in range(A):
                 y[a, o] = _dot(x[a], row) * scale[o] + b[o]
 
@@ -163,10 +146,8 @@ def out_in_matmul(x, w, scale=None, b=None):
     x = np.ascontiguousarray(x, dtype=dtype)
     y = np.empty((x.shape[0], w.shape[0]), dtype=dtype)
     b = np.zeros(w.shape[0], dtype) if b is None else b
-    if w.dtype == np.uint16:
-        _out_in_bf16(x, w, b, y)
-    elif w.dtype == np.int8:
-        _out_in_int8(x, w, scale, b, y)
+    if w.dtype in (np.uint16, np.int8):
+        _out_in_packed(x, w, np.ones(w.shape[0], np.float32) if scale is None else scale, b, y)
     else:
         _out_in_float(x, w, b, y)
     return y
