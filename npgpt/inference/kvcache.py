@@ -138,6 +138,14 @@ class LayerKV:
         ok = self.empty() and all(a.dtype == dtype and a.flags.c_contiguous for a in (self.k, self.v))
         return (self.k, self.v) if ok else None
 
+    def decode_slots(self, dtype):
+        """(k, v, pos) for a kernel that appends one new token a row itself (npgpt.fast.decode_attention):
+        the buffers (B, NH, n_ctx, hs) and where row b's token goes, pos (B,); None unless this forward
+        pass is over T = 1 and the buffers are C-contiguous in `dtype` (then store() is the way in)."""
+        pos = self.cache._step[0]
+        ok = pos.shape[1] == 1 and all(a.dtype == dtype and a.flags.c_contiguous for a in (self.k, self.v))
+        return (self.k, self.v, pos[:, 0]) if ok else None
+
     def store(self, k, v, only_at=None):
         """Write the new keys/values k, v (B, NH, T, hs) after each row's cached positions.
 

@@ -148,8 +148,13 @@ class CausalSelfAttention(Module):
         only_at (B,): only the output at position only_at[b] of each row is wanted (the last block of a
         prefill): every key and value is still stored, but one query per row attends -> (B, 1, C)."""
         B, T, C = x.shape
-        q, k, v = self.split_heads(self.c_attn(x))                     # (B, NH, T, hs) each
+        qkv = self.c_attn(x)                                           # (B, T, 3C)
         scale = 1.0 / math.sqrt(self.hs)
+        slots = layer_cache.decode_slots(qkv.dtype) if T == 1 and fast.use_numba() else None
+        if slots is not None:                                          # one new token a row: one kernel call
+            y = fast.decode_attention(qkv.reshape(B, 3 * C), *slots, scale)   # (B, C), k and v stored
+            return self.c_proj(y.reshape(B, 1, C))
+        q, k, v = self.split_heads(qkv)                                # (B, NH, T, hs) each
         if only_at is None and layer_cache.empty() and self.runs_fused(T):   # a prompt into an empty cache
             y = np.empty((B, T, C), dtype=q.dtype)
             fused_attention.prefill(q, k, v, scale, self.heads_view(y), layer_cache)   # stores k, v too
