@@ -25,7 +25,7 @@ from ._jit import JIT_OPTIONS, REDUCTION_MATH, pjit
 from ._math import bits_to_float32, prefetch_row
 
 CHUNK = 16          # output channels per parallel task (one float32 row buffer each)
-AHEAD = 4           # a task asks for the weight row this many rows ahead of the one it reads (prefetch_row)
+AHEAD = 8           # a task asks for the weight rows this many rows ahead of those it reads (prefetch_row)
 
 
 def unpack_row(w, o, row):
@@ -46,6 +46,66 @@ def _unpack_row(w, o, row):
             for k in range(row.shape[0]):
                 row[k] = np.float32(w[o, k])
         return int8
+
+
+def weight(w, o, k):
+    """float32 of packed weight w[o, k]: f32(w16) for bf16 bits (uint16), float(q) for int8 (its scale
+    not applied). A Numba helper (one element of unpack_row)."""
+    if w.dtype == np.uint16:
+        return (np.array(w[o, k], np.uint32) << np.uint32(16)).view(np.float32)[()]
+    return np.float32(w[o, k])
+
+
+@overload(weight)
+def _weight(w, o, k):
+    if w.dtype == types.uint16:
+        return lambda w, o, k: bits_to_float32(np.uint32(w[o, k]) << np.uint32(16))
+    if w.dtype == types.int8:
+        return lambda w, o, k: np.float32(w[o, k])
+
+
+@njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
+def _dot4(x, w, o):
+    # x (K,) . w[o + r] for r = 0..3: four weight rows streamed side by side, each x[k] loaded once for
+    # four multiply-adds (one row at a time reads 15.9-16.9 GB/s of bf16 on 2 cores, four 21-22)
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    for k in range(x.shape[0]):
+        xk = x[k]
+        a0 += xk * weight(w, o, k)
+        a1 += xk * weight(w, o + 1, k)
+        a2 += xk * weight(w, o + 2, k)
+        a3 += xk * weight(w, o + 3, k)
+    return a0, a1, a2, a3
+
+
+@njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
+def _dot1(x, w, o):
+    # x (K,) . w[o]
+    acc = np.float32(0.0)
+    for k in range(x.shape[0]):
+        acc += x[k] * weight(w, o, k)
+    return acc
+
+
+@njit(**JIT_OPTIONS)
+def _one_row(x, w, scale, b, y, O, lo, hi):
+    # y[o] = scale[o] * (x . w[o]) + b[o] for o in lo..hi-1 (scale None: 1), four rows at a time
+    o = lo
+    while o + 4 <= hi:
+        if o + AHEAD + 4 <= O:
+            for r in range(4):
+                prefetch_row(w, o + AHEAD + r)      # a hint: the rows to come start loading now
+        a = _dot4(x, w, o)
+        for r in range(4):
+            y[o + r] = (a[r] if scale is None else a[r] * scale[o + r]) + b[o + r]
+        o += 4
+    while o < hi:
+        a = _dot1(x, w, o)
+        y[o] = (a if scale is None else a * scale[o]) + b[o]
+        o += 1
 
 
 @njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
@@ -84,16 +144,14 @@ def _bf16_matmul(x, w16, b, y):
     N, K = x.shape
     O = w16.shape[0]
     for c in prange((O + CHUNK - 1) // CHUNK):
+        lo, hi = c * CHUNK, min(O, (c + 1) * CHUNK)
+        if N == 1:                                  # one row of x: unpack on the fly, in registers
+            _one_row(x[0], w16, None, b, y[0], O, lo, hi)
+            continue
         row = np.empty(K, np.float32)
-        for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
+        for o in range(lo, hi):
             if o + AHEAD < O:
-                prefetch_row(w16, o + AHEAD)        # a hint: the row to come starts loading now
-            if N == 1:                              # one row of x: unpack on the fly, in registers
-                acc = np.float32(0.0)
-                for k in range(K):                  # w = (w16 << 16).view(float32)
-                    acc += x[0, k] * bits_to_float32(np.uint32(w16[o, k]) << np.uint32(16))
-                y[0, o] = acc + b[o]
-                continue
+                prefetch_row(w16, o + AHEAD)
             unpack_row(w16, o, row)                 # several rows: unpack the weight row once
             _dot_rows(x, row, np.float32(1.0), b[o], y, o)
 
@@ -104,16 +162,14 @@ def _int8_matmul(x, q, scale, b, y):
     N, K = x.shape
     O = q.shape[0]
     for c in prange((O + CHUNK - 1) // CHUNK):
+        lo, hi = c * CHUNK, min(O, (c + 1) * CHUNK)
+        if N == 1:                                  # one row of x: convert on the fly
+            _one_row(x[0], q, scale, b, y[0], O, lo, hi)
+            continue
         row = np.empty(K, np.float32)
-        for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
+        for o in range(lo, hi):
             if o + AHEAD < O:
-                prefetch_row(q, o + AHEAD)          # a hint: the row to come starts loading now
-            if N == 1:                              # one row of x: convert on the fly
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += x[0, k] * np.float32(q[o, k])
-                y[0, o] = acc * scale[o] + b[o]
-                continue
+                prefetch_row(q, o + AHEAD)
             unpack_row(q, o, row)                   # several rows: convert the weight row once
             _dot_rows(x, row, scale[o], b[o], y, o)
 
