@@ -71,8 +71,7 @@ class DecodeClock(OpClock):
         for (cls, meth), name in others.items():
             setattr(cls, meth, self.wrap(name, vars(cls)[meth]))
         for name in fast._KERNELS:
-            if name != "decode_linear":      # Linear's own product for one row: its time stays in Linear's line
-                setattr(fast, name, self.wrap(f"kernel {name}", getattr(fast, name)))
+            setattr(fast, name, self.wrap(f"kernel {name}", getattr(fast, name)))
 
 
 def bandwidth(reps=10) -> float:

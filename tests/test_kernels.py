@@ -135,23 +135,6 @@ def test_decode_attention_kernel(dtype, B, NH, hs, lengths):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("K,O", [(1, 1), (3, 5), (9, 37), (53, 130)])    # K not a multiple of the 4-row pass
-@pytest.mark.parametrize("threads", [1, 2])
-def test_decode_linear_kernel(dtype, K, O, threads):
-    import numba
-    rng = np.random.default_rng(K)
-    x, w, b = (rng.standard_normal(s).astype(dtype) for s in ((K,), (K, O), (O,)))
-    old = numba.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    try:
-        y = fast.decode_linear(x, w, b)
-    finally:
-        numba.set_num_threads(old)
-    assert y.shape == (O,) and y.dtype == dtype
-    close(y, x @ w + b, dtype)                                 # the NumPy line it mirrors
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,V", [(1, 3), (7, 101), (5, 5003)])
 def test_cross_entropy_kernel(dtype, N, V):
     rng = np.random.default_rng(3)

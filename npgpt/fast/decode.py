@@ -1,8 +1,5 @@
-"""Kernels for decoding one token at a time: the attention of a new token (decode_attention) and a
-Linear layer's product for one row (decode_linear).
-
-decode_attention: attention for one new token a row, its key and value appended to the KV cache in the
-same call. It mirrors CausalSelfAttention.forward_cached (npgpt/layers/attention.py) at T = 1, per batch
+"""Attention for one new token a row (decoding), its key and value appended to the KV cache in the same
+call. It mirrors CausalSelfAttention.forward_cached (npgpt/layers/attention.py) at T = 1, per batch
 row b whose cache held L = pos[b] positions before this token:
 
     q, k, v = qkv[b].reshape(3, NH, hs)             # the new token's projections
@@ -17,7 +14,6 @@ B=1, most of it the calls' own cost, against a few microseconds of arithmetic. H
 rows may hold different lengths (each row attends its own L + 1 keys, no mask needed). The (batch
 row, head) pairs are split over the cores only when the cache is long and the batch wide.
 """
-import numba
 import numpy as np
 from numba import prange
 
@@ -64,48 +60,4 @@ def decode_attention(qkv, k_cache, v_cache, pos, scale, out=None):
     # L3); 922 vs 590 at B=8, 501 keys. So the cores split the work only from a few million elements.
     work = 2 * B * NH * (int(pos.max()) + 1) * hs // 16
     _forward(work, qkv, k_cache, v_cache, np.ascontiguousarray(pos, dtype=np.int64), qkv.dtype.type(scale), y)
-    return y
-
-
-@pjit(reductions=True)
-def _linear(x, w, b, part, y):
-    """y (O,) = x (K,) @ w (K, O) + b: task p sums the rows of its block k0..k1-1 of w into part[p] (O,),
-    four rows a pass (each part[p, o] loaded and stored once for four multiply-adds); then
-    y = b + sum_p part[p]."""
-    K, O = w.shape
-    P = part.shape[0]
-    for p in prange(P):
-        acc = part[p]
-        acc[:] = 0.0
-        k, k1 = p * K // P, (p + 1) * K // P
-        while k + 4 <= k1:
-            x0, x1, x2, x3 = x[k], x[k + 1], x[k + 2], x[k + 3]
-            for o in range(O):
-                acc[o] += x0 * w[k, o] + x1 * w[k + 1, o] + x2 * w[k + 2, o] + x3 * w[k + 3, o]
-            k += 4
-        while k < k1:
-            xk = x[k]
-            for o in range(O):
-                acc[o] += xk * w[k, o]
-            k += 1
-    for o in range(O):
-        s = b[o]
-        for p in range(P):
-            s += part[p, o]
-        y[o] = s
-
-
-def decode_linear(x, w, b, out=None):
-    """y (O,) = x (K,) @ w (K, O) + b (O,) for one row x and a weight stored (in, out), as Linear keeps it.
-
-    Mirrors `y = x @ w + b` (npgpt/layers/linear.py) for a decoded token. w's rows are split into one
-    contiguous block per thread, each summed into its own (O,) partial and the partials added at the
-    end ("split-K"): every thread streams its block of w from memory front to back. On 2 cores
-    (Sapphire Rapids) the 48 block matrices of GPT-2 124M, one row each, read 33-35 GB/s this way
-    against 28-31 GB/s through OpenBLAS's matrix-vector product in the same runs."""
-    K, O = w.shape
-    dtype = np.result_type(x, w)
-    y = np.empty(O, dtype) if out is None else out
-    part = np.empty((numba.get_num_threads(), O), dtype)
-    _linear(K * O, x, w, b, part, y)
     return y

@@ -25,8 +25,6 @@ class Linear(Module):
         *lead, n_in = x.shape
         x2 = x.reshape(-1, n_in)                             # (N, in), N = B*T: one 2-D GEMM
         self.save_for_backward(x=x2)
-        if len(x2) == 1 and fast.use_numba() and self.weight.data.flags.c_contiguous:   # a decoded token
-            return fast.decode_linear(x2[0], self.weight.data, self.bias.data).reshape(*lead, -1)
         y = x2 @ self.weight.data                            # (N, out)
         add_bias_(y, self.bias.data)                         # y += b
         return y.reshape(*lead, -1)
