@@ -113,7 +113,8 @@ def test_causal_softmax_kernels(dtype, B, NH, Tq, Tk):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,NH,hs,lengths", [(1, 1, 1, [0]), (1, 3, 8, [5]), (3, 2, 16, [0, 7, 30]), (2, 4, 64, [31, 31])])
-def test_decode_attention_kernel(dtype, B, NH, hs, lengths):
+@pytest.mark.parametrize("awake", [False, True])
+def test_decode_attention_kernel(dtype, B, NH, hs, lengths, awake):
     # the NumPy lines of the kernel's docstring, per row: append k, v at L, attend keys 0..L
     rng = np.random.default_rng(3)
     C, n_ctx = NH * hs, 40
@@ -128,7 +129,7 @@ def test_decode_attention_kernel(dtype, B, NH, hs, lengths):
         k_ref[b, :, L], v_ref[b, :, L] = k, v
         s = q[:, None, :] @ k_ref[b, :, :L + 1].transpose(0, 2, 1)            # (NH, 1, L + 1)
         y_ref[b] = (causal_softmax_numpy(s, scale) @ v_ref[b, :, :L + 1]).reshape(C)
-    y = fast.decode_attention(qkv, k_cache, v_cache, pos, scale)
+    y = fast.decode_attention(qkv, k_cache, v_cache, pos, scale, threads_awake=awake)
     assert y.dtype == dtype
     close(y, y_ref, dtype)
     assert np.array_equal(k_cache, k_ref) and np.array_equal(v_cache, v_ref)   # only position L written, exactly

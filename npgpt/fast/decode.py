@@ -50,14 +50,21 @@ def _forward(qkv, k_cache, v_cache, pos, scale, y):
             y[b, h * hs + i] = acc[i] * inv
 
 
-def decode_attention(qkv, k_cache, v_cache, pos, scale, out=None):
+def decode_attention(qkv, k_cache, v_cache, pos, scale, out=None, threads_awake=False):
     """y (B, C): each row's new token attending to its cached keys and itself, after its k and v (from
-    qkv (B, 3C), the fused projection) are written into k_cache, v_cache (B, NH, n_ctx, hs) at pos[b]."""
+    qkv (B, 3C), the fused projection) are written into k_cache, v_cache (B, NH, n_ctx, hs) at pos[b].
+    threads_awake: the kernel threads ran the call before this one (and still spin): split the heads
+    over them whatever the size."""
     B, NH, _, hs = k_cache.shape
     y = np.empty((B, NH * hs), qkv.dtype) if out is None else out
     # pjit's work: the cache elements read, over 16. Measured on 2 cores (Sapphire Rapids), serial
-    # against parallel: 22 vs 104 us at B=1, 161 keys; 221 vs 214 at 1001 keys (the cache streams from
-    # L3); 922 vs 590 at B=8, 501 keys. So the cores split the work only from a few million elements.
+    # against parallel with the kernel threads asleep: 22 vs 104 us at B=1, 161 keys (cache warm); 221
+    # vs 214 at 1001 keys (from L3); 922 vs 590 at B=8, 501 keys: the cores split the work only from a few
+    # million elements. Inside a decode the cache comes from DRAM (~85 us a layer at B=1, ~100 keys): with
+    # the threads awake after an int8 product, both cores' loads in flight made int8 decode 0.92x (0.89-0.94)
+    # the time of the serial kernel's; after a BLAS product (fp32) 1.10x (paired, 6 rounds each).
     work = 2 * B * NH * (int(pos.max()) + 1) * hs // 16
+    if threads_awake and B * NH > 1:
+        work = 1 << 62
     _forward(work, qkv, k_cache, v_cache, np.ascontiguousarray(pos, dtype=np.int64), qkv.dtype.type(scale), y)
     return y

@@ -125,6 +125,8 @@ def _inference_only(self, *_):
 class QuantLinear(Module):
     """y = x @ W^T + b with W (out, in) packed as bf16 or int8; the float32 bias stays a Parameter."""
 
+    kernel_threads = True     # its products run on the Numba kernels' threads (see CausalSelfAttention.forward_cached)
+
     def __init__(self, packed, scale=None, bias=None):
         self.packed = np.ascontiguousarray(packed)         # (out, in) uint16 | int8; no copy if contiguous
         self.scale = scale                                 # (out,) float32 for int8, else None

@@ -152,7 +152,10 @@ class CausalSelfAttention(Module):
         scale = 1.0 / math.sqrt(self.hs)
         slots = layer_cache.decode_slots(qkv.dtype) if T == 1 and fast.use_numba() else None
         if slots is not None:                                          # one new token a row: one kernel call
-            y = fast.decode_attention(qkv.reshape(B, 3 * C), *slots, scale)   # (B, C), k and v stored
+            # on both cores when c_attn's product just ran on the kernel threads (packed weights: they still
+            # spin), on one after a BLAS product (they sleep, and waking them costs more than it saves)
+            awake = getattr(self.c_attn, "kernel_threads", False)
+            y = fast.decode_attention(qkv.reshape(B, 3 * C), *slots, scale, threads_awake=awake)   # (B, C)
             return self.c_proj(y.reshape(B, 1, C))
         q, k, v = self.split_heads(qkv)                                # (B, NH, T, hs) each
         if only_at is None and layer_cache.empty() and self.runs_fused(T):   # a prompt into an empty cache
