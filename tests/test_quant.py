@@ -59,6 +59,25 @@ def test_packed_matmul_matches_numpy(kind, N, parallel, monkeypatch):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("N", [1, 2, 3, 8, 9])          # BLAS, the row kernel (2..8 rows), BLAS again
+@pytest.mark.parametrize("parallel", [False, True])
+def test_tied_head_few_rows_float32(N, parallel, monkeypatch):
+    # the tied LM head's few-row path (fast.quant's row kernel on the float32 (V, C) weight) against x @ w^T
+    from npgpt import layers
+    from npgpt.fast import _jit
+    if parallel:
+        monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 0)
+    rng = np.random.default_rng(N)
+    wte = layers.Embedding(101, 37, dtype=np.float32, rng=rng)
+    head = layers.TiedLMHead(wte)
+    x = rng.standard_normal((N, 1, 37)).astype(np.float32)
+    ref = x @ wte.weight.data.T                                  # the NumPy line it mirrors
+    with npgpt.no_grad():
+        y = head(x)
+    assert y.shape == (N, 1, 101) and y.dtype == np.float32
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_dequantize_rows_and_blocked_prefill(kind, monkeypatch):
     from npgpt.fast.quant import dequantize_rows

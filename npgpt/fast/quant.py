@@ -30,7 +30,7 @@ AHEAD = 8           # a task asks for the weight rows this many rows ahead of th
 
 def unpack_row(w, o, row):
     """row (K,) float32 <- packed weight row o of w (out, K): f32(w16) for bf16 bits (uint16), float(q)
-    for int8 (its scale not applied). A Numba helper for the kernels (here and in npgpt/serve/kernels.py)."""
+    for int8 (its scale not applied), a copy for float32. A Numba helper for the kernels (here and in npgpt/serve/kernels.py)."""
     row[:] = (w[o].astype(np.uint32) << np.uint32(16)).view(np.float32) if w.dtype == np.uint16 else w[o]
 
 
@@ -41,7 +41,7 @@ def _unpack_row(w, o, row):
             for k in range(row.shape[0]):
                 row[k] = bits_to_float32(np.uint32(w[o, k]) << np.uint32(16))
         return bf16
-    if w.dtype == types.int8:
+    if w.dtype == types.int8 or w.dtype == types.float32:
         def int8(w, o, row):
             for k in range(row.shape[0]):
                 row[k] = np.float32(w[o, k])
@@ -50,7 +50,7 @@ def _unpack_row(w, o, row):
 
 def weight(w, o, k):
     """float32 of packed weight w[o, k]: f32(w16) for bf16 bits (uint16), float(q) for int8 (its scale
-    not applied). A Numba helper (one element of unpack_row)."""
+    not applied), itself for float32. A Numba helper (one element of unpack_row)."""
     if w.dtype == np.uint16:
         return (np.array(w[o, k], np.uint32) << np.uint32(16)).view(np.float32)[()]
     return np.float32(w[o, k])
@@ -62,6 +62,8 @@ def _weight(w, o, k):
         return lambda w, o, k: bits_to_float32(np.uint32(w[o, k]) << np.uint32(16))
     if w.dtype == types.int8:
         return lambda w, o, k: np.float32(w[o, k])
+    if w.dtype == types.float32:
+        return lambda w, o, k: w[o, k]
 
 
 @njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
@@ -194,14 +196,16 @@ def _int8_rows(q, scale, rows, out):
 
 def packed_matmul(x, packed, scale, bias, out=None):
     """y (N, out) = x (N, in) @ W^T + bias for a packed W (out, in): uint16 bf16 bits (scale None)
-    or int8 with per-output-channel float32 scales. bias (out,) float32 or None."""
+    or int8 with per-output-channel float32 scales. bias (out,) float32 or None. A float32 W (out, in)
+    (scale None) runs the bf16 kernel's loops on its float32 rows: for a few rows x (a batch of decoded
+    tokens) against the tied LM head's (V, C) weight, where BLAS's GEMM of so few rows is slow."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     N, K = x.shape
     O = packed.shape[0]
     y = np.empty((N, O), np.float32) if out is None else out
     b = np.zeros(O, np.float32) if bias is None else bias
     work = N * O * K
-    if packed.dtype == np.uint16:
+    if packed.dtype == np.uint16 or packed.dtype == np.float32:
         _bf16_matmul(work, x, packed, b, y)
     else:
         _int8_matmul(work, x, packed, scale, b, y)

@@ -60,11 +60,20 @@ class TiedLMHead(Module):
     def __init__(self, wte: Embedding):
         self.weight = wte.weight   # the same Parameter: named_parameters lists it once, as wte
 
+    FEW_ROWS = 8     # 2..FEW_ROWS rows (a batch of decoded tokens): fast.quant's row kernel, not BLAS
+
     def forward(self, x):
         *lead, C = x.shape
         x2 = x.reshape(-1, C)                                          # (N, C), N = B*T
         self.save_for_backward(x=x2)
-        return (x2 @ self.weight.data.T).reshape(*lead, -1)           # (B, T, V)
+        w = self.weight.data                                           # (V, C)
+        if 2 <= len(x2) <= self.FEW_ROWS and w.dtype == np.float32 and w.flags.c_contiguous and fast.use_numba():
+            # BLAS's GEMM of so few rows runs at a third of the bandwidth (N=8: 16.5 ms for the 154 MB of
+            # GPT-2's wte, against 9.8 ms streaming each row of w once for all N rows; at N=1 BLAS wins,
+            # from N=16 on they are even: examples and figures in docs/performance.md)
+            from ..fast.quant import packed_matmul
+            return packed_matmul(x2, w, None, None).reshape(*lead, -1)    # (B, T, V)
+        return (x2 @ w.T).reshape(*lead, -1)                          # (B, T, V)
 
     def backward(self, dlogits):
         # logits = x @ w^T  =>  dw += dlogits^T x   and   dx = dlogits @ w
