@@ -15,8 +15,10 @@
 
 1. A random-weight GPT-2 124M (seed 0) is saved with npgpt.save_model, with GPT-2's tokenizer files and
    n_ctx in config.json, and converted by llama.cpp's own convert_hf_to_gguf.py to f32, f16 and q8_0.
-2. The workload is npgpt bench's decode: a 32-token prompt, then 128 greedy tokens, B=1, the whole call
-   timed (prefill included), median of --reps calls after a warm-up. Each engine runs in its own
+2. The workload is npgpt bench's decode: a 32-token prompt, then 128 greedy tokens, the whole call
+   timed (prefill included), median of --reps calls after a warm-up; for --batch B > 1, B different
+   prompts decoded together (npgpt.generate on a (B, 32) batch; llama.cpp's low-level batch API, one
+   sequence id a row, as its `batched` example and llama-server run several sequences). Each engine runs in its own
    subprocess with --threads threads: npgpt with fp32 / bf16 / int8 weights, llama.cpp with the f32 / f16
    / q8_0 GGUF. The pairs alternate (npgpt first in odd rounds, llama.cpp first in even ones), --rounds
    times; the table gives each side's median and the median and spread of the same-round ratios.
@@ -63,6 +65,49 @@ for _ in range(reps):
 print(json.dumps({"seconds": sorted(times)[len(times) // 2], "all": times, "tokens": toks[:8]}))
 '''
 
+# The llama.cpp worker for B > 1 rows: llama.cpp's low-level batch API (as its `batched` example and
+# llama-server decode several sequences): one llama_batch holds the B prompts (sequence ids 0..B-1), then
+# every step one token per sequence; greedy picks from llama_get_logits_ith. One JSON line.
+LLAMA_BATCH_WORKER = r"""
+import ctypes, json, sys, time
+import numpy as np
+import llama_cpp as L
+path, threads, prompts, new, reps = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+B, T = len(prompts), len(prompts[0])
+L.llama_backend_init()
+model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+cp = L.llama_context_default_params()
+cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = B * (T + new + 8), B * T, B * T, B
+cp.n_threads, cp.n_threads_batch = threads, threads
+ctx = L.llama_init_from_model(model, cp)
+V = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+batch = L.llama_batch_init(B * T, 0, 1)
+def fill(items):          # items: (token, position, sequence, want logits)
+    batch.n_tokens = len(items)
+    for i, (tok, pos, seq, want) in enumerate(items):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, want
+        batch.seq_id[i][0] = seq
+    if L.llama_decode(ctx, batch) != 0:
+        raise SystemExit("llama_decode failed")
+def next_tokens(rows):   # greedy from the logits of batch entries `rows`
+    return [int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, r), shape=(V,)))) for r in rows]
+def decode():
+    L.llama_memory_clear(L.llama_get_memory(ctx), True)
+    fill([(tok, t, b, t == T - 1) for b, p in enumerate(prompts) for t, tok in enumerate(p)])
+    toks = next_tokens([b * T + T - 1 for b in range(B)])
+    out = [toks]
+    for step in range(new - 1):
+        fill([(toks[b], T + step, b, True) for b in range(B)])
+        toks = next_tokens(range(B))
+        out.append(toks)
+    return np.array(out).T.tolist()     # (B, new)
+decode()
+times = []
+for _ in range(reps):
+    t = time.perf_counter(); toks = decode(); times.append(time.perf_counter() - t)
+print(json.dumps({"seconds": sorted(times)[len(times) // 2], "all": times, "tokens": toks[0][:8]}))
+"""
+
 # The npgpt worker, run by this Python: the same workload through npgpt.generate.
 NPGPT_WORKER = r'''
 import json, sys, time
@@ -71,14 +116,14 @@ settings.apply(inference=True)
 import numpy as np, npgpt
 path, mode, weights, prompt, new, reps = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 model = npgpt.load_model(path, weights=weights)
-ids = np.array([prompt])
+ids = np.array(prompt if isinstance(prompt[0], list) else [prompt])    # (B, T)
 if mode == "logits":
     print(json.dumps({"logits": model.forward(ids)[0].astype(np.float32).tolist()})); sys.exit()
 npgpt.generate(model, ids, new)
 times = []
 for _ in range(reps):
     t = time.perf_counter(); toks = npgpt.generate(model, ids, new); times.append(time.perf_counter() - t)
-print(json.dumps({"seconds": sorted(times)[len(times) // 2], "all": times, "tokens": toks[0, len(prompt):len(prompt) + 8].tolist()}))
+print(json.dumps({"seconds": sorted(times)[len(times) // 2], "all": times, "tokens": toks[0, ids.shape[1]:ids.shape[1] + 8].tolist()}))
 '''
 
 
@@ -126,6 +171,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="rows decoded together (B)")
     ap.add_argument("--precisions", nargs="+", default=[p for p, _ in PAIRS], choices=[p for p, _ in PAIRS])
     ap.add_argument("--quality", action="store_true", help="also compare the logits of the packed weights")
     a = ap.parse_args()
@@ -136,6 +182,7 @@ def main():
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), NUMBA_NUM_THREADS=str(a.threads),
                PYTHONPATH=ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
     prompt = np.random.default_rng(1).integers(0, 50257, a.prompt).tolist()
+    prompts = {B: np.random.default_rng(B).integers(0, 50257, (B, a.prompt)).tolist() for B in a.batch}   # B > 1
     pairs = [(n, g) for n, g in PAIRS if n in a.precisions]
     with tempfile.TemporaryDirectory() as d:
         model_dir = make_model(d)
@@ -143,7 +190,7 @@ def main():
         ver = subprocess.run([a.llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                              capture_output=True, text=True).stdout.strip()
         print(f"CPU: {cpu_model()}; npgpt's BLAS: {blas_info()}; llama-cpp-python {ver}; {a.threads} threads; "
-              f"decode B=1: {a.prompt}-token prompt + {a.new} greedy tokens, whole call, median of {a.reps}", flush=True)
+              f"decode B={a.batch}: {a.prompt}-token prompts + {a.new} greedy tokens each, whole call, median of {a.reps}", flush=True)
 
         def npgpt_run(weights, mode="time", p=prompt):
             return run([sys.executable, "-c", NPGPT_WORKER, model_dir, mode, weights, json.dumps(p), str(a.new),
@@ -152,26 +199,35 @@ def main():
         def llama_run(kind, mode="time", p=prompt):
             return run([a.llama_python, "-c", LLAMA_WORKER, gguf[kind], mode, str(a.threads), json.dumps(p), str(a.new),
                         str(a.reps)], env)
-        results = {n: [] for n, _ in pairs}
+
+        def llama_batch_run(kind, ps):
+            return run([a.llama_python, "-c", LLAMA_BATCH_WORKER, gguf[kind], str(a.threads), json.dumps(ps), str(a.new),
+                        str(a.reps)], env)
+
+        def one(who, B, n, g):
+            if who == "npgpt":
+                return npgpt_run(n, p=prompt if B == 1 else prompts[B])
+            return llama_run(g) if B == 1 else llama_batch_run(g, prompts[B])
+        results = {(B, n): [] for B in a.batch for n, _ in pairs}
         for r in range(a.rounds):
+            for B in a.batch:
+                for n, g in pairs:
+                    order = ("npgpt", "llama") if r % 2 == 0 else ("llama", "npgpt")
+                    got = {who: one(who, B, n, g) for who in order}
+                    results[B, n].append(got)
+                    ratio = got["npgpt"]["seconds"] / got["llama"]["seconds"]
+                    print(f"round {r + 1} B={B} {n} / {g}: npgpt {got['npgpt']['seconds']:.3f} s, llama.cpp "
+                          f"{got['llama']['seconds']:.3f} s, npgpt's time / llama.cpp's {ratio:.3f}", flush=True)
+        print("\n| B | precision | llama.cpp | npgpt | npgpt's time / llama.cpp's, median (spread) | per step, npgpt / llama.cpp |")
+        print("|---|---|---|---|---|---|")
+        for B in a.batch:
             for n, g in pairs:
-                order = ("npgpt", "llama") if r % 2 == 0 else ("llama", "npgpt")
-                got = {}
-                for who in order:
-                    got[who] = npgpt_run(n) if who == "npgpt" else llama_run(g)
-                results[n].append(got)
-                ratio = got["npgpt"]["seconds"] / got["llama"]["seconds"]
-                print(f"round {r + 1} {n} / {g}: npgpt {got['npgpt']['seconds']:.3f} s, llama.cpp "
-                      f"{got['llama']['seconds']:.3f} s, npgpt's time / llama.cpp's {ratio:.3f}", flush=True)
-        print("\n| precision | llama.cpp | npgpt | npgpt's time / llama.cpp's, median (spread) | per token, npgpt / llama.cpp |")
-        print("|---|---|---|---|---|")
-        for n, g in pairs:
-            ls = [x["llama"]["seconds"] for x in results[n]]
-            ns = [x["npgpt"]["seconds"] for x in results[n]]
-            ratios = [x["npgpt"]["seconds"] / x["llama"]["seconds"] for x in results[n]]
-            print(f"| {n} / {g} | {statistics.median(ls):.3f} s | {statistics.median(ns):.3f} s | "
-                  f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) | "
-                  f"{statistics.median(ns) / a.new * 1e3:.1f} / {statistics.median(ls) / a.new * 1e3:.1f} ms |")
+                ls = [x["llama"]["seconds"] for x in results[B, n]]
+                ns = [x["npgpt"]["seconds"] for x in results[B, n]]
+                ratios = [x["npgpt"]["seconds"] / x["llama"]["seconds"] for x in results[B, n]]
+                print(f"| {B} | {n} / {g} | {statistics.median(ls):.3f} s | {statistics.median(ns):.3f} s | "
+                      f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) | "
+                      f"{statistics.median(ns) / a.new * 1e3:.1f} / {statistics.median(ls) / a.new * 1e3:.1f} ms |")
         if a.quality:
             text = np.random.default_rng(2).integers(0, 50257, 64).tolist()
             ref_n = np.array(npgpt_run("fp32", "logits", text)["logits"])
