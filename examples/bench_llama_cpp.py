@@ -24,7 +24,8 @@
    times; the table gives each side's median and the median and spread of the same-round ratios.
 3. Quality (--quality): the next-token logits after every position of a 64-token text, npgpt's 8/16-bit
    weights against its float32, and llama.cpp's q8_0 / f16 against its f32 (logits_all): the relative
-   error ||l - l_ref|| / ||l_ref|| over all positions.
+   error ||l - l_ref|| / ||l_ref|| over all positions. With --trained DIR --text FILE, a trained model's
+   perplexity in each precision in both engines, on the same windows of the text's last tenth.
 """
 from __future__ import annotations
 
@@ -46,10 +47,19 @@ import numpy as np
 from llama_cpp import Llama
 path, mode, threads, prompt, new, reps = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=256, n_batch=256,
-            logits_all=(mode == "logits"), verbose=False)
+            logits_all=(mode in ("logits", "nll")), verbose=False)
 if mode == "logits":
     llm.reset(); llm.eval(prompt)
     print(json.dumps({"logits": np.asarray(llm.scores[:len(prompt)], dtype=np.float32).tolist()})); sys.exit()
+if mode == "nll":          # prompt: windows of token ids; mean NLL of every token after the first of each
+    total, count = 0.0, 0
+    for w in prompt:
+        llm.reset(); llm.eval(w)
+        z = np.asarray(llm.scores[:len(w) - 1], dtype=np.float64)
+        z -= z.max(-1, keepdims=True)
+        lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        total -= lp[np.arange(len(w) - 1), w[1:]].sum(); count += len(w) - 1
+    print(json.dumps({"nll": total / count, "tokens": count})); sys.exit()
 def decode():
     llm.reset()
     out = []
@@ -119,6 +129,14 @@ model = npgpt.load_model(path, weights=weights)
 ids = np.array(prompt if isinstance(prompt[0], list) else [prompt])    # (B, T)
 if mode == "logits":
     print(json.dumps({"logits": model.forward(ids)[0].astype(np.float32).tolist()})); sys.exit()
+if mode == "nll":          # ids: windows of token ids; mean NLL of every token after the first of each
+    total, count = 0.0, 0
+    for w in ids:
+        z = model.forward(w[None])[0, :-1].astype(np.float64)
+        z -= z.max(-1, keepdims=True)
+        lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        total -= lp[np.arange(len(w) - 1), w[1:]].sum(); count += len(w) - 1
+    print(json.dumps({"nll": total / count, "tokens": count})); sys.exit()
 npgpt.generate(model, ids, new)
 times = []
 for _ in range(reps):
@@ -174,6 +192,10 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="rows decoded together (B)")
     ap.add_argument("--precisions", nargs="+", default=[p for p, _ in PAIRS], choices=[p for p, _ in PAIRS])
     ap.add_argument("--quality", action="store_true", help="also compare the logits of the packed weights")
+    ap.add_argument("--trained", metavar="DIR", help="a trained model (an npgpt run or model directory with GPT-2's "
+                    "tokenizer files): the perplexity of each precision in each engine on --text")
+    ap.add_argument("--text", metavar="FILE", help="with --trained: text whose last tenth (a run's validation split) is scored")
+    ap.add_argument("--windows", type=int, default=16, help="with --trained: non-overlapping windows of n_ctx tokens")
     a = ap.parse_args()
 
     import numpy as np
@@ -218,9 +240,10 @@ def main():
                     ratio = got["npgpt"]["seconds"] / got["llama"]["seconds"]
                     print(f"round {r + 1} B={B} {n} / {g}: npgpt {got['npgpt']['seconds']:.3f} s, llama.cpp "
                           f"{got['llama']['seconds']:.3f} s, npgpt's time / llama.cpp's {ratio:.3f}", flush=True)
-        print("\n| B | precision | llama.cpp | npgpt | npgpt's time / llama.cpp's, median (spread) | per step, npgpt / llama.cpp |")
-        print("|---|---|---|---|---|---|")
-        for B in a.batch:
+        if a.rounds:
+            print("\n| B | precision | llama.cpp | npgpt | npgpt's time / llama.cpp's, median (spread) | per step, npgpt / llama.cpp |")
+            print("|---|---|---|---|---|---|")
+        for B in a.batch if a.rounds else []:
             for n, g in pairs:
                 ls = [x["llama"]["seconds"] for x in results[B, n]]
                 ns = [x["npgpt"]["seconds"] for x in results[B, n]]
@@ -240,6 +263,35 @@ def main():
                 en = np.linalg.norm(np.array(npgpt_run(n, "logits", text)["logits"]) - ref_n) / np.linalg.norm(ref_n)
                 el = np.linalg.norm(np.array(llama_run(g, "logits", text)["logits"]) - ref_l) / np.linalg.norm(ref_l)
                 print(f"| {n} / {g} | {en:.2e} | {el:.2e} |")
+        if a.trained:
+            perplexities(a, d, env)
+
+
+def perplexities(a, d, env):
+    """The perplexity of a trained model in each precision, npgpt's against llama.cpp's on the same windows."""
+    import numpy as np
+
+    from npgpt.tokens.tokenizers import make_tokenizer
+    with open(os.path.join(a.trained, "config.json")) as f:
+        cfg = json.load(f)
+    n_ctx = int(cfg.get("n_ctx", cfg.get("n_positions", 1024)))
+    T = min(n_ctx, 256)                                      # the llama worker's context
+    with open(a.text, encoding="utf-8") as f:
+        text = f.read()
+    ids = make_tokenizer("gpt2").encode(text[int(0.9 * len(text)):])
+    windows = [ids[i * T:(i + 1) * T] for i in range(min(a.windows, len(ids) // T))]
+    ggufs = {g: convert(a.llama_python, a.llama_cpp, a.trained, g, d) for _, g in PAIRS}
+    print(f"\nperplexity of {a.trained} on the last tenth of {a.text}: {len(windows)} windows of {T} tokens, "
+          f"{len(windows) * (T - 1)} tokens scored")
+    print("| precision | npgpt | change | llama.cpp | change |")
+    print("|---|---|---|---|---|")
+    ref = {}
+    for n, g in PAIRS:
+        pn = np.exp(run([sys.executable, "-c", NPGPT_WORKER, a.trained, "nll", n, json.dumps(windows), "0", "0"], env)["nll"])
+        pl = np.exp(run([a.llama_python, "-c", LLAMA_WORKER, ggufs[g], "nll", str(a.threads), json.dumps(windows), "0",
+                         "0"], env)["nll"])
+        ref.setdefault("n", pn), ref.setdefault("l", pl)
+        print(f"| {n} / {g} | {pn:.4f} | {pn / ref['n'] - 1:+.3%} | {pl:.4f} | {pl / ref['l'] - 1:+.3%} |", flush=True)
 
 
 if __name__ == "__main__":
