@@ -111,6 +111,70 @@ def _one_row(x, w, scale, b, y, O, lo, hi):
 
 
 @njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
+def _dot4x4(x, n, rows):
+    # x[n + i] . rows[r] for i, r = 0..3 (the 16 sums, i-major): each loaded x[., k] and rows[., k] serves
+    # four multiply-adds (for 8 rows of x, int8: 16.6 against 18.5 ms for a token's weights, one unpacked
+    # row against four rows of x at a time)
+    a00 = a01 = a02 = a03 = np.float32(0.0)
+    a10 = a11 = a12 = a13 = np.float32(0.0)
+    a20 = a21 = a22 = a23 = np.float32(0.0)
+    a30 = a31 = a32 = a33 = np.float32(0.0)
+    for k in range(x.shape[1]):
+        w0, w1, w2, w3 = rows[0, k], rows[1, k], rows[2, k], rows[3, k]
+        x0, x1, x2, x3 = x[n, k], x[n + 1, k], x[n + 2, k], x[n + 3, k]
+        a00 += x0 * w0
+        a01 += x0 * w1
+        a02 += x0 * w2
+        a03 += x0 * w3
+        a10 += x1 * w0
+        a11 += x1 * w1
+        a12 += x1 * w2
+        a13 += x1 * w3
+        a20 += x2 * w0
+        a21 += x2 * w1
+        a22 += x2 * w2
+        a23 += x2 * w3
+        a30 += x3 * w0
+        a31 += x3 * w1
+        a32 += x3 * w2
+        a33 += x3 * w3
+    return (a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
+
+
+@njit(**JIT_OPTIONS)
+def _few_rows(x, w, scale, b, y, O, lo, hi):
+    # y[n, o] = scale[o] * (x[n] . w[o]) + b[o] for every row n of x and o in lo..hi-1 (scale None: 1):
+    # four weight rows unpacked at a time, then taken against four rows of x at a time
+    N, K = x.shape
+    rows = np.empty((4, K), np.float32)
+    o = lo
+    while o + 4 <= hi:
+        if o + AHEAD + 4 <= O:
+            for r in range(4):
+                prefetch_row(w, o + AHEAD + r)
+        for r in range(4):
+            unpack_row(w, o + r, rows[r])
+        n = 0
+        while n + 4 <= N:
+            a = _dot4x4(x, n, rows)
+            for i in range(4):
+                for r in range(4):
+                    s = a[4 * i + r]
+                    y[n + i, o + r] = (s if scale is None else s * scale[o + r]) + b[o + r]
+            n += 4
+        while n < N:
+            a4 = _dot4(x[n], rows, 0)
+            for r in range(4):
+                y[n, o + r] = (a4[r] if scale is None else a4[r] * scale[o + r]) + b[o + r]
+            n += 1
+        o += 4
+    while o < hi:
+        unpack_row(w, o, rows[0])
+        _dot_rows(x, rows[0], np.float32(1.0) if scale is None else scale[o], b[o], y, o)
+        o += 1
+
+
+@njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
 def _dot_rows(x, w, s, b, y, o):
     # y[n, o] = s * (x[n] . w) + b for every row n of x, four rows per pass over w (w read once
     # for four multiply-adds; one row at a time would load w and x[n] for each)
@@ -150,12 +214,7 @@ def _bf16_matmul(x, w16, b, y):
         if N == 1:                                  # one row of x: unpack on the fly, in registers
             _one_row(x[0], w16, None, b, y[0], O, lo, hi)
             continue
-        row = np.empty(K, np.float32)
-        for o in range(lo, hi):
-            if o + AHEAD < O:
-                prefetch_row(w16, o + AHEAD)
-            unpack_row(w16, o, row)                 # several rows: unpack the weight row once
-            _dot_rows(x, row, np.float32(1.0), b[o], y, o)
+        _few_rows(x, w16, None, b, y, O, lo, hi)     # several rows: each weight row unpacked once
 
 
 @pjit(reductions=True)
@@ -168,12 +227,7 @@ def _int8_matmul(x, q, scale, b, y):
         if N == 1:                                  # one row of x: convert on the fly
             _one_row(x[0], q, scale, b, y[0], O, lo, hi)
             continue
-        row = np.empty(K, np.float32)
-        for o in range(lo, hi):
-            if o + AHEAD < O:
-                prefetch_row(q, o + AHEAD)
-            unpack_row(q, o, row)                   # several rows: convert the weight row once
-            _dot_rows(x, row, scale[o], b[o], y, o)
+        _few_rows(x, q, scale, b, y, O, lo, hi)      # several rows: each weight row converted once
 
 
 @pjit
