@@ -11,8 +11,8 @@ contiguous row; the work is split over output channels (prange). NumPy they mirr
     y = (x @ q.astype(np.float32).T) * scale + b           # (N, out)
 
 Sums run in float32 (reassociated into SIMD lanes). A bf16 weight becomes a float32 in a register
-(a zero-extend, a shift and a bit cast: npgpt/fast/_math.py), so both kernels read each packed
-weight once and do one multiply-add with it. Made for the N <= ~16 rows of decoding,
+(a zero-extend, a shift and a bit cast: npgpt/fast/_math.py; `weight` below), so the kernel reads each
+packed weight once and does one multiply-add with it for each row of x. Made for the N <= ~16 rows of decoding,
 where reading the weights from DRAM is the cost and packed weights read 2x / 4x fewer bytes;
 for many rows (a long prompt) `dequantize_rows` unpacks a block of output channels into a
 float32 scratch and BLAS does the product (see npgpt/inference/quant.py).
@@ -24,7 +24,7 @@ from numba.extending import overload
 from ._jit import JIT_OPTIONS, REDUCTION_MATH, pjit
 from ._math import bits_to_float32, prefetch_row
 
-CHUNK = 16          # output channels per parallel task (one float32 row buffer each)
+CHUNK = 16          # output channels per parallel task (four float32 rows of buffer for several rows of x)
 AHEAD = 8           # a task asks for the weight rows this many rows ahead of those it reads (prefetch_row)
 
 
@@ -32,20 +32,6 @@ def unpack_row(w, o, row):
     """row (K,) float32 <- packed weight row o of w (out, K): f32(w16) for bf16 bits (uint16), float(q)
     for int8 (its scale not applied), a copy for float32. A Numba helper for the kernels (here and in npgpt/serve/kernels.py)."""
     row[:] = (w[o].astype(np.uint32) << np.uint32(16)).view(np.float32) if w.dtype == np.uint16 else w[o]
-
-
-@overload(unpack_row)
-def _unpack_row(w, o, row):
-    if w.dtype == types.uint16:
-        def bf16(w, o, row):
-            for k in range(row.shape[0]):
-                row[k] = bits_to_float32(np.uint32(w[o, k]) << np.uint32(16))
-        return bf16
-    if w.dtype == types.int8 or w.dtype == types.float32:
-        def int8(w, o, row):
-            for k in range(row.shape[0]):
-                row[k] = np.float32(w[o, k])
-        return int8
 
 
 def weight(w, o, k):
@@ -64,6 +50,15 @@ def _weight(w, o, k):
         return lambda w, o, k: np.float32(w[o, k])
     if w.dtype == types.float32:
         return lambda w, o, k: w[o, k]
+
+
+@overload(unpack_row)
+def _unpack_row(w, o, row):
+    if w.dtype in (types.uint16, types.int8, types.float32):
+        def unpack(w, o, row):
+            for k in range(row.shape[0]):
+                row[k] = weight(w, o, k)
+        return unpack
 
 
 @njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
@@ -168,66 +163,24 @@ def _few_rows(x, w, scale, b, y, O, lo, hi):
                 y[n, o + r] = (a4[r] if scale is None else a4[r] * scale[o + r]) + b[o + r]
             n += 1
         o += 4
-    while o < hi:
-        unpack_row(w, o, rows[0])
-        _dot_rows(x, rows[0], np.float32(1.0) if scale is None else scale[o], b[o], y, o)
+    while o < hi:                                   # the chunk's last rows, one at a time
+        for n in range(N):
+            a1 = _dot1(x[n], w, o)
+            y[n, o] = (a1 if scale is None else a1 * scale[o]) + b[o]
         o += 1
 
 
-@njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
-def _dot_rows(x, w, s, b, y, o):
-    # y[n, o] = s * (x[n] . w) + b for every row n of x, four rows per pass over w (w read once
-    # for four multiply-adds; one row at a time would load w and x[n] for each)
-    N, K = x.shape
-    n = 0
-    while n + 4 <= N:
-        a0 = np.float32(0.0)
-        a1 = np.float32(0.0)
-        a2 = np.float32(0.0)
-        a3 = np.float32(0.0)
-        for k in range(K):
-            wk = w[k]
-            a0 += x[n, k] * wk
-            a1 += x[n + 1, k] * wk
-            a2 += x[n + 2, k] * wk
-            a3 += x[n + 3, k] * wk
-        y[n, o] = a0 * s + b
-        y[n + 1, o] = a1 * s + b
-        y[n + 2, o] = a2 * s + b
-        y[n + 3, o] = a3 * s + b
-        n += 4
-    while n < N:
-        acc = np.float32(0.0)
-        for k in range(K):
-            acc += x[n, k] * w[k]
-        y[n, o] = acc * s + b
-        n += 1
-
-
 @pjit(reductions=True)
-def _bf16_matmul(x, w16, b, y):
-    # y[n, o] = sum_k x[n, k] * f32(w16[o, k]) + b[o]
-    N, K = x.shape
-    O = w16.shape[0]
+def _matmul(x, w, scale, b, y):
+    # y[n, o] = scale[o] * sum_k x[n, k] * weight(w, o, k) + b[o]   (scale None: 1)
+    N = x.shape[0]
+    O = w.shape[0]
     for c in prange((O + CHUNK - 1) // CHUNK):
         lo, hi = c * CHUNK, min(O, (c + 1) * CHUNK)
         if N == 1:                                  # one row of x: unpack on the fly, in registers
-            _one_row(x[0], w16, None, b, y[0], O, lo, hi)
-            continue
-        _few_rows(x, w16, None, b, y, O, lo, hi)     # several rows: each weight row unpacked once
-
-
-@pjit(reductions=True)
-def _int8_matmul(x, q, scale, b, y):
-    # y[n, o] = scale[o] * sum_k x[n, k] * q[o, k] + b[o]
-    N, K = x.shape
-    O = q.shape[0]
-    for c in prange((O + CHUNK - 1) // CHUNK):
-        lo, hi = c * CHUNK, min(O, (c + 1) * CHUNK)
-        if N == 1:                                  # one row of x: convert on the fly
-            _one_row(x[0], q, scale, b, y[0], O, lo, hi)
-            continue
-        _few_rows(x, q, scale, b, y, O, lo, hi)      # several rows: each weight row converted once
+            _one_row(x[0], w, scale, b, y[0], O, lo, hi)
+        else:                                       # several rows: each weight row unpacked once
+            _few_rows(x, w, scale, b, y, O, lo, hi)
 
 
 @pjit
@@ -251,7 +204,7 @@ def _int8_rows(q, scale, rows, out):
 def packed_matmul(x, packed, scale, bias, out=None):
     """y (N, out) = x (N, in) @ W^T + bias for a packed W (out, in): uint16 bf16 bits (scale None)
     or int8 with per-output-channel float32 scales. bias (out,) float32 or None. A float32 W (out, in)
-    (scale None) runs the bf16 kernel's loops on its float32 rows: for a few rows x (a batch of decoded
+    (scale None) runs the same loops on its float32 rows: for a few rows x (a batch of decoded
     tokens) against the tied LM head's (V, C) weight, where BLAS's GEMM of so few rows is slow."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     N, K = x.shape
@@ -259,10 +212,7 @@ def packed_matmul(x, packed, scale, bias, out=None):
     y = np.empty((N, O), np.float32) if out is None else out
     b = np.zeros(O, np.float32) if bias is None else bias
     work = N * O * K
-    if packed.dtype == np.uint16 or packed.dtype == np.float32:
-        _bf16_matmul(work, x, packed, b, y)
-    else:
-        _int8_matmul(work, x, packed, scale, b, y)
+    _matmul(work, x, packed, scale if packed.dtype == np.int8 else None, b, y)
     return y
 
 

@@ -57,10 +57,10 @@ class PositionEmbedding(Module):
 class TiedLMHead(Module):
     """logits = x @ wte^T: the output projection shares the token embedding's weight."""
 
+    FEW_ROWS = 8     # 2..FEW_ROWS rows (a batch of decoded tokens): fast.quant's row kernel, not BLAS
+
     def __init__(self, wte: Embedding):
         self.weight = wte.weight   # the same Parameter: named_parameters lists it once, as wte
-
-    FEW_ROWS = 8     # 2..FEW_ROWS rows (a batch of decoded tokens): fast.quant's row kernel, not BLAS
 
     def forward(self, x):
         *lead, C = x.shape
