@@ -130,13 +130,9 @@ ids = np.array(prompt if isinstance(prompt[0], list) else [prompt])    # (B, T)
 if mode == "logits":
     print(json.dumps({"logits": model.forward(ids)[0].astype(np.float32).tolist()})); sys.exit()
 if mode == "nll":          # ids: windows of token ids; mean NLL of every token after the first of each
-    total, count = 0.0, 0
-    for w in ids:
-        z = model.forward(w[None])[0, :-1].astype(np.float64)
-        z -= z.max(-1, keepdims=True)
-        lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-        total -= lp[np.arange(len(w) - 1), w[1:]].sum(); count += len(w) - 1
-    print(json.dumps({"nll": total / count, "tokens": count})); sys.exit()
+    from npgpt.eval.score import token_nll         # npgpt eval's own scoring
+    nll = [token_nll(np.ascontiguousarray(model.forward(w[None])[0, :-1]), w[1:])[0] for w in ids]
+    print(json.dumps({"nll": float(np.concatenate(nll).mean()), "tokens": sum(map(len, nll))})); sys.exit()
 npgpt.generate(model, ids, new)
 times = []
 for _ in range(reps):
