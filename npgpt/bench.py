@@ -15,6 +15,7 @@ time over that floor is the most the speed ratio could reach here.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import subprocess
@@ -757,7 +758,6 @@ def _launch(jobs, timeout: float) -> tuple:
     which mpiexec forwards to its ranks, then SIGKILL): a hung MPI or gloo job never hangs the bench.
     Returns (status: 0, the first failure's exit status, or 124 at the deadline; the first job's
     stdout; every job's stderr)."""
-    import signal
     with contextlib.ExitStack() as stack:
         files = [[stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2)] for _ in jobs]
         procs = [subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
@@ -772,20 +772,49 @@ def _launch(jobs, timeout: float) -> tuple:
                 status = 124
                 break
             time.sleep(0.1)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for p in procs:
-                if p.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(p.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                for p in procs:
-                    p.wait(timeout=5)
+        if status or any(p.poll() is None for p in procs):
+            _end_groups([p.pid for p in procs], procs)
         for p in procs:
             p.wait()
         for f in sum(files, []):
             f.seek(0)
         return status, files[0][0].read(), "".join(err.read() for _, err in files)
 
+
+def _end_groups(pgids, procs) -> None:
+    """End every process of the groups `pgids` (a job and all it started: mpiexec's ranks, a rank's
+    children), whether or not the group's leader has already exited: SIGTERM, which mpiexec forwards,
+    5 s for the leaders to go, then SIGKILL to whatever is left, and at most 5 s until the groups are
+    empty of live processes."""
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for g in pgids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(g, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            for p in procs:
+                p.wait(timeout=5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_group_left(g) for g in pgids):
+        time.sleep(0.05)
+
+
+def _group_left(pgid) -> bool:
+    """Whether a live process (not a zombie waiting for its reaper) of group `pgid` still exists:
+    from /proc's stat lines (state, field 3; group, field 5) where there is one, else kill(0)."""
+    if not os.path.isdir("/proc/self"):
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()    # after "pid (name)": state, ppid, pgrp
+            if fields[2] == str(pgid) and fields[0] not in "ZX":
+                return True
+    return False
 
 def _run_split(framework, ranks, threads, cfg, opts, timeout) -> dict:
     """One run of the train step at ranks x threads: npgpt under `mpiexec -n ranks` (one plain process
