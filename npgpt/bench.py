@@ -773,7 +773,7 @@ def _launch(jobs, timeout: float) -> tuple:
                 break
             time.sleep(0.1)
         if status or any(p.poll() is None for p in procs):
-            _end_groups([p.pid for p in procs], procs)
+            _end_groups(procs)
         for p in procs:
             p.wait()
         for f in sum(files, []):
@@ -781,12 +781,13 @@ def _launch(jobs, timeout: float) -> tuple:
         return status, files[0][0].read(), "".join(err.read() for _, err in files)
 
 
-def _end_groups(pgids, procs) -> None:
-    """End every process of the groups `pgids` (a job and all it started: mpiexec's ranks, a rank's
-    children), whether or not the group's leader has already exited: SIGTERM, which mpiexec forwards,
-    5 s for the leaders to go, then SIGKILL to whatever is left, and at most 5 s until the groups are
-    empty of live processes."""
+def _end_groups(procs) -> None:
+    """End every process of each Popen's group (start_new_session: the group id is the leader's pid; a
+    job and all it started, mpiexec's ranks, a rank's children), whether or not the leader has already
+    exited: SIGTERM, which mpiexec forwards, 5 s for the leaders to go, then SIGKILL to whatever is
+    left, and at most 5 s until the groups are empty of live processes."""
     import signal
+    pgids = [p.pid for p in procs]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for g in pgids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -812,9 +813,10 @@ def _group_left(pgid) -> bool:
         with contextlib.suppress(OSError):
             with open(stat) as f:
                 fields = f.read().rsplit(")", 1)[1].split()    # after "pid (name)": state, ppid, pgrp
-            if fields[2] == str(pgid) and fields[0] not in "ZX":
+            if fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
                 return True
     return False
+
 
 def _run_split(framework, ranks, threads, cfg, opts, timeout) -> dict:
     """One run of the train step at ranks x threads: npgpt under `mpiexec -n ranks` (one plain process
