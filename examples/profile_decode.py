@@ -55,7 +55,9 @@ class DecodeClock(OpClock):
 
         def quant_head_bytes(m):
             return m.packed.nbytes + (m.scale.nbytes if m.scale is not None else 0)
-        products = {(layers.Linear, "forward"): ("matrix-vector products (Linear)", linear_bytes),
+        # Linear.forward is forward_without_bias (the product) and the bias add; the MLP's c_fc calls the
+        # former alone and adds its bias in GELU's pass. The product's row counts the bias's bytes too.
+        products = {(layers.Linear, "forward_without_bias"): ("matrix-vector products (Linear)", linear_bytes),
                     (quant.QuantLinear, "forward"): ("matrix-vector products (QuantLinear)", quant_bytes),
                     (layers.TiedLMHead, "forward"): ("LM head (50,257 rows)", head_bytes),
                     (quant.QuantTiedLMHead, "forward"): ("LM head (50,257 rows)", quant_head_bytes)}
@@ -63,6 +65,7 @@ class DecodeClock(OpClock):
             setattr(cls, meth, self.wrap(name, vars(cls)[meth], nbytes))
         others = {(layers.Embedding, "forward"): "embedding lookup", (quant.QuantEmbedding, "forward"): "embedding lookup",
                   (layers.PositionEmbedding, "forward_cached"): "embedding lookup",
+                  (layers.Linear, "forward"): "bias add (Linear)",
                   (layers.LayerNorm, "forward"): "LayerNorm", (layers.GELU, "forward"): "GELU",
                   (layers.CausalSelfAttention, "forward_cached"): "attention over the cache (own work)",
                   (layers.Block, "forward_cached"): "block (residual adds)", (layers.MLP, "forward"): "MLP (own)",

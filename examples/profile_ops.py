@@ -59,7 +59,7 @@ class TrainClock(OpClock):
         """Time every layer's forward/backward, every Numba kernel, the weight-gradient GEMM, AdamW."""
         for cls in (layers.Embedding, layers.PositionEmbedding, layers.Dropout, layers.Block, layers.LayerNorm,
                     layers.CausalSelfAttention, layers.MLP, layers.Linear, layers.GELU, layers.TiedLMHead, npgpt.GPT):
-            for meth in ("forward", "backward", "attend", "backward_hidden", "forward_hidden"):
+            for meth in ("forward", "forward_without_bias", "backward", "attend", "backward_hidden", "forward_hidden"):
                 if meth in vars(cls):
                     setattr(cls, meth, self.wrap(f"{cls.__name__}.{meth}", vars(cls)[meth]))
         for name in fast._KERNELS:

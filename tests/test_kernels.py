@@ -77,6 +77,22 @@ def test_gelu_kernels(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5, 7), (2, 300, 512)])   # the last takes the parallel builds
+def test_bias_gelu_kernel(dtype, shape):
+    """a += b in place, then gelu(a): the MLP's c_fc bias folded into GELU's pass."""
+    rng = np.random.default_rng(2)
+    a = (3 * rng.standard_normal(shape)).astype(dtype)
+    b = rng.standard_normal(shape[-1]).astype(dtype)
+    pre = a + b
+    y = fast.bias_gelu_forward(a, b)
+    assert y.dtype == dtype and y.shape == shape
+    np.testing.assert_array_equal(a, pre)                 # the one rounding of a + b, as NumPy's
+    close(y, GELU.forward_numpy(pre), dtype)
+    with pytest.raises(ValueError, match="bias_gelu_forward"):
+        fast.bias_gelu_forward(a, b[:-1] if shape[-1] > 1 else np.zeros(2, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (257, 1031)])
 def test_add_bias_kernel(dtype, shape):
     """y += b (Linear.forward's NumPy line), in place: bit for bit the same sums. kernel_threads picks the

@@ -16,7 +16,15 @@ GELU_CUBIC = 0.044715
 
 
 class GELU(Module):
-    def forward(self, x):
+    def forward(self, x, bias=None):
+        """gelu(x); with `bias`, gelu(x + bias), adding bias into x in place (x: the GEMM output that
+        the MLP hands over, so the bias add and GELU are one pass)."""
+        if bias is not None:
+            if fast.use_numba():
+                y = fast.bias_gelu_forward(x, bias)              # x += bias; y = gelu(x)
+                self.save_for_backward(x=x)
+                return y
+            x += bias
         self.save_for_backward(x=x)
         if fast.use_numba():
             return fast.gelu_forward(x)

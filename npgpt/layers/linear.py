@@ -22,11 +22,16 @@ class Linear(Module):
         self.bias = Parameter(np.zeros(n_out, dtype=dtype))                                 # (out,)
 
     def forward(self, x):
+        y = self.forward_without_bias(x)                     # x @ w
+        add_bias_(y.reshape(-1, y.shape[-1]), self.bias.data)   # y += b
+        return y
+
+    def forward_without_bias(self, x):
+        """x @ w, leaving the bias to the caller (the MLP adds it in its GELU pass); backward is the same."""
         *lead, n_in = x.shape
         x2 = x.reshape(-1, n_in)                             # (N, in), N = B*T: one 2-D GEMM
         self.save_for_backward(x=x2)
         y = x2 @ self.weight.data                            # (N, out)
-        add_bias_(y, self.bias.data)                         # y += b
         return y.reshape(*lead, -1)
 
     def backward(self, dy):

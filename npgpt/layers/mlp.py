@@ -19,7 +19,10 @@ class MLP(Module):
         self.dropout = Dropout(dropout, seed=seed)
 
     def forward(self, x):
-        h = self.gelu(self.c_fc(x))                  # (B, T, 4C)
+        if type(self.c_fc) is Linear and type(self.gelu) is GELU:   # not a LoRA or packed c_fc: one pass adds b_fc
+            h = self.gelu(self.c_fc.forward_without_bias(x), bias=self.c_fc.bias.data)   # gelu(x @ w_fc + b_fc)
+        else:
+            h = self.gelu(self.c_fc(x))              # (B, T, 4C)
         return self.dropout(self.c_proj(h))          # (B, T, C)
 
     def backward(self, dout):
