@@ -319,6 +319,23 @@ def test_adamw_packs_parameters_gradients_and_moments():
     assert opt.packed.intact()
 
 
+def test_tiled_buffer_remembers_only_the_same_arrays():
+    """tiled_buffer keeps its last answer for the same array objects; other arrays (a gap, a rebound
+    view, arrays that died and whose ids were reused) are examined afresh."""
+    from npgpt.optim import tiled_buffer
+    buf = np.arange(10.0)
+    views = [buf[:4], buf[4:]]
+    assert tiled_buffer(views) is buf and tiled_buffer(views) is buf           # found, then remembered
+    assert tiled_buffer([views[0], buf[5:]]) is None                            # a gap
+    assert tiled_buffer([views[0], views[1], buf[4:6]]) is None                 # an overlap
+    assert tiled_buffer(views) is buf
+    assert tiled_buffer([views[0], views[1].copy()]) is None                    # one array rebound off the buffer
+    for _ in range(3):                                                           # fresh arrays each time
+        other = np.zeros(6)
+        assert tiled_buffer([other[:3], other[3:]]) is other
+    assert tiled_buffer([buf[:4], buf[4:9]]) is None                            # new views, not the whole buffer
+
+
 @pytest.mark.parametrize("dtype, clip", [(np.float32, 1e9), (np.float64, 0.05)])
 def test_adamw_packed_step_equals_per_parameter_step(backend, dtype, clip, monkeypatch):
     """The same training run with the packed update (two launches, the norm summed over one buffer)

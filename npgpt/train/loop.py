@@ -85,7 +85,9 @@ def train_step(model, optimizer, batch, lr: float, *, loss_fn, count_fn, grad_ac
     dist = dist or LocalDist()
     n = max(count_fn(batch), 1)                             # targets in the global batch
     mine = split_rows(batch, dist.world_size, dist.rank)    # this process's contiguous rows
-    model.zero_grad()
+    params = model.parameters()                             # walked once a step (90 us at nanoGPT's shape)
+    for p in params:
+        p.zero_grad()                                       # model.zero_grad()
     loss = 0.0
     micros = split_rows(mine, grad_accum)
     for i, micro in enumerate(micros):
@@ -94,7 +96,7 @@ def train_step(model, optimizer, batch, lr: float, *, loss_fn, count_fn, grad_ac
             loss += loss_fn(model, micro, n)                # grads += d(sum of losses)/dparam / n
     dist.allreduce_grads(model)                             # sum the processes' gradients (waits for those started)
     loss = dist.allreduce_sum(loss)
-    norm = grad_norm(model)
+    norm = grad_norm(params)
     if not (math.isfinite(loss) and math.isfinite(norm)):   # alike on every rank (both are reduced)
         raise NonFiniteError(_non_finite(model, loss, norm))  # before the update: the weights stay good
     optimizer.step(lr=lr, grad_scale=clip_coef(norm, clip if clip > 0 else math.inf))   # clipping inside the update
