@@ -41,13 +41,16 @@ def test_int8_symmetric_per_output_channel():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("N", [1, 3, 4, 9])          # one row; fewer than, exactly, and more than a block of four
+@pytest.mark.parametrize("N, side_by_side", [(1, 4), (1, 1), (3, 4), (4, 4), (9, 4)])   # one row (both ways of
+# streaming the weight rows); fewer than, exactly, and more than a block of four rows of x
 @pytest.mark.parametrize("parallel", [False, True])
-def test_packed_matmul_matches_numpy(kind, N, parallel, monkeypatch):
+def test_packed_matmul_matches_numpy(kind, N, side_by_side, parallel, monkeypatch):
     from npgpt.fast import _jit
+    from npgpt.fast import quant as fast_quant
     from npgpt.fast.quant import packed_matmul
     if parallel:
         monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(fast_quant, "_SIDE_BY_SIDE", side_by_side)
     rng = np.random.default_rng(N)
     O, K = 37, 53                                                # odd shapes, O not a multiple of the chunk
     packed, scale = quant.pack(rng.standard_normal((O, K)).astype(np.float32), kind)
@@ -57,6 +60,23 @@ def test_packed_matmul_matches_numpy(kind, N, parallel, monkeypatch):
     y = packed_matmul(x, packed, scale, b)
     assert y.shape == (N, O) and y.dtype == np.float32
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_side_by_side_setting(monkeypatch):
+    """NPGPT_PACKED_ROWS decides (1 or 4; anything else is one error naming it); unset, AMD CPUs stream
+    one weight row at a time and the others four."""
+    from npgpt.fast import quant as fast_quant
+    for value, vendor, want in (("1", "GenuineIntel", 1), ("4", "AuthenticAMD", 4), ("", "AuthenticAMD", 1),
+                                ("", "GenuineIntel", 4), ("", "", 4)):
+        monkeypatch.setattr(fast_quant, "_SIDE_BY_SIDE", None)
+        monkeypatch.setenv("NPGPT_PACKED_ROWS", value)
+        monkeypatch.setattr(fast_quant, "cpu_vendor", lambda vendor=vendor: vendor)
+        assert fast_quant.side_by_side() == want
+    monkeypatch.setattr(fast_quant, "_SIDE_BY_SIDE", None)
+    monkeypatch.setenv("NPGPT_PACKED_ROWS", "2")
+    with pytest.raises(ValueError, match="NPGPT_PACKED_ROWS must be 1 or 4, got '2'"):
+        fast_quant.side_by_side()
+    monkeypatch.setattr(fast_quant, "_SIDE_BY_SIDE", None)
 
 
 @pytest.mark.parametrize("N", [1, 2, 3, 8, 9])          # BLAS, the row kernel (2..8 rows), BLAS again

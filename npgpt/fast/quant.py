@@ -17,6 +17,8 @@ where reading the weights from DRAM is the cost and packed weights read 2x / 4x 
 for many rows (a long prompt) `dequantize_rows` unpacks a block of output channels into a
 float32 scratch and BLAS does the product (see npgpt/inference/quant.py).
 """
+import os
+
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -26,6 +28,38 @@ from ._math import bits_to_float32, prefetch_row
 
 CHUNK = 16          # output channels per parallel task (four float32 rows of buffer for several rows of x)
 AHEAD = 8           # a task asks for the weight rows this many rows ahead of those it reads (prefetch_row)
+
+
+def side_by_side() -> int:
+    """How many weight rows a product with one row of x (a decoded token) streams at once: 4 (each x[k]
+    loaded once for four multiply-adds) or 1 (one row after another). Which is faster depends on the
+    CPU's prefetchers, measured (docs/performance.md, "Decode against llama.cpp"): on an Intel Xeon
+    (Sapphire Rapids) four rows read bf16 weights at 25 GB/s against 18 and int8 at 22 against 16 (2
+    cores); on an AMD EPYC (Zen 4) one row at a time read GPT-2's int8 LM head at 21-25 GB/s against
+    11-12, and bf16 at 23-24 against 16-18. So 1 on AMD CPUs, 4 on others; the environment variable
+    NPGPT_PACKED_ROWS (1 or 4) decides instead. The sums are the same either way up to float32 rounding."""
+    global _SIDE_BY_SIDE
+    if _SIDE_BY_SIDE is None:
+        value = os.environ.get("NPGPT_PACKED_ROWS", "").strip()
+        if value not in ("", "1", "4"):
+            raise ValueError(f"NPGPT_PACKED_ROWS must be 1 or 4, got {value!r}")
+        _SIDE_BY_SIDE = int(value) if value else (1 if cpu_vendor() == "AuthenticAMD" else 4)
+    return _SIDE_BY_SIDE
+
+
+_SIDE_BY_SIDE = None
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id on Linux ("GenuineIntel", "AuthenticAMD", ...), or "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def unpack_row(w, o, row):
@@ -88,10 +122,11 @@ def _dot1(x, w, o):
 
 
 @njit(**JIT_OPTIONS)
-def _one_row(x, w, scale, b, y, O, lo, hi):
-    # y[o] = scale[o] * (x . w[o]) + b[o] for o in lo..hi-1 (scale None: 1), four rows at a time
+def _one_row(x, w, scale, b, y, O, lo, hi, side_by_side):
+    # y[o] = scale[o] * (x . w[o]) + b[o] for o in lo..hi-1 (scale None: 1): four rows at a time
+    # (side_by_side 4), then the rest (or all of them, side_by_side 1) one at a time
     o = lo
-    while o + 4 <= hi:
+    while side_by_side == 4 and o + 4 <= hi:
         if o + AHEAD + 4 <= O:
             for r in range(4):
                 prefetch_row(w, o + AHEAD + r)      # a hint: the rows to come start loading now
@@ -100,6 +135,8 @@ def _one_row(x, w, scale, b, y, O, lo, hi):
             y[o + r] = (a[r] if scale is None else a[r] * scale[o + r]) + b[o + r]
         o += 4
     while o < hi:
+        if o + AHEAD < O:
+            prefetch_row(w, o + AHEAD)
         a = _dot1(x, w, o)
         y[o] = (a if scale is None else a * scale[o]) + b[o]
         o += 1
@@ -171,14 +208,14 @@ def _few_rows(x, w, scale, b, y, O, lo, hi):
 
 
 @pjit(reductions=True)
-def _matmul(x, w, scale, b, y):
+def _matmul(x, w, scale, b, y, side_by_side):
     # y[n, o] = scale[o] * sum_k x[n, k] * weight(w, o, k) + b[o]   (scale None: 1)
     N = x.shape[0]
     O = w.shape[0]
     for c in prange((O + CHUNK - 1) // CHUNK):
         lo, hi = c * CHUNK, min(O, (c + 1) * CHUNK)
         if N == 1:                                  # one row of x: unpack on the fly, in registers
-            _one_row(x[0], w, scale, b, y[0], O, lo, hi)
+            _one_row(x[0], w, scale, b, y[0], O, lo, hi, side_by_side)
         else:                                       # several rows: each weight row unpacked once
             _few_rows(x, w, scale, b, y, O, lo, hi)
 
@@ -212,7 +249,7 @@ def packed_matmul(x, packed, scale, bias, out=None):
     y = np.empty((N, O), np.float32) if out is None else out
     b = np.zeros(O, np.float32) if bias is None else bias
     work = N * O * K
-    _matmul(work, x, packed, scale if packed.dtype == np.int8 else None, b, y)
+    _matmul(work, x, packed, scale if packed.dtype == np.int8 else None, b, y, side_by_side())
     return y
 
 
