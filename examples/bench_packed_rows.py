@@ -1,0 +1,75 @@
+"""Which way a CPU streams packed weights faster (issue 25): the one-row-of-x product of npgpt.fast.quant
+(a decoded token's int8 or bf16 weights) with four weight rows side by side and with one row at a time
+(NPGPT_PACKED_ROWS=4 / 1), in GB/s of weights read, on weights already in cache (one matrix, repeated)
+and on weights streamed from memory (as many copies as fill --stream-mb, as decoding reads 48 matrices
+and the LM head a token). The two ways alternate round by round.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/bench_packed_rows.py
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/bench_packed_rows.py --shapes 50257x768 --rounds 4
+"""
+import argparse
+import time
+
+from npgpt.fast import settings
+
+settings.apply(inference=True)   # as `npgpt generate` runs
+import numpy as np  # noqa: E402
+
+from npgpt.fast import quant  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--shapes", nargs="+", default=["3072x768", "768x3072", "50257x768"],
+                help="OUTxIN weight shapes (GPT-2 124M: c_fc, c_proj, the LM head)")
+ap.add_argument("--kinds", nargs="+", default=["int8", "bf16"], choices=["int8", "bf16"])
+ap.add_argument("--stream-mb", type=float, default=200.0, help="weights a streamed pass reads")
+ap.add_argument("--rounds", type=int, default=2)
+args = ap.parse_args()
+
+
+def packed(kind, O, K, rng):
+    if kind == "int8":
+        return rng.integers(-127, 128, (O, K)).astype(np.int8), np.ones(O, np.float32)
+    return (rng.integers(0, 1 << 14, (O, K))).astype(np.uint16), None      # bf16 bits of modest floats
+
+
+def rate(ws, scale, x, b, y, passes):
+    """GB/s of weights read: the best of `passes` passes over the matrices ws."""
+    quant.packed_matmul(x, ws[0], scale, b, out=y)
+    best = float("inf")
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        for w in ws:
+            quant.packed_matmul(x, w, scale, b, out=y)
+        best = min(best, time.perf_counter() - t0)
+    return sum(w.nbytes for w in ws) / best / 1e9
+
+
+def main():
+    rng = np.random.default_rng(0)
+    print(f"CPU vendor {quant.cpu_vendor() or 'unknown'}; npgpt's choice: {quant.side_by_side()} row(s) at a time")
+    print("| weights | shape (out, in) | rows side by side | in cache, GB/s | from memory, GB/s |")
+    print("|---|---|---|---|---|")
+    for shape in args.shapes:
+        O, K = (int(v) for v in shape.split("x"))
+        for kind in args.kinds:
+            w, scale = packed(kind, O, K, rng)
+            copies = [w] + [w.copy() for _ in range(max(0, int(args.stream_mb * 1e6 // w.nbytes) - 1))]
+            x = rng.standard_normal((1, K)).astype(np.float32)
+            b = np.zeros(O, np.float32)
+            y = np.empty((1, O), np.float32)
+            res = {4: [], 1: []}
+            for r in range(args.rounds):
+                for rows in ((4, 1) if r % 2 == 0 else (1, 4)):
+                    quant._SIDE_BY_SIDE = rows
+                    cached = rate([w] * max(1, len(copies)), scale, x, b, y, 3) if w.nbytes < 8e6 else float("nan")
+                    res[rows].append((cached, rate(copies, scale, x, b, y, 3)))
+            for rows in (4, 1):
+                cached = max(c for c, _ in res[rows])
+                streamed = max(s for _, s in res[rows])
+                cached_s = "(too big)" if np.isnan(cached) else f"{cached:.1f}"
+                print(f"| {kind} | ({O}, {K}) | {rows} | {cached_s} | {streamed:.1f} |")
+    quant._SIDE_BY_SIDE = None
+
+
+if __name__ == "__main__":
+    main()
