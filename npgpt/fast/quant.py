@@ -30,13 +30,16 @@ CHUNK = 16          # output channels per parallel task (four float32 rows of bu
 AHEAD = 8           # a task asks for the weight rows this many rows ahead of those it reads (prefetch_row)
 
 
+_SIDE_BY_SIDE = None    # side_by_side()'s answer, found on first use
+
+
 def side_by_side() -> int:
     """How many weight rows a product with one row of x (a decoded token) streams at once: 4 (each x[k]
     loaded once for four multiply-adds) or 1 (one row after another). Which is faster depends on the
     CPU's prefetchers, measured (docs/performance.md, "Decode against llama.cpp"): on an Intel Xeon
     (Sapphire Rapids) four rows read bf16 weights at 25 GB/s against 18 and int8 at 22 against 16 (2
-    cores); on an AMD EPYC (Zen 4) one row at a time read GPT-2's int8 LM head at 21-25 GB/s against
-    11-12, and bf16 at 23-24 against 16-18. So 1 on AMD CPUs, 4 on others; the environment variable
+    cores); on an AMD EPYC (Zen 4) one row at a time read GPT-2's int8 LM head from memory at 21-30 GB/s
+    against 11-13, and bf16 at 23-29 against 16-17 (examples/bench_packed_rows.py). So 1 on AMD CPUs, 4 on others; the environment variable
     NPGPT_PACKED_ROWS (1 or 4) decides instead. The sums are the same either way up to float32 rounding."""
     global _SIDE_BY_SIDE
     if _SIDE_BY_SIDE is None:
@@ -45,9 +48,6 @@ def side_by_side() -> int:
             raise ValueError(f"NPGPT_PACKED_ROWS must be 1 or 4, got {value!r}")
         _SIDE_BY_SIDE = int(value) if value else (1 if cpu_vendor() == "AuthenticAMD" else 4)
     return _SIDE_BY_SIDE
-
-
-_SIDE_BY_SIDE = None
 
 
 def cpu_vendor() -> str:
