@@ -40,7 +40,8 @@ def side_by_side() -> int:
     (Sapphire Rapids) four rows read bf16 weights at 25 GB/s against 18 and int8 at 22 against 16 (2
     cores); on an AMD EPYC (Zen 4) one row at a time read GPT-2's int8 LM head from memory at 21-30 GB/s
     against 11-13, and bf16 at 23-29 against 16-17 (examples/bench_packed_rows.py). So 1 on AMD CPUs,
-    4 on others; the environment variable NPGPT_PACKED_ROWS (1 or 4) decides instead. The sums are the same either way up to float32 rounding."""
+    4 on others; the environment variable NPGPT_PACKED_ROWS (1 or 4) decides instead. The sums are the
+    same either way up to float32 rounding."""
     global _SIDE_BY_SIDE
     if _SIDE_BY_SIDE is None:
         value = os.environ.get("NPGPT_PACKED_ROWS", "").strip()
