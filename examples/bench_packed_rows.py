@@ -46,7 +46,7 @@ def rate(ws, scale, x, b, y, passes):
 
 def main():
     rng = np.random.default_rng(0)
-    print(f"CPU vendor {quant.cpu_vendor() or 'unknown'}; npgpt's choice: {quant.side_by_side()} row(s) at a time")
+    print(f"CPU vendor {settings.cpu_vendor() or 'unknown'}; npgpt's choice: {quant.side_by_side()} row(s) at a time")
     print("| weights | shape (out, in) | rows side by side | in cache, GB/s | from memory, GB/s |")
     print("|---|---|---|---|---|")
     for shape in args.shapes:

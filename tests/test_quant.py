@@ -62,21 +62,25 @@ def test_packed_matmul_matches_numpy(kind, N, side_by_side, parallel, monkeypatc
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_rows_side_by_side_setting(monkeypatch):
-    """NPGPT_PACKED_ROWS decides (1 or 4; anything else is one error naming it); unset, AMD CPUs stream
-    one weight row at a time and the others four."""
+def test_packed_rows_side_by_side_setting(monkeypatch, capsys):
+    """NPGPT_PACKED_ROWS decides (1 or 4); unset, AMD CPUs stream one weight row at a time and the others
+    four; anything else is one line from the CLI naming the variable."""
+    from npgpt.cli import main
     from npgpt.fast import quant as fast_quant
+    from npgpt.fast import settings
     for value, vendor, want in (("1", "GenuineIntel", 1), ("4", "AuthenticAMD", 4), ("", "AuthenticAMD", 1),
                                 ("", "GenuineIntel", 4), ("", "", 4)):
         monkeypatch.setattr(fast_quant, "_SIDE_BY_SIDE", None)
         monkeypatch.setenv("NPGPT_PACKED_ROWS", value)
-        monkeypatch.setattr(fast_quant, "cpu_vendor", lambda vendor=vendor: vendor)
+        monkeypatch.setattr(settings, "cpu_vendor", lambda vendor=vendor: vendor)
         assert fast_quant.side_by_side() == want
     monkeypatch.setattr(fast_quant, "_SIDE_BY_SIDE", None)
     monkeypatch.setenv("NPGPT_PACKED_ROWS", "2")
     with pytest.raises(ValueError, match="NPGPT_PACKED_ROWS must be 1 or 4, got '2'"):
         fast_quant.side_by_side()
-    monkeypatch.setattr(fast_quant, "_SIDE_BY_SIDE", None)
+    assert main(["info", "gpt2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["npgpt info: error: the environment variable NPGPT_PACKED_ROWS must be 1 or 4, got '2'"]
 
 
 @pytest.mark.parametrize("N", [1, 2, 3, 8, 9])          # BLAS, the row kernel (2..8 rows), BLAS again

@@ -122,8 +122,10 @@ def _main_mpi(args) -> int:
 def _main(args, raise_user_errors: bool = False) -> int:
     try:
         from .. import fast
+        from ..fast import settings
         try:
             fast.get_backend()            # a bad NPGPT_KERNELS is a user error, reported up front
+            settings.packed_rows()        # and a bad NPGPT_PACKED_ROWS
         except ValueError as e:
             raise CLIError(str(e)) from None
         return quiet_on_broken_pipe(args.func, args)

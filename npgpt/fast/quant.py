@@ -17,13 +17,12 @@ where reading the weights from DRAM is the cost and packed weights read 2x / 4x 
 for many rows (a long prompt) `dequantize_rows` unpacks a block of output channels into a
 float32 scratch and BLAS does the product (see npgpt/inference/quant.py).
 """
-import os
-
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
 from ._jit import JIT_OPTIONS, REDUCTION_MATH, pjit
+from . import settings
 from ._math import bits_to_float32, prefetch_row
 
 CHUNK = 16          # output channels per parallel task (four float32 rows of buffer for several rows of x)
@@ -44,23 +43,8 @@ def side_by_side() -> int:
     same either way up to float32 rounding."""
     global _SIDE_BY_SIDE
     if _SIDE_BY_SIDE is None:
-        value = os.environ.get("NPGPT_PACKED_ROWS", "").strip()
-        if value not in ("", "1", "4"):
-            raise ValueError(f"NPGPT_PACKED_ROWS must be 1 or 4, got {value!r}")
-        _SIDE_BY_SIDE = int(value) if value else (1 if cpu_vendor() == "AuthenticAMD" else 4)
+        _SIDE_BY_SIDE = settings.packed_rows()
     return _SIDE_BY_SIDE
-
-
-def cpu_vendor() -> str:
-    """The CPU's vendor id on Linux ("GenuineIntel", "AuthenticAMD", ...), or "" where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def unpack_row(w, o, row):

@@ -9,6 +9,8 @@
                                cores and a 2-core train step runs ~4x slower)
     set_threads(n, local_ranks) BLAS and Numba threads of this process (npgpt.distributed.init calls it
                                for an MPI rank, or for --threads)
+    packed_rows()              NPGPT_PACKED_ROWS, or by the CPU's vendor: how decoding's packed products
+                               stream their weight rows (npgpt/fast/quant.py, side_by_side)
 
 Library users call apply() themselves, first thing, if they want the same.
 
@@ -95,6 +97,28 @@ def quiet_kernel_threads() -> None:
     """OMP_WAIT_POLICY=PASSIVE unless set: idle OpenMP threads sleep instead of spinning on the cores the
     next GEMM needs. libgomp reads it when Numba first loads it (the first parallel launch)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def packed_rows() -> int:
+    """How many packed weight rows a one-row product (decoding's int8/bf16 weights) streams side by side:
+    NPGPT_PACKED_ROWS (1 or 4) if set, else 1 on AMD CPUs and 4 on the others, the faster way on each as
+    measured (npgpt/fast/quant.py, side_by_side). A bad value is a ValueError naming the variable."""
+    value = os.environ.get("NPGPT_PACKED_ROWS", "").strip()
+    if value not in ("", "1", "4"):
+        raise ValueError(f"the environment variable NPGPT_PACKED_ROWS must be 1 or 4, got {value!r}")
+    return int(value) if value else (1 if cpu_vendor() == "AuthenticAMD" else 4)
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id on Linux ("GenuineIntel", "AuthenticAMD", ...), or "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def cores() -> int:
