@@ -54,7 +54,7 @@ def main():
     def adamw():
         fast.adamw_update(p, g, m, v, 1e-4, 0.9, 0.95, 1e-8, 0.1, 0.1, 0.05, 1.0)
 
-    print(f"{n} float32 elements; numba threading layer after the first launch below")
+    print(f"{n} float32 elements")
     res = {}
     for r in range(args.rounds):
         for th in ((1, args.threads) if r % 2 == 0 else (args.threads, 1)):

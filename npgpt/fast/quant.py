@@ -21,8 +21,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from ._jit import JIT_OPTIONS, REDUCTION_MATH, pjit
 from . import settings
+from ._jit import JIT_OPTIONS, REDUCTION_MATH, pjit
 from ._math import bits_to_float32, prefetch_row
 
 CHUNK = 16          # output channels per parallel task (four float32 rows of buffer for several rows of x)
