@@ -25,7 +25,10 @@
 3. Quality (--quality): the next-token logits after every position of a 64-token text, npgpt's 8/16-bit
    weights against its float32, and llama.cpp's q8_0 / f16 against its f32 (logits_all): the relative
    error ||l - l_ref|| / ||l_ref|| over all positions. With --trained DIR --text FILE, a trained model's
-   perplexity in each precision in both engines, on the same windows of the text's last tenth.
+   perplexity in each precision in both engines, on the same windows of the text's last tenth. npgpt is
+   scored both ways it computes: a whole window at once (a prompt's path: its int8 products keep float32
+   activations) and one token at a time through the KV cache (decoding's path: int8 products quantize
+   the activations in blocks of 32, as llama.cpp's q8_0 products always do).
 """
 from __future__ import annotations
 
@@ -127,11 +130,17 @@ import numpy as np, npgpt
 path, mode, weights, prompt, new, reps = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 model = npgpt.load_model(path, weights=weights)
 ids = np.array(prompt if isinstance(prompt[0], list) else [prompt])    # (B, T)
-if mode == "logits":
-    print(json.dumps({"logits": model.forward(ids)[0].astype(np.float32).tolist()})); sys.exit()
-if mode == "nll":          # ids: windows of token ids; mean NLL of every token after the first of each
+def logits_of(w):          # (T, V): the whole window at once (a prompt's path), or "-decode": one token
+    if not mode.endswith("-decode"):       # at a time through the KV cache (decoding's path)
+        return model.forward(w[None])[0]
+    from npgpt.inference.kvcache import KVCache
+    cache = KVCache.for_model(model, 1)
+    return np.concatenate([model.forward_cached(np.array([[t]]), cache)[0] for t in w])
+if mode.startswith("logits"):
+    print(json.dumps({"logits": logits_of(ids[0]).astype(np.float32).tolist()})); sys.exit()
+if mode.startswith("nll"):  # ids: windows of token ids; mean NLL of every token after the first of each
     from npgpt.eval.score import token_nll         # npgpt eval's own scoring
-    nll = [token_nll(np.ascontiguousarray(model.forward(w[None])[0, :-1]), w[1:])[0] for w in ids]
+    nll = [token_nll(np.ascontiguousarray(logits_of(w)[:-1]), w[1:])[0] for w in ids]
     print(json.dumps({"nll": float(np.concatenate(nll).mean()), "tokens": sum(map(len, nll))})); sys.exit()
 npgpt.generate(model, ids, new)
 times = []
@@ -253,12 +262,14 @@ def main():
             ref_l = np.array(llama_run("f32", "logits", text)["logits"])
             print(f"\nlogits of a 64-token text; npgpt fp32 against llama.cpp f32: relative difference "
                   f"{np.linalg.norm(ref_n - ref_l) / np.linalg.norm(ref_l):.2e}")
-            print("| precision | npgpt, against its fp32 | llama.cpp, against its f32 |")
-            print("|---|---|---|")
+            print("| precision | npgpt, whole text at once, against its fp32 | npgpt, one token at a time (decoding's "
+                  "path) | llama.cpp, against its f32 |")
+            print("|---|---|---|---|")
             for n, g in pairs[1:] if pairs[0][0] == "fp32" else pairs:
                 en = np.linalg.norm(np.array(npgpt_run(n, "logits", text)["logits"]) - ref_n) / np.linalg.norm(ref_n)
+                ed = np.linalg.norm(np.array(npgpt_run(n, "logits-decode", text)["logits"]) - ref_n) / np.linalg.norm(ref_n)
                 el = np.linalg.norm(np.array(llama_run(g, "logits", text)["logits"]) - ref_l) / np.linalg.norm(ref_l)
-                print(f"| {n} / {g} | {en:.2e} | {el:.2e} |")
+                print(f"| {n} / {g} | {en:.2e} | {ed:.2e} | {el:.2e} |")
         if a.trained:
             perplexities(a, d, env)
 
@@ -279,15 +290,18 @@ def perplexities(a, d, env):
     ggufs = {g: convert(a.llama_python, a.llama_cpp, a.trained, g, d) for _, g in PAIRS}
     print(f"\nperplexity of {a.trained} on the last tenth of {a.text}: {len(windows)} windows of {T} tokens, "
           f"{len(windows) * (T - 1)} tokens scored")
-    print("| precision | npgpt | change | llama.cpp | change |")
-    print("|---|---|---|---|---|")
+    print("| precision | npgpt, windows at once | change | npgpt, one token at a time (decoding's path) | change "
+          "| llama.cpp | change |")
+    print("|---|---|---|---|---|---|---|")
     ref = {}
     for n, g in PAIRS:
-        pn = np.exp(run([sys.executable, "-c", NPGPT_WORKER, a.trained, "nll", n, json.dumps(windows), "0", "0"], env)["nll"])
+        pn, pd = (np.exp(run([sys.executable, "-c", NPGPT_WORKER, a.trained, m, n, json.dumps(windows), "0", "0"],
+                             env)["nll"]) for m in ("nll", "nll-decode"))
         pl = np.exp(run([a.llama_python, "-c", LLAMA_WORKER, ggufs[g], "nll", str(a.threads), json.dumps(windows), "0",
                          "0"], env)["nll"])
-        ref.setdefault("n", pn), ref.setdefault("l", pl)
-        print(f"| {n} / {g} | {pn:.4f} | {pn / ref['n'] - 1:+.3%} | {pl:.4f} | {pl / ref['l'] - 1:+.3%} |", flush=True)
+        ref.setdefault("n", pn), ref.setdefault("d", pd), ref.setdefault("l", pl)
+        print(f"| {n} / {g} | {pn:.4f} | {pn / ref['n'] - 1:+.3%} | {pd:.4f} | {pd / ref['d'] - 1:+.3%} | {pl:.4f} | "
+              f"{pl / ref['l'] - 1:+.3%} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -56,10 +56,110 @@ def test_packed_matmul_matches_numpy(kind, N, side_by_side, parallel, monkeypatc
     packed, scale = quant.pack(rng.standard_normal((O, K)).astype(np.float32), kind)
     x = rng.standard_normal((N, K)).astype(np.float32)
     b = rng.standard_normal(O).astype(np.float32)
-    ref = x @ quant.unpack(packed, scale).T + b                  # the NumPy lines the kernel mirrors
+    if kind == "int8":                                           # the NumPy lines the kernel mirrors
+        ref = quant.q8_product(x, packed, scale) + b
+    else:
+        ref = x @ quant.unpack(packed, scale).T + b
     y = packed_matmul(x, packed, scale, b)
     assert y.shape == (N, O) and y.dtype == np.float32
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_activations_in_blocks_of_32():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 75)).astype(np.float32)           # blocks 32, 32 and a last one of 11
+    x[0, 32:64] = 0.0                                             # an all-zero block
+    x[1, 5], x[1, 40], x[2, 70] = np.nan, np.inf, -np.inf
+    xq, d = quant.quantize_activations(x)
+    assert xq.dtype == np.int8 and xq.shape == (3, 75) and d.dtype == np.float32 and d.shape == (3, 3)
+    assert np.abs(xq).max() == 127 and xq.min() >= -127
+    # every finite block: the largest |x| maps to 127 and x within half a step of xq * d
+    blocks = [(0, 0), (0, 2), (1, 2), (2, 0), (2, 1)]
+    for n, b in blocks:
+        xb, qb = x[n, 32 * b:32 * b + 32], xq[n, 32 * b:32 * b + 32]
+        assert d[n, b] == np.abs(xb).max() / np.float32(127) and np.abs(qb).max() == 127
+        assert np.abs(qb * d[n, b] - xb).max() <= d[n, b] / 2 * (1 + 1e-6)
+    assert d[0, 1] == 0 and not xq[0, 32:64].any()
+    assert np.isnan(d[1, 0]) and d[1, 1] == np.inf and d[2, 2] == np.inf
+    assert not xq[1, :64].any() and not xq[2, 64:].any()        # non-finite blocks hold zeros, their d carries it
+    # the kernel quantizes with the same IEEE operations: the same bytes
+    from npgpt.fast.quant import quantize_q8
+    fq, fa, fd = quantize_q8(x)
+    np.testing.assert_array_equal(fq, xq)
+    np.testing.assert_array_equal(fa, np.abs(xq.astype(np.int16)).astype(np.uint8))
+    np.testing.assert_array_equal(fd, d)                          # NaN where d is NaN
+    # a NaN or an inf reaches the outputs of every channel as NaN, as in a float product
+    q, s = quant.to_int8(rng.standard_normal((5, 75)).astype(np.float32))
+    y = quant.q8_product(x, q, s)
+    assert np.isfinite(y[0]).all() and np.isnan(y[1:]).all()
+    from npgpt.fast.quant import packed_matmul
+    yk = packed_matmul(x, q, s, None)
+    assert np.isfinite(yk[0]).all() and np.isnan(yk[1:]).all()
+
+
+@pytest.mark.parametrize("K", [0 + 7, 32, 96, 160, 768 + 19])    # no whole block, one, three (odd), five, many + a tail
+def test_q8_dot_every_instruction_path(K):
+    """Each path this CPU runs (vpdpbusd, pmaddubsw, plain vectors) gives sum_b d[b] * isum[b] with exact
+    integer block sums, and all of them the same bits (the same float operations on the same integers)."""
+    from numba import njit
+    from npgpt.fast import _q8
+    from npgpt.fast.quant import _q8_row, quantize_q8
+    rng = np.random.default_rng(K)
+    O = 6
+    x = rng.standard_normal((1, K)).astype(np.float32) * np.float32(3.0)
+    q, s = quant.to_int8(rng.standard_normal((O, K)).astype(np.float32))
+    q[0] = 127                                                    # the largest products: no int16 saturation
+    q[1] = -127
+    x[0, :min(32, K - K % 32)] = 1.0                              # a block of xq = 127: pairs of 127 * 127
+    x[0, 32:min(64, K - K % 32)] = -1.0                           # and of -127 * -127 (row 1)
+    xq, xa, d = quantize_q8(x)
+    whole = K - K % 32
+    exact = np.array([sum(float(d[0, b]) * int(np.dot(xq[0, 32 * b:32 * b + 32].astype(np.int64),
+                                                      q[o, 32 * b:32 * b + 32].astype(np.int64)))
+                          for b in range(whole // 32)) for o in range(O)])
+    results = {}
+    for path in _q8.runnable():
+        dot = _q8.q8_dot_using(path)
+
+        @njit
+        def rows(xa, xq, d, q, dot=dot):
+            return np.array([dot(xa, xq, d, q, o) for o in range(q.shape[0])], np.float32)
+        results[path] = rows(xa[0], xq[0], d[0], q)
+        np.testing.assert_allclose(results[path], exact, rtol=1e-6, atol=1e-6 * max(1.0, np.abs(exact).max()))
+    assert "portable" in results and (_q8.instructions() in results)
+    for path, y in results.items():
+        np.testing.assert_array_equal(y, results["portable"], err_msg=path)
+    # the partial last block is added by _q8_row
+    full = np.array([_q8_row(xa[0], xq[0], d[0], q, o) for o in range(O)])
+    np.testing.assert_allclose(full, quant.q8_product(x, q, np.ones(O, np.float32))[0], rtol=1e-5, atol=1e-4)
+
+
+def test_q8_paths_follow_the_cpu_features():
+    from npgpt.fast import _q8
+    assert _q8.instructions({"avx2", "avx512f", "avx512vl", "avx512vnni"}) == "avx512-vnni"
+    assert _q8.instructions({"avx2", "avxvnni"}) == "avx-vnni"
+    assert _q8.instructions({"avx2", "fma"}) == "avx2"
+    assert _q8.instructions({"neon"}) == "portable" and _q8.runnable(set()) == ["portable"]
+    with pytest.raises(ValueError, match="path must be one of"):
+        _q8.q8_dot_using("sse9")
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_int8_rows_independent_of_the_batch(parallel, monkeypatch):
+    """Each row of an int8 product is computed from that row alone by the same operations: bit-equal
+    whatever rows share the call and whichever build (serial or parallel) runs it."""
+    from npgpt.fast import _jit
+    from npgpt.fast.quant import packed_matmul
+    rng = np.random.default_rng(9)
+    O, K = 70, 200
+    q, s = quant.to_int8(rng.standard_normal((O, K)).astype(np.float32))
+    b = rng.standard_normal(O).astype(np.float32)
+    x = rng.standard_normal((7, K)).astype(np.float32)
+    alone = np.concatenate([packed_matmul(x[i:i + 1], q, s, b) for i in range(7)])
+    if parallel:
+        monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 0)
+    np.testing.assert_array_equal(packed_matmul(x, q, s, b), alone)
+    np.testing.assert_array_equal(packed_matmul(x[::-1].copy(), q, s, b), alone[::-1])
 
 
 def test_packed_rows_side_by_side_setting(monkeypatch, capsys):
@@ -136,7 +236,27 @@ def test_quantized_model_close_to_float32(kind, backend):
     for t in range(20, 25):
         lq, lr = model.forward_cached(idx[:, t:t + 1], cache), ref_model.forward_cached(idx[:, t:t + 1], rcache)
         assert _rel(lq, lr) < tol
-    np.testing.assert_allclose(lq, out[:, 24], rtol=1e-4, atol=1e-4)
+    if kind == "bf16":
+        np.testing.assert_allclose(lq, out[:, 24], rtol=1e-4, atol=1e-4)
+    else:       # decoding's int8 products quantize the activations; the 60-row forward above does not
+        assert _rel(lq, out[:, 24]) < 0.01
+
+
+def test_int8_decoding_equals_the_numpy_lines_token_for_token():
+    """KV-cached int8 decoding (quantized activations, the kernels) against the readable NumPy path."""
+    from npgpt import fast
+    cfg = npgpt.GPTConfig(**CFG)
+    model = quant.quantize(npgpt.GPT(cfg, seed=3), "int8")
+    idx = np.random.default_rng(5).integers(0, cfg.n_vocab, (2, 9))
+    logits = {}
+    for backend in ("numba", "numpy"):
+        with fast.use_backend(backend):
+            cache = KVCache.for_model(model, 2)
+            steps = [model.forward_cached(idx[:, :5], cache)[:, -1]]
+            for t in range(5, 9):
+                steps.append(model.forward_cached(idx[:, t:t + 1], cache)[:, -1])
+            logits[backend] = np.stack(steps)
+    np.testing.assert_allclose(logits["numba"], logits["numpy"], rtol=1e-4, atol=1e-4)
 
 
 def test_weight_bytes_shrink():

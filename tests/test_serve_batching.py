@@ -68,7 +68,9 @@ def test_out_in_matmul_rows_are_independent_of_the_batch(threads, kind):
     packed, scale = (w, None) if kind == "float" else pack(w, kind)
     dense = w if kind == "float" else unpack(packed, scale)
     y = kernels.out_in_matmul(x, packed, scale, b)
-    np.testing.assert_allclose(y, x @ dense.T + b, rtol=1e-5, atol=1e-5)
+    from npgpt.inference.quant import q8_product          # int8: x quantized in blocks, as decoding does
+    ref = q8_product(x, packed, scale) + b if kind == "int8" else x @ dense.T + b
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(y, rows_alone(lambda r: kernels.out_in_matmul(r, packed, scale, b), x))
     np.testing.assert_array_equal(kernels.out_in_matmul(x[::-1], packed, scale, b), y[::-1])
 

@@ -18,6 +18,17 @@ Products with few rows (decoding, N <= PACKED_MAX_ROWS) run the Numba kernels of
 npgpt/fast/quant.py straight from the packed weights; with more rows (a long prompt) a block
 of output channels at a time is unpacked into a float32 scratch and multiplied by BLAS.
 
+With int8 weights those few rows are quantized too, as llama.cpp does for its q8_0 weights, so
+that a product is a sum of exact integer dot products on the CPU's own instructions (VNNI's
+vpdpbusd where there is one): each row of x in blocks of 32 along K, each block its own scale,
+
+    d[b]  = max_k |x[block b]| / 127                   (float32)
+    xq[k] = round(x[k] / d[b])  in [-127, 127]          (int8)
+    y[o]  = scale[o] * sum_b d[b] * (xq[block b] . q[o, block b]) + bias[o]
+
+(`quantize_activations`, `q8_product`). Longer inputs (a prompt's prefill) keep float32
+activations against the unpacked weights.
+
 Their files (npgpt.save_model of a quantized model, npgpt.load_model of its directory, with no
 copy) are npgpt/io/quantized.py's.
 """
@@ -80,6 +91,42 @@ def unpack(packed, scale=None) -> np.ndarray:
     return packed.astype(np.float32) * scale[:, None]
 
 
+Q8_BLOCK = 32                    # activations of int8 products quantized in blocks of this many along K
+
+
+def quantize_activations(x) -> tuple:
+    """x (N, K) float32 -> (xq (N, K) int8, d (N, ceil(K/32)) float32), blocks of 32 along K (the last
+    may be shorter): d = max|x| / 127 over the block, xq = round(x / d) ties to even (0 where d is 0
+    or not finite). A block holding NaN gets d = NaN, one holding inf d = inf."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    N, K = x.shape
+    nb = -(-K // Q8_BLOCK)
+    blocks = np.zeros((N, nb * Q8_BLOCK), np.float32)
+    blocks[:, :K] = x
+    blocks = blocks.reshape(N, nb, Q8_BLOCK)                                     # (N, nb, 32)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        d = np.abs(blocks).max(axis=-1) / np.float32(127.0)                      # (N, nb), NaN propagates
+        ok = (d > 0) & np.isfinite(d)
+        inv = np.where(ok, np.float32(1.0) / np.where(ok, d, np.float32(1.0)), np.float32(0.0)).astype(np.float32)
+        xq = np.rint(blocks * inv[..., None])
+    xq = np.where(np.isfinite(xq), xq, 0).astype(np.int8).reshape(N, -1)[:, :K]
+    return xq, d.astype(np.float32)
+
+
+def q8_product(x, q, scale) -> np.ndarray:
+    """y (N, out) = scale[o] * sum_b d[n, b] * (xq[n, block b] . q[o, block b]): x (N, K) quantized
+    by quantize_activations, against int8 q (out, K) with per-row scale (out,)."""
+    xq, d = quantize_activations(x)
+    N, K = xq.shape
+    O, nb = q.shape[0], d.shape[1]
+    pad = nb * Q8_BLOCK - K
+    xb = np.pad(xq, ((0, 0), (0, pad))).astype(np.float32).reshape(N, nb, Q8_BLOCK).transpose(1, 0, 2)
+    qb = np.pad(q, ((0, 0), (0, pad))).astype(np.float32).reshape(O, nb, Q8_BLOCK).transpose(1, 2, 0)
+    isum = np.matmul(xb, qb)            # (nb, N, O): integers of at most 32 * 127 * 127 < 2^24, exact in float32
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.einsum("nb,bno->no", d, isum).astype(np.float32) * scale
+
+
 def kind_of(packed) -> str:
     return "bf16" if packed.dtype == np.uint16 else "int8"
 
@@ -100,7 +147,10 @@ def packed_linear(x2, packed, scale, bias):
     N, K = x2.shape
     O = packed.shape[0]
     if not fast.use_numba():
-        y = np.asarray(x2, np.float32) @ unpack(packed, scale).T
+        if packed.dtype == np.int8 and N <= PACKED_MAX_ROWS:
+            y = q8_product(x2, packed, scale)
+        else:
+            y = np.asarray(x2, np.float32) @ unpack(packed, scale).T
         return y + bias if bias is not None else y
     from ..fast.quant import dequantize_rows, packed_matmul
     if N <= PACKED_MAX_ROWS:

@@ -17,7 +17,10 @@ the layer's shape:
     out_in_matmul    y[a, o] = s[o] * (x[a] . w[o]) + b[o], w (out, in): float rows (the tied LM head),
                      bf16 bits or int8 with per-row scales s (QuantLinear). Each weight row is unpacked
                      once, then every x[a] takes its dot product with it through the one compiled `_dot`,
-                     whose sum is reassociated into SIMD lanes in an order fixed by K alone.
+                     whose sum is reassociated into SIMD lanes in an order fixed by K alone. int8 rows
+                     run decoding's own kernel (npgpt/fast/quant.py): each x[a] quantized in blocks of
+                     32, exact integer block sums, per-block scaling in a fixed order, so each row is
+                     already the same operations whatever the batch, and equal to `npgpt generate`'s.
     attend_rows      per (row, head): softmax(q . k_t / sqrt(hs)) over that row's own L keys, then the
                      weighted sum of its values, t = 0 .. L-1 in order: the sums depend on L alone,
                      never on the longest row of the step (as a padded, masked batch's would).
@@ -26,7 +29,8 @@ Each kernel is one parallel build (no serial/parallel switch by size), split ove
 or (row, head) pairs, never inside a sum. NumPy they mirror, for one row a:
 
     y[a] = x[a] @ w + b                     # in_out_matmul
-    y[a] = (x[a] @ w.T) * s + b             # out_in_matmul, w unpacked
+    y[a] = (x[a] @ w.T) * s + b             # out_in_matmul, w unpacked (bf16)
+    y[a] = q8_product(x[a], w, s) + b       # out_in_matmul, int8 (npgpt/inference/quant.py)
     p = softmax(q[a, h] @ K[r, h, :L].T * scale); out[a, h] = p @ V[r, h, :L]    # attend_rows
 """
 import numpy as np
@@ -34,7 +38,7 @@ from numba import get_num_threads, njit, prange
 
 from ..fast._jit import JIT_OPTIONS, REDUCTION_MATH
 from ..fast._math import exp, prefetch_row
-from ..fast.quant import AHEAD, unpack_row
+from ..fast.quant import AHEAD, packed_matmul, unpack_row
 
 LANES = 16          # in_out_matmul's column ranges start at multiples of this (whole SIMD vectors)
 CHUNK = 16          # output rows a task of out_in_matmul takes (one unpacked weight row at a time)
@@ -88,7 +92,7 @@ def _out_in_float(x, w, b, y):
 
 @njit(parallel=True, fastmath=REDUCTION_MATH, **JIT_OPTIONS)
 def _out_in_packed(x, w, scale, b, y):
-    # y[a, o] = scale[o] * (x[a] . f32(w[o])) + b[o]; w bf16 bits (scale 1) or int8
+    # y[a, o] = scale[o] * (x[a] . f32(w[o])) + b[o]; w bf16 bits (scale 1)
     A, K = x.shape
     O = w.shape[0]
     for c in prange((O + CHUNK - 1) // CHUNK):
@@ -146,7 +150,9 @@ def out_in_matmul(x, w, scale=None, b=None):
     x = np.ascontiguousarray(x, dtype=dtype)
     y = np.empty((x.shape[0], w.shape[0]), dtype=dtype)
     b = np.zeros(w.shape[0], dtype) if b is None else b
-    if w.dtype in (np.uint16, np.int8):
+    if w.dtype == np.int8:
+        packed_matmul(x, w, scale, b, out=y)
+    elif w.dtype == np.uint16:
         _out_in_packed(x, w, np.ones(w.shape[0], np.float32) if scale is None else scale, b, y)
     else:
         _out_in_float(x, w, b, y)
