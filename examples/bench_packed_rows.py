@@ -1,8 +1,9 @@
 """Which way a CPU streams packed weights faster (issue 25): the one-row-of-x product of npgpt.fast.quant
-(a decoded token's int8 or bf16 weights) with four weight rows side by side and with one row at a time
-(NPGPT_PACKED_ROWS=4 / 1), in GB/s of weights read, on weights already in cache (one matrix, repeated)
-and on weights streamed from memory (as many copies as fill --stream-mb, as decoding reads 48 matrices
-and the LM head a token). The two ways alternate round by round.
+(a decoded token's int8 or bf16 weights) with four weight rows side by side or one row at a time
+(NPGPT_PACKED_ROWS=4 / 1; int8's product always takes one), each with and without asking for the rows
+8 ahead (NPGPT_PREFETCH_ROWS=8 / 0), in GB/s of weights read, on weights already in cache (one matrix,
+repeated) and on weights streamed from memory (as many copies as fill --stream-mb, as decoding reads
+48 matrices and the LM head a token). The ways take turns, in a rotated order each round.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/bench_packed_rows.py
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/bench_packed_rows.py --shapes 50257x768 --rounds 4
@@ -46,9 +47,10 @@ def rate(ws, scale, x, b, y, passes):
 
 def main():
     rng = np.random.default_rng(0)
-    print(f"CPU vendor {settings.cpu_vendor() or 'unknown'}; npgpt's choice: {quant.side_by_side()} row(s) at a time")
-    print("| weights | shape (out, in) | rows side by side | in cache, GB/s | from memory, GB/s |")
-    print("|---|---|---|---|---|")
+    print(f"CPU vendor {settings.cpu_vendor() or 'unknown'}; npgpt's choice: {quant.side_by_side()} row(s) at a time, "
+          f"prefetch (rows ahead) for 768-byte / 1536-byte rows: {settings.prefetch_rows(768)} / {settings.prefetch_rows(1536)}")
+    print("| weights | shape (out, in) | rows side by side | prefetch, rows ahead | in cache, GB/s | from memory, GB/s |")
+    print("|---|---|---|---|---|---|")
     for shape in args.shapes:
         O, K = (int(v) for v in shape.split("x"))
         for kind in args.kinds:
@@ -57,18 +59,19 @@ def main():
             x = rng.standard_normal((1, K)).astype(np.float32)
             b = np.zeros(O, np.float32)
             y = np.empty((1, O), np.float32)
-            res = {4: [], 1: []}
+            ways = [(4, 8), (4, 0), (1, 8), (1, 0)] if kind == "bf16" else [(1, 8), (1, 0)]
+            res = {way: [] for way in ways}
             for r in range(args.rounds):
-                for rows in ((4, 1) if r % 2 == 0 else (1, 4)):
-                    quant._SIDE_BY_SIDE = rows
+                for way in ways[r % len(ways):] + ways[:r % len(ways)]:
+                    quant._SIDE_BY_SIDE, quant._AHEAD = way
                     cached = rate([w] * max(1, len(copies)), scale, x, b, y, 3) if w.nbytes < 8e6 else float("nan")
-                    res[rows].append((cached, rate(copies, scale, x, b, y, 3)))
-            for rows in (4, 1):
-                cached = max(c for c, _ in res[rows])
-                streamed = max(s for _, s in res[rows])
+                    res[way].append((cached, rate(copies, scale, x, b, y, 3)))
+            for rows, ahead in ways:
+                cached = max(c for c, _ in res[rows, ahead])
+                streamed = max(s for _, s in res[rows, ahead])
                 cached_s = "(too big)" if np.isnan(cached) else f"{cached:.1f}"
-                print(f"| {kind} | ({O}, {K}) | {rows} | {cached_s} | {streamed:.1f} |")
-    quant._SIDE_BY_SIDE = None
+                print(f"| {kind} | ({O}, {K}) | {rows} | {ahead} | {cached_s} | {streamed:.1f} |")
+    quant._SIDE_BY_SIDE = quant._AHEAD = None         # back to the CPU's choice
 
 
 if __name__ == "__main__":

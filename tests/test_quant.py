@@ -41,16 +41,18 @@ def test_int8_symmetric_per_output_channel():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("N, side_by_side", [(1, 4), (1, 1), (3, 4), (4, 4), (9, 4)])   # one row (both ways of
-# streaming the weight rows); fewer than, exactly, and more than a block of four rows of x
+@pytest.mark.parametrize("N, side_by_side, ahead", [(1, 4, 8), (1, 1, 0), (1, 1, 3), (3, 4, 0), (4, 4, 8), (9, 4, 2)])
+# one row (both ways of streaming the weight rows, with and without the prefetch); fewer than, exactly,
+# and more than a block of four rows of x
 @pytest.mark.parametrize("parallel", [False, True])
-def test_packed_matmul_matches_numpy(kind, N, side_by_side, parallel, monkeypatch):
+def test_packed_matmul_matches_numpy(kind, N, side_by_side, ahead, parallel, monkeypatch):
     from npgpt.fast import _jit
     from npgpt.fast import quant as fast_quant
     from npgpt.fast.quant import packed_matmul
     if parallel:
         monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 0)
     monkeypatch.setattr(fast_quant, "_SIDE_BY_SIDE", side_by_side)
+    monkeypatch.setattr(fast_quant, "_AHEAD", ahead)
     rng = np.random.default_rng(N)
     O, K = 37, 53                                                # odd shapes, O not a multiple of the chunk
     packed, scale = quant.pack(rng.standard_normal((O, K)).astype(np.float32), kind)
@@ -181,6 +183,32 @@ def test_packed_rows_side_by_side_setting(monkeypatch, capsys):
     assert main(["info", "gpt2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["npgpt info: error: the environment variable NPGPT_PACKED_ROWS must be 1 or 4, got '2'"]
+
+
+def test_prefetch_rows_setting(monkeypatch, capsys):
+    """NPGPT_PREFETCH_ROWS decides (0 to 64); unset, Intel and other CPUs ask 8 rows ahead, AMD CPUs 4 rows
+    ahead for rows of up to 1 KB and none for longer ones; anything else is one line from the CLI naming
+    the variable."""
+    from npgpt.cli import main
+    from npgpt.fast import quant as fast_quant
+    from npgpt.fast import settings
+    int8_768, bf16_768 = np.zeros((2, 768), np.int8), np.zeros((2, 768), np.uint16)
+    for value, vendor, w, want in (("0", "GenuineIntel", int8_768, 0), ("16", "AuthenticAMD", bf16_768, 16),
+                                   ("", "AuthenticAMD", int8_768, 4), ("", "AuthenticAMD", bf16_768, 0),
+                                   ("", "GenuineIntel", bf16_768, 8), ("", "", int8_768, 8)):
+        monkeypatch.setattr(fast_quant, "_AHEAD_BY_ROW", {})
+        monkeypatch.setenv("NPGPT_PREFETCH_ROWS", value)
+        monkeypatch.setattr(settings, "cpu_vendor", lambda vendor=vendor: vendor)
+        assert fast_quant.prefetch_ahead(w) == want
+    monkeypatch.setattr(fast_quant, "_AHEAD_BY_ROW", {})
+    for bad in ("-1", "65", "eight"):
+        monkeypatch.setenv("NPGPT_PREFETCH_ROWS", bad)
+        with pytest.raises(ValueError, match="NPGPT_PREFETCH_ROWS must be a whole number from 0 to 64"):
+            fast_quant.prefetch_ahead(int8_768)
+    assert main(["info", "gpt2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["npgpt info: error: the environment variable NPGPT_PREFETCH_ROWS must be a whole number from 0 "
+                   "to 64, got 'eight'"]
 
 
 @pytest.mark.parametrize("N", [1, 2, 3, 8, 9])          # BLAS, the row kernel (2..8 rows), BLAS again

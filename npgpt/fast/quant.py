@@ -30,10 +30,11 @@ from ._math import bits_to_float32, prefetch_row
 from ._q8 import BLOCK, q8_dot
 
 CHUNK = 16          # output channels per parallel task (four float32 rows of buffer for several rows of x)
-AHEAD = 8           # a task asks for the weight rows this many rows ahead of those it reads (prefetch_row)
 
 
 _SIDE_BY_SIDE = None    # side_by_side()'s answer, found on first use
+_AHEAD = None           # prefetch_ahead()'s answer when set here (benchmarks, tests); else found per row size:
+_AHEAD_BY_ROW = {}
 
 
 def side_by_side() -> int:
@@ -49,6 +50,18 @@ def side_by_side() -> int:
     if _SIDE_BY_SIDE is None:
         _SIDE_BY_SIDE = settings.packed_rows()
     return _SIDE_BY_SIDE
+
+
+def prefetch_ahead(w) -> int:
+    """How many rows of weight w (out, in) ahead of the one it reads a product asks the CPU to start
+    loading (prefetch_row), 0 for none: settings.prefetch_rows for w's row size (where the figures are),
+    found once per row size. Passed to the kernels at run time."""
+    row_bytes = w.shape[1] * w.itemsize
+    if _AHEAD is not None:                      # set directly (benchmarks, tests)
+        return _AHEAD
+    if row_bytes not in _AHEAD_BY_ROW:
+        _AHEAD_BY_ROW[row_bytes] = settings.prefetch_rows(row_bytes)
+    return _AHEAD_BY_ROW[row_bytes]
 
 
 def unpack_row(w, o, row):
@@ -111,21 +124,22 @@ def _dot1(x, w, o):
 
 
 @njit(**JIT_OPTIONS)
-def _one_row(x, w, scale, b, y, O, lo, hi, side_by_side):
+def _one_row(x, w, scale, b, y, O, lo, hi, side_by_side, ahead):
     # y[o] = scale[o] * (x . w[o]) + b[o] for o in lo..hi-1 (scale None: 1): four rows at a time
-    # (side_by_side 4), then the rest (or all of them, side_by_side 1) one at a time
+    # (side_by_side 4), then the rest (or all of them, side_by_side 1) one at a time; the rows `ahead`
+    # rows on asked for (0: not)
     o = lo
     while side_by_side == 4 and o + 4 <= hi:
-        if o + AHEAD + 4 <= O:
+        if ahead and o + ahead + 4 <= O:
             for r in range(4):
-                prefetch_row(w, o + AHEAD + r)      # a hint: the rows to come start loading now
+                prefetch_row(w, o + ahead + r)      # a hint: the rows to come start loading now
         a = _dot4(x, w, o)
         for r in range(4):
             y[o + r] = (a[r] if scale is None else a[r] * scale[o + r]) + b[o + r]
         o += 4
     while o < hi:
-        if o + AHEAD < O:
-            prefetch_row(w, o + AHEAD)
+        if ahead and o + ahead < O:
+            prefetch_row(w, o + ahead)
         a = _dot1(x, w, o)
         y[o] = (a if scale is None else a * scale[o]) + b[o]
         o += 1
@@ -163,16 +177,16 @@ def _dot4x4(x, n, rows):
 
 
 @njit(**JIT_OPTIONS)
-def _few_rows(x, w, scale, b, y, O, lo, hi):
+def _few_rows(x, w, scale, b, y, O, lo, hi, ahead):
     # y[n, o] = scale[o] * (x[n] . w[o]) + b[o] for every row n of x and o in lo..hi-1 (scale None: 1):
     # four weight rows unpacked at a time, then taken against four rows of x at a time
     N, K = x.shape
     rows = np.empty((4, K), np.float32)
     o = lo
     while o + 4 <= hi:
-        if o + AHEAD + 4 <= O:
+        if ahead and o + ahead + 4 <= O:
             for r in range(4):
-                prefetch_row(w, o + AHEAD + r)
+                prefetch_row(w, o + ahead + r)
         for r in range(4):
             unpack_row(w, o + r, rows[r])
         n = 0
@@ -197,16 +211,16 @@ def _few_rows(x, w, scale, b, y, O, lo, hi):
 
 
 @pjit(reductions=True)
-def _matmul(x, w, scale, b, y, side_by_side):
+def _matmul(x, w, scale, b, y, side_by_side, ahead):
     # y[n, o] = scale[o] * sum_k x[n, k] * weight(w, o, k) + b[o]   (scale None: 1)
     N = x.shape[0]
     O = w.shape[0]
     for c in prange((O + CHUNK - 1) // CHUNK):
         lo, hi = c * CHUNK, min(O, (c + 1) * CHUNK)
         if N == 1:                                  # one row of x: unpack on the fly, in registers
-            _one_row(x[0], w, scale, b, y[0], O, lo, hi, side_by_side)
+            _one_row(x[0], w, scale, b, y[0], O, lo, hi, side_by_side, ahead)
         else:                                       # several rows: each weight row unpacked once
-            _few_rows(x, w, scale, b, y, O, lo, hi)
+            _few_rows(x, w, scale, b, y, O, lo, hi, ahead)
 
 
 @njit(**JIT_OPTIONS)                # no fastmath: the same IEEE operations as the NumPy lines
@@ -249,15 +263,15 @@ def _q8_row(xa, xq, d, q, o):
 
 
 @pjit                                # no fastmath: each y[n, o] the same operations whatever N and threads
-def _matmul_q8(xa, xq, d, q, scale, b, y):
+def _matmul_q8(xa, xq, d, q, scale, b, y, ahead):
     # y[n, o] = scale[o] * sum_b d[n, b] * (xq[n, block b] . q[o, block b]) + b[o]: each weight row
     # read once (from memory), then taken against every row of x (from L1)
     N = xq.shape[0]
     O = q.shape[0]
     for c in prange((O + CHUNK - 1) // CHUNK):
         for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
-            if o + AHEAD < O:
-                prefetch_row(q, o + AHEAD)
+            if ahead and o + ahead < O:
+                prefetch_row(q, o + ahead)
             for n in range(N):
                 y[n, o] = _q8_row(xa[n], xq[n], d[n], q, o) * scale[o] + b[o]
 
@@ -304,9 +318,9 @@ def packed_matmul(x, packed, scale, bias, out=None):
     work = N * O * K
     if packed.dtype == np.int8:
         xq, xa, d = quantize_q8(x)
-        _matmul_q8(work, xa, xq, d, packed, scale, b, y)
+        _matmul_q8(work, xa, xq, d, packed, scale, b, y, prefetch_ahead(packed))
     else:
-        _matmul(work, x, packed, None, b, y, side_by_side())
+        _matmul(work, x, packed, None, b, y, side_by_side(), prefetch_ahead(packed))
     return y
 
 

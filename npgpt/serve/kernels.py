@@ -38,7 +38,7 @@ from numba import get_num_threads, njit, prange
 
 from ..fast._jit import JIT_OPTIONS, REDUCTION_MATH
 from ..fast._math import exp, prefetch_row
-from ..fast.quant import AHEAD, packed_matmul, unpack_row
+from ..fast.quant import packed_matmul, prefetch_ahead, unpack_row
 
 LANES = 16          # in_out_matmul's column ranges start at multiples of this (whole SIMD vectors)
 CHUNK = 16          # output rows a task of out_in_matmul takes (one unpacked weight row at a time)
@@ -78,28 +78,28 @@ def _dot(x, w):
 
 
 @njit(parallel=True, fastmath=REDUCTION_MATH, **JIT_OPTIONS)
-def _out_in_float(x, w, b, y):
+def _out_in_float(x, w, b, y, ahead):
     # y[a, o] = x[a] . w[o] + b[o]
     A = x.shape[0]
     O = w.shape[0]
     for c in prange((O + CHUNK - 1) // CHUNK):
         for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
-            if o + AHEAD < O:
-                prefetch_row(w, o + AHEAD)          # a hint (no effect on any value): the row to come
+            if ahead and o + ahead < O:
+                prefetch_row(w, o + ahead)          # a hint (no effect on any value): the row to come
             for a in range(A):
                 y[a, o] = _dot(x[a], w[o]) + b[o]
 
 
 @njit(parallel=True, fastmath=REDUCTION_MATH, **JIT_OPTIONS)
-def _out_in_packed(x, w, scale, b, y):
+def _out_in_packed(x, w, scale, b, y, ahead):
     # y[a, o] = scale[o] * (x[a] . f32(w[o])) + b[o]; w bf16 bits (scale 1)
     A, K = x.shape
     O = w.shape[0]
     for c in prange((O + CHUNK - 1) // CHUNK):
         row = np.empty(K, np.float32)
         for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
-            if o + AHEAD < O:
-                prefetch_row(w, o + AHEAD)
+            if ahead and o + ahead < O:
+                prefetch_row(w, o + ahead)
             unpack_row(w, o, row)                   # the weight row once, for every row of x
             for a in range(A):
                 y[a, o] = _dot(x[a], row) * scale[o] + b[o]
@@ -153,9 +153,9 @@ def out_in_matmul(x, w, scale=None, b=None):
     if w.dtype == np.int8:
         packed_matmul(x, w, scale, b, out=y)
     elif w.dtype == np.uint16:
-        _out_in_packed(x, w, np.ones(w.shape[0], np.float32) if scale is None else scale, b, y)
+        _out_in_packed(x, w, np.ones(w.shape[0], np.float32) if scale is None else scale, b, y, prefetch_ahead(w))
     else:
-        _out_in_float(x, w, b, y)
+        _out_in_float(x, w, b, y, prefetch_ahead(w))
     return y
 
 
