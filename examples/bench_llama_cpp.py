@@ -27,8 +27,8 @@
    error ||l - l_ref|| / ||l_ref|| over all positions. With --trained DIR --text FILE, a trained model's
    perplexity in each precision in both engines, on the same windows of the text's last tenth. npgpt is
    scored both ways it computes: a whole window at once (a prompt's path: its int8 products keep float32
-   activations) and one token at a time through the KV cache (decoding's path: int8 products quantize
-   the activations in blocks of 32, as llama.cpp's q8_0 products always do).
+   activations) and one token at a time through the KV cache (decoding's path: int8 products round the
+   activations to 16 bits in blocks of 32; llama.cpp's q8_0 products round them to 8 bits always).
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def logits_of(w):          # (T, V): the whole window at once (a prompt's path),
         return model.forward(w[None])[0]
     from npgpt.inference.kvcache import KVCache
     cache = KVCache.for_model(model, 1)
-    return np.concatenate([model.forward_cached(np.array([[t]]), cache)[0] for t in w])
+    return np.stack([model.forward_cached(np.array([[t]]), cache, last_only=True)[0] for t in w])   # (T, V)
 if mode.startswith("logits"):
     print(json.dumps({"logits": logits_of(ids[0]).astype(np.float32).tolist()})); sys.exit()
 if mode.startswith("nll"):  # ids: windows of token ids; mean NLL of every token after the first of each

@@ -1,43 +1,42 @@
-"""The int8 x int8 dot product of decoding's int8 weights, written as LLVM IR so that it runs on the
-CPU's own integer dot-product instructions where it has them.
+"""The dot products of decoding's int8 weights with 16-bit integer activations, written as LLVM IR so
+that they run on the CPU's own integer dot-product instructions.
 
-Activations are quantized in blocks of 32 along K, each block with its own float32 scale (GGUF's
-Q8_0 layout, what llama.cpp multiplies its q8_0 weights by); the int8 weights keep their per-output-
-channel scale. For one row of x and one weight row o, the NumPy it mirrors
-(npgpt/inference/quant.py, `q8_product`):
+Activations are quantized in blocks of 32 along K, each block with its own float32 scale (the layout
+of GGUF's Q8_0, with 16-bit values: the activations' rounding error is 1/258 of 8-bit ones', far
+below the weights'); the int8 weights keep their per-output-channel scale. For one row of x and one
+weight row o, the NumPy it mirrors (npgpt/inference/quant.py, `q8_product`):
 
-    xq, d = quantize_activations(x)               # xq (K,) int8 in [-127, 127], d (K/32,) float32
-    isum[b] = xq[32b:32b+32] @ q[o, 32b:32b+32]   # exact integers, |isum| <= 32 * 127 * 127
+    x16, d = quantize_activations(x)               # x16 (K,) int16 in [-32767, 32767], d (K/32,) float32
+    isum[b] = x16[32b:32b+32] @ q[o, 32b:32b+32]   # integers, |isum| <= 32 * 32767 * 127
     y[o]    = scale[o] * sum_b d[b] * isum[b]
 
-`q8_dot(xa, xq, d, q, o)` returns sum_b d[b] * isum[b] over the whole blocks of K (the caller adds
-the last, partial block and applies scale[o]). A block's 32 products are summed into 8 int32 lanes,
-lane j holding the four products 4j..4j+3, in one of three ways, all exact:
+`q8_dot(x16, d, q, o)` returns sum_b d[b] * isum[b] over the whole blocks of K (the caller adds the
+last, partial block and applies scale[o]). A block's 32 products are summed into 8 int32 lanes, lane
+j holding the products 2j, 2j+1, 16+2j and 17+2j, in one of three ways, all exact (at most
+4 * 32767 * 127 < 2^24, so a lane is also exact as a float32):
 
-    avx512-vnni / avx-vnni   vpdpbusd(0, |xq|, sign(q, xq))     one instruction for 32 products
-    avx2                     pmaddwd(pmaddubsw(|xq|, sign(q, xq)), 1)
-    portable                 sext to int32, multiply, add lanes 4j..4j+3 (plain LLVM vectors)
+    avx512-vnni / avx-vnni   vpdpwssd(vpdpwssd(0, x16[0:16], q[0:16]), x16[16:32], q[16:32])
+    avx2                     pmaddwd(x16[0:16], q[0:16]) + pmaddwd(x16[16:32], q[16:32])
+    portable                 sext to int32, multiply, add the four products of each lane (LLVM vectors)
 
-vpdpbusd and pmaddubsw multiply unsigned bytes by signed ones, so the unsigned side is |xq| (`xa`,
-made once per row of x) and the signed side is q with xq's sign moved onto it (psignb: q where
-xq > 0, -q where xq < 0, 0 where xq = 0); since |xq|, |q| <= 127 no pair sum saturates int16. Each
-block's 8 lanes are converted to float32 and fused-multiply-added into 8 float accumulators with
-d[b] (blocks alternate between two accumulator sets, so that two FMA chains run at once); at the
-end the sets are added and the 8 lanes summed as ((0+4)+(2+6)) + ((1+5)+(3+7)). Every path does
-the same float operations on the same integers, so on one CPU the three give the same bits.
+with q sign-extended to 16 bits. Each block's 8 lanes are converted to float32 and fused-multiply-
+added into 8 float accumulators with d[b] (blocks alternate between two accumulator sets, so that two
+FMA chains run at once); at the end the sets are added and the 8 lanes summed as
+((0+4)+(2+6)) + ((1+5)+(3+7)). Every path does the same float operations on the same integers, so on
+one CPU the three give the same bits.
 
 Which path is compiled follows the target Numba compiles for (its CPU features, so NUMBA_CPU_NAME /
 NUMBA_CPU_FEATURES steer it, and Numba's cache keeps a build per target): `instructions()` says;
-`q8_dot_using(path)` builds one path by name (the tests compare every path the CPU can run).
-On a Zen 4 (2 threads) the products read int8 weights from memory at 29-33 GB/s with vpdpbusd,
-against 20-27 GB/s converting each weight to float32 (docs/performance.md, "int8 x int8").
+`q8_dot_using(path)` builds one path by name (the tests compare every path the CPU can run). On a
+Zen 4 (2 threads) the products read int8 weights from memory at 30-45 GB/s, against 20-27 GB/s
+converting each weight to float32 (docs/performance.md, "int8 weights times 16-bit activations").
 """
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-BLOCK = 32           # activations quantized in blocks of this many along K (GGUF's Q8_0)
+BLOCK = 32           # activations quantized in blocks of this many along K (as GGUF's Q8_0)
 PATHS = ("avx512-vnni", "avx-vnni", "avx2", "portable")
 
 
@@ -63,43 +62,48 @@ def _declare(builder, name, ret, args):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
 
 
-def _lanes(builder, path, xa, xq, w):
-    """<8 x i32>: lane j = sum over i in 4j..4j+3 of xq[i] * w[i], from three <32 x i8> (xa = |xq|)."""
-    i8x32, i16x16, i32x8 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 16), \
-        ir.VectorType(ir.IntType(32), 8)
+def _lanes(builder, path, x16, w):
+    """<8 x i32>: lane j = the products of elements 2j, 2j+1, 16+2j, 17+2j of x16 and w, from two
+    <32 x i16> (w sign-extended from int8)."""
+    i16x16, i32x8 = ir.VectorType(ir.IntType(16), 16), ir.VectorType(ir.IntType(32), 8)
     if path == "portable":
         i32x32 = ir.VectorType(ir.IntType(32), 32)
-        p = builder.mul(builder.sext(xq, i32x32), builder.sext(w, i32x32))        # 32 exact products
-        part = [builder.shuffle_vector(p, p, ir.Constant(i32x8, [4 * j + k for j in range(8)])) for k in range(4)]
+        p = builder.mul(builder.sext(x16, i32x32), builder.sext(w, i32x32))      # 32 exact products
+        part = [builder.shuffle_vector(p, p, ir.Constant(i32x8, [base + 2 * j + k for j in range(8)]))
+                for base in (0, 16) for k in (0, 1)]
         return builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3]))
-    signed = builder.call(_declare(builder, "llvm.x86.avx2.psign.b", i8x32, [i8x32, i8x32]), [w, xq])  # w * sign(xq)
+    take = [ir.Constant(ir.VectorType(ir.IntType(32), 16), list(range(h, h + 16))) for h in (0, 16)]
+    halves = [[builder.shuffle_vector(v, v, t) for v in (x16, w)] for t in take]   # elements 0-15, 16-31
     if path == "avx2":
-        pairs = builder.call(_declare(builder, "llvm.x86.avx2.pmadd.ub.sw", i16x16, [i8x32, i8x32]), [xa, signed])
-        return builder.call(_declare(builder, "llvm.x86.avx2.pmadd.wd", i32x8, [i16x16, i16x16]),
-                            [pairs, ir.Constant(i16x16, [1] * 16)])
-    return builder.call(_declare(builder, "llvm.x86.avx512.vpdpbusd.256", i32x8, [i32x8] * 3),
-                        [ir.Constant(i32x8, None), builder.bitcast(xa, i32x8), builder.bitcast(signed, i32x8)])
+        madd = _declare(builder, "llvm.x86.avx2.pmadd.wd", i32x8, [i16x16, i16x16])
+        return builder.add(builder.call(madd, halves[0]), builder.call(madd, halves[1]))
+    dp = _declare(builder, "llvm.x86.avx512.vpdpwssd.256", i32x8, [i32x8] * 3)
+    t = ir.Constant(i32x8, None)
+    for xh, wh in halves:
+        t = builder.call(dp, [t, builder.bitcast(xh, i32x8), builder.bitcast(wh, i32x8)])
+    return t
 
 
 def _is_c_array(t, dtype, ndim):
     return isinstance(t, types.Array) and t.dtype == dtype and t.ndim == ndim and t.layout == "C"
 
 
-def _typer(path, xa, xq, d, q, o):
-    if not (_is_c_array(xa, types.uint8, 1) and _is_c_array(xq, types.int8, 1) and _is_c_array(d, types.float32, 1)
-            and _is_c_array(q, types.int8, 2) and isinstance(o, types.Integer)):
+def _typer(path, x16, d, q, o):
+    if not (_is_c_array(x16, types.int16, 1) and _is_c_array(d, types.float32, 1) and _is_c_array(q, types.int8, 2)
+            and isinstance(o, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
-        i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
-        i8x32, i32x8, f32x8 = ir.VectorType(i8, 32), ir.VectorType(i32, 8), ir.VectorType(f32, 8)
-        a_xa, a_xq, a_d, a_q = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:4], args[:4]))
-        row = context.cast(builder, args[4], sig.args[4], types.intp)
-        K = builder.extract_value(a_xq.shape, 0)
+        i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+        i8x32, i16x32, i32x8, f32x8 = (ir.VectorType(i8, 32), ir.VectorType(i16, 32), ir.VectorType(i32, 8),
+                                       ir.VectorType(f32, 8))
+        a_x, a_d, a_q = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3]))
+        row = context.cast(builder, args[3], sig.args[3], types.intp)
+        K = builder.extract_value(a_x.shape, 0)
         intp = K.type
         nblocks = builder.ashr(K, intp(5))                                        # whole blocks
-        p_xa, p_xq = builder.bitcast(a_xa.data, i8.as_pointer()), builder.bitcast(a_xq.data, i8.as_pointer())
-        p_w = builder.bitcast(cgutils.get_item_pointer(context, builder, sig.args[3], a_q, [row, intp(0)]),
+        p_x = builder.bitcast(a_x.data, i16.as_pointer())
+        p_w = builder.bitcast(cgutils.get_item_pointer(context, builder, sig.args[2], a_q, [row, intp(0)]),
                               i8.as_pointer())
         fma = _declare(builder, "llvm.fma.v8f32", f32x8, [f32x8] * 3)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(f32x8, None)) for _ in range(2)]
@@ -107,9 +111,9 @@ def _typer(path, xa, xq, d, q, o):
         def block(b, acc):
             # acc += float(lanes of block b) * d[b]
             off = builder.shl(b, intp(5))
-            xa_, xq_, w_ = (builder.load(builder.bitcast(builder.gep(p, [off]), i8x32.as_pointer()), align=1)
-                            for p in (p_xa, p_xq, p_w))
-            lanes = builder.sitofp(_lanes(builder, path, xa_, xq_, w_), f32x8)
+            x_ = builder.load(builder.bitcast(builder.gep(p_x, [off]), i16x32.as_pointer()), align=2)
+            w_ = builder.sext(builder.load(builder.bitcast(builder.gep(p_w, [off]), i8x32.as_pointer()), align=1), i16x32)
+            lanes = builder.sitofp(_lanes(builder, path, x_, w_), f32x8)
             db = builder.load(builder.gep(a_d.data, [b]))
             splat = builder.shuffle_vector(builder.insert_element(ir.Constant(f32x8, None), db, i32(0)),
                                            ir.Constant(f32x8, None), ir.Constant(i32x8, [0] * 8))
@@ -128,14 +132,14 @@ def _typer(path, xa, xq, d, q, o):
             v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(idx, list(range(n)))),
                              builder.shuffle_vector(v, v, ir.Constant(idx, list(range(n, 2 * n)))))
         return builder.extract_element(v, i32(0))
-    return types.float32(xa, xq, d, q, o), codegen
+    return types.float32(x16, d, q, o), codegen
 
 
 @intrinsic
-def q8_dot(typingctx, xa, xq, d, q, o):
-    """float32 sum_b d[b] * (xq[block b] . q[o, block b]) over the K // 32 whole blocks of K; xa = |xq|
-    (uint8), xq (K,) int8, d (K/32 rounded up,) float32, q (O, K) int8, all C-contiguous."""
-    return _typer(instructions(), xa, xq, d, q, o)
+def q8_dot(typingctx, x16, d, q, o):
+    """float32 sum_b d[b] * (x16[block b] . q[o, block b]) over the K // 32 whole blocks of K; x16 (K,)
+    int16, d (K/32 rounded up,) float32, q (O, K) int8, all C-contiguous."""
+    return _typer(instructions(), x16, d, q, o)
 
 
 def q8_dot_using(path: str):
@@ -144,6 +148,6 @@ def q8_dot_using(path: str):
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
 
     @intrinsic
-    def q8_dot_path(typingctx, xa, xq, d, q, o):
-        return _typer(path, xa, xq, d, q, o)
+    def q8_dot_path(typingctx, x16, d, q, o):
+        return _typer(path, x16, d, q, o)
     return q8_dot_path

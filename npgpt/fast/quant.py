@@ -8,12 +8,13 @@ contiguous row; the work is split over output channels (prange). NumPy they mirr
     y = x @ w.T + b                                        # (N, out)
 
     # int8: q (out, in) int8, scale (out,) float32, symmetric per output channel; each row of x
-    # quantized in blocks of 32 (npgpt/inference/quant.py, quantize_activations and q8_product)
-    xq, d = quantize_activations(x)                        # (N, in) int8, (N, in/32) float32
-    y[n, o] = scale[o] * sum_b d[n, b] * (xq[n, block b] . q[o, block b]) + b[o]
+    # quantized to 16 bits in blocks of 32 (npgpt/inference/quant.py, quantize_activations, q8_product)
+    x16, d = quantize_activations(x)                       # (N, in) int16, (N, in/32) float32
+    y[n, o] = scale[o] * sum_b d[n, b] * (x16[n, block b] . q[o, block b]) + b[o]
 
 bf16 sums run in float32 (reassociated into SIMD lanes); int8 blocks are exact integer dot products
-on the CPU's own instructions (vpdpbusd where it has VNNI: npgpt/fast/_q8.py), scaled per block. A bf16 weight becomes a float32 in a register
+on the CPU's own instructions (vpdpwssd where it has VNNI, pmaddwd with AVX2: npgpt/fast/_q8.py),
+scaled per block. A bf16 weight becomes a float32 in a register
 (a zero-extend, a shift and a bit cast: npgpt/fast/_math.py; `weight` below), so the kernel reads each
 packed weight once and does one multiply-add with it for each row of x. Made for the N <= ~16 rows of decoding,
 where reading the weights from DRAM is the cost and packed weights read 2x / 4x fewer bytes;
@@ -224,9 +225,9 @@ def _matmul(x, w, scale, b, y, side_by_side, ahead):
 
 
 @njit(**JIT_OPTIONS)                # no fastmath: the same IEEE operations as the NumPy lines
-def _quantize_q8(x, xq, xa, d):
+def _quantize_q8(x, x16, d):
     # per row n and block b of 32 along K (the last may be shorter):
-    #   d[n, b] = max |x[n, block]| / 127,  xq = rint(x / d) (0 if d is 0 or not finite),  xa = |xq|
+    #   d[n, b] = max |x[n, block]| / 32767,  x16 = rint(x / d) (0 if d is 0 or not finite)
     # a block holding a NaN or an inf gets d = NaN or inf, so its outputs come out NaN
     N, K = x.shape
     for n in range(N):
@@ -238,52 +239,50 @@ def _quantize_q8(x, xq, xa, d):
                 a = abs(x[n, k])
                 bad = bad or a != a                         # NaN
                 m = max(m, a)
-            db = np.float32(np.nan) if bad else m / np.float32(127.0)
+            db = np.float32(np.nan) if bad else m / np.float32(32767.0)
             inv = np.float32(1.0) / db if (db > 0 and db < np.inf) else np.float32(0.0)
             d[n, b] = db
             for k in range(lo, hi):
-                v = np.rint(x[n, k] * inv)
-                xq[n, k] = np.int8(v)
-                xa[n, k] = np.uint8(abs(v))
+                x16[n, k] = np.int16(np.rint(x[n, k] * inv))
 
 
 @njit(**JIT_OPTIONS)
-def _q8_row(xa, xq, d, q, o):
-    # sum_b d[b] * (xq[block b] . q[o, block b]): the whole blocks on the CPU's dot-product
+def _q8_row(x16, d, q, o):
+    # sum_b d[b] * (x16[block b] . q[o, block b]): the whole blocks on the CPU's dot-product
     # instructions (q8_dot), a last partial block here
-    s = q8_dot(xa, xq, d, q, o)
-    K = xq.shape[0]
+    s = q8_dot(x16, d, q, o)
+    K = x16.shape[0]
     k0 = K - K % BLOCK
     if k0 < K:
         t = 0
         for k in range(k0, K):
-            t += np.int64(xq[k]) * np.int64(q[o, k])
+            t += np.int64(x16[k]) * np.int64(q[o, k])
         s += np.float32(t) * d[k0 // BLOCK]
     return s
 
 
 @pjit                                # no fastmath: each y[n, o] the same operations whatever N and threads
-def _matmul_q8(xa, xq, d, q, scale, b, y, ahead):
-    # y[n, o] = scale[o] * sum_b d[n, b] * (xq[n, block b] . q[o, block b]) + b[o]: each weight row
+def _matmul_q8(x16, d, q, scale, b, y, ahead):
+    # y[n, o] = scale[o] * sum_b d[n, b] * (x16[n, block b] . q[o, block b]) + b[o]: each weight row
     # read once (from memory), then taken against every row of x (from L1)
-    N = xq.shape[0]
+    N = x16.shape[0]
     O = q.shape[0]
     for c in prange((O + CHUNK - 1) // CHUNK):
         for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
             if ahead and o + ahead < O:
                 prefetch_row(q, o + ahead)
             for n in range(N):
-                y[n, o] = _q8_row(xa[n], xq[n], d[n], q, o) * scale[o] + b[o]
+                y[n, o] = _q8_row(x16[n], d[n], q, o) * scale[o] + b[o]
 
 
 def quantize_q8(x):
-    """(xq (N, K) int8, |xq| (N, K) uint8, d (N, ceil(K/32)) float32): x (N, K) float32 quantized in
-    blocks of 32 along K, as npgpt.inference.quant.quantize_activations (the NumPy it mirrors)."""
+    """(x16 (N, K) int16, d (N, ceil(K/32)) float32): x (N, K) float32 quantized in blocks of 32 along K,
+    as npgpt.inference.quant.quantize_activations (the NumPy it mirrors)."""
     N, K = x.shape
-    xq, xa = np.empty((N, K), np.int8), np.empty((N, K), np.uint8)
+    x16 = np.empty((N, K), np.int16)
     d = np.empty((N, -(-K // BLOCK)), np.float32)
-    _quantize_q8(x, xq, xa, d)
-    return xq, xa, d
+    _quantize_q8(x, x16, d)
+    return x16, d
 
 
 @pjit
@@ -306,7 +305,7 @@ def _int8_rows(q, scale, rows, out):
 
 def packed_matmul(x, packed, scale, bias, out=None):
     """y (N, out) = x (N, in) @ W^T + bias for a packed W (out, in): uint16 bf16 bits (scale None)
-    or int8 with per-output-channel float32 scales, x then quantized in blocks of 32 (each y[n] depends
+    or int8 with per-output-channel float32 scales, x then quantized to 16 bits in blocks of 32 (each y[n] depends
     on x[n] alone, by the same operations whatever N). bias (out,) float32 or None. A float32 W (out, in)
     (scale None) runs the same loops on its float32 rows: for a few rows x (a batch of decoded
     tokens) against the tied LM head's (V, C) weight, where BLAS's GEMM of so few rows is slow."""
@@ -317,8 +316,8 @@ def packed_matmul(x, packed, scale, bias, out=None):
     b = np.zeros(O, np.float32) if bias is None else bias
     work = N * O * K
     if packed.dtype == np.int8:
-        xq, xa, d = quantize_q8(x)
-        _matmul_q8(work, xa, xq, d, packed, scale, b, y, prefetch_ahead(packed))
+        x16, d = quantize_q8(x)
+        _matmul_q8(work, x16, d, packed, scale, b, y, prefetch_ahead(packed))
     else:
         _matmul(work, x, packed, None, b, y, side_by_side(), prefetch_ahead(packed))
     return y
