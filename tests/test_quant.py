@@ -138,6 +138,36 @@ def test_q8_dot_every_instruction_path(K):
     np.testing.assert_allclose(full, quant.q8_product(x, q, np.ones(O, np.float32))[0], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("K", [32, 160, 768 + 19])
+def test_q8_dot4_gives_each_row_the_bits_of_q8_dot(K):
+    """Four rows of x against one weight row, the weights widened once: each row's value bit-equal to
+    that row alone (what keeps a batch's rows independent of each other), on every path the CPU runs."""
+    from numba import njit
+    from npgpt.fast import _q8
+    from npgpt.fast.quant import quantize_q8
+    rng = np.random.default_rng(K + 1)
+    x16, d = quantize_q8(rng.standard_normal((6, K)).astype(np.float32))
+    q, _ = quant.to_int8(rng.standard_normal((5, K)).astype(np.float32))
+    for path in _q8.runnable():
+        dot, dot4 = _q8.q8_dot_using(path), _q8.q8_dot4_using(path)
+
+        @njit
+        def both(x16, d, q, first, dot=dot, dot4=dot4):
+            four = np.empty((q.shape[0], 4), np.float32)
+            alone = np.empty((q.shape[0], 4), np.float32)
+            for o in range(q.shape[0]):
+                a = dot4(x16, d, first, q, o)
+                for r in range(4):
+                    four[o, r] = a[r]
+                    alone[o, r] = dot(x16[first + r], d[first + r], q, o)
+            return four, alone
+        for first in (0, 2):
+            four, alone = both(x16, d, q, first)
+            np.testing.assert_array_equal(four, alone, err_msg=path)
+    with pytest.raises(ValueError, match="path must be one of"):
+        _q8.q8_dot4_using("sse9")
+
+
 def test_q8_paths_follow_the_cpu_features():
     from npgpt.fast import _q8
     assert _q8.instructions({"avx2", "avx512f", "avx512vl", "avx512vnni"}) == "avx512-vnni"

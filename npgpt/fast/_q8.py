@@ -88,51 +88,84 @@ def _is_c_array(t, dtype, ndim):
     return isinstance(t, types.Array) and t.dtype == dtype and t.ndim == ndim and t.layout == "C"
 
 
+def _emit(context, builder, path, x_rows, d_rows, p_w, nblocks):
+    """The IR of sum_b d_r[b] * (x_r[block b] . w[block b]) for every row r of x_rows (i16* each, with
+    their d_r: float*), the weight row p_w (i8*) loaded and widened once a block for all of them. Each
+    row's operations are the same whatever the other rows: -> a float32 value per row."""
+    i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+    i8x32, i16x32, i32x8, f32x8 = ir.VectorType(i8, 32), ir.VectorType(i16, 32), ir.VectorType(i32, 8), ir.VectorType(f32, 8)
+    intp = nblocks.type
+    fma = _declare(builder, "llvm.fma.v8f32", f32x8, [f32x8] * 3)
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32x8, None)) for _ in range(2)] for _ in x_rows]
+
+    def block(b, which):
+        # accs[r][which] += float(lanes of row r's block b) * d_r[b], for every row r
+        off = builder.shl(b, intp(5))
+        w_ = builder.sext(builder.load(builder.bitcast(builder.gep(p_w, [off]), i8x32.as_pointer()), align=1), i16x32)
+        for p_x, p_d, acc in zip(x_rows, d_rows, accs):
+            x_ = builder.load(builder.bitcast(builder.gep(p_x, [off]), i16x32.as_pointer()), align=2)
+            lanes = builder.sitofp(_lanes(builder, path, x_, w_), f32x8)
+            db = builder.load(builder.gep(p_d, [b]))
+            splat = builder.shuffle_vector(builder.insert_element(ir.Constant(f32x8, None), db, i32(0)),
+                                           ir.Constant(f32x8, None), ir.Constant(i32x8, [0] * 8))
+            builder.store(builder.call(fma, [lanes, splat, builder.load(acc[which])]), acc[which])
+
+    pairs = builder.ashr(nblocks, intp(1))
+    with cgutils.for_range(builder, pairs) as loop:                              # blocks 2i, 2i+1
+        b0 = builder.shl(loop.index, intp(1))
+        block(b0, 0)
+        block(builder.add(b0, intp(1)), 1)
+    with builder.if_then(builder.icmp_signed("<", builder.shl(pairs, intp(1)), nblocks)):
+        block(builder.sub(nblocks, intp(1)), 0)                                   # an odd last block
+    out = []
+    for acc in accs:
+        v = builder.fadd(builder.load(acc[0]), builder.load(acc[1]))
+        for n in (4, 2, 1):                                                       # 8 lanes -> 1
+            idx = ir.VectorType(i32, n)
+            v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(idx, list(range(n)))),
+                             builder.shuffle_vector(v, v, ir.Constant(idx, list(range(n, 2 * n)))))
+        out.append(builder.extract_element(v, i32(0)))
+    return out
+
+
+def _row_pointer(context, builder, arrty, arr, index, intp):
+    return cgutils.get_item_pointer(context, builder, arrty, arr, index + [intp(0)] * (arrty.ndim - len(index)))
+
+
 def _typer(path, x16, d, q, o):
     if not (_is_c_array(x16, types.int16, 1) and _is_c_array(d, types.float32, 1) and _is_c_array(q, types.int8, 2)
             and isinstance(o, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
-        i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
-        i8x32, i16x32, i32x8, f32x8 = (ir.VectorType(i8, 32), ir.VectorType(i16, 32), ir.VectorType(i32, 8),
-                                       ir.VectorType(f32, 8))
         a_x, a_d, a_q = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3]))
         row = context.cast(builder, args[3], sig.args[3], types.intp)
         K = builder.extract_value(a_x.shape, 0)
-        intp = K.type
-        nblocks = builder.ashr(K, intp(5))                                        # whole blocks
-        p_x = builder.bitcast(a_x.data, i16.as_pointer())
-        p_w = builder.bitcast(cgutils.get_item_pointer(context, builder, sig.args[2], a_q, [row, intp(0)]),
-                              i8.as_pointer())
-        fma = _declare(builder, "llvm.fma.v8f32", f32x8, [f32x8] * 3)
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(f32x8, None)) for _ in range(2)]
-
-        def block(b, acc):
-            # acc += float(lanes of block b) * d[b]
-            off = builder.shl(b, intp(5))
-            x_ = builder.load(builder.bitcast(builder.gep(p_x, [off]), i16x32.as_pointer()), align=2)
-            w_ = builder.sext(builder.load(builder.bitcast(builder.gep(p_w, [off]), i8x32.as_pointer()), align=1), i16x32)
-            lanes = builder.sitofp(_lanes(builder, path, x_, w_), f32x8)
-            db = builder.load(builder.gep(a_d.data, [b]))
-            splat = builder.shuffle_vector(builder.insert_element(ir.Constant(f32x8, None), db, i32(0)),
-                                           ir.Constant(f32x8, None), ir.Constant(i32x8, [0] * 8))
-            builder.store(builder.call(fma, [lanes, splat, builder.load(acc)]), acc)
-
-        pairs = builder.ashr(nblocks, intp(1))
-        with cgutils.for_range(builder, pairs) as loop:                          # blocks 2i, 2i+1
-            b0 = builder.shl(loop.index, intp(1))
-            block(b0, accs[0])
-            block(builder.add(b0, intp(1)), accs[1])
-        with builder.if_then(builder.icmp_signed("<", builder.shl(pairs, intp(1)), nblocks)):
-            block(builder.sub(nblocks, intp(1)), accs[0])                         # an odd last block
-        v = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
-        for n in (4, 2, 1):                                                       # 8 lanes -> 1
-            idx = ir.VectorType(i32, n)
-            v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(idx, list(range(n)))),
-                             builder.shuffle_vector(v, v, ir.Constant(idx, list(range(n, 2 * n)))))
-        return builder.extract_element(v, i32(0))
+        p_w = builder.bitcast(_row_pointer(context, builder, sig.args[2], a_q, [row], K.type), ir.IntType(8).as_pointer())
+        return _emit(context, builder, path, [builder.bitcast(a_x.data, ir.IntType(16).as_pointer())], [a_d.data], p_w,
+                     builder.ashr(K, K.type(5)))[0]
     return types.float32(x16, d, q, o), codegen
+
+
+def _typer4(path, x16, d, n, q, o):
+    if not (_is_c_array(x16, types.int16, 2) and _is_c_array(d, types.float32, 2) and _is_c_array(q, types.int8, 2)
+            and isinstance(n, types.Integer) and isinstance(o, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a_x, a_d, a_q = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 3))
+        first = context.cast(builder, args[2], sig.args[2], types.intp)
+        row = context.cast(builder, args[4], sig.args[4], types.intp)
+        K = builder.extract_value(a_x.shape, 1)
+        intp = K.type
+        p_w = builder.bitcast(_row_pointer(context, builder, sig.args[3], a_q, [row], intp), ir.IntType(8).as_pointer())
+        rows = [builder.add(first, intp(r)) for r in range(4)]
+        x_rows = [builder.bitcast(_row_pointer(context, builder, sig.args[0], a_x, [r], intp), ir.IntType(16).as_pointer())
+                  for r in rows]
+        d_rows = [_row_pointer(context, builder, sig.args[1], a_d, [r], intp) for r in rows]
+        out = _emit(context, builder, path, x_rows, d_rows, p_w, builder.ashr(K, intp(5)))
+        return context.make_tuple(builder, sig.return_type, out)
+    return types.UniTuple(types.float32, 4)(x16, d, n, q, o), codegen
 
 
 @intrinsic
@@ -140,6 +173,14 @@ def q8_dot(typingctx, x16, d, q, o):
     """float32 sum_b d[b] * (x16[block b] . q[o, block b]) over the K // 32 whole blocks of K; x16 (K,)
     int16, d (K/32 rounded up,) float32, q (O, K) int8, all C-contiguous."""
     return _typer(instructions(), x16, d, q, o)
+
+
+@intrinsic
+def q8_dot4(typingctx, x16, d, n, q, o):
+    """(q8_dot(x16[n + r], d[n + r], q, o) for r = 0..3): rows n..n+3 of x16 (N, K) int16 and d (N, K/32
+    rounded up) against weight row o, each weight block read and widened once for the four; every row's
+    value the same bits as q8_dot's for it alone."""
+    return _typer4(instructions(), x16, d, n, q, o)
 
 
 def q8_dot_using(path: str):
@@ -151,3 +192,14 @@ def q8_dot_using(path: str):
     def q8_dot_path(typingctx, x16, d, q, o):
         return _typer(path, x16, d, q, o)
     return q8_dot_path
+
+
+def q8_dot4_using(path: str):
+    """q8_dot4 compiled to one of PATHS (for tests)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+
+    @intrinsic
+    def q8_dot4_path(typingctx, x16, d, n, q, o):
+        return _typer4(path, x16, d, n, q, o)
+    return q8_dot4_path
