@@ -28,7 +28,7 @@ one CPU the three give the same bits.
 Which path is compiled follows the target Numba compiles for (its CPU features, so NUMBA_CPU_NAME /
 NUMBA_CPU_FEATURES steer it, and Numba's cache keeps a build per target): `instructions()` says;
 `q8_dot_using(path)` builds one path by name (the tests compare every path the CPU can run). On a
-Zen 4 (2 threads) the products read int8 weights from memory at 30-45 GB/s, against 20-27 GB/s
+Zen 4 (2 threads) a decoded token's int8 products read 26-28 GB/s (the LM head 34-37), against 19 (22)
 converting each weight to float32 (docs/performance.md, "int8 weights times 16-bit activations").
 """
 from llvmlite import ir
@@ -41,9 +41,16 @@ PATHS = ("avx512-vnni", "avx-vnni", "avx2", "portable")
 
 
 def _target_features() -> set:
-    """The CPU features Numba compiles for: '+avx2' etc. of its target machine."""
-    from numba.core.registry import cpu_target
-    features = cpu_target.target_context.codegen()._tm_features or ""
+    """The CPU features Numba compiles for ('+avx2' etc. of its target machine), or the host's where this
+    Numba does not say (its attribute is private)."""
+    try:
+        from numba.core.registry import cpu_target
+        features = cpu_target.target_context.codegen()._tm_features
+    except AttributeError:
+        features = None
+    if features is None:
+        import llvmlite.binding as ll
+        return {name for name, on in ll.get_host_cpu_features().items() if on}
     return {f[1:] for f in features.split(",") if f.startswith("+")}
 
 

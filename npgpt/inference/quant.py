@@ -120,14 +120,13 @@ def q8_product(x, q, scale) -> np.ndarray:
     """y (N, out) = scale[o] * sum_b d[n, b] * (x16[n, block b] . q[o, block b]): x (N, K) quantized
     by quantize_activations, against int8 q (out, K) with per-row scale (out,)."""
     x16, d = quantize_activations(x)
-    N, K = x16.shape
-    O, nb = q.shape[0], d.shape[1]
-    pad = nb * Q8_BLOCK - K
-    xb = np.pad(x16, ((0, 0), (0, pad))).astype(np.float64).reshape(N, nb, Q8_BLOCK).transpose(1, 0, 2)
-    qb = np.pad(q, ((0, 0), (0, pad))).astype(np.float64).reshape(O, nb, Q8_BLOCK).transpose(1, 2, 0)
-    isum = np.matmul(xb, qb)            # (nb, N, O): integers of at most 32 * 32767 * 127 < 2^53, exact in float64
+    y = np.zeros((x16.shape[0], q.shape[0]))                                       # (N, out) float64
     with np.errstate(invalid="ignore", over="ignore"):
-        return (np.einsum("nb,bno->no", d.astype(np.float64), isum) * scale).astype(np.float32)
+        for b in range(d.shape[1]):
+            k = slice(b * Q8_BLOCK, (b + 1) * Q8_BLOCK)
+            isum = x16[:, k].astype(np.float64) @ q[:, k].astype(np.float64).T   # exact: |isum| <= 32 * 32767 * 127
+            y += d[:, b:b + 1] * isum
+        return (y * scale).astype(np.float32)
 
 
 def kind_of(packed) -> str:
