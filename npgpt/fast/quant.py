@@ -228,18 +228,18 @@ def _matmul(x, w, scale, b, y, side_by_side, ahead):
 def _quantize_q8(x, x16, d):
     # per row n and block b of 32 along K (the last may be shorter):
     #   d[n, b] = max |x[n, block]| / 32767,  x16 = rint(x / d) (0 if d is 0 or not finite)
-    # a block holding a NaN or an inf gets d = NaN or inf, so its outputs come out NaN
+    # The maximum is taken over the bit patterns of |x| (an integer maximum, which vectorises): they
+    # order as the values do, and a NaN's lies above inf's, so a block holding a NaN gets d = NaN and
+    # one holding an inf d = inf, and its outputs come out NaN
     N, K = x.shape
     for n in range(N):
+        bits = x[n].view(np.uint32)
         for b in range(d.shape[1]):
             lo, hi = b * BLOCK, min(K, (b + 1) * BLOCK)
-            m = np.float32(0.0)
-            bad = False
+            m = np.uint32(0)
             for k in range(lo, hi):
-                a = abs(x[n, k])
-                bad = bad or a != a                         # NaN
-                m = max(m, a)
-            db = np.float32(np.nan) if bad else m / np.float32(32767.0)
+                m = max(m, bits[k] & np.uint32(0x7FFFFFFF))
+            db = bits_to_float32(m) / np.float32(32767.0)
             inv = np.float32(1.0) / db if (db > 0 and db < np.inf) else np.float32(0.0)
             d[n, b] = db
             for k in range(lo, hi):
@@ -265,12 +265,16 @@ def _q8_tail(x16, d, q, o):
 
 
 @pjit                                # no fastmath: each y[n, o] the same operations whatever N and threads
-def _matmul_q8(x16, d, q, scale, b, y, ahead):
-    # y[n, o] = scale[o] * sum_b d[n, b] * (x16[n, block b] . q[o, block b]) + b[o]: each weight row
-    # read once (from memory), then taken against four rows of x at a time (from L1), then the rest;
-    # q8_dot4 gives each row the same bits as q8_dot alone, so y[n] never depends on the other rows
-    N = x16.shape[0]
+def _matmul_q8(x, q, scale, b, y, ahead):
+    # x16, d = x quantized (_quantize_q8); then y[n, o] = scale[o] * sum_b d[n, b] * (x16[n, block b] .
+    # q[o, block b]) + b[o]: each weight row read once (from memory), then taken against four rows of x
+    # at a time (from L1), then the rest; q8_dot4 gives each row the same bits as q8_dot alone, so y[n]
+    # never depends on the other rows
+    N, K = x.shape
     O = q.shape[0]
+    x16 = np.empty((N, K), np.int16)
+    d = np.empty((N, (K + BLOCK - 1) // BLOCK), np.float32)
+    _quantize_q8(x, x16, d)
     for c in prange((O + CHUNK - 1) // CHUNK):
         for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
             if ahead and o + ahead < O:
@@ -327,8 +331,7 @@ def packed_matmul(x, packed, scale, bias, out=None):
     b = np.zeros(O, np.float32) if bias is None else bias
     work = N * O * K
     if packed.dtype == np.int8:
-        x16, d = quantize_q8(x)
-        _matmul_q8(work, x16, d, packed, scale, b, y, prefetch_ahead(packed))
+        _matmul_q8(work, x, packed, scale, b, y, prefetch_ahead(packed))
     else:
         _matmul(work, x, packed, None, b, y, side_by_side(), prefetch_ahead(packed))
     return y
