@@ -31,6 +31,13 @@ DEFAULTS = dict(prefill_T=256, decode_prompt=32, decode_new=128, train_B=4, trai
                 train_large_B=8, train_large_T=256)
 
 
+def int8_products() -> str:
+    """Which instructions int8 decoding's products run on here: npgpt.fast._q8's path for Numba's target
+    (avx512-vnni, avx-vnni, avx2 or portable)."""
+    from .fast import _q8
+    return _q8.instructions()
+
+
 def blas_info() -> str:
     try:
         from threadpoolctl import threadpool_info
@@ -575,9 +582,9 @@ def run(args, cfg=None) -> dict:
             opts[k] = getattr(args, k)
     workloads = args.workloads or [w for w in WORKLOADS if w != "train-large"]
     compare = args.compare == "torch"
-    report = {"config": cfg, "threads": args.threads, "blas": blas_info(),
+    report = {"config": cfg, "threads": args.threads, "blas": blas_info(), "int8_products": int8_products(),
               "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "NPGPT_KERNELS",
-                                                     "NPGPT_FLASH_MIN_T")},
+                                                     "NPGPT_FLASH_MIN_T", "NPGPT_PACKED_ROWS", "NPGPT_PREFETCH_ROWS")},
               "options": opts, "results": {}}
     rounds = report["rounds"] = getattr(args, "rounds", None) or 1
     for w in workloads:

@@ -37,6 +37,8 @@ def test_bench_weights_int8_decode_batch():
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["options"]["weights"] == "int8" and report["options"]["decode_B"] == 3
+    from npgpt.fast import _q8
+    assert report["int8_products"] == _q8.instructions() and report["int8_products"] in _q8.PATHS
     dec = report["results"]["decode"]["npgpt"]
     assert dec["weights"] == "int8" and dec["tokens_per_s"] > 0 and dec["weight_bytes"] > 0
 

@@ -7,7 +7,7 @@ import json
 import os
 
 from . import CLIError
-from ..bench import SHAPE, WORKLOADS, _config, blas_info, cpu_model, run_grid
+from ..bench import SHAPE, WORKLOADS, _config, blas_info, cpu_model, int8_products, run_grid
 from ..bench import run as run_bench
 from ..fast.settings import cores
 
@@ -66,7 +66,8 @@ def run(args) -> int:
         report = run_grid(args, cfg)
     else:
         if not args.json:
-            print(f"BLAS: {blas_info()}; threads {args.threads}; {env}", flush=True)
+            int8 = f"; int8 products on {int8_products()}" if args.weights == "int8" else ""
+            print(f"BLAS: {blas_info()}; threads {args.threads}{int8}; {env}", flush=True)
         report = run_bench(args, cfg)
     if args.json:
         print(json.dumps(report, indent=2))
