@@ -72,17 +72,19 @@ def test_quantize_activations_in_blocks_of_32():
     x = rng.standard_normal((3, 75)).astype(np.float32)           # blocks 32, 32 and a last one of 11
     x[0, 32:64] = 0.0                                             # an all-zero block
     x[1, 5], x[1, 40], x[2, 70] = np.nan, np.inf, -np.inf
+    x[2, 32:64] *= np.float32(1e-36)                              # d ~ 3e-41 (subnormal): 1 / d overflows
     x16, d = quant.quantize_activations(x)
     assert x16.dtype == np.int16 and x16.shape == (3, 75) and d.dtype == np.float32 and d.shape == (3, 3)
     assert np.abs(x16).max() == 32767 and x16.min() >= -32767
     # every finite block: the largest |x| maps to 32767 and x within half a step of x16 * d
-    for n, b in [(0, 0), (0, 2), (1, 2), (2, 0), (2, 1)]:
+    for n, b in [(0, 0), (0, 2), (1, 2), (2, 0)]:
         xb, qb = x[n, 32 * b:32 * b + 32], x16[n, 32 * b:32 * b + 32]
         assert d[n, b] == np.abs(xb).max() / np.float32(32767) and np.abs(qb).max() == 32767
         assert np.abs(qb * np.float64(d[n, b]) - xb).max() <= d[n, b] / 2 * (1 + 1e-3)
     assert d[0, 1] == 0 and not x16[0, 32:64].any()
     assert np.isnan(d[1, 0]) and d[1, 1] == np.inf and d[2, 2] == np.inf
     assert not x16[1, :64].any() and not x16[2, 64:].any()      # non-finite blocks hold zeros, their d carries it
+    assert 0 < d[2, 1] < 1e-38 and not x16[2, 32:64].any()      # a vanishing block: zeros, never inf * x
     # the kernel quantizes with the same IEEE operations: the same values
     from npgpt.fast.quant import quantize_q8
     f16, fd = quantize_q8(x)
@@ -95,6 +97,9 @@ def test_quantize_activations_in_blocks_of_32():
     from npgpt.fast.quant import packed_matmul
     yk = packed_matmul(x, q, s, None)
     assert np.isfinite(yk[0]).all() and np.isnan(yk[1:]).all()
+    # a weight in another memory order (copied to C order) and no scale (1) give the same
+    np.testing.assert_array_equal(packed_matmul(x[:1], np.asfortranarray(q), s, None), yk[:1])
+    np.testing.assert_array_equal(packed_matmul(x[:1], q, None, None), packed_matmul(x[:1], q, np.ones(5, np.float32), None))
     # 16 bits: the product is the float one to ~1e-5 of its size (the weights' own rounding is ~1e-2)
     xf = rng.standard_normal((2, 75)).astype(np.float32)
     ref = xf @ quant.unpack(q, s).T
@@ -310,9 +315,9 @@ def test_int8_decoding_equals_the_numpy_lines_token_for_token():
     for backend in ("numba", "numpy"):
         with fast.use_backend(backend):
             cache = KVCache.for_model(model, 2)
-            steps = [model.forward_cached(idx[:, :5], cache)[:, -1]]
+            steps = [model.forward_cached(idx[:, :5], cache)]                   # (B, V): the last position's
             for t in range(5, 9):
-                steps.append(model.forward_cached(idx[:, t:t + 1], cache)[:, -1])
+                steps.append(model.forward_cached(idx[:, t:t + 1], cache))
             logits[backend] = np.stack(steps)
     np.testing.assert_allclose(logits["numba"], logits["numpy"], rtol=1e-4, atol=1e-4)
 

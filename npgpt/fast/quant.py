@@ -227,7 +227,8 @@ def _matmul(x, w, scale, b, y, side_by_side, ahead):
 @njit(**JIT_OPTIONS)                # no fastmath: the same IEEE operations as the NumPy lines
 def _quantize_q8(x, x16, d):
     # per row n and block b of 32 along K (the last may be shorter):
-    #   d[n, b] = max |x[n, block]| / 32767,  x16 = rint(x / d) (0 if d is 0 or not finite)
+    #   d[n, b] = max |x[n, block]| / 32767,  x16 = rint(x * (1 / d))
+    # (zeros where d is 0 or not finite, or so small that 1 / d overflows)
     # The maximum is taken over the bit patterns of |x| (an integer maximum, which vectorises): they
     # order as the values do, and a NaN's lies above inf's, so a block holding a NaN gets d = NaN and
     # one holding an inf d = inf, and its outputs come out NaN
@@ -240,10 +241,14 @@ def _quantize_q8(x, x16, d):
             for k in range(lo, hi):
                 m = max(m, bits[k] & np.uint32(0x7FFFFFFF))
             db = bits_to_float32(m) / np.float32(32767.0)
-            inv = np.float32(1.0) / db if (db > 0 and db < np.inf) else np.float32(0.0)
+            inv = np.float32(1.0) / db if db > 0 else np.float32(0.0)
             d[n, b] = db
-            for k in range(lo, hi):
-                x16[n, k] = np.int16(np.rint(x[n, k] * inv))
+            if db > 0 and db < np.inf and inv < np.inf:
+                for k in range(lo, hi):
+                    x16[n, k] = np.int16(np.rint(x[n, k] * inv))
+            else:                   # an all-zero, non-finite or vanishing (1/d overflows) block: zeros
+                for k in range(lo, hi):
+                    x16[n, k] = 0
 
 
 @njit(**JIT_OPTIONS)
@@ -261,7 +266,7 @@ def _q8_tail(x16, d, q, o):
     t = 0
     for k in range(k0, K):
         t += np.int64(x16[k]) * np.int64(q[o, k])
-    return np.float32(t) * d[k0 // BLOCK] if k0 < K else np.float32(0.0)
+    return np.float32(np.float64(t) * np.float64(d[k0 // BLOCK])) if k0 < K else np.float32(0.0)   # t exact
 
 
 @pjit                                # no fastmath: each y[n, o] the same operations whatever N and threads
@@ -330,7 +335,9 @@ def packed_matmul(x, packed, scale, bias, out=None):
     y = np.empty((N, O), np.float32) if out is None else out
     b = np.zeros(O, np.float32) if bias is None else bias
     work = N * O * K
-    if packed.dtype == np.int8:
+    if packed.dtype == np.int8:                 # the integer kernels read C-ordered rows (no copy if they are)
+        packed = np.ascontiguousarray(packed)
+        scale = np.ones(O, np.float32) if scale is None else np.ascontiguousarray(scale, dtype=np.float32)
         _matmul_q8(work, x, packed, scale, b, y, prefetch_ahead(packed))
     else:
         _matmul(work, x, packed, None, b, y, side_by_side(), prefetch_ahead(packed))

@@ -25,7 +25,7 @@ each row of x in blocks of 32 along K (as GGUF's Q8_0 activations, with 16 bits 
 block its own scale,
 
     d[b]   = max_k |x[block b]| / 32767                 (float32)
-    x16[k] = round(x[k] / d[b])  in [-32767, 32767]      (int16)
+    x16[k] = rint(x[k] * (1 / d[b]))  in [-32767, 32767] (int16)
     y[o]   = scale[o] * sum_b d[b] * (x16[block b] . q[o, block b]) + bias[o]
 
 (`quantize_activations`, `q8_product`). Rounding x to 16 bits costs 1/258 of what 8 bits would (far
@@ -102,8 +102,9 @@ Q8_LEVELS = 32767                # ... to integers in [-Q8_LEVELS, Q8_LEVELS] (i
 
 def quantize_activations(x) -> tuple:
     """x (N, K) float32 -> (x16 (N, K) int16, d (N, ceil(K/32)) float32), blocks of 32 along K (the last
-    may be shorter): d = max|x| / 32767 over the block, x16 = round(x / d) ties to even (0 where d is 0
-    or not finite). A block holding NaN gets d = NaN, one holding inf d = inf."""
+    may be shorter): d = max|x| / 32767 over the block, x16 = rint(x * (1 / d)) ties to even (zeros where
+    d is 0 or not finite, or so small that 1 / d overflows). A block holding NaN gets d = NaN, one holding
+    inf d = inf, so the products' outputs come out NaN."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     N, K = x.shape
     nb = -(-K // Q8_BLOCK)
@@ -112,10 +113,10 @@ def quantize_activations(x) -> tuple:
     blocks = blocks.reshape(N, nb, Q8_BLOCK)                                     # (N, nb, 32)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         d = np.abs(blocks).max(axis=-1) / np.float32(Q8_LEVELS)                  # (N, nb), NaN propagates
-        ok = (d > 0) & np.isfinite(d)
-        inv = np.where(ok, np.float32(1.0) / np.where(ok, d, np.float32(1.0)), np.float32(0.0)).astype(np.float32)
-        x16 = np.rint(blocks * inv[..., None])
-    x16 = np.where(np.isfinite(x16), x16, 0).astype(np.int16).reshape(N, -1)[:, :K]
+        inv = np.float32(1.0) / np.where(d > 0, d, np.float32(1.0))              # (N, nb) float32
+        ok = (d > 0) & np.isfinite(d) & np.isfinite(inv)       # else zeros: all-zero, non-finite, 1/d overflowing
+        x16 = np.where(ok[..., None], np.rint(blocks * inv[..., None]), 0)
+    x16 = x16.astype(np.int16).reshape(N, -1)[:, :K]
     return x16, d.astype(np.float32)
 
 
