@@ -66,14 +66,15 @@ def prefetch_ahead(w) -> int:
 
 
 def unpack_row(w, o, row):
-    """row (K,) float32 <- packed weight row o of w (out, K): f32(w16) for bf16 bits (uint16), float(q)
-    for int8 (its scale not applied), a copy for float32. A Numba helper for the kernels (here and in npgpt/serve/kernels.py)."""
+    """row (K,) float32 <- packed weight row o of w (out, K): f32(w16) for bf16 bits (uint16), a copy for
+    float32. A Numba helper for the kernels (here and in npgpt/serve/kernels.py); int8 rows go through
+    the integer kernels below instead."""
     row[:] = (w[o].astype(np.uint32) << np.uint32(16)).view(np.float32) if w.dtype == np.uint16 else w[o]
 
 
 def weight(w, o, k):
-    """float32 of packed weight w[o, k]: f32(w16) for bf16 bits (uint16), float(q) for int8 (its scale
-    not applied), itself for float32. A Numba helper (one element of unpack_row)."""
+    """float32 of packed weight w[o, k]: f32(w16) for bf16 bits (uint16), itself for float32. A Numba
+    helper (one element of unpack_row)."""
     if w.dtype == np.uint16:
         return (np.array(w[o, k], np.uint32) << np.uint32(16)).view(np.float32)[()]
     return np.float32(w[o, k])
@@ -83,15 +84,13 @@ def weight(w, o, k):
 def _weight(w, o, k):
     if w.dtype == types.uint16:
         return lambda w, o, k: bits_to_float32(np.uint32(w[o, k]) << np.uint32(16))
-    if w.dtype == types.int8:
-        return lambda w, o, k: np.float32(w[o, k])
     if w.dtype == types.float32:
         return lambda w, o, k: w[o, k]
 
 
 @overload(unpack_row)
 def _unpack_row(w, o, row):
-    if w.dtype in (types.uint16, types.int8, types.float32):
+    if w.dtype in (types.uint16, types.float32):
         def unpack(w, o, row):
             for k in range(row.shape[0]):
                 row[k] = weight(w, o, k)
@@ -125,8 +124,8 @@ def _dot1(x, w, o):
 
 
 @njit(**JIT_OPTIONS)
-def _one_row(x, w, scale, b, y, O, lo, hi, side_by_side, ahead):
-    # y[o] = scale[o] * (x . w[o]) + b[o] for o in lo..hi-1 (scale None: 1): four rows at a time
+def _one_row(x, w, b, y, O, lo, hi, side_by_side, ahead):
+    # y[o] = x . w[o] + b[o] for o in lo..hi-1: four rows at a time
     # (side_by_side 4), then the rest (or all of them, side_by_side 1) one at a time; the rows `ahead`
     # rows on asked for (0: not)
     o = lo
@@ -136,20 +135,20 @@ def _one_row(x, w, scale, b, y, O, lo, hi, side_by_side, ahead):
                 prefetch_row(w, o + ahead + r)      # a hint: the rows to come start loading now
         a = _dot4(x, w, o)
         for r in range(4):
-            y[o + r] = (a[r] if scale is None else a[r] * scale[o + r]) + b[o + r]
+            y[o + r] = a[r] + b[o + r]
         o += 4
     while o < hi:
         if ahead and o + ahead < O:
             prefetch_row(w, o + ahead)
         a = _dot1(x, w, o)
-        y[o] = (a if scale is None else a * scale[o]) + b[o]
+        y[o] = a + b[o]
         o += 1
 
 
 @njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
 def _dot4x4(x, n, rows):
     # x[n + i] . rows[r] for i, r = 0..3 (the 16 sums, i-major): each loaded x[., k] and rows[., k] serves
-    # four multiply-adds (for 8 rows of x, int8: 16.6 against 18.5 ms for a token's weights, one unpacked
+    # four multiply-adds (for 8 rows of x, then int8: 16.6 against 18.5 ms for a token's weights, one unpacked
     # row against four rows of x at a time)
     a00 = a01 = a02 = a03 = np.float32(0.0)
     a10 = a11 = a12 = a13 = np.float32(0.0)
@@ -178,8 +177,8 @@ def _dot4x4(x, n, rows):
 
 
 @njit(**JIT_OPTIONS)
-def _few_rows(x, w, scale, b, y, O, lo, hi, ahead):
-    # y[n, o] = scale[o] * (x[n] . w[o]) + b[o] for every row n of x and o in lo..hi-1 (scale None: 1):
+def _few_rows(x, w, b, y, O, lo, hi, ahead):
+    # y[n, o] = x[n] . w[o] + b[o] for every row n of x and o in lo..hi-1:
     # four weight rows unpacked at a time, then taken against four rows of x at a time
     N, K = x.shape
     rows = np.empty((4, K), np.float32)
@@ -196,32 +195,32 @@ def _few_rows(x, w, scale, b, y, O, lo, hi, ahead):
             for i in range(4):
                 for r in range(4):
                     s = a[4 * i + r]
-                    y[n + i, o + r] = (s if scale is None else s * scale[o + r]) + b[o + r]
+                    y[n + i, o + r] = s + b[o + r]
             n += 4
         while n < N:
             a4 = _dot4(x[n], rows, 0)
             for r in range(4):
-                y[n, o + r] = (a4[r] if scale is None else a4[r] * scale[o + r]) + b[o + r]
+                y[n, o + r] = a4[r] + b[o + r]
             n += 1
         o += 4
     while o < hi:                                   # the chunk's last rows, one at a time
         for n in range(N):
             a1 = _dot1(x[n], w, o)
-            y[n, o] = (a1 if scale is None else a1 * scale[o]) + b[o]
+            y[n, o] = a1 + b[o]
         o += 1
 
 
 @pjit(reductions=True)
-def _matmul(x, w, scale, b, y, side_by_side, ahead):
-    # y[n, o] = scale[o] * sum_k x[n, k] * weight(w, o, k) + b[o]   (scale None: 1)
+def _matmul(x, w, b, y, side_by_side, ahead):
+    # y[n, o] = sum_k x[n, k] * weight(w, o, k) + b[o]   (w bf16 bits or float32)
     N = x.shape[0]
     O = w.shape[0]
     for c in prange((O + CHUNK - 1) // CHUNK):
         lo, hi = c * CHUNK, min(O, (c + 1) * CHUNK)
         if N == 1:                                  # one row of x: unpack on the fly, in registers
-            _one_row(x[0], w, scale, b, y[0], O, lo, hi, side_by_side, ahead)
+            _one_row(x[0], w, b, y[0], O, lo, hi, side_by_side, ahead)
         else:                                       # several rows: each weight row unpacked once
-            _few_rows(x, w, scale, b, y, O, lo, hi, ahead)
+            _few_rows(x, w, b, y, O, lo, hi, ahead)
 
 
 @njit(**JIT_OPTIONS)                # no fastmath: the same IEEE operations as the NumPy lines
@@ -340,7 +339,7 @@ def packed_matmul(x, packed, scale, bias, out=None):
         scale = np.ones(O, np.float32) if scale is None else np.ascontiguousarray(scale, dtype=np.float32)
         _matmul_q8(work, x, packed, scale, b, y, prefetch_ahead(packed))
     else:
-        _matmul(work, x, packed, None, b, y, side_by_side(), prefetch_ahead(packed))
+        _matmul(work, x, packed, b, y, side_by_side(), prefetch_ahead(packed))
     return y
 
 

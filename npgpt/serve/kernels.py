@@ -91,8 +91,8 @@ def _out_in_float(x, w, b, y, ahead):
 
 
 @njit(parallel=True, fastmath=REDUCTION_MATH, **JIT_OPTIONS)
-def _out_in_packed(x, w, scale, b, y, ahead):
-    # y[a, o] = scale[o] * (x[a] . f32(w[o])) + b[o]; w bf16 bits (scale 1)
+def _out_in_packed(x, w, b, y, ahead):
+    # y[a, o] = x[a] . f32(w[o]) + b[o]; w bf16 bits
     A, K = x.shape
     O = w.shape[0]
     for c in prange((O + CHUNK - 1) // CHUNK):
@@ -102,7 +102,7 @@ def _out_in_packed(x, w, scale, b, y, ahead):
                 prefetch_row(w, o + ahead)
             unpack_row(w, o, row)                   # the weight row once, for every row of x
             for a in range(A):
-                y[a, o] = _dot(x[a], row) * scale[o] + b[o]
+                y[a, o] = _dot(x[a], row) + b[o]
 
 
 @njit(parallel=True, fastmath=REDUCTION_MATH, **JIT_OPTIONS)
@@ -153,7 +153,7 @@ def out_in_matmul(x, w, scale=None, b=None):
     if w.dtype == np.int8:
         packed_matmul(x, w, scale, b, out=y)
     elif w.dtype == np.uint16:
-        _out_in_packed(x, w, np.ones(w.shape[0], np.float32) if scale is None else scale, b, y, prefetch_ahead(w))
+        _out_in_packed(x, w, b, y, prefetch_ahead(w))
     else:
         _out_in_float(x, w, b, y, prefetch_ahead(w))
     return y
