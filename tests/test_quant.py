@@ -132,14 +132,14 @@ def test_q8_dot_every_instruction_path(K):
 
         @njit
         def rows(x16, d, q, dot=dot):
-            return np.array([dot(x16, d, q, o) for o in range(q.shape[0])], np.float32)
-        results[path] = rows(x16[0], d[0], q)
+            return np.array([dot(x16, d, 0, q, o) for o in range(q.shape[0])], np.float32)
+        results[path] = rows(x16, d, q)
         np.testing.assert_allclose(results[path], exact, rtol=1e-6, atol=1e-6 * max(1.0, np.abs(exact).max()))
     assert "portable" in results and (_q8.instructions() in results)
     for path, y in results.items():
         np.testing.assert_array_equal(y, results["portable"], err_msg=path)
     # the partial last block is added by _q8_row
-    full = np.array([_q8_row(x16[0], d[0], q, o) for o in range(O)])
+    full = np.array([_q8_row(x16, d, 0, q, o) for o in range(O)])
     np.testing.assert_allclose(full, quant.q8_product(x, q, np.ones(O, np.float32))[0], rtol=1e-5, atol=1e-4)
 
 
@@ -164,7 +164,7 @@ def test_q8_dot4_gives_each_row_the_bits_of_q8_dot(K):
                 a = dot4(x16, d, first, q, o)
                 for r in range(4):
                     four[o, r] = a[r]
-                    alone[o, r] = dot(x16[first + r], d[first + r], q, o)
+                    alone[o, r] = dot(x16, d, first + r, q, o)
             return four, alone
         for first in (0, 2):
             four, alone = both(x16, d, q, first)

@@ -10,8 +10,8 @@ weight row o, the NumPy it mirrors (npgpt/inference/quant.py, `q8_product`):
     isum[b] = x16[32b:32b+32] @ q[o, 32b:32b+32]   # integers, |isum| <= 32 * 32767 * 127
     y[o]    = scale[o] * sum_b d[b] * isum[b]
 
-`q8_dot(x16, d, q, o)` returns sum_b d[b] * isum[b] over the whole blocks of K (the caller adds the
-last, partial block and applies scale[o]). A block's 32 products are summed into 8 int32 lanes, lane
+`q8_dot(x16, d, n, q, o)` returns sum_b d[n, b] * isum[b] for row n of x16 over the whole blocks of K
+(the caller adds the last, partial block and applies scale[o]). A block's 32 products are summed into 8 int32 lanes, lane
 j holding the products 2j, 2j+1, 16+2j and 17+2j, in one of three ways, all exact (at most
 4 * 32767 * 127 < 2^24, so a lane is also exact as a float32):
 
@@ -142,19 +142,22 @@ def _row_pointer(context, builder, arrty, arr, index, intp):
     return cgutils.get_item_pointer(context, builder, arrty, arr, index + [intp(0)] * (arrty.ndim - len(index)))
 
 
-def _typer(path, x16, d, q, o):
-    if not (_is_c_array(x16, types.int16, 1) and _is_c_array(d, types.float32, 1) and _is_c_array(q, types.int8, 2)
-            and isinstance(o, types.Integer)):
+def _typer(path, x16, d, n, q, o):
+    if not (_is_c_array(x16, types.int16, 2) and _is_c_array(d, types.float32, 2) and _is_c_array(q, types.int8, 2)
+            and isinstance(n, types.Integer) and isinstance(o, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
-        a_x, a_d, a_q = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3]))
-        row = context.cast(builder, args[3], sig.args[3], types.intp)
-        K = builder.extract_value(a_x.shape, 0)
-        p_w = builder.bitcast(_row_pointer(context, builder, sig.args[2], a_q, [row], K.type), ir.IntType(8).as_pointer())
-        return _emit(context, builder, path, [builder.bitcast(a_x.data, ir.IntType(16).as_pointer())], [a_d.data], p_w,
-                     builder.ashr(K, K.type(5)))[0]
-    return types.float32(x16, d, q, o), codegen
+        a_x, a_d, a_q = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 3))
+        first = context.cast(builder, args[2], sig.args[2], types.intp)
+        row = context.cast(builder, args[4], sig.args[4], types.intp)
+        K = builder.extract_value(a_x.shape, 1)
+        intp = K.type
+        p_w = builder.bitcast(_row_pointer(context, builder, sig.args[3], a_q, [row], intp), ir.IntType(8).as_pointer())
+        p_x = builder.bitcast(_row_pointer(context, builder, sig.args[0], a_x, [first], intp), ir.IntType(16).as_pointer())
+        p_d = _row_pointer(context, builder, sig.args[1], a_d, [first], intp)
+        return _emit(context, builder, path, [p_x], [p_d], p_w, builder.ashr(K, intp(5)))[0]
+    return types.float32(x16, d, n, q, o), codegen
 
 
 def _typer4(path, x16, d, n, q, o):
@@ -179,15 +182,18 @@ def _typer4(path, x16, d, n, q, o):
 
 
 @intrinsic
-def q8_dot(typingctx, x16, d, q, o):
-    """float32 sum_b d[b] * (x16[block b] . q[o, block b]) over the K // 32 whole blocks of K; x16 (K,)
-    int16, d (K/32 rounded up,) float32, q (O, K) int8, all C-contiguous."""
-    return _typer(instructions(), x16, d, q, o)
+def q8_dot(typingctx, x16, d, n, q, o):
+    """float32 sum_b d[n, b] * (x16[n, block b] . q[o, block b]) over the K // 32 whole blocks of K; x16 (N, K)
+    int16, d (N, K/32 rounded up) float32, q (O, K) int8, all C-contiguous. Rows are addressed by index, not
+    passed as views: a view made per weight row costs two atomic reference-count updates on the array it
+    shows, and with two threads that cache line moved between the cores on every row (a product of 768-wide
+    rows read half the bytes per second it reads without)."""
+    return _typer(instructions(), x16, d, n, q, o)
 
 
 @intrinsic
 def q8_dot4(typingctx, x16, d, n, q, o):
-    """(q8_dot(x16[n + r], d[n + r], q, o) for r = 0..3): rows n..n+3 of x16 (N, K) int16 and d (N, K/32
+    """(q8_dot(x16, d, n + r, q, o) for r = 0..3): rows n..n+3 of x16 (N, K) int16 and d (N, K/32
     rounded up) against weight row o, each weight block read and widened once for the four; every row's
     value the same bits as q8_dot's for it alone."""
     return _typer4(instructions(), x16, d, n, q, o)
@@ -199,8 +205,8 @@ def q8_dot_using(path: str):
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
 
     @intrinsic
-    def q8_dot_path(typingctx, x16, d, q, o):
-        return _typer(path, x16, d, q, o)
+    def q8_dot_path(typingctx, x16, d, n, q, o):
+        return _typer(path, x16, d, n, q, o)
     return q8_dot_path
 
 

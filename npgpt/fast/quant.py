@@ -251,21 +251,21 @@ def _quantize_q8(x, x16, d):
 
 
 @njit(**JIT_OPTIONS)
-def _q8_row(x16, d, q, o):
-    # sum_b d[b] * (x16[block b] . q[o, block b]): the whole blocks on the CPU's dot-product
+def _q8_row(x16, d, n, q, o):
+    # sum_b d[n, b] * (x16[n, block b] . q[o, block b]): the whole blocks on the CPU's dot-product
     # instructions (q8_dot), a last partial block here
-    return q8_dot(x16, d, q, o) + _q8_tail(x16, d, q, o)
+    return q8_dot(x16, d, n, q, o) + _q8_tail(x16, d, n, q, o)
 
 
 @njit(**JIT_OPTIONS)
-def _q8_tail(x16, d, q, o):
-    # d[last] * (x16[last block] . q[o, last block]) for a partial last block, else 0
-    K = x16.shape[0]
+def _q8_tail(x16, d, n, q, o):
+    # d[n, last] * (x16[n, last block] . q[o, last block]) for a partial last block, else 0
+    K = x16.shape[1]
     k0 = K - K % BLOCK
     t = 0
     for k in range(k0, K):
-        t += np.int64(x16[k]) * np.int64(q[o, k])
-    return np.float32(np.float64(t) * np.float64(d[k0 // BLOCK])) if k0 < K else np.float32(0.0)   # t exact
+        t += np.int64(x16[n, k]) * np.int64(q[o, k])
+    return np.float32(np.float64(t) * np.float64(d[n, k0 // BLOCK])) if k0 < K else np.float32(0.0)   # t exact
 
 
 @pjit                                # no fastmath: each y[n, o] the same operations whatever N and threads
@@ -273,7 +273,7 @@ def _matmul_q8(x, q, scale, b, y, ahead):
     # x16, d = x quantized (_quantize_q8); then y[n, o] = scale[o] * sum_b d[n, b] * (x16[n, block b] .
     # q[o, block b]) + b[o]: each weight row read once (from memory), then taken against four rows of x
     # at a time (from L1), then the rest; q8_dot4 gives each row the same bits as q8_dot alone, so y[n]
-    # never depends on the other rows
+    # never depends on the other rows. Rows of x16 are passed by index, never as views (see q8_dot)
     N, K = x.shape
     O = q.shape[0]
     x16 = np.empty((N, K), np.int16)
@@ -287,10 +287,10 @@ def _matmul_q8(x, q, scale, b, y, ahead):
             while n + 4 <= N:
                 s4 = q8_dot4(x16, d, n, q, o)
                 for r in range(4):
-                    y[n + r, o] = (s4[r] + _q8_tail(x16[n + r], d[n + r], q, o)) * scale[o] + b[o]
+                    y[n + r, o] = (s4[r] + _q8_tail(x16, d, n + r, q, o)) * scale[o] + b[o]
                 n += 4
             while n < N:
-                y[n, o] = _q8_row(x16[n], d[n], q, o) * scale[o] + b[o]
+                y[n, o] = _q8_row(x16, d, n, q, o) * scale[o] + b[o]
                 n += 1
 
 
