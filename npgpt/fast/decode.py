@@ -13,41 +13,56 @@ two stacked products over NH heads, the softmax kernel, re-assemble the heads): 
 B=1, most of it the calls' own cost, against a few microseconds of arithmetic. Here it is one call;
 rows may hold different lengths (each row attends its own L + 1 keys, no mask needed). The (batch
 row, head) pairs are split over the cores only when the cache is long and the batch wide.
+
+decode_block (below) runs a whole block of a packed-weight model for one new token a row in one call:
+this attention, the products and the LayerNorm, GELU and residual lines around them.
 """
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
-from ._jit import pjit
+from ._jit import JIT_OPTIONS, REDUCTION_MATH, pjit
 from ._math import exp_sum_, max_of
+from . import gelu, layernorm
+from .quant import activations, chunks, prefetch_ahead, product_chunk, side_by_side
+
+layernorm_rows = layernorm._forward.serial      # the serial builds of those kernels, called from _block
+gelu_rows = gelu._forward.serial
+
+
+@njit(fastmath=REDUCTION_MATH, inline="always", **JIT_OPTIONS)
+def _attend(qkv, k_cache, v_cache, pos, scale, y, bh):
+    # batch row b = bh // NH, head h = bh % NH: the lines of the module docstring
+    B, NH, _, hs = k_cache.shape
+    C = NH * hs
+    b, h = bh // NH, bh % NH
+    L = pos[b]
+    q = np.empty(hs, qkv.dtype)                        # plain indices into whole arrays, not slices of
+    acc = np.empty(hs, qkv.dtype)                      # them: LLVM vectorises these loops (~4x faster)
+    for i in range(hs):
+        q[i] = qkv[b, h * hs + i]
+        k_cache[b, h, L, i] = qkv[b, C + h * hs + i]          # k_cache[b, :, L] = k
+        v_cache[b, h, L, i] = qkv[b, 2 * C + h * hs + i]      # v_cache[b, :, L] = v
+    s = np.empty(L + 1, qkv.dtype)
+    for j in range(L + 1):                             # s = scale * q @ k_cache[b, h, :L + 1]^T
+        dot = qkv.dtype.type(0)
+        for i in range(hs):
+            dot += q[i] * k_cache[b, h, j, i]
+        s[j] = dot * scale
+    inv = 1.0 / exp_sum_(s, max_of(s, 0, L + 1))      # a = softmax(s) = exp(s - max) / sum
+    acc[:] = 0.0
+    for j in range(L + 1):                             # y = a @ v_cache[b, h, :L + 1]
+        for i in range(hs):
+            acc[i] += s[j] * v_cache[b, h, j, i]
+    for i in range(hs):
+        y[b, h * hs + i] = acc[i] * inv
 
 
 @pjit(reductions=True)
 def _forward(qkv, k_cache, v_cache, pos, scale, y):
     """qkv (B, 3C); k_cache, v_cache (B, NH, n_ctx, hs); pos (B,) int64; y (B, C), written."""
-    B, NH, _, hs = k_cache.shape
-    C = NH * hs
+    B, NH = k_cache.shape[:2]
     for bh in prange(B * NH):
-        b, h = bh // NH, bh % NH
-        L = pos[b]
-        q = np.empty(hs, qkv.dtype)                        # plain indices into whole arrays, not slices of
-        acc = np.empty(hs, qkv.dtype)                      # them: LLVM vectorises these loops (~4x faster)
-        for i in range(hs):
-            q[i] = qkv[b, h * hs + i]
-            k_cache[b, h, L, i] = qkv[b, C + h * hs + i]          # k_cache[b, :, L] = k
-            v_cache[b, h, L, i] = qkv[b, 2 * C + h * hs + i]      # v_cache[b, :, L] = v
-        s = np.empty(L + 1, qkv.dtype)
-        for j in range(L + 1):                             # s = scale * q @ k_cache[b, h, :L + 1]^T
-            dot = qkv.dtype.type(0)
-            for i in range(hs):
-                dot += q[i] * k_cache[b, h, j, i]
-            s[j] = dot * scale
-        inv = 1.0 / exp_sum_(s, max_of(s, 0, L + 1))      # a = softmax(s) = exp(s - max) / sum
-        acc[:] = 0.0
-        for j in range(L + 1):                             # y = a @ v_cache[b, h, :L + 1]
-            for i in range(hs):
-                acc[i] += s[j] * v_cache[b, h, j, i]
-        for i in range(hs):
-            y[b, h * hs + i] = acc[i] * inv
+        _attend(qkv, k_cache, v_cache, pos, scale, y, bh)
 
 
 def decode_attention(qkv, k_cache, v_cache, pos, scale, out=None, threads_awake=False):
@@ -68,3 +83,77 @@ def decode_attention(qkv, k_cache, v_cache, pos, scale, out=None, threads_awake=
         work = 1 << 62
     _forward(work, qkv, k_cache, v_cache, np.ascontiguousarray(pos, dtype=np.int64), qkv.dtype.type(scale), y)
     return y
+
+
+# ----------------------------------------------------------------------------- a whole block, one call
+# decode_block runs one transformer block for one new token a row, with packed (bf16 or int8) weights,
+# as a single compiled call. It mirrors Block.forward_cached at T = 1 (npgpt/layers/block.py) through
+# the code that path runs (the products' chunks of npgpt/fast/quant.py, the attention above, the
+# LayerNorm and GELU kernels), so its values are theirs up to float32 rounding (where sums are
+# reassociated, the two builds may add in another order):
+#
+#     h = ln_1(x)
+#     qkv = h @ W_attn^T + b_attn                   # (B, 3C)
+#     y = attention of qkv over the cache           # (B, C), k and v appended
+#     x = x + (y @ W_proj^T + b_proj)
+#     h = ln_2(x)
+#     f = gelu(h @ W_fc^T + b_fc)                   # (B, 4C)
+#     x = x + (f @ W_mproj^T + b_mproj)
+#
+# What it saves is what lies between the kernels: through the modules a decoded token of GPT-2 124M runs
+# a dozen Python calls a block (modules, wrappers, checks, temporaries). It is one parallel function with
+# its own prange loops rather than a serial one calling the parallel kernels: Numba's disk cache of a
+# function that calls parallel functions crashed when loaded.
+
+@njit(parallel=True, **JIT_OPTIONS)
+def _block(x, g1, b1, g2, b2, eps, wa, sa, ba, wp, sp, bp, wf, sf, bf, wm, sm, bm,
+           k_cache, v_cache, pos, scale, gelu_s, gelu_k, one, sbs, ahead_a, ahead_p, ahead_f, ahead_m):
+    B, C = x.shape                                     # x (B, C), updated in place
+    NH = k_cache.shape[1]
+    h = np.empty((B, C), x.dtype)
+    xhat, rstd = np.empty((B, C), x.dtype), np.empty(B, x.dtype)
+    layernorm_rows(x, g1, b1, eps, h, xhat, rstd)      # h = ln_1(x)
+    qkv = np.empty((B, wa.shape[0]), x.dtype)
+    xa, xb = activations(h, wa)
+    for c in prange(chunks(wa)):                       # qkv = h @ W_attn^T + b_attn
+        product_chunk(xa, xb, wa, sa, ba, qkv, c, sbs, ahead_a)
+    y = np.empty((B, C), x.dtype)
+    for bh in prange(B * NH):                          # y = attention, k and v appended
+        _attend(qkv, k_cache, v_cache, pos, scale, y, bh)
+    a = np.empty((B, C), x.dtype)
+    xa, xb = activations(y, wp)
+    for c in prange(chunks(wp)):                       # a = y @ W_proj^T + b_proj
+        product_chunk(xa, xb, wp, sp, bp, a, c, sbs, ahead_p)
+    for n in range(B):
+        for k in range(C):
+            x[n, k] = x[n, k] + a[n, k]                # x = x + a
+    layernorm_rows(x, g2, b2, eps, h, xhat, rstd)      # h = ln_2(x)
+    f = np.empty((B, wf.shape[0]), x.dtype)
+    xa, xb = activations(h, wf)
+    for c in prange(chunks(wf)):                       # f = h @ W_fc^T + b_fc
+        product_chunk(xa, xb, wf, sf, bf, f, c, sbs, ahead_f)
+    g = np.empty_like(f)
+    gelu_rows(f.reshape(-1), g.reshape(-1), gelu_s, gelu_k, one)   # g = gelu(f)
+    xa, xb = activations(g, wm)
+    for c in prange(chunks(wm)):                       # a = g @ W_mproj^T + b_mproj
+        product_chunk(xa, xb, wm, sm, bm, a, c, sbs, ahead_m)
+    for n in range(B):
+        for k in range(C):
+            x[n, k] = x[n, k] + a[n, k]                # x = x + a
+
+
+def decode_block(x, ln_1, ln_2, eps, attn, proj, fc, mproj, k_cache, v_cache, pos, scale):
+    """One block for one new token a row, in place on x (B, C) float32 C-contiguous. ln_1, ln_2: (gain,
+    bias); attn, proj, fc, mproj: (packed, scale | None, bias) of c_attn, attn.c_proj, mlp.c_fc,
+    mlp.c_proj, all bf16 (uint16) or all int8 (with their scales), C-contiguous; k_cache, v_cache
+    (B, NH, n_ctx, hs) float32 and pos (B,) as decode_attention's. Block.forward_cached's values."""
+    ones = None
+    args = []
+    for w, s, b in (attn, proj, fc, mproj):
+        if s is None:                                  # bf16: no scales (a placeholder of the right type)
+            ones = np.ones(1, np.float32) if ones is None else ones
+            s = ones
+        args += [w, s, b]
+    _block(x, *ln_1, *ln_2, float(eps), *args, k_cache, v_cache, np.ascontiguousarray(pos, dtype=np.int64),
+           x.dtype.type(scale), *gelu._constants(x.dtype), side_by_side(),
+           *(prefetch_ahead(w) for w, _, _ in (attn, proj, fc, mproj)))

@@ -210,17 +210,23 @@ def _few_rows(x, w, b, y, O, lo, hi, ahead):
         o += 1
 
 
+@njit(inline="always", **JIT_OPTIONS)
+def _chunk(x, w, b, y, c, side_by_side, ahead):
+    # y[n, o] = sum_k x[n, k] * weight(w, o, k) + b[o] for the output channels of chunk c
+    N = x.shape[0]
+    O = w.shape[0]
+    lo, hi = c * CHUNK, min(O, (c + 1) * CHUNK)
+    if N == 1:                                      # one row of x: unpack on the fly, in registers
+        _one_row(x[0], w, b, y[0], O, lo, hi, side_by_side, ahead)
+    else:                                           # several rows: each weight row unpacked once
+        _few_rows(x, w, b, y, O, lo, hi, ahead)
+
+
 @pjit(reductions=True)
 def _matmul(x, w, b, y, side_by_side, ahead):
     # y[n, o] = sum_k x[n, k] * weight(w, o, k) + b[o]   (w bf16 bits or float32)
-    N = x.shape[0]
-    O = w.shape[0]
-    for c in prange((O + CHUNK - 1) // CHUNK):
-        lo, hi = c * CHUNK, min(O, (c + 1) * CHUNK)
-        if N == 1:                                  # one row of x: unpack on the fly, in registers
-            _one_row(x[0], w, b, y[0], O, lo, hi, side_by_side, ahead)
-        else:                                       # several rows: each weight row unpacked once
-            _few_rows(x, w, b, y, O, lo, hi, ahead)
+    for c in prange((w.shape[0] + CHUNK - 1) // CHUNK):
+        _chunk(x, w, b, y, c, side_by_side, ahead)
 
 
 @njit(**JIT_OPTIONS)                # no fastmath: the same IEEE operations as the NumPy lines
@@ -268,30 +274,84 @@ def _q8_tail(x16, d, n, q, o):
     return np.float32(np.float64(t) * np.float64(d[n, k0 // BLOCK])) if k0 < K else np.float32(0.0)   # t exact
 
 
-@pjit                                # no fastmath: each y[n, o] the same operations whatever N and threads
-def _matmul_q8(x, q, scale, b, y, ahead):
-    # x16, d = x quantized (_quantize_q8); then y[n, o] = scale[o] * sum_b d[n, b] * (x16[n, block b] .
-    # q[o, block b]) + b[o]: each weight row read once (from memory), then taken against four rows of x
-    # at a time (from L1), then the rest; q8_dot4 gives each row the same bits as q8_dot alone, so y[n]
-    # never depends on the other rows. Rows of x16 are passed by index, never as views (see q8_dot)
-    N, K = x.shape
+@njit(inline="always", **JIT_OPTIONS)   # no fastmath: each y[n, o] the same operations whatever N and threads
+def _q8_chunk(x16, d, q, scale, b, y, c, ahead):
+    # y[n, o] = scale[o] * sum_b d[n, b] * (x16[n, block b] . q[o, block b]) + b[o] for the output channels
+    # o of chunk c: each weight row read once (from memory), then taken against four rows of x at a time
+    # (from L1), then the rest; q8_dot4 gives each row the same bits as q8_dot alone, so y[n] never depends
+    # on the other rows. Rows of x16 are passed by index, never as views (see q8_dot)
+    N = x16.shape[0]
     O = q.shape[0]
+    for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
+        if ahead and o + ahead < O:
+            prefetch_row(q, o + ahead)
+        n = 0
+        while n + 4 <= N:
+            s4 = q8_dot4(x16, d, n, q, o)
+            for r in range(4):
+                y[n + r, o] = (s4[r] + _q8_tail(x16, d, n + r, q, o)) * scale[o] + b[o]
+            n += 4
+        while n < N:
+            y[n, o] = _q8_row(x16, d, n, q, o) * scale[o] + b[o]
+            n += 1
+
+
+@njit(**JIT_OPTIONS)
+def _q8_activations(x):
+    # (x16, d) = x quantized in blocks of 32 along K (_quantize_q8)
+    N, K = x.shape
     x16 = np.empty((N, K), np.int16)
     d = np.empty((N, (K + BLOCK - 1) // BLOCK), np.float32)
     _quantize_q8(x, x16, d)
-    for c in prange((O + CHUNK - 1) // CHUNK):
-        for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
-            if ahead and o + ahead < O:
-                prefetch_row(q, o + ahead)
-            n = 0
-            while n + 4 <= N:
-                s4 = q8_dot4(x16, d, n, q, o)
-                for r in range(4):
-                    y[n + r, o] = (s4[r] + _q8_tail(x16, d, n + r, q, o)) * scale[o] + b[o]
-                n += 4
-            while n < N:
-                y[n, o] = _q8_row(x16, d, n, q, o) * scale[o] + b[o]
-                n += 1
+    return x16, d
+
+
+@pjit
+def _matmul_q8(x, q, scale, b, y, ahead):
+    # y = x @ (q * scale)^T + b with x quantized first: the chunks of _q8_chunk over the cores
+    N, K = x.shape
+    x16 = np.empty((N, K), np.int16)           # allocated here, not in a helper: LLVM then knows they are
+    d = np.empty((N, (K + BLOCK - 1) // BLOCK), np.float32)     # no alias of y (several rows: ~1.3x faster)
+    _quantize_q8(x, x16, d)
+    for c in prange((q.shape[0] + CHUNK - 1) // CHUNK):
+        _q8_chunk(x16, d, q, scale, b, y, c, ahead)
+
+
+# The same products taken apart for a kernel with its own parallel loops (npgpt/fast/decode.py,
+# decode_block): x prepared once (int8: quantized), then each chunk of CHUNK output channels.
+#     xa, xb = activations(x, w)
+#     for c in prange(chunks(w)): product_chunk(xa, xb, w, scale, b, y, c, side_by_side, ahead)
+
+def activations(x, w):
+    """int8 w: (x16, d), x quantized; bf16 or float32 w: (x, x)."""
+
+
+def chunks(w):
+    """How many chunks of output channels w's product has."""
+    return (w.shape[0] + CHUNK - 1) // CHUNK
+
+
+def product_chunk(xa, xb, w, scale, b, y, c, side_by_side, ahead):
+    """Chunk c of y = x @ W^T + b, from activations(x, w)."""
+
+
+@overload(activations)
+def _activations(x, w):
+    if w.dtype == types.int8:
+        return lambda x, w: _q8_activations(x)
+    return lambda x, w: (x, x)
+
+
+@overload(chunks)
+def _chunks(w):
+    return lambda w: (w.shape[0] + CHUNK - 1) // CHUNK
+
+
+@overload(product_chunk)
+def _product_chunk(xa, xb, w, scale, b, y, c, side_by_side, ahead):
+    if w.dtype == types.int8:
+        return lambda xa, xb, w, scale, b, y, c, side_by_side, ahead: _q8_chunk(xa, xb, w, scale, b, y, c, ahead)
+    return lambda xa, xb, w, scale, b, y, c, side_by_side, ahead: _chunk(xa, w, b, y, c, side_by_side, ahead)
 
 
 def quantize_q8(x):

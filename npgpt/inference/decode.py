@@ -33,6 +33,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from . import fused
 from .kvcache import KVCache
 from .sampling import Sampler, TokenHistory
 
@@ -63,9 +64,14 @@ class Decoder:
         self.start = np.zeros(B, dtype=np.int64)               # (B,) first token of each row's window
         self.slides = 0                                        # how many row-windows have slid
         self._modules = list(model.modules())                  # for eval_mode: walked once, not per token
+        self._blocks = fused.plan(model)                       # packed weights: each block one call a token
 
     def _forward(self, idx, cache, n_valid=None):
         with self.model.eval_mode(self._modules):
+            if self._blocks is not None and n_valid is None and idx.shape[1] == 1:
+                logits = fused.step(self.model, self._blocks, idx, cache)    # the same values, fewer calls
+                if logits is not None:
+                    return logits
             return self.model.forward_cached(idx, cache, n_valid=n_valid)
 
     def prefill(self, prompts: Sequence[np.ndarray]):

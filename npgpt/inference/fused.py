@@ -1,0 +1,71 @@
+"""A decoding step of a packed-weight model with one compiled call per block.
+
+GPT.forward_cached (npgpt/model.py) runs a decoded token through the model's own modules: a dozen Python
+calls a block (LayerNorms, Linears and their wrappers, attention, GELU, residual adds), each with its
+checks and temporaries. That is the reference. With bf16 or int8 weights (npgpt/inference/quant.py) and
+the Numba backend, `step(model, blocks, idx, cache)` runs the same token with each block as one call of
+npgpt.fast.decode.decode_block, which runs the same kernels' code in the same order: the same logits up to
+float32 rounding (tests/test_fused_decode.py, token for token). The embeddings and the head stay the model's.
+
+    blocks = plan(model)                   # None unless every block is a plain packed one
+    logits = step(model, blocks, idx, cache)   # idx (B, 1) -> (B, V), as model.forward_cached(idx, cache)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import fast
+from ..layers.attention import CausalSelfAttention
+from ..layers.block import Block
+from ..layers.gelu import GELU
+from ..layers.layernorm import LayerNorm
+from ..layers.mlp import MLP
+from ..layers.module import no_grad
+from .quant import QuantLinear, packed_max_rows
+
+
+def _linear(m):
+    return (m.packed, m.scale, m.bias.data) if type(m) is QuantLinear else None
+
+
+def plan(model):
+    """Per block, decode_block's weights ((ln_1), (ln_2), eps, c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj),
+    or None where the step cannot be fused: another backend, a float32 or LoRA or swapped module, a
+    different eps or dtype somewhere."""
+    if not fast.use_numba() or getattr(model, "weight_format", "fp32") not in ("bf16", "int8"):
+        return None
+    out = []
+    for block in model.h:
+        if not (type(block) is Block and type(block.ln_1) is LayerNorm and type(block.ln_2) is LayerNorm
+                and type(block.attn) is CausalSelfAttention and type(block.mlp) is MLP and type(block.mlp.gelu) is GELU):
+            return None
+        ln_1, ln_2, attn, mlp = block.ln_1, block.ln_2, block.attn, block.mlp
+        weights = [_linear(m) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)]
+        if any(w is None for w in weights) or len({w[0].dtype for w in weights}) != 1 or ln_1.eps != ln_2.eps:
+            return None
+        arrays = [ln_1.weight.data, ln_1.bias.data, ln_2.weight.data, ln_2.bias.data] + [a for w in weights for a in w
+                                                                                         if a is not None]
+        if any(a.dtype != np.float32 for a in arrays if a.dtype.kind == "f") or \
+                not all(a.flags.c_contiguous for a in arrays):
+            return None
+        out.append(((ln_1.weight.data, ln_1.bias.data), (ln_2.weight.data, ln_2.bias.data), ln_1.eps, *weights,
+                    1.0 / np.sqrt(attn.hs)))
+    return out
+
+
+def step(model, blocks, idx, cache):
+    """model.forward_cached(idx, cache) for idx (B, 1), each block one call; None (nothing done) where the
+    batch is wider than the packed kernels take or the cache is not float32 (the caller then runs the model)."""
+    B, T = idx.shape
+    if not fast.use_numba() or T != 1 or B > packed_max_rows(blocks[0][3][0]) or cache.batch_size != B or cache.n_layer != len(blocks):
+        return None
+    if cache.dtype != np.float32 or not all(a.flags.c_contiguous for a in cache.k + cache.v):
+        return None
+    idx = model._check_idx(idx, 0)
+    with no_grad():
+        pos = cache.begin(1)                                                   # (B, 1)
+        x = np.ascontiguousarray((model.wte(idx) + model.wpe.forward_cached(pos))[:, 0], dtype=np.float32)  # (B, C)
+        for l, (ln_1, ln_2, eps, attn, proj, fc, mproj, scale) in enumerate(blocks):
+            fast.decode_block(x, ln_1, ln_2, eps, attn, proj, fc, mproj, cache.k[l], cache.v[l], pos[:, 0], scale)
+        cache.advance()
+        return model.lm_head(model.ln_f(x))                                   # (B, V)
