@@ -95,13 +95,16 @@ def test_plan_refuses_what_it_does_not_mirror(monkeypatch):
 
 
 def test_step_leaves_wide_batches_to_the_modules():
-    """More rows than the packed kernels take (int8: 16): step() declines, the Decoder runs the modules."""
+    """More rows than step() takes (int8: fused.INT8_MAX_ROWS): it declines, the Decoder runs the modules."""
     model = _model("int8", n_layer=1, n_ctx=8)
     blocks = fused.plan(model)
     from npgpt.inference.kvcache import KVCache
-    cache = KVCache.for_model(model, 17)
-    model.forward_cached(np.zeros((17, 2), np.int64), cache)
-    assert fused.step(model, blocks, np.zeros((17, 1), np.int64), cache) is None
+    B = fused.INT8_MAX_ROWS + 1
+    cache = KVCache.for_model(model, B)
+    model.forward_cached(np.zeros((B, 2), np.int64), cache)
+    assert fused.step(model, blocks, np.zeros((B, 1), np.int64), cache) is None
+    wide, calls = _decode(model, [np.arange(3)] * B, np.zeros((3, B), np.int64), True)
+    assert calls == 0 and np.isfinite(wide).all()
     small = KVCache.for_model(model, 2)
     model.forward_cached(np.zeros((2, 2), np.int64), small)
     assert fused.step(model, blocks, np.zeros((2, 2), np.int64), small) is None            # T = 2: not a decode step

@@ -210,7 +210,7 @@ def _few_rows(x, w, b, y, O, lo, hi, ahead):
         o += 1
 
 
-@njit(inline="always", **JIT_OPTIONS)
+@njit(**JIT_OPTIONS)
 def _chunk(x, w, b, y, c, side_by_side, ahead):
     # y[n, o] = sum_k x[n, k] * weight(w, o, k) + b[o] for the output channels of chunk c
     N = x.shape[0]
@@ -296,16 +296,6 @@ def _q8_chunk(x16, d, q, scale, b, y, c, ahead):
             n += 1
 
 
-@njit(**JIT_OPTIONS)
-def _q8_activations(x):
-    # (x16, d) = x quantized in blocks of 32 along K (_quantize_q8)
-    N, K = x.shape
-    x16 = np.empty((N, K), np.int16)
-    d = np.empty((N, (K + BLOCK - 1) // BLOCK), np.float32)
-    _quantize_q8(x, x16, d)
-    return x16, d
-
-
 @pjit
 def _matmul_q8(x, q, scale, b, y, ahead):
     # y = x @ (q * scale)^T + b with x quantized first: the chunks of _q8_chunk over the cores
@@ -335,10 +325,16 @@ def product_chunk(xa, xb, w, scale, b, y, c, side_by_side, ahead):
     """Chunk c of y = x @ W^T + b, from activations(x, w)."""
 
 
-@overload(activations)
+@overload(activations, inline="always")     # x16 and d allocated in the caller itself (see _matmul_q8)
 def _activations(x, w):
     if w.dtype == types.int8:
-        return lambda x, w: _q8_activations(x)
+        def impl(x, w):
+            N, K = x.shape
+            x16 = np.empty((N, K), np.int16)
+            d = np.empty((N, (K + BLOCK - 1) // BLOCK), np.float32)
+            _quantize_q8(x, x16, d)
+            return x16, d
+        return impl
     return lambda x, w: (x, x)
 
 
@@ -347,7 +343,7 @@ def _chunks(w):
     return lambda w: (w.shape[0] + CHUNK - 1) // CHUNK
 
 
-@overload(product_chunk)
+@overload(product_chunk, inline="always")
 def _product_chunk(xa, xb, w, scale, b, y, c, side_by_side, ahead):
     if w.dtype == types.int8:
         return lambda xa, xb, w, scale, b, y, c, side_by_side, ahead: _q8_chunk(xa, xb, w, scale, b, y, c, ahead)

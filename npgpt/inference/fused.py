@@ -53,11 +53,24 @@ def plan(model):
     return out
 
 
+# int8 batches of four rows and more stay on the modules: there the products take four rows of x at a time
+# (q8_dot4), and that loop compiled into decode_block ran slower than in the product's own kernel (GPT-2
+# 124M, 12 blocks on the Zen 4: B=4 10.5 against 9.6 ms, B=8 20.1 against 16.7, B=16 39.9 against 30.7;
+# B=1 5.9 against 6.5, B=2 6.1 against 7.1). bf16 gained or broke even at every width measured (1-8).
+INT8_MAX_ROWS = 3
+
+
+def max_rows(packed) -> int:
+    """The widest batch step() takes for weights like `packed`."""
+    return INT8_MAX_ROWS if packed.dtype == np.int8 else packed_max_rows(packed)
+
+
 def step(model, blocks, idx, cache):
     """model.forward_cached(idx, cache) for idx (B, 1), each block one call; None (nothing done) where the
-    batch is wider than the packed kernels take or the cache is not float32 (the caller then runs the model)."""
+    batch is wider than max_rows or the cache is not float32 (the caller then runs the model)."""
     B, T = idx.shape
-    if not fast.use_numba() or T != 1 or B > packed_max_rows(blocks[0][3][0]) or cache.batch_size != B or cache.n_layer != len(blocks):
+    if not fast.use_numba() or T != 1 or B > max_rows(blocks[0][3][0]) or cache.batch_size != B or \
+            cache.n_layer != len(blocks):
         return None
     if cache.dtype != np.float32 or not all(a.flags.c_contiguous for a in cache.k + cache.v):
         return None
