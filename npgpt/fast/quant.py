@@ -300,8 +300,8 @@ def _q8_chunk(x16, d, q, scale, b, y, c, ahead):
 def _matmul_q8(x, q, scale, b, y, ahead):
     # y = x @ (q * scale)^T + b with x quantized first: the chunks of _q8_chunk over the cores
     N, K = x.shape
-    x16 = np.empty((N, K), np.int16)           # allocated here, not in a helper: LLVM then knows they are
-    d = np.empty((N, (K + BLOCK - 1) // BLOCK), np.float32)     # no alias of y (several rows: ~1.3x faster)
+    x16 = np.empty((N, K), np.int16)           # allocated here, not returned by a helper (a build that took
+    d = np.empty((N, (K + BLOCK - 1) // BLOCK), np.float32)     # them from one ran 8 rows ~1.4x slower)
     _quantize_q8(x, x16, d)
     for c in prange((q.shape[0] + CHUNK - 1) // CHUNK):
         _q8_chunk(x16, d, q, scale, b, y, c, ahead)
@@ -316,6 +316,7 @@ def activations(x, w):
     """int8 w: (x16, d), x quantized; bf16 or float32 w: (x, x)."""
 
 
+@njit(**JIT_OPTIONS)
 def chunks(w):
     """How many chunks of output channels w's product has."""
     return (w.shape[0] + CHUNK - 1) // CHUNK
@@ -336,11 +337,6 @@ def _activations(x, w):
             return x16, d
         return impl
     return lambda x, w: (x, x)
-
-
-@overload(chunks)
-def _chunks(w):
-    return lambda w: (w.shape[0] + CHUNK - 1) // CHUNK
 
 
 @overload(product_chunk, inline="always")
