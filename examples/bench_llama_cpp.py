@@ -133,9 +133,10 @@ ids = np.array(prompt if isinstance(prompt[0], list) else [prompt])    # (B, T)
 def logits_of(w):          # (T, V): the whole window at once (a prompt's path), or "-decode": one token
     if not mode.endswith("-decode"):       # at a time through the KV cache (decoding's path)
         return model.forward(w[None])[0]
-    from npgpt.inference.kvcache import KVCache
-    cache = KVCache.for_model(model, 1)
-    return np.stack([model.forward_cached(np.array([[t]]), cache, last_only=True)[0] for t in w])   # (T, V)
+    from npgpt.inference.decode import Decoder    # as npgpt generate: packed weights' blocks one call each
+    dec = Decoder(model, 1, len(w))
+    out = [dec.prefill([w[:1]])] + [dec.step(np.array([t])) for t in w[1:]]
+    return np.concatenate(out)                       # (T, V)
 if mode.startswith("logits"):
     print(json.dumps({"logits": logits_of(ids[0]).astype(np.float32).tolist()})); sys.exit()
 if mode.startswith("nll"):  # ids: windows of token ids; mean NLL of every token after the first of each
