@@ -1,9 +1,9 @@
 """Decoding with each block one compiled call (npgpt/inference/fused.py) against the same model through its
 modules (GPT.forward_cached), in one process, alternated in pairs: GPT-2 124M shapes, random weights, a
-32-token prompt, then `--new` greedy tokens a round; ms a decoded token and the ratio of each pair.
+`--prompt`-token prompt (32), then `--new` greedy tokens a round; ms a decoded token and the ratio of each pair.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/bench_fused_decode.py --weights int8 bf16 \\
-        [--B 1 2 8] [--rounds 8] [--new 64] [--any-width]
+        [--B 1 2 8] [--rounds 8] [--new 64] [--prompt 32] [--any-width]
 
 --any-width lifts fused.INT8_MAX_ROWS (int8 batches of four rows and more, which npgpt leaves to the
 modules) to measure them too.
@@ -28,16 +28,16 @@ ap.add_argument("--weights", nargs="+", default=["int8", "bf16"], choices=["bf16
 ap.add_argument("--B", nargs="+", type=int, default=[1])
 ap.add_argument("--rounds", type=int, default=8)
 ap.add_argument("--new", type=int, default=64)
+ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (the cache's length before decoding)")
 ap.add_argument("--any-width", action="store_true")
 args = ap.parse_args()
 if args.any_width:
     fused.INT8_MAX_ROWS = 1 << 30
 
 
-def per_token(model, prompts, blocks, new):
-    """ms a decoded token over `new` greedy steps after the prompts (blocks None: through the modules)."""
-    dec = Decoder(model, len(prompts), len(prompts[0]) + new + 1)
-    dec._blocks = blocks
+def per_token(model, prompts, compiled, new):
+    """ms a decoded token over `new` greedy steps after the prompts (compiled False: through the modules)."""
+    dec = Decoder(model, len(prompts), len(prompts[0]) + new + 1, compiled=compiled)
     logits = dec.prefill(prompts)
     t = time.perf_counter()
     for _ in range(new):
@@ -45,7 +45,8 @@ def per_token(model, prompts, blocks, new):
     return (time.perf_counter() - t) / new * 1e3
 
 
-print(f"CPU: {cpu_model()}; BLAS: {blas_info()}; GPT-2 124M shapes; {args.rounds} rounds of {args.new} tokens")
+print(f"CPU: {cpu_model()}; BLAS: {blas_info()}; GPT-2 124M shapes; {args.rounds} rounds of {args.new} tokens "
+      f"after {args.prompt}")
 cfg = npgpt.GPTConfig.from_preset("gpt2")
 base = npgpt.GPT(cfg, seed=0).eval()
 state = {k: v.copy() for k, v in base.state_dict().items()}
@@ -55,14 +56,13 @@ for kind in args.weights:
     model = npgpt.GPT(cfg, seed=0)
     model.load_state_dict(state)
     model = quantize(model.eval(), kind)
-    blocks = fused.plan(model)
     for B in args.B:
-        prompts = list(np.random.default_rng(B).integers(0, cfg.n_vocab, (B, 32)))
-        per_token(model, prompts, blocks, 4), per_token(model, prompts, None, 4)        # compile, fault pages in
+        prompts = list(np.random.default_rng(B).integers(0, cfg.n_vocab, (B, args.prompt)))
+        per_token(model, prompts, True, 4), per_token(model, prompts, False, 4)        # compile, fault pages in
         runs = {True: [], False: []}
         for r in range(args.rounds):
             for compiled in ((True, False) if r % 2 == 0 else (False, True)):
-                runs[compiled].append(per_token(model, prompts, blocks if compiled else None, args.new))
+                runs[compiled].append(per_token(model, prompts, compiled, args.new))
         c, m = np.array(runs[True]), np.array(runs[False])
         ratio = m / c
         print(f"| {kind} | {B} | {np.median(c):.2f} ({c.min():.2f}-{c.max():.2f}) | {np.median(m):.2f} "

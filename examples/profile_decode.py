@@ -107,12 +107,10 @@ def main():
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.n_vocab, (args.B, args.prompt))
 
-    def decode(model, timed, fused=True):
-        """Prefill untimed, then args.new tokens one step at a time -> seconds per step. fused=False: the
+    def decode(model, timed, compiled=True):
+        """Prefill untimed, then args.new tokens one step at a time -> seconds per step. compiled=False: the
         blocks through the model's modules, as GPT.forward_cached runs them."""
-        dec = Decoder(model, args.B, args.prompt + args.new)     # as npgpt generate decodes
-        if not fused:
-            dec._blocks = None
+        dec = Decoder(model, args.B, args.prompt + args.new, compiled=compiled)   # as npgpt generate decodes
         logits = dec.prefill(list(prompt))
         clock.on = timed
         t = time.perf_counter()
@@ -129,14 +127,14 @@ def main():
         model.load_state_dict(float_weights)
         model = quant.quantize(model.eval(), kind)
         decode(model, False)                                  # compile, fault the pages in
-        compiled = fused.plan(model) is not None                # bf16, int8: each block one call a token
+        fusable = fused.plan(model) is not None                 # bf16, int8: each block one call a token
         own, bare, bare_modules, wall, calls = defaultdict(list), [], [], [], {}
         for _ in range(args.rounds):
             bare.append(decode(model, False))
-            if compiled:
-                bare_modules.append(decode(model, False, fused=False))
+            if fusable:
+                bare_modules.append(decode(model, False, compiled=False))
             clock.clear()
-            wall.append(decode(model, True, fused=False))
+            wall.append(decode(model, True, compiled=False))
             timed = 0.0
             for name, s in clock.own.items():
                 own[name].append(s / args.new)
@@ -148,7 +146,7 @@ def main():
         step, step_bare = float(np.median(wall)), float(np.median(bare))
         total_bytes = sum(nbytes.values())
         floor = total_bytes / (gbs * 1e9)
-        modules = f", {np.median(bare_modules) * 1e3:.2f} ms bare through the modules" if compiled else ""
+        modules = f", {np.median(bare_modules) * 1e3:.2f} ms bare through the modules" if fusable else ""
         print(f"### {kind}: {step_bare * 1e3:.2f} ms a token bare ({args.B / step_bare:.1f} tok/s){modules}, "
               f"{step * 1e3:.2f} ms timed (the table: through the modules); weights read {total_bytes / 1e6:.1f} MB a token; floor at {gbs:.1f} GB/s {floor * 1e3:.2f} ms: "
               f"bare / floor {step_bare / floor:.2f}x")

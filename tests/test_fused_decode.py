@@ -23,23 +23,30 @@ from npgpt.inference.quant import quantize
 KINDS = ["bf16", "int8"]
 
 
-def _model(kind, **cfg):
+def _model(kind, seed=3, **cfg):
+    """A packed model whose every parameter is random: LayerNorm gains away from 1, biases away from 0 (a
+    fresh GPT's are 1 and 0, which would hide a gain or a bias read from the wrong place)."""
     base = dict(n_layer=2, n_embd=48, n_head=4, n_ctx=40, n_vocab=97)
-    return quantize(npgpt.GPT(npgpt.GPTConfig(**{**base, **cfg}), seed=3), kind)
+    model = npgpt.GPT(npgpt.GPTConfig(**{**base, **cfg}), seed=seed)
+    rng = np.random.default_rng(seed)
+    for name, p in model.named_parameters():
+        if name.endswith(".weight") and p.data.ndim == 1:                   # LayerNorm gains
+            p.data[...] = rng.uniform(0.5, 1.5, p.data.shape)
+        elif name.endswith(".bias"):
+            p.data[...] = rng.normal(0, 0.1, p.data.shape)
+    return quantize(model, kind)
 
 
 def _decode(model, prompts, tokens, compiled):
-    """Logits after the prompts and after each step of tokens (steps, B), (steps + 1, B, V), and how many
-    times decode_block ran."""
+    """Logits after the prompts and after each step of tokens (steps, B), (steps + 1, B, V), how many
+    times decode_block ran, and the Decoder (its cache)."""
     calls = []
     real = decode_kernels.decode_block
 
     def counted(*a):
         calls.append(1)
         return real(*a)
-    dec = Decoder(model, len(prompts), max(map(len, prompts)) + len(tokens))
-    if not compiled:
-        dec._blocks = None
+    dec = Decoder(model, len(prompts), max(map(len, prompts)) + len(tokens), compiled=compiled)
     out = [dec.prefill(prompts)]
     fast.decode_block = counted                 # fast's attribute is what fused.step calls
     try:
@@ -47,7 +54,16 @@ def _decode(model, prompts, tokens, compiled):
             out.append(dec.step(step))
     finally:
         fast.decode_block = real
-    return np.stack(out), len(calls)
+    return np.stack(out), len(calls), dec
+
+
+def _same_cache(a, b):
+    """Two Decoders' caches: the same lengths, and the same keys and values where they are filled."""
+    np.testing.assert_array_equal(a.cache.lengths, b.cache.lengths)
+    for l in range(len(a.cache.k)):
+        for kv_a, kv_b in ((a.cache.k[l], b.cache.k[l]), (a.cache.v[l], b.cache.v[l])):
+            for r, n in enumerate(a.cache.lengths):
+                _close(kv_a[r, :, :n], kv_b[r, :, :n])
 
 
 def _close(a, b):
@@ -62,10 +78,11 @@ def test_compiled_blocks_give_the_modules_logits(kind, lengths):
     rng = np.random.default_rng(len(lengths))
     prompts = [rng.integers(0, 97, n) for n in lengths]
     tokens = rng.integers(0, 97, (45, len(lengths)))     # past n_ctx = 40: the window slides (a re-prefill)
-    compiled, calls = _decode(model, prompts, tokens, True)
-    modules, none = _decode(model, prompts, tokens, False)
+    compiled, calls, dec_c = _decode(model, prompts, tokens, True)
+    modules, none, dec_m = _decode(model, prompts, tokens, False)
     assert none == 0 and calls >= model.config.n_layer * (len(tokens) - 2)      # it did run, block by block
     _close(compiled, modules)
+    _same_cache(dec_c, dec_m)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -74,10 +91,27 @@ def test_compiled_blocks_parallel_products(kind):
     model = _model(kind, n_layer=1, n_embd=256, n_head=4, n_ctx=16, n_vocab=50)
     prompts = [np.arange(4), np.arange(6)]
     tokens = np.random.default_rng(0).integers(0, 50, (6, 2))
-    compiled, calls = _decode(model, prompts, tokens, True)
-    modules, _ = _decode(model, prompts, tokens, False)
+    compiled, calls, dec_c = _decode(model, prompts, tokens, True)
+    modules, _, dec_m = _decode(model, prompts, tokens, False)
     assert calls == 6
     _close(compiled, modules)
+    _same_cache(dec_c, dec_m)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoder_plans_at_every_prefill(kind):
+    """New parameters put into the model between two sequences (load_state_dict with assign=True makes
+    the given arrays the parameters: here every LayerNorm and bias; the packed weights are not parameters):
+    the next prefill's plan holds them, so the compiled blocks follow."""
+    model, other = _model(kind), _model(kind, seed=4)
+    prompts, tokens = [np.arange(5)], np.random.default_rng(5).integers(0, 97, (4, 1))
+    dec = Decoder(model, 1, 5 + len(tokens))
+    before = dec.prefill(prompts)
+    model.load_state_dict({k: v.copy() for k, v in other.state_dict().items()}, assign=True)
+    after = [dec.prefill(prompts)] + [dec.step(t) for t in tokens]
+    reference, _, _ = _decode(model, prompts, tokens, False)
+    _close(np.stack(after), reference)
+    assert np.abs(before - after[0]).max() > 1e-2                          # the new parameters did matter
 
 
 def test_plan_refuses_what_it_does_not_mirror(monkeypatch):
@@ -92,6 +126,12 @@ def test_plan_refuses_what_it_does_not_mirror(monkeypatch):
     eps = _model("bf16")
     eps.h[0].ln_2.eps = 1e-3
     assert fused.plan(eps) is None
+    dropout = _model("bf16")
+    dropout.h[0].attn.resid_dropout = type("Other", (npgpt.layers.Dropout,), {})(0.0)
+    assert fused.plan(dropout) is None
+    sub = _model("int8")
+    sub.__class__ = type("MyGPT", (npgpt.GPT,), {})                        # its forward_cached may be its own
+    assert fused.plan(sub) is None
 
 
 def test_step_leaves_wide_batches_to_the_modules():
@@ -103,7 +143,7 @@ def test_step_leaves_wide_batches_to_the_modules():
     cache = KVCache.for_model(model, B)
     model.forward_cached(np.zeros((B, 2), np.int64), cache)
     assert fused.step(model, blocks, np.zeros((B, 1), np.int64), cache) is None
-    wide, calls = _decode(model, [np.arange(3)] * B, np.zeros((3, B), np.int64), True)
+    wide, calls, _ = _decode(model, [np.arange(3)] * B, np.zeros((3, B), np.int64), True)
     assert calls == 0 and np.isfinite(wide).all()
     small = KVCache.for_model(model, 2)
     model.forward_cached(np.zeros((2, 2), np.int64), small)

@@ -49,9 +49,13 @@ class Decoder:
         logits = dec.step(tokens)          # tokens (B,) -> (B, V), sliding full windows first
 
     At all times the cache row b holds the tokens tokens[b, start[b]:n[b]], so `logits[b]` equals
-    model.forward(tokens[b, start[b]:n[b]])[0, -1]."""
+    model.forward(tokens[b, start[b]:n[b]])[0, -1].
 
-    def __init__(self, model, batch_size: int, capacity: int, keep: int | None = None):
+    compiled: with bf16 or int8 weights a decoded token runs each block as one compiled call
+    (npgpt/inference/fused.py, planned at every prefill): the modules' logits up to float32 rounding.
+    False: always through the modules (GPT.forward_cached, the reference)."""
+
+    def __init__(self, model, batch_size: int, capacity: int, keep: int | None = None, compiled: bool = True):
         n_ctx = model.config.n_ctx
         keep = max(1, n_ctx // 2) if keep is None else keep
         if not 1 <= keep <= n_ctx:
@@ -64,7 +68,8 @@ class Decoder:
         self.start = np.zeros(B, dtype=np.int64)               # (B,) first token of each row's window
         self.slides = 0                                        # how many row-windows have slid
         self._modules = list(model.modules())                  # for eval_mode: walked once, not per token
-        self._blocks = fused.plan(model)                       # packed weights: each block one call a token
+        self.compiled = compiled                               # packed weights: each block one call a token
+        self._blocks = None                                    # (fused.plan, made at each prefill)
 
     def _forward(self, idx, cache, n_valid=None):
         with self.model.eval_mode(self._modules):
@@ -86,6 +91,7 @@ class Decoder:
         cols = self.start[:, None] + np.arange(W)                     # (B, W), right padding past n[b]
         batch = np.take_along_axis(self.tokens, np.minimum(cols, lens[:, None] - 1), axis=1)  # (B, W)
         self.cache.reset()
+        self._blocks = fused.plan(self.model) if self.compiled else None     # the model's weights as they are now
         ragged = bool(w.min() != W)
         return self._forward(batch, self.cache, n_valid=w if ragged else None)   # (B, V)
 

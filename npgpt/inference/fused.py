@@ -17,10 +17,12 @@ import numpy as np
 from .. import fast
 from ..layers.attention import CausalSelfAttention
 from ..layers.block import Block
+from ..layers.dropout import Dropout
 from ..layers.gelu import GELU
 from ..layers.layernorm import LayerNorm
 from ..layers.mlp import MLP
 from ..layers.module import no_grad
+from ..model import GPT
 from .quant import QuantLinear, packed_max_rows
 
 
@@ -30,14 +32,16 @@ def _linear(m):
 
 def plan(model):
     """Per block, decode_block's weights ((ln_1), (ln_2), eps, c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj),
-    or None where the step cannot be fused: another backend, a float32 or LoRA or swapped module, a
-    different eps or dtype somewhere."""
-    if not fast.use_numba() or getattr(model, "weight_format", "fp32") not in ("bf16", "int8"):
+    or None where the step cannot be fused: another backend, a model or module of another class (a
+    subclass, LoRA, float32 Linears, a swapped GELU or Dropout), a different eps, dtype or memory order
+    somewhere. The plan holds the model's arrays as they are now: Decoder makes one at every prefill."""
+    if not fast.use_numba() or type(model) is not GPT or getattr(model, "weight_format", "fp32") not in ("bf16", "int8"):
         return None
     out = []
     for block in model.h:
         if not (type(block) is Block and type(block.ln_1) is LayerNorm and type(block.ln_2) is LayerNorm
-                and type(block.attn) is CausalSelfAttention and type(block.mlp) is MLP and type(block.mlp.gelu) is GELU):
+                and type(block.attn) is CausalSelfAttention and type(block.mlp) is MLP and type(block.mlp.gelu) is GELU
+                and all(type(d) is Dropout for d in (block.attn.attn_dropout, block.attn.resid_dropout, block.mlp.dropout))):
             return None
         ln_1, ln_2, attn, mlp = block.ln_1, block.ln_2, block.attn, block.mlp
         weights = [_linear(m) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)]
@@ -66,8 +70,9 @@ def max_rows(packed) -> int:
 
 
 def step(model, blocks, idx, cache):
-    """model.forward_cached(idx, cache) for idx (B, 1), each block one call; None (nothing done) where the
-    batch is wider than max_rows or the cache is not float32 (the caller then runs the model)."""
+    """model.forward_cached(idx, cache) for idx (B, 1), each block one call. None, with nothing done (the
+    caller then runs the model), where it cannot: another backend now, more than one token a row, more
+    rows than max_rows, a cache for another batch or depth, or a cache that is not float32 C-contiguous."""
     B, T = idx.shape
     if not fast.use_numba() or T != 1 or B > max_rows(blocks[0][3][0]) or cache.batch_size != B or \
             cache.n_layer != len(blocks):
