@@ -109,12 +109,13 @@ def test_decoder_plans_at_every_prefill(kind):
     before = dec.prefill(prompts)
     model.load_state_dict({k: v.copy() for k, v in other.state_dict().items()}, assign=True)
     after = [dec.prefill(prompts)] + [dec.step(t) for t in tokens]
+    assert dec._blocks[0][0][0] is model.h[0].ln_1.weight.data             # the plan holds the new arrays
     reference, _, _ = _decode(model, prompts, tokens, False)
     _close(np.stack(after), reference)
     assert np.abs(before - after[0]).max() > 1e-2                          # the new parameters did matter
 
 
-def test_plan_refuses_what_it_does_not_mirror(monkeypatch):
+def test_plan_refuses_what_it_does_not_mirror():
     assert fused.plan(npgpt.GPT(npgpt.GPTConfig(n_layer=1, n_embd=16, n_head=2, n_ctx=8, n_vocab=11))) is None  # float32
     model = _model("int8")
     assert len(fused.plan(model)) == model.config.n_layer
@@ -123,6 +124,7 @@ def test_plan_refuses_what_it_does_not_mirror(monkeypatch):
     swapped = _model("int8")
     swapped.h[1].mlp.gelu = type("Other", (npgpt.layers.GELU,), {})()      # a subclass: its own forward may differ
     assert fused.plan(swapped) is None
+    assert len(fused.plan(_model("bf16"))) == model.config.n_layer          # bf16 is planned as it is
     eps = _model("bf16")
     eps.h[0].ln_2.eps = 1e-3
     assert fused.plan(eps) is None

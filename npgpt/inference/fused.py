@@ -60,9 +60,10 @@ def plan(model):
 # int8 batches of four rows and more stay on the modules: there the products take four rows of x at a time
 # (q8_dot4), and that loop compiled into decode_block ran slower than in the product's own kernel (GPT-2
 # 124M, 12 blocks on the Zen 4: B=4 10.5 against 9.6 ms, B=8 20.1 against 16.7, B=16 39.9 against 30.7;
-# B=1 5.9 against 6.5, B=2 6.1 against 7.1). bf16 gained or broke even at every width measured, up to the
-# packed kernel's 64 rows (modules / compiled, 4 alternated pairs of 16 steps: B=8 0.993x (0.926-1.076),
-# B=16 1.040x, B=32 1.069x, B=64 1.017x (0.943-1.063); examples/bench_fused_decode.py --B 8 16 32 64).
+# B=1 5.9 against 6.5, B=2 6.1 against 7.1). bf16 was never slower beyond the spread at any width
+# measured, up to the packed kernel's 64 rows (modules / compiled, 4 alternated pairs of 16 steps: B=8
+# 0.993x (0.926-1.076), B=16 1.040x, B=32 1.069x, B=64 1.017x (0.943-1.063);
+# examples/bench_fused_decode.py --B 8 16 32 64).
 INT8_MAX_ROWS = 3
 
 
