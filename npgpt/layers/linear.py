@@ -17,6 +17,8 @@ def add_bias_(y, b):
 
 
 class Linear(Module):
+    FEW_ROWS = 8     # 2..FEW_ROWS float32 rows (a batch of decoded tokens): npgpt/fast/few_rows.py, not BLAS
+
     def __init__(self, n_in: int, n_out: int, *, dtype=np.float32, rng=None, std: float = 0.02):
         self.weight = Parameter(normal_init(rng, (n_in, n_out), std, dtype))  # (in, out); zeros if rng is None
         self.bias = Parameter(np.zeros(n_out, dtype=dtype))                                 # (out,)
@@ -31,7 +33,14 @@ class Linear(Module):
         *lead, n_in = x.shape
         x2 = x.reshape(-1, n_in)                             # (N, in), N = B*T: one 2-D GEMM
         self.save_for_backward(x=x2)
-        y = x2 @ self.weight.data                            # (N, out)
+        w = self.weight.data                                 # (in, out)
+        if (2 <= len(x2) <= self.FEW_ROWS and x2.dtype == np.float32 and w.dtype == np.float32
+                and x2.flags.c_contiguous and w.flags.c_contiguous and fast.use_numba()):
+            # BLAS copies (packs) w before multiplying so few rows and reads 10-14 GB/s; the kernel
+            # streams w once for every four rows (docs/performance.md, "float32 batches of 2-8 rows")
+            y = fast.few_rows_matmul(x2, w)                  # x @ w, each row's sums in order
+        else:
+            y = x2 @ w                                       # (N, out)
         return y.reshape(*lead, -1)
 
     def backward(self, dy):

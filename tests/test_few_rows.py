@@ -1,0 +1,103 @@
+"""npgpt/fast/few_rows.py: float32 products of a few rows, x @ w with w (in, out), against the NumPy line
+they mirror, each row the same bits in any batch, and Linear routing decoding's batches to them."""
+import numpy as np
+import pytest
+
+import npgpt
+from npgpt import fast
+from npgpt.fast.few_rows import COLS, K_CHUNK, few_rows_matmul
+from npgpt.layers import linear
+
+
+def _within_sum_bound(y, x, w):
+    """|y - x @ w| within the bound of any order of float32 sums of K products, each rounded at most
+    twice: (K + 1) u sum_k |x_k w_kj| (u = 2^-24), so no CPU's rounding decides it."""
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    bound = (x.shape[1] + 1) * 2.0 ** -24 * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64))
+    assert np.all(np.abs(y - exact) <= bound + 1e-30)
+
+
+def fma_chain(x, w):
+    """y[n, j] = fma(x[n, K-1], w[K-1, j], ... fma(x[n, 0], w[0, j], 0)) in float32, exactly: each step in
+    float64, where x * w is exact (24 + 24 bits) and the sum rounds once; rounding that to float32 is
+    fma's single rounding unless the float64 value lies exactly halfway between two float32 numbers
+    (then the first rounding may have put it there), which the check excludes for the data given."""
+    y = np.zeros((x.shape[0], w.shape[1]), np.float32)
+    for k in range(x.shape[1]):
+        s = x[:, k:k + 1].astype(np.float64) * w[k].astype(np.float64) + y      # (N, out)
+        y = s.astype(np.float32)
+        for toward in (-np.inf, np.inf):
+            neighbour = np.nextafter(y, np.float32(toward)).astype(np.float64)
+            assert not np.any(s == (y.astype(np.float64) + neighbour) / 2), "a tie: pick other data"
+    return y
+
+
+def test_each_sum_is_the_fma_chain_in_order():
+    """Every output, in the tiles and in the columns past them, is its own chain of fused multiply-adds over
+    k = 0..K-1 (across the K_CHUNK boundaries too): IEEE operations, the same bits on every CPU."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((7, 2 * K_CHUNK + 88), dtype=np.float32)   # partial sums resumed from y twice
+    w = rng.standard_normal((x.shape[1], 2 * COLS + 11), dtype=np.float32)
+    np.testing.assert_array_equal(few_rows_matmul(x, w), fma_chain(x, w))
+
+
+@pytest.mark.parametrize("N", [1, 2, 3, 4, 5, 7, 8])
+@pytest.mark.parametrize("K,O", [(768, 2304), (3072, 768), (33, 70), (5, COLS), (9, 13), (0, COLS + 1)])  # tiles; a tail; tail only; empty sums
+def test_products_against_numpy(N, K, O):
+    rng = np.random.default_rng(N * 1000 + O)
+    x = rng.standard_normal((N, K), dtype=np.float32)
+    w = rng.standard_normal((K, O), dtype=np.float32)
+    y = few_rows_matmul(x, w)
+    assert y.shape == (N, O) and y.dtype == np.float32
+    _within_sum_bound(y, x, w)
+    out = np.full((N, O), np.nan, np.float32)
+    assert few_rows_matmul(x, w, out=out) is out
+    np.testing.assert_array_equal(out, y)
+
+
+def test_each_row_the_same_bits_in_any_batch():
+    """A row's values do not depend on how many rows share the call or where it sits among them (the tile
+    of four, two or one it falls in)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 200), dtype=np.float32)
+    w = rng.standard_normal((200, 2 * COLS + 9), dtype=np.float32)
+    alone = np.stack([few_rows_matmul(x[n:n + 1], w)[0] for n in range(8)])
+    for N in range(1, 9):
+        np.testing.assert_array_equal(few_rows_matmul(x[:N], w), alone[:N])
+    np.testing.assert_array_equal(few_rows_matmul(x[3:8], w), alone[3:8])
+
+
+def test_inf_and_nan_reach_the_outputs():
+    x = np.ones((3, 10), np.float32)
+    w = np.ones((10, COLS + 3), np.float32)
+    x[1, 4] = np.inf
+    w[7, 2] = np.nan
+    y = few_rows_matmul(x, w)
+    assert np.isnan(y[:, 2]).all()                      # a NaN weight: every row's column 2
+    assert np.isposinf(y[1, 3:]).all() and np.isfinite(y[[0, 2]][:, 3:]).all()
+    assert (y[[0, 2]][:, 3:] == 10).all()
+
+
+def test_linear_routes_few_float32_rows(monkeypatch):
+    """Linear takes the kernel for 2..FEW_ROWS float32 rows with the Numba backend, BLAS otherwise; the
+    values agree with the NumPy backend's to the sum bound."""
+    calls = []
+    real = fast.few_rows_matmul
+    monkeypatch.setattr(fast, "few_rows_matmul", lambda *a: calls.append(len(a[0])) or real(*a))
+    layer = linear.Linear(48, 130, rng=np.random.default_rng(1))
+    rng = np.random.default_rng(2)
+    with npgpt.no_grad():
+        for N, routed in ((1, False), (2, True), (linear.Linear.FEW_ROWS, True), (linear.Linear.FEW_ROWS + 1, False)):
+            x = rng.standard_normal((N, 48), dtype=np.float32)
+            calls.clear()
+            y = layer.forward_without_bias(x)
+            assert calls == ([N] if routed else [])
+            _within_sum_bound(y, x, layer.weight.data)
+            with fast.use_backend("numpy"):
+                calls.clear()
+                layer.forward_without_bias(x)
+                assert calls == []
+        wide = linear.Linear(48, 130, rng=np.random.default_rng(1), dtype=np.float64)
+        calls.clear()
+        wide.forward_without_bias(rng.standard_normal((4, 48)))
+        assert calls == []                                               # float64 (gradient checks): BLAS
