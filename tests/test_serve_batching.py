@@ -21,6 +21,7 @@ from npgpt.serve import kernels
 from npgpt.serve.batched import BatchedStep
 from npgpt.serve.engine import Engine, Params, Sequence
 from npgpt.tokens.bpe import get_tokenizer
+from test_few_rows import fma_chain          # the exact float32 FMA chain, emulated in float64
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TINY = os.path.join(FIXTURES, "tiny_hf")
@@ -44,18 +45,17 @@ def threads(request):
 def test_in_out_matmul_rows_are_independent_of_the_batch(threads):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((7, 37)).astype(np.float32)
-    w = rng.standard_normal((37, 53)).astype(np.float32)
-    b = rng.standard_normal(53).astype(np.float32)
+    w = rng.standard_normal((37, 64 + 53)).astype(np.float32)         # a whole tile of columns and a tail
+    b = rng.standard_normal(64 + 53).astype(np.float32)
     y = kernels.in_out_matmul(x, w, b)
     np.testing.assert_allclose(y, x @ w + b, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(y, rows_alone(lambda r: kernels.in_out_matmul(r, w, b), x))
     perm = np.array([3, 0, 6, 1])
     np.testing.assert_array_equal(kernels.in_out_matmul(x[perm], w, b), y[perm])
-    # the sum over k runs in order: exactly the sequential float32 chain, whatever the CPU
-    chain = np.zeros((7, 53), np.float32)
-    for k in range(37):
-        chain = chain + x[:, k:k + 1] * w[k]
-    np.testing.assert_array_equal(y, chain + b)
+    # the sum over k runs in order, one fused multiply-add a term: exactly that chain, whatever the CPU
+    np.testing.assert_array_equal(y, fma_chain(x, w) + b)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)                 # other dtypes: each row alone
+    np.testing.assert_array_equal(kernels.in_out_matmul(x64, w64, b), np.stack([r @ w64 for r in x64]) + b)
 
 
 @pytest.mark.parametrize("kind", ["float", "bf16", "int8"])

@@ -7,13 +7,10 @@ text can drift. These kernels read each weight once per step for all rows (what 
 pay) but compute every output from its own row by a sequence of operations that depends only on
 the layer's shape:
 
-    in_out_matmul    y[a] = x[a] @ w + b, w (in, out) as Linear keeps it. Each thread takes a range of
-                     output columns, and acc[a, n] += x[a, k] * w[k, n] for k = 0, 1, ..., K-1 in order,
-                     in plain IEEE float arithmetic (no reassociation, no fused multiply-add),
-                     vectorised across the columns, then + b[n]: every y[a, n] is the same chain of
-                     roundings whatever the rows, the range or the SIMD lane holding column n (so the
-                     ranges may follow the thread count; reading each w row's range in one sweep
-                     measured faster than L1-sized tiles).
+    in_out_matmul    y[a] = x[a] @ w + b, w (in, out) as Linear keeps it: decoding's few-row float32 product
+                     (npgpt/fast/few_rows.py), in which every y[a, n] is its own chain of fused
+                     multiply-adds over k = 0, 1, ..., K-1 in order, whatever the rows, the tile or the
+                     threads, then + b[n]. Each weight is read once for every four rows.
     out_in_matmul    y[a, o] = s[o] * (x[a] . w[o]) + b[o], w (out, in): float rows (the tied LM head),
                      bf16 bits or int8 with per-row scales s (QuantLinear). Each weight row is unpacked
                      once, then every x[a] takes its dot product with it through the one compiled `_dot`,
@@ -34,38 +31,14 @@ or (row, head) pairs, never inside a sum. NumPy they mirror, for one row a:
     p = softmax(q[a, h] @ K[r, h, :L].T * scale); out[a, h] = p @ V[r, h, :L]    # attend_rows
 """
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
 from ..fast._jit import JIT_OPTIONS, REDUCTION_MATH
 from ..fast._math import exp, prefetch_row
+from ..fast.few_rows import few_rows_matmul
 from ..fast.quant import packed_matmul, prefetch_ahead, unpack_row
 
-LANES = 16          # in_out_matmul's column ranges start at multiples of this (whole SIMD vectors)
 CHUNK = 16          # output rows a task of out_in_matmul takes (one unpacked weight row at a time)
-
-
-@njit(**JIT_OPTIONS)                                 # no fastmath: every element's own chain of roundings
-def _axpy(y, alpha, x):
-    # y += alpha * x, elementwise
-    for j in range(y.shape[0]):
-        y[j] += alpha * x[j]
-
-
-@njit(parallel=True, **JIT_OPTIONS)
-def _in_out(x, w, b, y, tile):
-    # y[a, n] = b[n] + sum_k x[a, k] * w[k, n], k ascending; columns in ranges of `tile`
-    A, K = x.shape
-    N = w.shape[1]
-    for t in prange((N + tile - 1) // tile):
-        n0 = t * tile
-        n1 = min(N, n0 + tile)
-        acc = np.zeros((A, n1 - n0), dtype=y.dtype)     # (A, width)
-        for k in range(K):
-            wk = w[k, n0:n1]                             # read once for every row
-            for a in range(A):
-                _axpy(acc[a], x[a, k], wk)
-        for a in range(A):
-            y[a, n0:n1] = acc[a] + b[n0:n1]
 
 
 @njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
@@ -136,10 +109,10 @@ def _attend(q, K, V, rows, lengths, scale, out):
 def in_out_matmul(x, w, b):
     """y (A, out) = x (A, in) @ w (in, out) + b (out,), each row by the same fixed arithmetic."""
     x = np.ascontiguousarray(x, dtype=w.dtype)
-    N = w.shape[1]
-    y = np.empty((x.shape[0], N), dtype=w.dtype)
-    tile = -(-N // (get_num_threads() * LANES)) * LANES      # one contiguous column range per thread
-    _in_out(x, w, b, y, tile)
+    if w.dtype != np.float32 or not w.flags.c_contiguous:     # e.g. a float64 model: each row alone
+        return np.stack([x[a] @ w for a in range(len(x))]) + b
+    y = few_rows_matmul(x, w)
+    y += b
     return y
 
 
