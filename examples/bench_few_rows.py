@@ -1,10 +1,11 @@
-"""float32 decoding of a few rows with the register-tiled products (npgpt/fast/few_rows.py) against the same
-decoding through BLAS's GEMM, in one process, alternated in pairs: GPT-2 124M shapes, random weights, a
-`--prompt`-token prompt (32) a row, then `--new` greedy tokens a round; ms a decoded step and each pair's ratio.
+"""float32 decoding of a few rows with npgpt/fast/few_rows.py's products against the same decoding as it ran
+before them, in one process, alternated in pairs: GPT-2 124M shapes, random weights, a `--prompt`-token
+prompt (32) a row, then `--new` greedy tokens a round; ms a decoded step and each pair's ratio.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/bench_few_rows.py [--B 2 4 8] [--rounds 6] [--new 32]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/bench_few_rows.py [--B 1 2 4 8] [--rounds 6] [--new 32]
 
-The BLAS side sets npgpt.layers.linear.Linear.FEW_ROWS to 1, so that every product goes to `x @ w` as before.
+"Before" sets Linear.FEW_ROWS to 1 (the blocks' products through BLAS, `x @ w`) and TiedLMHead.DOT_ROWS to
+0 (the head through BLAS's GEMV for one row, fast.quant's row kernel for 2-8).
 """
 import argparse
 import time
@@ -18,20 +19,21 @@ import numpy as np  # noqa: E402
 import npgpt  # noqa: E402
 from npgpt.bench import blas_info, cpu_model  # noqa: E402
 from npgpt.inference.decode import Decoder  # noqa: E402
-from npgpt.layers import linear  # noqa: E402
+from npgpt.layers.embedding import TiedLMHead  # noqa: E402
+from npgpt.layers.linear import Linear  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-ap.add_argument("--B", nargs="+", type=int, default=[2, 4, 8])
+ap.add_argument("--B", nargs="+", type=int, default=[1, 2, 4, 8])
 ap.add_argument("--rounds", type=int, default=6)
 ap.add_argument("--new", type=int, default=32)
 ap.add_argument("--prompt", type=int, default=32)
 args = ap.parse_args()
-ROWS = linear.Linear.FEW_ROWS
+ROWS, DOTS = Linear.FEW_ROWS, TiedLMHead.DOT_ROWS
 
 
 def per_step(model, prompts, tiled, new):
     """ms a decoded step (all rows) over `new` greedy steps after the prompts."""
-    linear.Linear.FEW_ROWS = ROWS if tiled else 1
+    Linear.FEW_ROWS, TiedLMHead.DOT_ROWS = (ROWS, DOTS) if tiled else (1, 0)
     dec = Decoder(model, len(prompts), len(prompts[0]) + new + 1)
     logits = dec.prefill(prompts)
     t = time.perf_counter()
@@ -44,7 +46,7 @@ print(f"CPU: {cpu_model()}; BLAS: {blas_info()}; GPT-2 124M shapes, float32; {ar
       f"steps after {args.prompt} tokens")
 cfg = npgpt.GPTConfig.from_preset("gpt2")
 model = npgpt.GPT(cfg, seed=0).eval()
-print("| B | tiled products, ms a step | BLAS GEMM, ms a step | BLAS / tiled, pairs: median (spread) |")
+print("| B | few_rows kernels, ms a step | before, ms a step | before / now, pairs: median (spread) |")
 print("|---|---|---|---|")
 for B in args.B:
     prompts = list(np.random.default_rng(B).integers(0, cfg.n_vocab, (B, args.prompt)))
@@ -57,4 +59,4 @@ for B in args.B:
     ratio = b / t
     print(f"| {B} | {np.median(t):.2f} ({t.min():.2f}-{t.max():.2f}) | {np.median(b):.2f} ({b.min():.2f}-{b.max():.2f}) "
           f"| {np.median(ratio):.3f} ({ratio.min():.3f}-{ratio.max():.3f}) |", flush=True)
-linear.Linear.FEW_ROWS = ROWS
+Linear.FEW_ROWS, TiedLMHead.DOT_ROWS = ROWS, DOTS

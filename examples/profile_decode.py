@@ -80,7 +80,7 @@ class DecodeClock(OpClock):
         for (cls, meth), name in others.items():
             setattr(cls, meth, self.wrap(name, vars(cls)[meth]))
         for name in fast._KERNELS:
-            if name != "few_rows_matmul":               # the product itself: counted in its Linear's row (GB/s)
+            if not name.startswith("few_rows_matmul"):  # the products themselves: counted in their modules' rows
                 setattr(fast, name, self.wrap(f"kernel {name}", getattr(fast, name)))
 
 

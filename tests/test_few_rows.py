@@ -1,11 +1,12 @@
-"""npgpt/fast/few_rows.py: float32 products of a few rows, x @ w with w (in, out), against the NumPy line
-they mirror, each row the same bits in any batch, and Linear routing decoding's batches to them."""
+"""npgpt/fast/few_rows.py: float32 products of a few rows, x @ w with w (in, out) and x @ w.T with w (out,
+in), against the NumPy lines they mirror, each row the same bits in any batch, and Linear and the tied LM
+head routing decoding's rows to them."""
 import numpy as np
 import pytest
 
 import npgpt
 from npgpt import fast
-from npgpt.fast.few_rows import COLS, K_CHUNK, few_rows_matmul
+from npgpt.fast.few_rows import COLS, K_CHUNK, few_rows_matmul, few_rows_matmul_t
 from npgpt.layers import linear
 
 
@@ -101,3 +102,51 @@ def test_linear_routes_few_float32_rows(monkeypatch):
         calls.clear()
         wide.forward_without_bias(rng.standard_normal((4, 48)))
         assert calls == []                                               # float64 (gradient checks): BLAS
+
+
+@pytest.mark.parametrize("N", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("K,O", [(768, 1000), (37, 5), (16, 3), (7, 130), (0, 4)])   # whole vectors; tails; tail only
+def test_transposed_products_against_numpy(N, K, O):
+    rng = np.random.default_rng(N * 100 + K)
+    x = rng.standard_normal((N, K), dtype=np.float32)
+    w = rng.standard_normal((O, K), dtype=np.float32)                  # (out, in), as wte
+    y = few_rows_matmul_t(x, w)
+    assert y.shape == (N, O) and y.dtype == np.float32
+    _within_sum_bound(y, x, w.T)
+    alone = np.stack([few_rows_matmul_t(x[n:n + 1], w)[0] for n in range(N)])
+    np.testing.assert_array_equal(y, alone)                            # each row the same bits in any batch
+
+
+def test_transposed_inf_and_nan():
+    x = np.ones((3, 40), np.float32)
+    w = np.ones((5, 40), np.float32)
+    x[1, 38] = np.inf                                                  # in the tail past the last whole vector
+    w[2, 3] = np.nan
+    y = few_rows_matmul_t(x, w)
+    assert np.isnan(y[:, 2]).all() and np.isposinf(y[1, [0, 1, 3, 4]]).all()
+    assert (y[[0, 2]][:, [0, 1, 3, 4]] == 40).all()
+
+
+def test_lm_head_routes_few_float32_rows(monkeypatch):
+    """The tied head: 1..DOT_ROWS rows to the dot-product kernel, up to FEW_ROWS to fast.quant's row kernel,
+    more to BLAS; the NumPy backend always BLAS; all within the sum bound."""
+    from npgpt.fast import quant
+    from npgpt.layers.embedding import Embedding, TiedLMHead
+    calls = []
+    real_t, real_q = fast.few_rows_matmul_t, quant.packed_matmul
+    monkeypatch.setattr(fast, "few_rows_matmul_t", lambda *a: calls.append("dots") or real_t(*a))
+    monkeypatch.setattr(quant, "packed_matmul", lambda *a, **k: calls.append("rows") or real_q(*a, **k))
+    head = TiedLMHead(Embedding(97, 40, rng=np.random.default_rng(3)))
+    rng = np.random.default_rng(4)
+    with npgpt.no_grad():
+        for N, way in ((1, "dots"), (TiedLMHead.DOT_ROWS, "dots"), (TiedLMHead.DOT_ROWS + 1, "rows"),
+                       (TiedLMHead.FEW_ROWS, "rows"), (TiedLMHead.FEW_ROWS + 1, None)):
+            x = rng.standard_normal((1, N, 40), dtype=np.float32)
+            calls.clear()
+            y = head(x)
+            assert y.shape == (1, N, 97) and calls == ([way] if way else [])
+            _within_sum_bound(y[0], x[0], head.weight.data.T)
+            with fast.use_backend("numpy"):
+                calls.clear()
+                head(x)
+                assert calls == []

@@ -57,7 +57,8 @@ class PositionEmbedding(Module):
 class TiedLMHead(Module):
     """logits = x @ wte^T: the output projection shares the token embedding's weight."""
 
-    FEW_ROWS = 8     # 2..FEW_ROWS rows (a batch of decoded tokens): fast.quant's row kernel, not BLAS
+    DOT_ROWS = 4     # 1..DOT_ROWS float32 rows (decoded tokens): npgpt/fast/few_rows.py's dot products
+    FEW_ROWS = 8     # then up to FEW_ROWS rows: fast.quant's row kernel (four rows of x a weight row); BLAS above
 
     def __init__(self, wte: Embedding):
         self.weight = wte.weight   # the same Parameter: named_parameters lists it once, as wte
@@ -67,10 +68,14 @@ class TiedLMHead(Module):
         x2 = x.reshape(-1, C)                                          # (N, C), N = B*T
         self.save_for_backward(x=x2)
         w = self.weight.data                                           # (V, C)
-        if 2 <= len(x2) <= self.FEW_ROWS and w.dtype == np.float32 and w.flags.c_contiguous and fast.use_numba():
+        few = x2.dtype == np.float32 and w.dtype == np.float32 and x2.flags.c_contiguous and w.flags.c_contiguous
+        if few and len(x2) <= self.DOT_ROWS and fast.use_numba():
+            # one row of w at a time in registers against every row of x: GPT-2's 154 MB wte at 1.2-1.6x
+            # the GB/s of BLAS's GEMV (one row) and of the row kernel below (2-4 rows); docs/performance.md
+            return fast.few_rows_matmul_t(x2, w).reshape(*lead, -1)       # (B, T, V)
+        if few and 2 <= len(x2) <= self.FEW_ROWS and fast.use_numba():
             # BLAS's GEMM of so few rows runs at a third of the bandwidth (N=8: 16.5 ms for the 154 MB of
-            # GPT-2's wte, against 9.8 ms streaming each row of w once for all N rows; at N=1 BLAS wins,
-            # from N=16 on they are even: examples and figures in docs/performance.md)
+            # GPT-2's wte, against 9.8 ms streaming each row of w once for all N rows)
             from ..fast.quant import packed_matmul
             return packed_matmul(x2, w, None, None).reshape(*lead, -1)    # (B, T, V)
         return (x2 @ w.T).reshape(*lead, -1)                          # (B, T, V)
