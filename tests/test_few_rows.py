@@ -18,12 +18,12 @@ def _within_sum_bound(y, x, w):
     assert np.all(np.abs(y - exact) <= bound + 1e-30)
 
 
-def fma_chain(x, w):
-    """y[n, j] = fma(x[n, K-1], w[K-1, j], ... fma(x[n, 0], w[0, j], 0)) in float32, exactly: each step in
+def fma_chain(x, w, start=None):
+    """y[n, j] = fma(x[n, K-1], w[K-1, j], ... fma(x[n, 0], w[0, j], start[n, j])) in float32 (start 0), exactly: each step in
     float64, where x * w is exact (24 + 24 bits) and the sum rounds once; rounding that to float32 is
     fma's single rounding unless the float64 value lies exactly halfway between two float32 numbers
     (then the first rounding may have put it there), which the check excludes for the data given."""
-    y = np.zeros((x.shape[0], w.shape[1]), np.float32)
+    y = np.zeros((x.shape[0], w.shape[1]), np.float32) if start is None else start.astype(np.float32)
     for k in range(x.shape[1]):
         s = x[:, k:k + 1].astype(np.float64) * w[k].astype(np.float64) + y      # (N, out)
         y = s.astype(np.float32)
@@ -42,7 +42,7 @@ def test_each_sum_is_the_fma_chain_in_order():
     np.testing.assert_array_equal(few_rows_matmul(x, w), fma_chain(x, w))
 
 
-@pytest.mark.parametrize("N", [1, 2, 3, 4, 5, 7, 8])
+@pytest.mark.parametrize("N", [1, 2, 3, 4, 5, 7, 8, 13])                 # 13: serve's wider batches
 @pytest.mark.parametrize("K,O", [(768, 2304), (3072, 768), (33, 70), (5, COLS), (9, 13), (0, COLS + 1)])  # tiles; a tail; tail only; empty sums
 def test_products_against_numpy(N, K, O):
     rng = np.random.default_rng(N * 1000 + O)
@@ -88,7 +88,8 @@ def test_linear_routes_few_float32_rows(monkeypatch):
     layer = linear.Linear(48, 130, rng=np.random.default_rng(1))
     rng = np.random.default_rng(2)
     with npgpt.no_grad():
-        for N, routed in ((1, False), (2, True), (linear.Linear.FEW_ROWS, True), (linear.Linear.FEW_ROWS + 1, False)):
+        top = min(linear.Linear.FEW_ROWS, fast.rows_limit())         # 8 rows with AVX-512, 4 without
+        for N, routed in ((1, False), (2, True), (top, True), (top + 1, False)):
             x = rng.standard_normal((N, 48), dtype=np.float32)
             calls.clear()
             y = layer.forward_without_bias(x)
@@ -150,3 +151,36 @@ def test_lm_head_routes_few_float32_rows(monkeypatch):
                 calls.clear()
                 head(x)
                 assert calls == []
+
+
+def test_transposed_sums_in_their_fixed_order():
+    """few_rows_matmul_t's order, emulated exactly: lane l chains the terms k = l, l + 16, ... (FMA), the
+    16 lanes are added in halves (l + 8, then l + 4, ...), and the last in % 16 terms continue by FMA."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 16 * 9 + 5), dtype=np.float32)
+    w = rng.standard_normal((70, x.shape[1]), dtype=np.float32)             # (out, in)
+    whole = x.shape[1] // 16 * 16
+    lanes = [fma_chain(x[:, l:whole:16], w.T[l:whole:16]) for l in range(16)]   # (N, out) each
+    while len(lanes) > 1:
+        half = len(lanes) // 2
+        lanes = [lanes[l] + lanes[l + half] for l in range(half)]           # float32 adds
+    expected = fma_chain(x[:, whole:], w.T[whole:], start=lanes[0])
+    np.testing.assert_array_equal(few_rows_matmul_t(x, w), expected)
+
+
+def test_bad_shapes_are_refused():
+    """The kernels index raw memory, so what BLAS would refuse they refuse too, before touching it."""
+    x, w = np.ones((2, 10), np.float32), np.ones((8, 64), np.float32)
+    with pytest.raises(ValueError, match="do not match"):
+        few_rows_matmul(x, w)                                               # K 10 against w's 8 rows
+    with pytest.raises(ValueError, match="do not match"):
+        few_rows_matmul_t(x, w)                                             # K 10 against w's 64 columns
+    with pytest.raises(ValueError, match="out must be"):
+        few_rows_matmul(np.ones((2, 8), np.float32), w, out=np.empty((2, 32), np.float32))
+    sq = np.ones((4, 4), np.float32)
+    with pytest.raises(ValueError, match="out must be"):
+        few_rows_matmul(sq, sq.copy(), out=sq)                              # out overlapping x
+    with pytest.raises(ValueError, match="C-ordered 2-D float32"):
+        few_rows_matmul(np.ones((2, 8)), w)                                 # float64
+    with pytest.raises(ValueError, match="C-ordered 2-D float32"):
+        few_rows_matmul_t(x, np.ones((10, 8), np.float32).T)               # a transposed view

@@ -248,10 +248,10 @@ def test_prefetch_rows_setting(monkeypatch, capsys):
                    "to 64, got 'eight'"]
 
 
-@pytest.mark.parametrize("N", [1, 2, 3, 8, 9])          # BLAS, the row kernel (2..8 rows), BLAS again
-@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("N", [1, 2, 3, 5, 8, 9])       # few_rows' dot products (1..4 rows), the row kernel
+@pytest.mark.parametrize("parallel", [False, True])      # (5..8), BLAS; tests/test_few_rows.py checks the routing
 def test_tied_head_few_rows_float32(N, parallel, monkeypatch):
-    # the tied LM head's few-row path (fast.quant's row kernel on the float32 (V, C) weight) against x @ w^T
+    # the tied LM head's few-row paths on the float32 (V, C) weight against x @ w^T
     from npgpt import layers
     from npgpt.fast import _jit
     if parallel:

@@ -54,8 +54,12 @@ def test_in_out_matmul_rows_are_independent_of_the_batch(threads):
     np.testing.assert_array_equal(kernels.in_out_matmul(x[perm], w, b), y[perm])
     # the sum over k runs in order, one fused multiply-add a term: exactly that chain, whatever the CPU
     np.testing.assert_array_equal(y, fma_chain(x, w) + b)
-    x64, w64 = x.astype(np.float64), w.astype(np.float64)                 # other dtypes: each row alone
-    np.testing.assert_array_equal(kernels.in_out_matmul(x64, w64, b), np.stack([r @ w64 for r in x64]) + b)
+    x64, w64, b64 = x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)   # other dtypes: row by row
+    y64 = kernels.in_out_matmul(x64, w64, b64)
+    np.testing.assert_allclose(y64, np.einsum("ak,kn->an", x64, w64) + b64, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(y64, rows_alone(lambda r: kernels.in_out_matmul(r, w64, b64), x64))
+    assert kernels.in_out_matmul(x[:0], w, b).shape == (0, w.shape[1])
+    assert kernels.in_out_matmul(x64[:0], w64, b64).shape == (0, w.shape[1])
 
 
 @pytest.mark.parametrize("kind", ["float", "bf16", "int8"])

@@ -10,9 +10,10 @@ few_rows_matmul, for Linear's 2-8 rows:
 
 BLAS runs a product of a few rows as a GEMM: it copies (packs) a panel of w before multiplying it, so
 the weight crosses memory about twice; with 2-8 rows of GPT-2 124M's block weights OpenBLAS read
-10-14 GB/s on the Zen 4 where one row (a GEMV, no packing) reads 28-30. Here every 64 columns of w
+10-14 GB/s on the Zen 4 where one row (a GEMV, no packing) reads 24-30. Here every 64 columns of w
 are one tile: for k = 0..K-1 the tile's row w[k, j0:j0+64] is loaded once (four 16-float vectors)
-and multiplied into up to four rows of x held in 16 vector accumulators in registers. The weight is
+and multiplied into up to four rows of x held in 16 vector accumulators in registers (with AVX-512;
+AVX2's 16 ymm registers cannot hold them all: see VECTORS and rows_limit). The weight is
 read once for every four rows, straight from w, with no copy: K_CHUNK rows of a tile at a time (64 KB,
 which stays in cache while the next four rows use it; the partial sums wait in y, float32 as in the
 registers, so the chain of roundings is the same), each
@@ -22,7 +23,8 @@ a pattern the hardware prefetchers follow late).
     y[n, j] = fma(x[n, K-1], w[K-1, j], ... fma(x[n, 1], w[1, j], fma(x[n, 0], w[0, j], 0)))
 
 Each y[n, j] is summed over k in order, one FMA a term, whatever N, the tile it falls in or the
-threads: a row's values are the same bits in any batch (as serve's batch-invariant step needs).
+threads: the kernel gives a row the same bits in any batch (serve's batch-invariant step uses it at every
+width; decoding routes only 2-8 rows here, so decoding as a whole is not batch-invariant).
 Columns past the last whole tile (out not a multiple of 64) are the same FMA chain, one column at a time.
 The tiles are LLVM IR through Numba intrinsics (npgpt/fast/_q8.py does the same for int8): Numba cannot
 keep a 4 x 64 block of accumulators in registers or tell LLVM that y does not overlap w, and its own
@@ -32,8 +34,8 @@ few_rows_matmul_t, for the tied LM head's 1-4 rows: w's rows are read one after 
 from memory), each row loaded 16 floats at a time into a register and multiplied into up to four rows
 of x, one vector accumulator each; then each accumulator's 16 lanes are added in a fixed tree and the
 last in % 16 terms follow by FMA. The order depends on `in` alone, never on N. GPT-2's 154 MB wte read
-1.2-1.6x faster than by BLAS's GEMV (one row) or fast.quant's four-row kernel (2-4 rows) on the Zen 4;
-with 8 rows the two kernels are even and both bound by the FMA units.
+1.3-2.5x faster than by BLAS's GEMV (one row) and 1.3-1.6x faster than by fast.quant's four-row kernel
+(2-4 rows) on the Zen 4; at 8 rows the row kernel was faster (0.8x), so the head keeps it there.
 """
 import numpy as np
 from llvmlite import ir
@@ -41,17 +43,36 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._jit import JIT_OPTIONS, njit
+from ._jit import JIT_OPTIONS, njit, pjit
+from ._q8 import _declare, _is_c_array, _target_features
 
-LANES = 16                  # floats in one LLVM vector (a zmm register; two ymm where AVX-512 is absent)
-VECTORS = 4                 # vectors across a tile: 64 columns
-COLS = LANES * VECTORS
+LANES = 16                  # floats in one LLVM vector: a zmm register, or two ymm where AVX-512 is absent
+# Vectors across a tile: 4 x 4 accumulators fill half of AVX-512's 32 registers. Without AVX-512 they spill
+# (32 ymm of AVX2's 16), yet 4 x 4 read as fast as 4 x 1 at 2-4 rows there (docs/performance.md). A tile's
+# width never changes a value: each output is the same chain whatever the tile it falls in.
+VECTORS = 4
+COLS = LANES * VECTORS      # columns of a tile
+TILE_BYTES = 4 * COLS       # of a tile's row of w
 AHEAD = 8                   # the tile's row of w this many rows ahead is prefetched (Zen 4, B=8: 1.2x the rate without)
 K_CHUNK = 256              # rows of w a tile takes at a time: 64 KB of it, kept in cache while every four rows of x use it
 
 
+def rows_limit() -> int:
+    """The widest batch Linear gives few_rows_matmul on the target Numba compiles for (its features, as
+    _q8's path): 8 rows with AVX-512; 4 without, where at 8 rows BLAS's GEMM read 15.4-16.6 GB/s against
+    the tiles' 10.8-11.4 (a Zen 4 held to AVX2)."""
+    return 8 if "avx512f" in _target_features() else 4
+
+
 def _is_c_f32(t, ndim):
-    return isinstance(t, types.Array) and t.dtype == types.float32 and t.ndim == ndim and t.layout == "C"
+    return _is_c_array(t, types.float32, ndim)
+
+
+def _splat(builder, value, vec):
+    """<LANES x float> with every lane `value`."""
+    i32 = ir.IntType(32)
+    return builder.shuffle_vector(builder.insert_element(ir.Constant(vec, None), value, i32(0)),
+                                  ir.Constant(vec, None), ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
 
 
 def _tile(R, resume):
@@ -69,30 +90,28 @@ def _tile(R, resume):
             n_, j_, k0_, k1_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in range(3, 7))
             K, O = builder.extract_value(a_x.shape, 1), builder.extract_value(a_w.shape, 1)
             intp, i32 = K.type, ir.IntType(32)
-            vec = ir.VectorType(ir.FloatType(), LANES)
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
-                                                 f"llvm.fma.v{LANES}f32")
-            y_vec = [[builder.bitcast(builder.gep(a_y.data, [builder.add(builder.mul(builder.add(n_, intp(r)), O),
-                                                                        builder.add(j_, intp(LANES * u)))]),
-                                      vec.as_pointer()) for u in range(VECTORS)] for r in range(R)]
-            prefetch = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32]), "llvm.prefetch.p0")
+            vec, i8p = ir.VectorType(ir.FloatType(), LANES), ir.IntType(8).as_pointer()
+            fma = _declare(builder, f"llvm.fma.v{LANES}f32", vec, [vec] * 3)
+            prefetch = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), [i8p, i32, i32, i32])   # as _math's
+
+            def y_vector(r, u):                                                 # &y[n + r, j0 + LANES u]
+                y_row = builder.gep(a_y.data, [builder.add(builder.mul(builder.add(n_, intp(r)), O), j_)])
+                return builder.bitcast(builder.gep(y_row, [intp(LANES * u)]), vec.as_pointer())
+            y_vec = [[y_vector(r, u) for u in range(VECTORS)] for r in range(R)]
             acc = [[cgutils.alloca_once_value(builder, builder.load(p, align=4) if resume else ir.Constant(vec, None))
                     for p in row] for row in y_vec]                             # (R, VECTORS)
             x_rows = [builder.gep(a_x.data, [builder.mul(builder.add(n_, intp(r)), K)]) for r in range(R)]
             with cgutils.for_range(builder, builder.sub(k1_, k0_)) as loop:    # k = k0 .. k1-1, in order
                 k = builder.add(k0_, loop.index)
                 w_k = builder.gep(a_w.data, [builder.add(builder.mul(k, O), j_)])          # &w[k, j0]
-                if AHEAD:                                                       # the tile's row AHEAD rows on
-                    w_ahead = builder.bitcast(builder.gep(w_k, [builder.mul(intp(AHEAD), O)]), ir.IntType(8).as_pointer())
-                    for line in range(0, 4 * COLS, 64):
+                if AHEAD:                                                       # the tile's row AHEAD rows on (its
+                    w_ahead = builder.bitcast(builder.gep(w_k, [builder.mul(intp(AHEAD), O)]), i8p)   # lines, + 1
+                    for line in range(0, TILE_BYTES + 64, 64):                  # where it starts mid-line)
                         builder.call(prefetch, [builder.gep(w_ahead, [intp(line)]), i32(0), i32(3), i32(1)])
                 w_v = [builder.load(builder.bitcast(builder.gep(w_k, [intp(LANES * u)]), vec.as_pointer()),
                                     align=4) for u in range(VECTORS)]
                 for r in range(R):
-                    x_nk = builder.load(builder.gep(x_rows[r], [k]))                        # x[n + r, k]
-                    splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, None), x_nk, i32(0)),
-                                                   ir.Constant(vec, None), ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
+                    splat = _splat(builder, builder.load(builder.gep(x_rows[r], [k])), vec)   # x[n + r, k]
                     for u in range(VECTORS):                                    # acc += x[n + r, k] * w[k, cols]
                         builder.store(builder.call(fma, [splat, w_v[u], builder.load(acc[r][u])]), acc[r][u])
             for r in range(R):
@@ -111,8 +130,7 @@ def _fma(typingctx, a, b, c):
 
     def codegen(context, builder, sig, args):
         f32 = ir.FloatType()
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
-        return builder.call(fn, args)
+        return builder.call(_declare(builder, "llvm.fma.f32", f32, [f32] * 3), args)
     return types.float32(a, b, c), codegen
 
 
@@ -144,7 +162,7 @@ def _rows(x, w, y, j0, k0, k1):
             _resume1(x, w, y, n, j0, k0, k1)
 
 
-@njit(parallel=True, **JIT_OPTIONS)
+@pjit
 def _few_rows_matmul(x, w, y):
     N, K = x.shape
     O = w.shape[1]
@@ -180,9 +198,8 @@ def _dots(R):
             K, V = builder.extract_value(a_x.shape, 1), builder.extract_value(a_w.shape, 0)
             intp, i32, f32 = K.type, ir.IntType(32), ir.FloatType()
             vec = ir.VectorType(f32, LANES)
-            fma_v = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
-                                                   f"llvm.fma.v{LANES}f32")
-            fma_s = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
+            fma_v = _declare(builder, f"llvm.fma.v{LANES}f32", vec, [vec] * 3)
+            fma_s = _declare(builder, "llvm.fma.f32", f32, [f32] * 3)
             w_row = builder.gep(a_w.data, [builder.mul(o_, K)])                              # &w[o, 0]
             x_rows = [builder.gep(a_x.data, [builder.mul(builder.add(n_, intp(r)), K)]) for r in range(R)]
             acc = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(R)]
@@ -196,10 +213,10 @@ def _dots(R):
             sums = []
             for r in range(R):
                 v = builder.load(acc[r])
-                for half in (8, 4, 2, 1):                                       # lanes l and l + half
+                for half in (8, 4, 2, 1):                                       # lane l += lane l + half
                     idx = ir.VectorType(i32, half)
-                    v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(idx, list(range(half)))),
-                                     builder.shuffle_vector(v, v, ir.Constant(idx, list(range(half, 2 * half)))))
+                    lo = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(half))))
+                    v = builder.fadd(lo, builder.shuffle_vector(v, v, ir.Constant(idx, list(range(half, 2 * half)))))
                 sums.append(cgutils.alloca_once_value(builder, builder.extract_element(v, i32(0))))
             start = builder.shl(whole, intp(4))
             with cgutils.for_range(builder, builder.sub(K, start)) as loop:    # the last K % LANES terms
@@ -208,8 +225,9 @@ def _dots(R):
                 for r in range(R):
                     builder.store(builder.call(fma_s, [builder.load(builder.gep(x_rows[r], [k])), w_k,
                                                        builder.load(sums[r])]), sums[r])
-            for r in range(R):
-                builder.store(builder.load(sums[r]), builder.gep(a_y.data, [builder.add(builder.mul(builder.add(n_, intp(r)), V), o_)]))
+            for r in range(R):                                                  # y[n + r, o]
+                y_no = builder.gep(a_y.data, [builder.add(builder.mul(builder.add(n_, intp(r)), V), o_)])
+                builder.store(builder.load(sums[r]), y_no)
             return context.get_dummy_value()
         return types.void(x, w, y, n, o), codegen
     return dots
@@ -219,7 +237,7 @@ _dots4, _dots2, _dots1 = _dots(4), _dots(2), _dots(1)
 OUT_CHUNK = 64              # rows of w (out, in) a task of few_rows_matmul_t takes, one after another
 
 
-@njit(parallel=True, **JIT_OPTIONS)
+@pjit
 def _few_rows_matmul_t(x, w, y):
     N = x.shape[0]
     V = w.shape[0]
@@ -236,20 +254,34 @@ def _few_rows_matmul_t(x, w, y):
                 _dots1(x, w, y, n, o)
 
 
+def _checked(x, w, K_w, O, out, name):
+    """The kernels index raw memory: x (N, K) and w must be C-ordered float32 with w's K_w = K, and out
+    (N, O), C-ordered float32 and overlapping neither. -> out (new if None)."""
+    for a, what in ((x, "x"), (w, "w")):
+        if a.dtype != np.float32 or a.ndim != 2 or not a.flags.c_contiguous:
+            raise ValueError(f"{name}: {what} must be a C-ordered 2-D float32 array, got {a.dtype} {a.shape}")
+    if x.shape[1] != K_w:
+        raise ValueError(f"{name}: x {x.shape} and w {w.shape} do not match")
+    if out is None:
+        return np.empty((x.shape[0], O), np.float32)
+    if (out.shape != (x.shape[0], O) or out.dtype != np.float32 or not out.flags.c_contiguous
+            or np.shares_memory(out, x) or np.shares_memory(out, w)):
+        raise ValueError(f"{name}: out must be a new C-ordered float32 array of shape {(x.shape[0], O)}")
+    return out
+
+
 def few_rows_matmul_t(x, w, out=None):
     """x @ w.T for float32 x (N, in) and w (out, in) (the tied LM head's wte), both C-contiguous -> (N, out)."""
-    if out is None:
-        out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    _few_rows_matmul_t(x, w, out)
+    out = _checked(x, w, w.shape[1], w.shape[0], out, "few_rows_matmul_t")
+    _few_rows_matmul_t(w.size, x, w, out)                      # the parallel build from 2^18 weights on
     return out
 
 
 def few_rows_matmul(x, w, out=None):
     """x @ w for float32 x (N, in) and w (in, out), both C-contiguous -> (N, out) float32."""
-    if out is None:
-        out = np.empty((x.shape[0], w.shape[1]), np.float32)
+    out = _checked(x, w, w.shape[0], w.shape[1], out, "few_rows_matmul")
     if x.shape[1] == 0:
         out[...] = 0                                            # an empty sum
     else:
-        _few_rows_matmul(x, w, out)
+        _few_rows_matmul(w.size, x, w, out)                    # the parallel build from 2^18 weights on
     return out

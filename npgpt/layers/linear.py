@@ -35,9 +35,10 @@ class Linear(Module):
         self.save_for_backward(x=x2)
         w = self.weight.data                                 # (in, out)
         if (2 <= len(x2) <= self.FEW_ROWS and x2.dtype == np.float32 and w.dtype == np.float32
-                and x2.flags.c_contiguous and w.flags.c_contiguous and fast.use_numba()):
+                and x2.flags.c_contiguous and w.flags.c_contiguous and fast.use_numba()
+                and len(x2) <= fast.rows_limit()):
             # BLAS copies (packs) w before multiplying so few rows and reads 10-14 GB/s; the kernel
-            # streams w once for every four rows (docs/performance.md, "float32 batches of 2-8 rows")
+            # streams w once for every four rows (docs/performance.md, "2026-12-06, fifth session")
             y = fast.few_rows_matmul(x2, w)                  # x @ w, each row's sums in order
         else:
             y = x2 @ w                                       # (N, out)

@@ -110,7 +110,10 @@ def in_out_matmul(x, w, b):
     """y (A, out) = x (A, in) @ w (in, out) + b (out,), each row by the same fixed arithmetic."""
     x = np.ascontiguousarray(x, dtype=w.dtype)
     if w.dtype != np.float32 or not w.flags.c_contiguous:     # e.g. a float64 model: each row alone
-        return np.stack([x[a] @ w for a in range(len(x))]) + b
+        y = np.empty((len(x), w.shape[1]), w.dtype)
+        for a in range(len(x)):
+            y[a] = x[a] @ w + b                                  # a GEMV of one row, whatever the batch
+        return y
     y = few_rows_matmul(x, w)
     y += b
     return y
