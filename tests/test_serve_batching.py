@@ -77,6 +77,11 @@ def test_out_in_matmul_rows_are_independent_of_the_batch(threads, kind):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(y, rows_alone(lambda r: kernels.out_in_matmul(r, packed, scale, b), x))
     np.testing.assert_array_equal(kernels.out_in_matmul(x[::-1], packed, scale, b), y[::-1])
+    if kind == "float":                    # float32 runs few_rows' dot products, other floats the _dot kernel
+        x64, w64, b64 = x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
+        y64 = kernels.out_in_matmul(x64, w64, None, b64)
+        np.testing.assert_allclose(y64, x64 @ w64.T + b64, rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(y64, rows_alone(lambda r: kernels.out_in_matmul(r, w64, None, b64), x64))
 
 
 def test_attend_rows_uses_each_rows_own_length(threads):

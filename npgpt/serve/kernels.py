@@ -12,9 +12,12 @@ the layer's shape:
                      multiply-adds over k = 0, 1, ..., K-1 in order, whatever the rows, the tile or the
                      threads, then + b[n]. Each weight is read once for every four rows.
     out_in_matmul    y[a, o] = s[o] * (x[a] . w[o]) + b[o], w (out, in): float rows (the tied LM head),
-                     bf16 bits or int8 with per-row scales s (QuantLinear). Each weight row is unpacked
-                     once, then every x[a] takes its dot product with it through the one compiled `_dot`,
-                     whose sum is reassociated into SIMD lanes in an order fixed by K alone. int8 rows
+                     bf16 bits or int8 with per-row scales s (QuantLinear). float32 rows run decoding's
+                     few-row dot products (npgpt/fast/few_rows.py, few_rows_matmul_t: 16 lanes of FMA
+                     chains, a fixed tree, the tail in order, whatever the rows). Each bf16 (or other
+                     float) weight row is unpacked once, then every x[a] takes its dot product with it
+                     through the one compiled `_dot`, whose sum is reassociated into SIMD lanes in an
+                     order fixed by K alone. int8 rows
                      run decoding's own kernel (npgpt/fast/quant.py): each x[a] quantized in blocks of
                      32, exact integer block sums, per-block scaling in a fixed order, so each row is
                      already the same operations whatever the batch, and equal to `npgpt generate`'s.
@@ -35,7 +38,7 @@ from numba import njit, prange
 
 from ..fast._jit import JIT_OPTIONS, REDUCTION_MATH
 from ..fast._math import exp, prefetch_row
-from ..fast.few_rows import few_rows_matmul
+from ..fast.few_rows import few_rows_matmul, few_rows_matmul_t
 from ..fast.quant import packed_matmul, prefetch_ahead, unpack_row
 
 CHUNK = 16          # output rows a task of out_in_matmul takes (one unpacked weight row at a time)
@@ -130,6 +133,9 @@ def out_in_matmul(x, w, scale=None, b=None):
         packed_matmul(x, w, scale, b, out=y)
     elif w.dtype == np.uint16:
         _out_in_packed(x, w, b, y, prefetch_ahead(w))
+    elif w.dtype == np.float32 and w.flags.c_contiguous:
+        few_rows_matmul_t(x, w, out=y)                           # 16 lanes, a fixed tree: an order fixed by K
+        y += b
     else:
         _out_in_float(x, w, b, y, prefetch_ahead(w))
     return y
