@@ -75,9 +75,9 @@ def _splat(builder, value, vec):
                                   ir.Constant(vec, None), ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
 
 
-def _tile(R, resume):
+def _tile(R):
     """An intrinsic tile(x, w, y, n, j0, k0, k1): for the rows n..n+R-1 and the columns j0..j0+COLS-1,
-    y = x[:, k0:k1] @ w[k0:k1] added in order to the partial sums already in y if `resume`, else from 0
+    y = x[:, k0:k1] @ w[k0:k1], added in order to the partial sums already in y where k0 > 0, else from 0
     (all float32, C-contiguous; the caller keeps n + R <= N and j0 + COLS <= out)."""
     @intrinsic
     def tile(typingctx, x, w, y, n, j0, k0, k1):
@@ -98,8 +98,11 @@ def _tile(R, resume):
                 y_row = builder.gep(a_y.data, [builder.add(builder.mul(builder.add(n_, intp(r)), O), j_)])
                 return builder.bitcast(builder.gep(y_row, [intp(LANES * u)]), vec.as_pointer())
             y_vec = [[y_vector(r, u) for u in range(VECTORS)] for r in range(R)]
-            acc = [[cgutils.alloca_once_value(builder, builder.load(p, align=4) if resume else ir.Constant(vec, None))
-                    for p in row] for row in y_vec]                             # (R, VECTORS)
+            acc = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in row] for row in y_vec]
+            with builder.if_then(builder.icmp_signed(">", k0_, intp(0))):      # resume: acc = y's partial sums
+                for row_acc, row_y in zip(acc, y_vec):
+                    for a, p in zip(row_acc, row_y):
+                        builder.store(builder.load(p, align=4), a)
             x_rows = [builder.gep(a_x.data, [builder.mul(builder.add(n_, intp(r)), K)]) for r in range(R)]
             with cgutils.for_range(builder, builder.sub(k1_, k0_)) as loop:    # k = k0 .. k1-1, in order
                 k = builder.add(k0_, loop.index)
@@ -134,8 +137,7 @@ def _fma(typingctx, a, b, c):
     return types.float32(a, b, c), codegen
 
 
-_start4, _start2, _start1 = _tile(4, False), _tile(2, False), _tile(1, False)
-_resume4, _resume2, _resume1 = _tile(4, True), _tile(2, True), _tile(1, True)
+_tile4, _tile2, _tile1 = _tile(4), _tile(2), _tile(1)
 
 
 @njit(inline="always", **JIT_OPTIONS)
@@ -144,22 +146,13 @@ def _rows(x, w, y, j0, k0, k1):
     N = x.shape[0]
     n = 0
     while n + 4 <= N:
-        if k0 == 0:
-            _start4(x, w, y, n, j0, k0, k1)
-        else:
-            _resume4(x, w, y, n, j0, k0, k1)
+        _tile4(x, w, y, n, j0, k0, k1)
         n += 4
     if n + 2 <= N:
-        if k0 == 0:
-            _start2(x, w, y, n, j0, k0, k1)
-        else:
-            _resume2(x, w, y, n, j0, k0, k1)
+        _tile2(x, w, y, n, j0, k0, k1)
         n += 2
     if n < N:
-        if k0 == 0:
-            _start1(x, w, y, n, j0, k0, k1)
-        else:
-            _resume1(x, w, y, n, j0, k0, k1)
+        _tile1(x, w, y, n, j0, k0, k1)
 
 
 @pjit
