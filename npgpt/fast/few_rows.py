@@ -6,19 +6,18 @@ npgpt/layers/embedding.py, TiedLMHead.forward, which route decoding's rows here)
     y = x @ w                                      # few_rows_matmul:   x (N, in), w (in, out) -> (N, out)
     y = x @ w.T                                    # few_rows_matmul_t: x (N, in), w (out, in) -> (N, out)
 
-few_rows_matmul, for Linear's 2-8 rows:
+few_rows_matmul, for Linear's 2-8 rows (2-4 without AVX-512: rows_limit):
 
 BLAS runs a product of a few rows as a GEMM: it copies (packs) a panel of w before multiplying it, so
 the weight crosses memory about twice; with 2-8 rows of GPT-2 124M's block weights OpenBLAS read
 10-14 GB/s on the Zen 4 where one row (a GEMV, no packing) reads 24-30. Here every 64 columns of w
 are one tile: for k = 0..K-1 the tile's row w[k, j0:j0+64] is loaded once (four 16-float vectors)
-and multiplied into up to four rows of x held in 16 vector accumulators in registers (with AVX-512;
-AVX2's 16 ymm registers cannot hold them all: see VECTORS and rows_limit). The weight is
-read once for every four rows, straight from w, with no copy: K_CHUNK rows of a tile at a time (64 KB,
-which stays in cache while the next four rows use it; the partial sums wait in y, float32 as in the
-registers, so the chain of roundings is the same), each
-tile row prefetched AHEAD rows before it is needed (a tile's 256 bytes a row, rows 3-12 KB apart, are
-a pattern the hardware prefetchers follow late).
+and multiplied into up to four rows of x held in 16 vector accumulators (in registers with AVX-512;
+AVX2's 16 ymm registers cannot hold them all: see VECTORS). The weight is read once for every four
+rows, straight from w, with no copy: K_CHUNK rows of a tile at a time (64 KB, which stays in cache
+while the next four rows use it; the partial sums wait in y, float32 as in the registers, so the chain
+of roundings is the same), each tile row prefetched AHEAD rows before it is needed (a tile's 256 bytes
+a row, rows 3-12 KB apart, are a pattern the hardware prefetchers follow late).
 
     y[n, j] = fma(x[n, K-1], w[K-1, j], ... fma(x[n, 1], w[1, j], fma(x[n, 0], w[0, j], 0)))
 
@@ -52,7 +51,7 @@ LANES = 16                  # floats in one LLVM vector: a zmm register, or two 
 # width never changes a value: each output is the same chain whatever the tile it falls in.
 VECTORS = 4
 COLS = LANES * VECTORS      # columns of a tile
-TILE_BYTES = 4 * COLS       # of a tile's row of w
+TILE_BYTES = 4 * COLS       # bytes of a tile's row of w
 AHEAD = 8                   # the tile's row of w this many rows ahead is prefetched (Zen 4, B=8: 1.2x the rate without)
 K_CHUNK = 256              # rows of w a tile takes at a time: 64 KB of it, kept in cache while every four rows of x use it
 
