@@ -56,11 +56,15 @@ AHEAD = 8                   # the tile's row of w this many rows ahead is prefet
 K_CHUNK = 256              # rows of w a tile takes at a time: 64 KB of it, kept in cache while every four rows of x use it
 
 
+# The widest batch Linear gives few_rows_matmul on the target Numba compiles for (its features, as _q8's
+# path): 8 rows with AVX-512; 4 without, where at 8 rows BLAS's GEMM read 15.4-16.6 GB/s against the
+# tiles' 10.8-11.4 (a Zen 4 held to AVX2). Read once: asking Numba costs 16 us, and Linear asks every call.
+_ROWS_LIMIT = 8 if "avx512f" in _target_features() else 4
+
+
 def rows_limit() -> int:
-    """The widest batch Linear gives few_rows_matmul on the target Numba compiles for (its features, as
-    _q8's path): 8 rows with AVX-512; 4 without, where at 8 rows BLAS's GEMM read 15.4-16.6 GB/s against
-    the tiles' 10.8-11.4 (a Zen 4 held to AVX2)."""
-    return 8 if "avx512f" in _target_features() else 4
+    """The widest batch Linear gives few_rows_matmul on this target (see _ROWS_LIMIT)."""
+    return _ROWS_LIMIT
 
 
 def _is_c_f32(t, ndim):
@@ -257,7 +261,7 @@ def _checked(x, w, K_w, O, out, name):
     if out is None:
         return np.empty((x.shape[0], O), np.float32)
     if (out.shape != (x.shape[0], O) or out.dtype != np.float32 or not out.flags.c_contiguous
-            or np.shares_memory(out, x) or np.shares_memory(out, w)):
+            or np.may_share_memory(out, x) or np.may_share_memory(out, w)):   # bounds: exact for C order
         raise ValueError(f"{name}: out must be a new C-ordered float32 array of shape {(x.shape[0], O)}")
     return out
 

@@ -68,12 +68,13 @@ class TiedLMHead(Module):
         x2 = x.reshape(-1, C)                                          # (N, C), N = B*T
         self.save_for_backward(x=x2)
         w = self.weight.data                                           # (V, C)
-        few = x2.dtype == np.float32 and w.dtype == np.float32 and x2.flags.c_contiguous and w.flags.c_contiguous
-        if few and len(x2) <= self.DOT_ROWS and fast.use_numba():
+        few = (x2.dtype == np.float32 and w.dtype == np.float32 and x2.flags.c_contiguous and w.flags.c_contiguous
+               and fast.use_numba())
+        if few and len(x2) <= self.DOT_ROWS:
             # one row of w at a time in registers against every row of x: GPT-2's 154 MB wte at 1.3-2.5x
             # the GB/s of BLAS's GEMV (one row), 1.3-1.6x the row kernel's below (2-4 rows); docs/performance.md
             return fast.few_rows_matmul_t(x2, w).reshape(*lead, -1)       # (B, T, V)
-        if few and 2 <= len(x2) <= self.FEW_ROWS and fast.use_numba():
+        if few and 2 <= len(x2) <= self.FEW_ROWS:
             # BLAS's GEMM of so few rows runs at a third of the bandwidth (N=8: 16.5 ms for the 154 MB of
             # GPT-2's wte, against 9.8 ms streaming each row of w once for all N rows)
             from ..fast.quant import packed_matmul
