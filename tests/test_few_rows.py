@@ -56,9 +56,9 @@ def test_products_against_numpy(N, K, O):
     np.testing.assert_array_equal(out, y)
 
 
-def test_each_row_the_same_bits_in_any_batch():
+def test_each_row_the_same_bits_in_any_batch(monkeypatch):
     """A row's values do not depend on how many rows share the call or where it sits among them (the tile
-    of four, two or one it falls in)."""
+    of four, two or one it falls in), nor on the serial or the parallel build (threads split the columns)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 200), dtype=np.float32)
     w = rng.standard_normal((200, 2 * COLS + 9), dtype=np.float32)
@@ -66,6 +66,12 @@ def test_each_row_the_same_bits_in_any_batch():
     for N in range(1, 9):
         np.testing.assert_array_equal(few_rows_matmul(x[:N], w), alone[:N])
     np.testing.assert_array_equal(few_rows_matmul(x[3:8], w), alone[3:8])
+    wt = np.ascontiguousarray(w.T)                                          # (out, in) for the head's kernel
+    serial = few_rows_matmul_t(x, wt)
+    from npgpt.fast import _jit
+    monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 0)                       # the parallel builds, however small
+    np.testing.assert_array_equal(few_rows_matmul(x, w), alone)
+    np.testing.assert_array_equal(few_rows_matmul_t(x, wt), serial)
 
 
 def test_inf_and_nan_reach_the_outputs():
