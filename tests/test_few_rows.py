@@ -111,7 +111,7 @@ def test_linear_routes_few_float32_rows(monkeypatch):
         assert calls == []                                               # float64 (gradient checks): BLAS
 
 
-@pytest.mark.parametrize("N", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("N", [1, 2, 3, 4, 5, 6, 7, 8])       # 5-8: four rows of w at a time with AVX-512
 @pytest.mark.parametrize("K,O", [(768, 1000), (37, 5), (16, 3), (7, 130), (0, 4)])   # whole vectors; tails; tail only
 def test_transposed_products_against_numpy(N, K, O):
     rng = np.random.default_rng(N * 100 + K)
@@ -134,20 +134,26 @@ def test_transposed_inf_and_nan():
     assert (y[[0, 2]][:, [0, 1, 3, 4]] == 40).all()
 
 
-def test_lm_head_routes_few_float32_rows(monkeypatch):
-    """The tied head: 1..DOT_ROWS rows to the dot-product kernel, up to FEW_ROWS to fast.quant's row kernel,
-    more to BLAS; the NumPy backend always BLAS; all within the sum bound."""
+@pytest.mark.parametrize("limit", [None, 4])       # the target's dots_limit(), and 4 as without AVX-512
+def test_lm_head_routes_few_float32_rows(monkeypatch, limit):
+    """The tied head: 1..min(DOT_ROWS, dots_limit()) rows to the dot-product kernel, up to FEW_ROWS to
+    fast.quant's row kernel, more to BLAS; the NumPy backend always BLAS; all within the sum bound."""
     from npgpt.fast import quant
     from npgpt.layers.embedding import Embedding, TiedLMHead
     calls = []
     real_t, real_q = fast.few_rows_matmul_t, quant.packed_matmul
     monkeypatch.setattr(fast, "few_rows_matmul_t", lambda *a: calls.append("dots") or real_t(*a))
     monkeypatch.setattr(quant, "packed_matmul", lambda *a, **k: calls.append("rows") or real_q(*a, **k))
+    if limit is not None:
+        monkeypatch.setattr(fast, "dots_limit", lambda: limit)
+    dots = min(TiedLMHead.DOT_ROWS, fast.dots_limit())
     head = TiedLMHead(Embedding(97, 40, rng=np.random.default_rng(3)))
     rng = np.random.default_rng(4)
+    ways = [(1, "dots"), (dots, "dots"), (TiedLMHead.FEW_ROWS + 1, None)]
+    if dots < TiedLMHead.FEW_ROWS:
+        ways += [(dots + 1, "rows"), (TiedLMHead.FEW_ROWS, "rows")]
     with npgpt.no_grad():
-        for N, way in ((1, "dots"), (TiedLMHead.DOT_ROWS, "dots"), (TiedLMHead.DOT_ROWS + 1, "rows"),
-                       (TiedLMHead.FEW_ROWS, "rows"), (TiedLMHead.FEW_ROWS + 1, None)):
+        for N, way in ways:
             x = rng.standard_normal((1, N, 40), dtype=np.float32)
             calls.clear()
             y = head(x)
@@ -159,11 +165,12 @@ def test_lm_head_routes_few_float32_rows(monkeypatch):
                 assert calls == []
 
 
-def test_transposed_sums_in_their_fixed_order():
+@pytest.mark.parametrize("N", [3, 7])                    # 7: four rows of w at a time (with AVX-512), 70 % 4 alone
+def test_transposed_sums_in_their_fixed_order(N):
     """few_rows_matmul_t's order, emulated exactly: lane l chains the terms k = l, l + 16, ... (FMA), the
     16 lanes are added in halves (l + 8, then l + 4, ...), and the last in % 16 terms continue by FMA."""
     rng = np.random.default_rng(11)
-    x = rng.standard_normal((3, 16 * 9 + 5), dtype=np.float32)
+    x = rng.standard_normal((N, 16 * 9 + 5), dtype=np.float32)
     w = rng.standard_normal((70, x.shape[1]), dtype=np.float32)             # (out, in)
     whole = x.shape[1] // 16 * 16
     lanes = [fma_chain(x[:, l:whole:16], w.T[l:whole:16]) for l in range(16)]   # (N, out) each

@@ -72,7 +72,7 @@ _KERNELS = {
     "embedding_backward": "embedding",
     "adamw_update": "adamw", "sum_of_squares": "adamw", "scale_": "adamw",
     "add_bias_": "bias",
-    "few_rows_matmul": "few_rows", "few_rows_matmul_t": "few_rows", "rows_limit": "few_rows",
+    "few_rows_matmul": "few_rows", "few_rows_matmul_t": "few_rows", "rows_limit": "few_rows", "dots_limit": "few_rows",
 }
 
 

@@ -67,6 +67,12 @@ def rows_limit() -> int:
     return _ROWS_LIMIT
 
 
+def dots_limit() -> int:
+    """The widest batch few_rows_matmul_t beats fast.quant's row kernel at on this target: 8 rows with
+    AVX-512 (four rows of w at a time: WIDE), else 4 (at 5-8 rows one row of w at a time ran 0.84-0.95x it)."""
+    return 8 if WIDE else 4
+
+
 def _is_c_f32(t, ndim):
     return _is_c_array(t, types.float32, ndim)
 
@@ -177,11 +183,12 @@ def _few_rows_matmul(x, w, y):
                     y[n, j] = s
 
 
-def _dots(R):
-    """An intrinsic dots(x, w, y, n, o): y[n + r, o] = x[n + r] . w[o] for r < R, w (out, in): each dot in
-    16 lanes (lane l sums the terms k = l, l + 16, ... with one FMA each, in order), the lanes added in a
-    fixed tree (the halves, 16 -> 8 -> 4 -> 2 -> 1), then the last in % 16 terms by FMA in order: the same
-    operations for a row whatever R. The weight row is loaded once for the R rows of x."""
+def _dots(R, WR=1):
+    """An intrinsic dots(x, w, y, n, o): y[n + r, o + q] = x[n + r] . w[o + q] for r < R, q < WR, w (out, in):
+    each dot in 16 lanes (lane l sums the terms k = l, l + 16, ... with one FMA each, in order), the lanes
+    added in a fixed tree (the halves, 16 -> 8 -> 4 -> 2 -> 1), then the last in % 16 terms by FMA in order:
+    the same operations for a dot whatever R and WR. Each loaded vector of a weight row serves the R rows
+    of x, each of x the WR weight rows (R x WR accumulators)."""
     @intrinsic
     def dots(typingctx, x, w, y, n, o):
         if not (_is_c_f32(x, 2) and _is_c_f32(w, 2) and _is_c_f32(y, 2)
@@ -196,58 +203,98 @@ def _dots(R):
             vec = ir.VectorType(f32, LANES)
             fma_v = _declare(builder, f"llvm.fma.v{LANES}f32", vec, [vec] * 3)
             fma_s = _declare(builder, "llvm.fma.f32", f32, [f32] * 3)
-            w_row = builder.gep(a_w.data, [builder.mul(o_, K)])                              # &w[o, 0]
+            w_rows = [builder.gep(a_w.data, [builder.mul(builder.add(o_, intp(q)), K)]) for q in range(WR)]  # &w[o + q, 0]
             x_rows = [builder.gep(a_x.data, [builder.mul(builder.add(n_, intp(r)), K)]) for r in range(R)]
-            acc = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(R)]
+            pairs = [(r, q) for r in range(R) for q in range(WR)]
+            acc = {p: cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for p in pairs}
             whole = builder.ashr(K, intp(4))                                    # K // LANES vectors
             with cgutils.for_range(builder, whole) as loop:
                 off = builder.shl(loop.index, intp(4))
-                w_v = builder.load(builder.bitcast(builder.gep(w_row, [off]), vec.as_pointer()), align=4)
-                for r in range(R):                                              # acc[r] += x[n + r, block] * w[o, block]
-                    x_v = builder.load(builder.bitcast(builder.gep(x_rows[r], [off]), vec.as_pointer()), align=4)
-                    builder.store(builder.call(fma_v, [x_v, w_v, builder.load(acc[r])]), acc[r])
-            sums = []
-            for r in range(R):
-                v = builder.load(acc[r])
+
+                def load(row):
+                    return builder.load(builder.bitcast(builder.gep(row, [off]), vec.as_pointer()), align=4)
+                w_v = [load(w_rows[q]) for q in range(WR)]
+                for r in range(R):                                              # acc[r, q] += x[n + r, block] * w[o + q, block]
+                    x_v = load(x_rows[r])
+                    for q in range(WR):
+                        a = acc[r, q]
+                        builder.store(builder.call(fma_v, [x_v, w_v[q], builder.load(a)]), a)
+            sums = {}
+            for p in pairs:
+                v = builder.load(acc[p])
                 for half in (8, 4, 2, 1):                                       # lane l += lane l + half
                     idx = ir.VectorType(i32, half)
                     lo = builder.shuffle_vector(v, v, ir.Constant(idx, list(range(half))))
                     v = builder.fadd(lo, builder.shuffle_vector(v, v, ir.Constant(idx, list(range(half, 2 * half)))))
-                sums.append(cgutils.alloca_once_value(builder, builder.extract_element(v, i32(0))))
+                sums[p] = cgutils.alloca_once_value(builder, builder.extract_element(v, i32(0)))
             start = builder.shl(whole, intp(4))
             with cgutils.for_range(builder, builder.sub(K, start)) as loop:    # the last K % LANES terms
                 k = builder.add(start, loop.index)
-                w_k = builder.load(builder.gep(w_row, [k]))
+                w_k = [builder.load(builder.gep(w_rows[q], [k])) for q in range(WR)]
                 for r in range(R):
-                    builder.store(builder.call(fma_s, [builder.load(builder.gep(x_rows[r], [k])), w_k,
-                                                       builder.load(sums[r])]), sums[r])
-            for r in range(R):                                                  # y[n + r, o]
-                y_no = builder.gep(a_y.data, [builder.add(builder.mul(builder.add(n_, intp(r)), V), o_)])
-                builder.store(builder.load(sums[r]), y_no)
+                    x_k = builder.load(builder.gep(x_rows[r], [k]))
+                    for q in range(WR):
+                        builder.store(builder.call(fma_s, [x_k, w_k[q], builder.load(sums[r, q])]), sums[r, q])
+            for r, q in pairs:                                                  # y[n + r, o + q]
+                y_no = builder.gep(a_y.data, [builder.add(builder.mul(builder.add(n_, intp(r)), V), builder.add(o_, intp(q)))])
+                builder.store(builder.load(sums[r, q]), y_no)
             return context.get_dummy_value()
         return types.void(x, w, y, n, o), codegen
     return dots
 
 
 _dots4, _dots2, _dots1 = _dots(4), _dots(2), _dots(1)
+_dots4x4, _dots2x4, _dots1x4 = _dots(4, 4), _dots(2, 4), _dots(1, 4)
 OUT_CHUNK = 64              # rows of w (out, in) a task of few_rows_matmul_t takes, one after another
+# Five rows of x or more take four rows of w at a time (16 accumulators, each vector loaded once for four
+# multiply-adds): GPT-2 124M's block weights at 8 rows, 18.8-19.0 GB/s against 13.1 one row of w at a time
+# (Zen 4). Not at 1-4 rows (one row: 23 against 32 GB/s) nor without AVX-512 (16 + 5 vectors spill AVX2's
+# registers). The sums are the same either way: each dot is its own chain.
+WIDE = _ROWS_LIMIT == 8
+
+
+@njit(**JIT_OPTIONS)
+def _dots_rows(x, w, y, o, hi):
+    # y[:, o:hi] = x @ w[o:hi].T: w's rows in order (one stream), four at a time where WIDE and N > 4
+    N = x.shape[0]
+    while WIDE and N > 4 and o + 4 <= hi:              # four rows of w at a time against every row of x
+        n = 0
+        while n + 4 <= N:
+            _dots4x4(x, w, y, n, o)
+            n += 4
+        if n + 2 <= N:
+            _dots2x4(x, w, y, n, o)
+            n += 2
+        if n < N:
+            _dots1x4(x, w, y, n, o)
+        o += 4
+    for o in range(o, hi):
+        n = 0
+        while n + 4 <= N:                               # the row of w read again from L1 for the next four
+            _dots4(x, w, y, n, o)
+            n += 4
+        if n + 2 <= N:
+            _dots2(x, w, y, n, o)
+            n += 2
+        if n < N:
+            _dots1(x, w, y, n, o)
+
+
+@njit(**JIT_OPTIONS)
+def dots_chunk(x, w, b, y, o, hi):
+    """y[:, o:hi] = x @ w[o:hi].T + b[o:hi], each output one dot as few_rows_matmul_t's, then its bias: a
+    chunk of output channels for a kernel with its own parallel loop (npgpt/fast/decode.py, decode_block)."""
+    _dots_rows(x, w, y, o, hi)
+    for n in range(x.shape[0]):
+        for j in range(o, hi):
+            y[n, j] += b[j]
 
 
 @pjit
 def _few_rows_matmul_t(x, w, y):
-    N = x.shape[0]
     V = w.shape[0]
     for c in prange((V + OUT_CHUNK - 1) // OUT_CHUNK):
-        for o in range(c * OUT_CHUNK, min(V, (c + 1) * OUT_CHUNK)):     # w's rows in order: one stream
-            n = 0
-            while n + 4 <= N:                           # the row of w read again from L1 for the next four
-                _dots4(x, w, y, n, o)
-                n += 4
-            if n + 2 <= N:
-                _dots2(x, w, y, n, o)
-                n += 2
-            if n < N:
-                _dots1(x, w, y, n, o)
+        _dots_rows(x, w, y, c * OUT_CHUNK, min(V, (c + 1) * OUT_CHUNK))
 
 
 def _checked(x, w, K_w, O, out, name):
