@@ -154,19 +154,22 @@ def prefill_gemm_replay(model, T, block=None):
         return NH * sum(2 * 2 * (min(i0 + block, T) - i0) * (min(j0 + block, i0 + block, T) - j0) * hs
                         for i0 in range(0, T, block) for j0 in range(0, min(i0 + block, T), block))
 
+    def weight(m):                                   # (in, out): a Linear's, or decode_layout's rows transposed
+        return m.weight.data if hasattr(m, "weight") else m.packed.T
+
     def run():
         for layer, blk in enumerate(model.h):
             rows = T if layer < L - 1 else 1         # the last block: keys and values of all T, the rest on one row
-            mm(act[C], blk.attn.c_attn.weight.data)
+            mm(act[C], weight(blk.attn.c_attn))
             if fused and rows == T:
                 tiles(q, block)
                 if counting:
                     count[0] += tile_flops()
             else:
                 mm(mm(q[..., :rows, :], q.transpose(0, 1, 3, 2)), q)
-            mm(act[C][:rows], blk.attn.c_proj.weight.data)
-            mm(act[C][:rows], blk.mlp.c_fc.weight.data)
-            mm(act[4 * C][:rows], blk.mlp.c_proj.weight.data)
+            mm(act[C][:rows], weight(blk.attn.c_proj))
+            mm(act[C][:rows], weight(blk.mlp.c_fc))
+            mm(act[4 * C][:rows], weight(blk.mlp.c_proj))
         mm(act[C][:1], model.wte.weight.data.T)      # LM head, last position
 
     if fused:
@@ -305,8 +308,9 @@ def npgpt_train_ranks(cfg, B, T, steps, threads=None, overlap=(True,)) -> list |
 
 
 def _npgpt_inference_model(cfg, weights):
-    from .inference.quant import quantize
-    return quantize(_npgpt_model(cfg).eval(), weights)
+    """The model as `npgpt generate --weights` holds it: packed, or float32 laid out for decoding."""
+    from .inference.quant import decode_layout, quantize
+    return decode_layout(quantize(_npgpt_model(cfg).eval(), weights))
 
 
 def npgpt_prefill(cfg, T, reps, weights="fp32", replay=True):

@@ -1,4 +1,4 @@
-"""npgpt.inference.fused: a packed-weight model's decoded token with each block one compiled call
+"""npgpt.inference.fused: a packed-weight model's (bf16, int8, or float32 rows: decode_layout) decoded token with each block one compiled call
 (npgpt.fast.decode.decode_block) gives the model's own modules' logits (GPT.forward_cached), token for
 token, and the plan refuses every model it does not mirror.
 
@@ -18,9 +18,9 @@ from npgpt import fast
 from npgpt.fast import decode as decode_kernels
 from npgpt.inference import fused
 from npgpt.inference.decode import Decoder
-from npgpt.inference.quant import quantize
+from npgpt.inference.quant import decode_layout, quantize
 
-KINDS = ["bf16", "int8"]
+KINDS = ["bf16", "int8", "fp32 rows"]
 
 
 def _model(kind, seed=3, **cfg):
@@ -34,7 +34,7 @@ def _model(kind, seed=3, **cfg):
             p.data[...] = rng.uniform(0.5, 1.5, p.data.shape)
         elif name.endswith(".bias"):
             p.data[...] = rng.normal(0, 0.1, p.data.shape)
-    return quantize(model, kind)
+    return decode_layout(model) if kind == "fp32 rows" else quantize(model, kind)
 
 
 def _decode(model, prompts, tokens, compiled):
@@ -125,6 +125,7 @@ def test_plan_refuses_what_it_does_not_mirror():
     swapped.h[1].mlp.gelu = type("Other", (npgpt.layers.GELU,), {})()      # a subclass: its own forward may differ
     assert fused.plan(swapped) is None
     assert len(fused.plan(_model("bf16"))) == model.config.n_layer          # bf16 is planned as it is
+    assert len(fused.plan(_model("fp32 rows"))) == model.config.n_layer     # float32 once laid out as rows
     eps = _model("bf16")
     eps.h[0].ln_2.eps = 1e-3
     assert fused.plan(eps) is None
@@ -136,12 +137,14 @@ def test_plan_refuses_what_it_does_not_mirror():
     assert fused.plan(sub) is None
 
 
-def test_step_leaves_wide_batches_to_the_modules():
-    """More rows than step() takes (int8: fused.INT8_MAX_ROWS): it declines, the Decoder runs the modules."""
-    model = _model("int8", n_layer=1, n_ctx=8)
+@pytest.mark.parametrize("kind", ["int8", "fp32 rows"])
+def test_step_leaves_wide_batches_to_the_modules(kind):
+    """More rows than step() takes (int8: fused.INT8_MAX_ROWS, float32 rows: fast.dots_limit()): it
+    declines, the Decoder runs the modules."""
+    model = _model(kind, n_layer=1, n_ctx=8)
     blocks = fused.plan(model)
     from npgpt.inference.kvcache import KVCache
-    B = fused.INT8_MAX_ROWS + 1
+    B = fused.max_rows(blocks[0][3][0]) + 1
     cache = KVCache.for_model(model, B)
     model.forward_cached(np.zeros((B, 2), np.int64), cache)
     assert fused.step(model, blocks, np.zeros((B, 1), np.int64), cache) is None

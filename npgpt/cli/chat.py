@@ -91,7 +91,7 @@ def run(args) -> int:
 
     _check_args(args)
     _stdin("pipe the questions in, one a line, or run chat on a terminal")   # before the model loads
-    model = _load_model(args.model, args.weights)
+    model = _load_model(args.model, args.weights, decoding=True)
     if model.config.n_vocab < 50257:
         raise CLIError(f"--model {args.model}: its vocabulary has {model.config.n_vocab} tokens; "
                        "chat speaks GPT-2 BPE (50257)")

@@ -124,10 +124,14 @@ def _stdin(hint: str):
     return sys.stdin
 
 
-def _load_model(name_or_path, weights=None):
+def _load_model(name_or_path, weights=None, decoding=False):
+    """decoding: float32 weights laid out for decoding (npgpt.inference.quant.decode_layout), as the
+    commands that generate text hold them."""
+    from ..inference.quant import decode_layout
     from ..io.pretrained import load_model
     try:
-        return load_model(name_or_path, weights=weights)
+        model = load_model(name_or_path, weights=weights)
+        return decode_layout(model) if decoding else model
     except (OSError, ValueError, KeyError) as e:
         raise CLIError(f"cannot load model {name_or_path}: {str(e) or type(e).__name__}") from None
 
@@ -168,7 +172,7 @@ def run(args) -> int:
         prompt = _stdin("give the prompt as an argument, or pipe it in").read()
         if prompt.endswith("\n"):
             prompt = prompt[:-1]
-    model = _load_model(args.model, getattr(args, "weights", None))
+    model = _load_model(args.model, getattr(args, "weights", None), decoding=True)
     tokenizer = _tokenizer_for(args.model) or get_tokenizer()
     if not prompt and tokenizer.eot_token is None:
         raise CLIError("a character-level model has no <|endoftext|> to start from: give a prompt")

@@ -72,7 +72,7 @@ def run(args) -> int:
     from ..tokens.bpe import get_tokenizer
     from .generate import _load_model, _tokenizer_for
 
-    model = _load_model(args.model, args.weights)
+    model = _load_model(args.model, args.weights, decoding=True)
     tokenizer = _tokenizer_for(args.model) or get_tokenizer()
     ctx = model.config.n_ctx
     if args.max_tokens is not None and args.max_tokens > ctx:

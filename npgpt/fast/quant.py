@@ -29,6 +29,7 @@ from . import settings
 from ._jit import JIT_OPTIONS, REDUCTION_MATH, pjit
 from ._math import bits_to_float32, prefetch_row
 from ._q8 import BLOCK, q8_dot, q8_dot4
+from .few_rows import dots_chunk
 
 CHUNK = 16          # output channels per parallel task (four float32 rows of buffer for several rows of x)
 
@@ -343,6 +344,9 @@ def _activations(x, w):
 def _product_chunk(xa, xb, w, scale, b, y, c, side_by_side, ahead):
     if w.dtype == types.int8:
         return lambda xa, xb, w, scale, b, y, c, side_by_side, ahead: _q8_chunk(xa, xb, w, scale, b, y, c, ahead)
+    if w.dtype == types.float32:     # float32 rows (out, in): few_rows_matmul_t's dot products, as Linear runs them
+        return lambda xa, xb, w, scale, b, y, c, side_by_side, ahead: dots_chunk(xa, w, b, y, c * CHUNK,
+                                                                                 min(w.shape[0], (c + 1) * CHUNK))
     return lambda xa, xb, w, scale, b, y, c, side_by_side, ahead: _chunk(xa, w, b, y, c, side_by_side, ahead)
 
 

@@ -81,16 +81,21 @@ def to_int8(w) -> tuple:
 
 
 def pack(w_out_in, kind) -> tuple:
-    """(packed (out, in), scale (out,) | None) of a float weight already laid out (out, in)."""
+    """(packed (out, in), scale (out,) | None) of a float weight already laid out (out, in); "fp32": its
+    float32 values as they are, C-ordered (out, in) (decode_layout)."""
+    if kind == "fp32":
+        return np.ascontiguousarray(w_out_in, dtype=np.float32), None
     if kind == "bf16":
         return to_bf16(w_out_in), None
     if kind == "int8":
         return to_int8(w_out_in)
-    raise ValueError(f"cannot pack weights as {kind!r} (bf16 or int8)")
+    raise ValueError(f"cannot pack weights as {kind!r} (fp32, bf16 or int8)")
 
 
 def unpack(packed, scale=None) -> np.ndarray:
     """The float32 weights (out, in) a packing stands for (the NumPy reference of the kernels)."""
+    if packed.dtype == np.float32:
+        return packed
     if packed.dtype == np.uint16:
         return (packed.astype(np.uint32) << np.uint32(16)).view(np.float32)
     return packed.astype(np.float32) * scale[:, None]
@@ -134,12 +139,15 @@ def q8_product(x, q, scale) -> np.ndarray:
 
 
 def packed_max_rows(packed) -> int:
-    """Up to how many rows of x a product runs the packed kernels (more: unpack a block + BLAS)."""
+    """Up to how many rows of x a product runs the packed kernels (more: unpack a block + BLAS; float32 rows:
+    BLAS on them as they are)."""
+    if packed.dtype == np.float32:
+        return fast.dots_limit() if fast.use_numba() else 0
     return BF16_PACKED_MAX_ROWS if packed.dtype == np.uint16 else PACKED_MAX_ROWS
 
 
 def kind_of(packed) -> str:
-    return "bf16" if packed.dtype == np.uint16 else "int8"
+    return {np.dtype(np.float32): "fp32", np.dtype(np.uint16): "bf16", np.dtype(np.int8): "int8"}[packed.dtype]
 
 
 # ----------------------------------------------------------------------------- products
@@ -164,6 +172,12 @@ def packed_linear(x2, packed, scale, bias):
             y = np.asarray(x2, np.float32) @ unpack(packed, scale).T
         return y + bias if bias is not None else y
     from ..fast.quant import dequantize_rows, packed_matmul
+    if packed.dtype == np.float32:                   # rows as they are: dot products (few rows) or BLAS
+        x2 = np.ascontiguousarray(x2, dtype=np.float32)
+        y = fast.few_rows_matmul_t(x2, packed) if N <= packed_max_rows(packed) else x2 @ packed.T
+        if bias is not None:
+            fast.add_bias_(y, bias)
+        return y
     if N <= packed_max_rows(packed):
         return packed_matmul(x2, packed, scale, bias)
     x2 = np.ascontiguousarray(x2, dtype=np.float32)
@@ -179,17 +193,21 @@ def packed_linear(x2, packed, scale, bias):
 
 
 def _inference_only(self, *_):
+    if self.kind == "fp32":
+        raise RuntimeError(f"{type(self).__name__} holds float32 weights laid out for decoding (decode_layout): "
+                           f"inference-only (no backward); train the model as loaded, without decode_layout")
     raise RuntimeError(f"{type(self).__name__} holds {self.kind} weights: a quantized model is inference-only "
                        f"(no backward); train the float32 model and quantize it afterwards")
 
 
 class QuantLinear(Module):
-    """y = x @ W^T + b with W (out, in) packed as bf16 or int8; the float32 bias stays a Parameter."""
+    """y = x @ W^T + b with W (out, in) packed as bf16 or int8, or float32 rows (decode_layout); the float32
+    bias stays a Parameter."""
 
     kernel_threads = True     # its products run on the Numba kernels' threads (see CausalSelfAttention.forward_cached)
 
     def __init__(self, packed, scale=None, bias=None):
-        self.packed = np.ascontiguousarray(packed)         # (out, in) uint16 | int8; no copy if contiguous
+        self.packed = np.ascontiguousarray(packed)         # (out, in) float32 | uint16 | int8; no copy if contiguous
         self.scale = scale                                 # (out,) float32 for int8, else None
         self.kind = kind_of(packed)
         if self.kind == "int8" and scale is None:
@@ -270,6 +288,25 @@ def quantize(model, kind: str = "int8"):
     model.wte = QuantEmbedding.from_embedding(model.wte, kind)
     model.lm_head = QuantTiedLMHead(model.wte)
     model.weight_format = kind
+    return model.eval()
+
+
+def decode_layout(model):
+    """Lay a float32 model's Linear weights out (out, in) for decoding, in place (and return it): each Linear
+    becomes a QuantLinear holding its float32 weight transposed, C-ordered (pack(w.T, "fp32")), the same
+    values; the (in, out) original is dropped, so memory stays the same. Decoding then reads each output's
+    weights as one contiguous row: products of 1 to fast.dots_limit() rows run few_rows_matmul_t's dot
+    products, and each decoded block one compiled call (npgpt/inference/fused.py); longer inputs run BLAS
+    on the rows as they are. Like a quantized model it is inference-only (backward raises); its weights
+    save as float32 (float_state). What `npgpt generate`, `chat` and `serve` do with float32 weights
+    (docs/performance.md, "sixth session"). Packed (bf16, int8) and float64 models are returned unchanged."""
+    if model.weight_format != "fp32" or model.dtype != np.float32:
+        return model
+    from ..layers.lora import LoRALinear
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model holds LoRA adapters: npgpt.layers.lora.merge(model) first, then decode_layout")
+    for name, lin in [(n, m) for n, m in model.named_modules() if type(m) is Linear]:
+        model.replace(name, QuantLinear.from_linear(lin, "fp32"))
     return model.eval()
 
 

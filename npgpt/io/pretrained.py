@@ -69,7 +69,8 @@ def save_model(model, directory) -> str:
         return save_quantized(model, directory)
     if lora_layers(model):
         return save_with_adapter(model, directory)   # base weights + adapter_config.json + adapter_model.safetensors
-    return save_hf_checkpoint(directory, model.config, model.state_dict(), dtype=model.dtype)
+    # float_state: a model laid out for decoding (decode_layout) holds its Linears' weights as rows
+    return save_hf_checkpoint(directory, model.config, quant.float_state(model), dtype=model.dtype)
 
 
 # ----------------------------------------------------------------------------- training checkpoints

@@ -1,0 +1,107 @@
+"""npgpt.inference.quant.decode_layout: a float32 model's Linear weights laid out (out, in) for decoding.
+The values are the model's: its logits (a prompt through BLAS, decoded tokens through the dot products)
+match the (in, out) model's up to float32 rounding, its files are the same, its memory is not doubled,
+and what it cannot do (backward) says so in one line."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import npgpt
+from npgpt import fast
+from npgpt.inference.decode import Decoder
+from npgpt.inference.quant import QuantLinear, decode_layout, quantize, weight_bytes
+from npgpt.layers.linear import Linear
+
+CFG = dict(n_layer=2, n_embd=48, n_head=4, n_ctx=40, n_vocab=97)
+
+
+def _model(seed=0, dtype=np.float32):
+    model = npgpt.GPT(npgpt.GPTConfig(**CFG), dtype=dtype, seed=seed).eval()
+    rng = np.random.default_rng(seed)
+    for name, p in model.named_parameters():                      # biases away from 0: read from the right place
+        if name.endswith(".bias"):
+            p.data[...] = rng.normal(0, 0.1, p.data.shape)
+    return model
+
+
+def _twins():
+    """The same weights twice: as loaded, and laid out for decoding."""
+    a, b = _model(), _model()
+    return a, decode_layout(b)
+
+
+def _close(a, b):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+
+
+def test_every_linear_becomes_rows_of_the_same_values():
+    model, rows = _twins()
+    linears = {n: m for n, m in model.named_modules() if type(m) is Linear}
+    assert linears and not any(type(m) is Linear for m in rows.modules())
+    for name, m in rows.named_modules():
+        if name in linears:
+            assert type(m) is QuantLinear and m.kind == "fp32" and m.packed.flags.c_contiguous
+            np.testing.assert_array_equal(m.packed, linears[name].weight.data.T)    # (out, in), exactly
+            np.testing.assert_array_equal(m.bias.data, linears[name].bias.data)
+    assert weight_bytes(rows) == weight_bytes(model)              # no second copy kept
+    assert rows.weight_format == "fp32" and decode_layout(rows) is rows
+
+
+def test_prompt_and_decoded_tokens_match_the_model():
+    """A 30-token prompt (BLAS on the rows), then decoded batches of 1 to 9 rows: the dot products (up to
+    fast.dots_limit() rows, compiled blocks and modules) and BLAS beyond."""
+    model, rows = _twins()
+    x = np.random.default_rng(1).integers(0, 97, (1, 30))
+    _close(rows.forward(x), model.forward(x))
+    for B in (1, 2, 5, 9):
+        prompts = [np.random.default_rng(B + r).integers(0, 97, 3 + r) for r in range(B)]
+        tokens = np.random.default_rng(B).integers(0, 97, (6, B))
+        for compiled in (True, False):
+            got, want = Decoder(rows, B, 20, compiled=compiled), Decoder(model, B, 20)
+            _close(got.prefill(prompts), want.prefill(prompts))
+            for t in tokens:
+                _close(got.step(t), want.step(t))
+
+
+def test_saved_and_loaded_as_float32(tmp_path):
+    model, rows = _twins()
+    npgpt.save_model(rows, tmp_path / "m")
+    back = npgpt.load_model(tmp_path / "m")
+    assert back.weight_format == "fp32"
+    want = model.state_dict()
+    got = back.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_inference_only_and_what_it_leaves_alone():
+    _, rows = _twins()
+    x = np.zeros((1, 3), np.int64)
+    rows.train()
+    rows.forward(x)
+    with pytest.raises(RuntimeError, match="laid out for decoding"):
+        rows.backward(np.ones((1, 3, 97), np.float32))
+    double = _model(dtype=np.float64)                            # float64 (gradient checks): left as it is
+    assert decode_layout(double) is double and any(type(m) is Linear for m in double.modules())
+    packed = quantize(_model(), "bf16")                          # packed already
+    assert decode_layout(packed) is packed and packed.weight_format == "bf16"
+    lora = _model()
+    npgpt.layers.lora.apply_lora(lora, rank=2, alpha=4)
+    with pytest.raises(ValueError, match="merge"):
+        decode_layout(lora)
+
+
+def test_numpy_backend_runs_the_rows_through_blas():
+    model, rows = _twins()
+    x = np.random.default_rng(2).integers(0, 97, (2, 4))
+    with fast.use_backend("numpy"):
+        _close(rows.forward(x), model.forward(x))
+
+
+def test_generating_commands_load_the_rows(tmp_path):
+    from npgpt.cli.generate import _load_model
+    npgpt.save_model(_model(), tmp_path / "m")
+    assert not any(type(m) is Linear for m in _load_model(str(tmp_path / "m"), decoding=True).modules())
+    assert any(type(m) is Linear for m in _load_model(str(tmp_path / "m")).modules())   # npgpt eval: as stored
