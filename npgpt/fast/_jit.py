@@ -1,10 +1,19 @@
 """How kernels are compiled: cached to disk, and, for loops over rows or elements, twice.
 
+The disk cache is Numba's, with one change: a kernel's cached code is stale when any kernel source
+changes, not only the file the kernel is written in (Numba's own test). A kernel compiles the functions it
+calls from other files into itself (decode_block, in decode.py, holds quant.py's and few_rows.py's
+products), so after an edit or an upgrade that touched only those, Numba would load the old callees'
+code, without a word. See _KernelSources below.
+
 `pjit` compiles a kernel written with `prange` both serially (prange runs as range) and in
 parallel, and picks per call: a parallel region costs a thread wake-up on every launch, a
 waste for the tiny arrays of decoding and gradient checks, and a stall whenever another
 process holds a core. Call `kernel(work, *args)` where `work` is the number of elements touched.
 """
+import functools
+import hashlib
+import os
 import types
 
 from .settings import quiet_kernel_threads
@@ -12,6 +21,57 @@ from .settings import quiet_kernel_threads
 quiet_kernel_threads()   # before Numba loads libgomp (see npgpt/fast/settings.py)
 
 from numba import njit  # noqa: E402
+from numba.core import caching  # noqa: E402
+
+_FAST = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(_FAST)
+
+
+def kernel_sources() -> list:
+    """The files that hold npgpt's Numba kernels: npgpt/fast/*.py and npgpt/serve/kernels.py."""
+    fast = sorted(os.path.join(_FAST, f) for f in os.listdir(_FAST) if f.endswith(".py"))
+    return fast + [os.path.join(_PACKAGE, "serve", "kernels.py")]
+
+
+@functools.lru_cache(maxsize=None)
+def _sources_digest(stamps: tuple) -> bytes:
+    h = hashlib.sha256()
+    for path, _, _ in stamps:
+        with open(path, "rb") as f:
+            h.update(path.encode() + b"\0" + f.read())
+    return h.digest()
+
+
+def kernel_sources_digest() -> bytes:
+    """sha256 of every kernel source's path and bytes (re-read when one's size or mtime changes)."""
+    stamps = []
+    for path in kernel_sources():
+        if os.path.exists(path):
+            st = os.stat(path)
+            stamps.append((path, st.st_mtime_ns, st.st_size))
+    return _sources_digest(tuple(stamps))
+
+
+class _KernelSources:
+    """A Numba cache locator's mixin for npgpt's own kernels: the source stamp an index is checked against
+    is Numba's (the function's own file) and the digest of every kernel source."""
+
+    def get_source_stamp(self):
+        return super().get_source_stamp(), kernel_sources_digest()
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if not os.path.abspath(py_file).startswith(_PACKAGE + os.sep):
+            return None                                  # another library's kernel: Numba's own locators
+        return super().from_function(py_func, py_file)
+
+
+# The same places as Numba's (NUMBA_CACHE_DIR, __pycache__ beside the source, the user's cache directory),
+# tried first, for npgpt's kernels only.
+_LOCATORS = [type("Npgpt" + base.__name__, (_KernelSources, base), {})
+             for base in (caching.UserProvidedCacheLocator, caching.InTreeCacheLocator, caching.UserWideCacheLocator)]
+if not any(issubclass(c, _KernelSources) for c in caching.CacheImpl._locator_classes):
+    caching.CacheImpl._locator_classes[:0] = _LOCATORS
 
 # Below ~262k elements one thread finishes before the others are awake: waking the kernels' sleeping
 # OpenMP threads right after a GEMM costs ~50-100 us on 2 cores. Measured there (examples/profile_ops.py,
