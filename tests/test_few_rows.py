@@ -197,3 +197,22 @@ def test_bad_shapes_are_refused():
         few_rows_matmul(np.ones((2, 8)), w)                                 # float64
     with pytest.raises(ValueError, match="C-ordered 2-D float32"):
         few_rows_matmul_t(x, np.ones((10, 8), np.float32).T)               # a transposed view
+    with pytest.raises(ValueError, match="float32 or bf16 bits"):
+        few_rows_matmul_t(x, np.ones((3, 10), np.int8))                     # int8 rows: fast.quant's kernels
+
+
+@pytest.mark.parametrize("N", [1, 2, 3, 5, 8])
+def test_bf16_rows_are_their_float32_values(N):
+    """bf16 bits (uint16) are widened exactly in registers: the same sums as on the float32 values they stand
+    for, bit for bit, and decoding's packed products (up to fast.quant.DOT_ROWS rows) are these plus the bias."""
+    from npgpt.fast import quant
+    from npgpt.inference.quant import to_bf16, unpack
+    rng = np.random.default_rng(N)
+    x = rng.standard_normal((N, 16 * 5 + 3), dtype=np.float32)
+    w16 = to_bf16(rng.standard_normal((37, x.shape[1]), dtype=np.float32))
+    b = rng.standard_normal(37, dtype=np.float32)
+    y = few_rows_matmul_t(x, w16)
+    np.testing.assert_array_equal(y, few_rows_matmul_t(x, np.ascontiguousarray(unpack(w16))))
+    _within_sum_bound(y, x, unpack(w16).T)
+    if N <= quant.DOT_ROWS:
+        np.testing.assert_array_equal(quant.packed_matmul(x, w16, None, b), y + b)

@@ -191,16 +191,25 @@ def _dots(R, WR=1):
     of x, each of x the WR weight rows (R x WR accumulators)."""
     @intrinsic
     def dots(typingctx, x, w, y, n, o):
-        if not (_is_c_f32(x, 2) and _is_c_f32(w, 2) and _is_c_f32(y, 2)
+        bf16 = _is_c_array(w, types.uint16, 2)
+        if not (_is_c_f32(x, 2) and (_is_c_f32(w, 2) or bf16) and _is_c_f32(y, 2)
                 and isinstance(n, types.Integer) and isinstance(o, types.Integer)):
             return None
 
         def codegen(context, builder, sig, args):
             a_x, a_w, a_y = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(3))
             n_, o_ = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (3, 4))
+
+            def widen(v, t):                                                    # bf16 bits -> float32
+                if not bf16:
+                    return v
+                i32t = ir.VectorType(ir.IntType(32), LANES) if t is vec else ir.IntType(32)
+                sh = ir.Constant(i32t, [16] * LANES) if t is vec else ir.Constant(i32t, 16)
+                return builder.bitcast(builder.shl(builder.zext(v, i32t), sh), t)
             K, V = builder.extract_value(a_x.shape, 1), builder.extract_value(a_w.shape, 0)
             intp, i32, f32 = K.type, ir.IntType(32), ir.FloatType()
             vec = ir.VectorType(f32, LANES)
+            wvec = ir.VectorType(ir.IntType(16), LANES) if bf16 else vec
             fma_v = _declare(builder, f"llvm.fma.v{LANES}f32", vec, [vec] * 3)
             fma_s = _declare(builder, "llvm.fma.f32", f32, [f32] * 3)
             w_rows = [builder.gep(a_w.data, [builder.mul(builder.add(o_, intp(q)), K)]) for q in range(WR)]  # &w[o + q, 0]
@@ -211,9 +220,9 @@ def _dots(R, WR=1):
             with cgutils.for_range(builder, whole) as loop:
                 off = builder.shl(loop.index, intp(4))
 
-                def load(row):
-                    return builder.load(builder.bitcast(builder.gep(row, [off]), vec.as_pointer()), align=4)
-                w_v = [load(w_rows[q]) for q in range(WR)]
+                def load(row, t=vec):
+                    return builder.load(builder.bitcast(builder.gep(row, [off]), t.as_pointer()), align=2 if t is wvec else 4)
+                w_v = [widen(load(w_rows[q], wvec), vec) for q in range(WR)]
                 for r in range(R):                                              # acc[r, q] += x[n + r, block] * w[o + q, block]
                     x_v = load(x_rows[r])
                     for q in range(WR):
@@ -230,7 +239,7 @@ def _dots(R, WR=1):
             start = builder.shl(whole, intp(4))
             with cgutils.for_range(builder, builder.sub(K, start)) as loop:    # the last K % LANES terms
                 k = builder.add(start, loop.index)
-                w_k = [builder.load(builder.gep(w_rows[q], [k])) for q in range(WR)]
+                w_k = [widen(builder.load(builder.gep(w_rows[q], [k])), f32) for q in range(WR)]
                 for r in range(R):
                     x_k = builder.load(builder.gep(x_rows[r], [k]))
                     for q in range(WR):
@@ -283,7 +292,7 @@ def _dots_rows(x, w, y, o, hi):
 @njit(**JIT_OPTIONS)
 def dots_chunk(x, w, b, y, o, hi):
     """y[:, o:hi] = x @ w[o:hi].T + b[o:hi], each output one dot as few_rows_matmul_t's, then its bias: a
-    chunk of output channels for a kernel with its own parallel loop (npgpt/fast/decode.py, decode_block)."""
+    chunk of output channels for a kernel with its own parallel loop (npgpt/fast/quant.py)."""
     _dots_rows(x, w, y, o, hi)
     for n in range(x.shape[0]):
         for j in range(o, hi):
@@ -297,12 +306,13 @@ def _few_rows_matmul_t(x, w, y):
         _dots_rows(x, w, y, c * OUT_CHUNK, min(V, (c + 1) * OUT_CHUNK))
 
 
-def _checked(x, w, K_w, O, out, name):
-    """The kernels index raw memory: x (N, K) and w must be C-ordered float32 with w's K_w = K, and out
-    (N, O), C-ordered float32 and overlapping neither. -> out (new if None)."""
-    for a, what in ((x, "x"), (w, "w")):
-        if a.dtype != np.float32 or a.ndim != 2 or not a.flags.c_contiguous:
-            raise ValueError(f"{name}: {what} must be a C-ordered 2-D float32 array, got {a.dtype} {a.shape}")
+def _checked(x, w, K_w, O, out, name, w_dtypes=(np.float32,)):
+    """The kernels index raw memory: x (N, K) must be C-ordered float32, w C-ordered of one of w_dtypes
+    with w's K_w = K, and out (N, O), C-ordered float32 and overlapping neither. -> out (new if None)."""
+    for a, what, dtypes in ((x, "x", (np.float32,)), (w, "w", w_dtypes)):
+        if a.dtype not in dtypes or a.ndim != 2 or not a.flags.c_contiguous:
+            kinds = " or ".join("bf16 bits (uint16)" if d == np.uint16 else np.dtype(d).name for d in dtypes)
+            raise ValueError(f"{name}: {what} must be a C-ordered 2-D {kinds} array, got {a.dtype} {a.shape}")
     if x.shape[1] != K_w:
         raise ValueError(f"{name}: x {x.shape} and w {w.shape} do not match")
     if out is None:
@@ -314,8 +324,9 @@ def _checked(x, w, K_w, O, out, name):
 
 
 def few_rows_matmul_t(x, w, out=None):
-    """x @ w.T for float32 x (N, in) and w (out, in) (the tied LM head's wte), both C-contiguous -> (N, out)."""
-    out = _checked(x, w, w.shape[1], w.shape[0], out, "few_rows_matmul_t")
+    """x @ w.T for float32 x (N, in) and w (out, in), float32 (the tied LM head's wte) or bf16 bits (uint16,
+    widened exactly in registers: the sums of its float32 values), both C-contiguous -> (N, out) float32."""
+    out = _checked(x, w, w.shape[1], w.shape[0], out, "few_rows_matmul_t", (np.float32, np.uint16))
     _few_rows_matmul_t(w.size, x, w, out)                      # the parallel build from 2^18 weights on
     return out
 

@@ -12,11 +12,13 @@ contiguous row; the work is split over output channels (prange). NumPy they mirr
     x16, d = quantize_activations(x)                       # (N, in) int16, (N, in/32) float32
     y[n, o] = scale[o] * sum_b d[n, b] * (x16[n, block b] . q[o, block b]) + b[o]
 
-bf16 sums run in float32 (reassociated into SIMD lanes); int8 blocks are exact integer dot products
-on the CPU's own instructions (vpdpwssd where it has VNNI, pmaddwd with AVX2: npgpt/fast/_q8.py),
-scaled per block. A bf16 weight becomes a float32 in a register
-(a zero-extend, a shift and a bit cast: npgpt/fast/_math.py; `weight` below), so the kernel reads each
-packed weight once and does one multiply-add with it for each row of x. Made for the N <= ~16 rows of decoding,
+bf16 sums run in float32: up to DOT_ROWS rows of x as npgpt/fast/few_rows.py's dot products (16 lanes of
+FMA chains, a fixed tree: an order fixed by K), more rows in Numba loops reassociated into SIMD lanes;
+float32 rows (decode_layout's) the same way. int8 blocks are exact integer dot products on the CPU's own
+instructions (vpdpwssd where it has VNNI, pmaddwd with AVX2: npgpt/fast/_q8.py), scaled per block. A bf16
+weight becomes a float32 in a register (a zero-extend, a shift and a bit cast: npgpt/fast/_math.py and
+`weight` below, or the same three instructions in few_rows' IR), so the kernel reads each packed weight
+once and does one multiply-add with it for each row of x. Made for the N <= ~16 rows of decoding,
 where reading the weights from DRAM is the cost and packed weights read 2x / 4x fewer bytes;
 for many rows (a long prompt) `dequantize_rows` unpacks a block of output channels into a
 float32 scratch and BLAS does the product (see npgpt/inference/quant.py).
@@ -29,9 +31,14 @@ from . import settings
 from ._jit import JIT_OPTIONS, REDUCTION_MATH, pjit
 from ._math import bits_to_float32, prefetch_row
 from ._q8 import BLOCK, q8_dot, q8_dot4
-from .few_rows import dots_chunk
+from .few_rows import dots_chunk, dots_limit
 
 CHUNK = 16          # output channels per parallel task (four float32 rows of buffer for several rows of x)
+# float32 and bf16 products of up to DOT_ROWS rows of x run few_rows's dot products (dots_chunk: LLVM IR, the
+# weight rows widened in registers), more rows the Numba loops below. GPT-2 124M's bf16 block weights on the
+# Zen 4, GB/s against those loops, alternated: 1 row 30.4 vs 26.1, 2 rows 23.0 vs 14.6, 8 rows 10.6 vs 8.7
+# (the LM head 42.4 vs 36.8, 31.7 vs 19.1, 10.8 vs 9.1).
+DOT_ROWS = dots_limit()
 
 
 _SIDE_BY_SIDE = None    # side_by_side()'s answer, found on first use
@@ -223,11 +230,20 @@ def _chunk(x, w, b, y, c, side_by_side, ahead):
         _few_rows(x, w, b, y, O, lo, hi, ahead)
 
 
+@njit(**JIT_OPTIONS)
+def _float_chunk(x, w, b, y, c, side_by_side, ahead):
+    # chunk c of y = x @ W^T + b for float32 or bf16 rows w: the dot products up to DOT_ROWS rows of x
+    if x.shape[0] <= DOT_ROWS:
+        dots_chunk(x, w, b, y, c * CHUNK, min(w.shape[0], (c + 1) * CHUNK))
+    else:
+        _chunk(x, w, b, y, c, side_by_side, ahead)
+
+
 @pjit(reductions=True)
 def _matmul(x, w, b, y, side_by_side, ahead):
     # y[n, o] = sum_k x[n, k] * weight(w, o, k) + b[o]   (w bf16 bits or float32)
     for c in prange((w.shape[0] + CHUNK - 1) // CHUNK):
-        _chunk(x, w, b, y, c, side_by_side, ahead)
+        _float_chunk(x, w, b, y, c, side_by_side, ahead)
 
 
 @njit(**JIT_OPTIONS)                # no fastmath: the same IEEE operations as the NumPy lines
@@ -344,10 +360,8 @@ def _activations(x, w):
 def _product_chunk(xa, xb, w, scale, b, y, c, side_by_side, ahead):
     if w.dtype == types.int8:
         return lambda xa, xb, w, scale, b, y, c, side_by_side, ahead: _q8_chunk(xa, xb, w, scale, b, y, c, ahead)
-    if w.dtype == types.float32:     # float32 rows (out, in): few_rows_matmul_t's dot products, as Linear runs them
-        return lambda xa, xb, w, scale, b, y, c, side_by_side, ahead: dots_chunk(xa, w, b, y, c * CHUNK,
-                                                                                 min(w.shape[0], (c + 1) * CHUNK))
-    return lambda xa, xb, w, scale, b, y, c, side_by_side, ahead: _chunk(xa, w, b, y, c, side_by_side, ahead)
+    return lambda xa, xb, w, scale, b, y, c, side_by_side, ahead: _float_chunk(xa, w, b, y, c, side_by_side, ahead)
+
 
 
 def quantize_q8(x):

@@ -11,13 +11,13 @@ the layer's shape:
                      (npgpt/fast/few_rows.py), in which every y[a, n] is its own chain of fused
                      multiply-adds over k = 0, 1, ..., K-1 in order, whatever the rows, the tile or the
                      threads, then + b[n]. Each weight is read once for every four rows.
-    out_in_matmul    y[a, o] = s[o] * (x[a] . w[o]) + b[o], w (out, in): float rows (the tied LM head),
-                     bf16 bits or int8 with per-row scales s (QuantLinear). float32 rows run decoding's
-                     few-row dot products (npgpt/fast/few_rows.py, few_rows_matmul_t: 16 lanes of FMA
-                     chains, a fixed tree, the tail in order, whatever the rows). Each bf16 (or other
-                     float) weight row is unpacked once, then every x[a] takes its dot product with it
-                     through the one compiled `_dot`, whose sum is reassociated into SIMD lanes in an
-                     order fixed by K alone. int8 rows
+    out_in_matmul    y[a, o] = s[o] * (x[a] . w[o]) + b[o], w (out, in): float rows (the tied LM head,
+                     decode_layout's Linears), bf16 bits or int8 with per-row scales s (QuantLinear).
+                     float32 and bf16 rows run decoding's few-row dot products (npgpt/fast/few_rows.py,
+                     few_rows_matmul_t: 16 lanes of FMA chains, a fixed tree, the tail in order, whatever
+                     the rows; bf16 widened exactly in registers). Other float rows (float64) take each
+                     x[a]'s dot product with w[o] through the one compiled `_dot`, whose sum is
+                     reassociated into SIMD lanes in an order fixed by K alone. int8 rows
                      run decoding's own kernel (npgpt/fast/quant.py): each x[a] quantized in blocks of
                      32, exact integer block sums, per-block scaling in a fixed order, so each row is
                      already the same operations whatever the batch, and equal to `npgpt generate`'s.
@@ -39,7 +39,7 @@ from numba import njit, prange
 from ..fast._jit import JIT_OPTIONS, REDUCTION_MATH
 from ..fast._math import exp, prefetch_row
 from ..fast.few_rows import few_rows_matmul, few_rows_matmul_t
-from ..fast.quant import packed_matmul, prefetch_ahead, unpack_row
+from ..fast.quant import packed_matmul, prefetch_ahead
 
 CHUNK = 16          # output rows a task of out_in_matmul takes (one unpacked weight row at a time)
 
@@ -64,21 +64,6 @@ def _out_in_float(x, w, b, y, ahead):
                 prefetch_row(w, o + ahead)          # a hint (no effect on any value): the row to come
             for a in range(A):
                 y[a, o] = _dot(x[a], w[o]) + b[o]
-
-
-@njit(parallel=True, fastmath=REDUCTION_MATH, **JIT_OPTIONS)
-def _out_in_packed(x, w, b, y, ahead):
-    # y[a, o] = x[a] . f32(w[o]) + b[o]; w bf16 bits
-    A, K = x.shape
-    O = w.shape[0]
-    for c in prange((O + CHUNK - 1) // CHUNK):
-        row = np.empty(K, np.float32)
-        for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
-            if ahead and o + ahead < O:
-                prefetch_row(w, o + ahead)
-            unpack_row(w, o, row)                   # the weight row once, for every row of x
-            for a in range(A):
-                y[a, o] = _dot(x[a], row) + b[o]
 
 
 @njit(parallel=True, fastmath=REDUCTION_MATH, **JIT_OPTIONS)
@@ -131,9 +116,7 @@ def out_in_matmul(x, w, scale=None, b=None):
     b = np.zeros(w.shape[0], dtype) if b is None else b
     if w.dtype == np.int8:
         packed_matmul(x, w, scale, b, out=y)
-    elif w.dtype == np.uint16:
-        _out_in_packed(x, w, b, y, prefetch_ahead(w))
-    elif w.dtype == np.float32 and w.flags.c_contiguous:
+    elif w.dtype in (np.float32, np.uint16) and w.flags.c_contiguous:
         few_rows_matmul_t(x, w, out=y)                           # 16 lanes, a fixed tree: an order fixed by K
         y += b
     else:
