@@ -105,3 +105,48 @@ def test_generating_commands_load_the_rows(tmp_path):
     npgpt.save_model(_model(), tmp_path / "m")
     assert not any(type(m) is Linear for m in _load_model(str(tmp_path / "m"), decoding=True).modules())
     assert any(type(m) is Linear for m in _load_model(str(tmp_path / "m")).modules())   # npgpt eval: as stored
+
+
+def test_generating_commands_merge_a_lora_adapter_first(tmp_path):
+    """A save holding a LoRA adapter: generate, chat and serve merge it, then lay the merged weights out."""
+    from npgpt.cli.generate import _load_model
+    from npgpt.layers.lora import apply_lora, lora_layers, merge
+    model = _model()
+    apply_lora(model, rank=2, alpha=4, seed=1)
+    for _, layer in lora_layers(model):
+        layer.lora_B.data[...] = np.random.default_rng(0).normal(0, 0.1, layer.lora_B.data.shape)   # an adapter that matters
+    npgpt.save_model(model, tmp_path / "lora")
+    loaded = _load_model(str(tmp_path / "lora"), decoding=True)
+    assert not lora_layers(loaded) and not any(type(m) is Linear for m in loaded.modules())
+    x = np.random.default_rng(3).integers(0, 97, (1, 6))
+    merge(model)
+    _close(loaded.forward(x), model.forward(x))
+
+
+def test_quantizing_the_rows_packs_them(tmp_path):
+    """quantize after decode_layout packs the rows as it packs Linears (the same arrays), and saves."""
+    _, rows = _twins()
+    want = quantize(_model(), "bf16")
+    got = quantize(rows, "bf16")
+    assert all(getattr(m, "kind", "bf16") == "bf16" for m in got.modules())
+    for (name, a), (_, b) in zip(got.named_modules(), want.named_modules()):
+        if hasattr(a, "packed"):
+            np.testing.assert_array_equal(a.packed, b.packed, err_msg=name)
+    npgpt.save_model(got, tmp_path / "q")
+    assert npgpt.load_model(tmp_path / "q").weight_format == "bf16"
+
+
+def test_attention_knows_which_products_ran_on_the_kernel_threads():
+    _, rows = _twins()
+    c_attn = rows.h[0].attn.c_attn
+    assert c_attn.runs_on_kernel_threads(1) and c_attn.runs_on_kernel_threads(fast.dots_limit())
+    assert not c_attn.runs_on_kernel_threads(fast.dots_limit() + 1)       # BLAS on the rows
+    with fast.use_backend("numpy"):
+        assert not c_attn.runs_on_kernel_threads(1)
+
+
+def test_nan_in_the_rows_is_named():
+    _, rows = _twins()
+    rows.h[1].mlp.c_fc.packed[3, 5] = np.nan
+    with pytest.raises(FloatingPointError, match=r"h\.1\.mlp\.c_fc\.weight"):
+        npgpt.generate(rows, np.zeros((1, 2), np.int64), 2)

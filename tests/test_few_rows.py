@@ -201,6 +201,35 @@ def test_bad_shapes_are_refused():
         few_rows_matmul_t(x, np.ones((3, 10), np.int8))                     # int8 rows: fast.quant's kernels
 
 
+def test_four_rows_of_w_at_a_time_on_any_cpu():
+    """The four-rows-of-w dot products (used for 5-8 rows of x with AVX-512) run here whatever the CPU: each
+    output the same bits as one row of w at a time."""
+    from numba import njit
+    from npgpt.fast import few_rows
+    kernels = {1: (few_rows._dots1, few_rows._dots1x4), 2: (few_rows._dots2, few_rows._dots2x4),
+               4: (few_rows._dots4, few_rows._dots4x4)}
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 16 * 3 + 7), dtype=np.float32)
+    for w in (rng.standard_normal((8, x.shape[1]), dtype=np.float32),
+              few_rows_bf16(rng.standard_normal((8, x.shape[1]), dtype=np.float32))):
+        for R, (one, four) in kernels.items():
+            @njit
+            def run(x, w, y1, y4, one=one, four=four, R=R):
+                for o in range(w.shape[0]):
+                    one(x, w, y1, 0, o)
+                for o in range(0, w.shape[0], 4):
+                    four(x, w, y4, 0, o)
+            y1, y4 = np.zeros((R, 8), np.float32), np.ones((R, 8), np.float32)
+            run(np.ascontiguousarray(x[:R]), w, y1, y4)
+            np.testing.assert_array_equal(y4, y1)
+            np.testing.assert_array_equal(y1, few_rows_matmul_t(np.ascontiguousarray(x[:R]), w))
+
+
+def few_rows_bf16(w):
+    from npgpt.inference.quant import to_bf16
+    return to_bf16(w)
+
+
 @pytest.mark.parametrize("N", [1, 2, 3, 5, 8])
 def test_bf16_rows_are_their_float32_values(N):
     """bf16 bits (uint16) are widened exactly in registers: the same sums as on the float32 values they stand

@@ -71,8 +71,8 @@ def _close(a, b):
     assert np.isfinite(a).all()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("lengths", [[5], [7, 3, 6]])          # one row; rows of different lengths (a ragged cache)
+@pytest.mark.parametrize("kind, lengths", [(k, n) for k in KINDS for n in ([5], [7, 3, 6])] +  # one row; ragged rows
+                         [("fp32 rows", [4, 9, 2, 6, 5, 3, 8]), ("bf16", [4, 9, 2, 6, 5, 3, 8])])  # 7: 4 + 2 + 1
 def test_compiled_blocks_give_the_modules_logits(kind, lengths):
     model = _model(kind)
     rng = np.random.default_rng(len(lengths))

@@ -125,12 +125,15 @@ def _stdin(hint: str):
 
 
 def _load_model(name_or_path, weights=None, decoding=False):
-    """decoding: float32 weights laid out for decoding (npgpt.inference.quant.decode_layout), as the
-    commands that generate text hold them."""
+    """decoding: as the commands that generate text hold a model: a LoRA adapter merged (one plain weight per
+    layer), float32 weights laid out for decoding (npgpt.inference.quant.decode_layout)."""
     from ..inference.quant import decode_layout
     from ..io.pretrained import load_model
+    from ..layers.lora import lora_layers, merge
     try:
         model = load_model(name_or_path, weights=weights)
+        if decoding and lora_layers(model):
+            merge(model)
         return decode_layout(model) if decoding else model
     except (OSError, ValueError, KeyError) as e:
         raise CLIError(f"cannot load model {name_or_path}: {str(e) or type(e).__name__}") from None

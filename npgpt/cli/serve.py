@@ -72,7 +72,7 @@ def run(args) -> int:
     from ..tokens.bpe import get_tokenizer
     from .generate import _load_model, _tokenizer_for
 
-    model = _load_model(args.model, args.weights, decoding=True)
+    model = _load_model(args.model, args.weights, decoding=True)     # a LoRA adapter merged: one plain weight a layer
     tokenizer = _tokenizer_for(args.model) or get_tokenizer()
     ctx = model.config.n_ctx
     if args.max_tokens is not None and args.max_tokens > ctx:
@@ -82,9 +82,6 @@ def run(args) -> int:
         sock = app.listen(args.host, args.port)
     except OSError as e:
         raise CLIError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    from ..layers.lora import lora_layers, merge
-    if lora_layers(model):
-        merge(model)                        # one plain weight per layer: what the batched kernels read
     engine = Engine(model, tokenizer, args.parallel)
     with sock:
         try:                                # compile and load the kernels before saying "ready"

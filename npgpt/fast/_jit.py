@@ -28,8 +28,12 @@ _PACKAGE = os.path.dirname(_FAST)
 
 
 def kernel_sources() -> list:
-    """The files that hold npgpt's Numba kernels: npgpt/fast/*.py and npgpt/serve/kernels.py."""
-    fast = sorted(os.path.join(_FAST, f) for f in os.listdir(_FAST) if f.endswith(".py"))
+    """The files that hold npgpt's Numba kernels: npgpt/fast/*.py and npgpt/serve/kernels.py (none where the
+    package is not a folder of files, e.g. inside a zip: there Numba's own locators serve)."""
+    try:
+        fast = sorted(os.path.join(_FAST, f) for f in os.listdir(_FAST) if f.endswith(".py"))
+    except OSError:
+        return []
     return fast + [os.path.join(_PACKAGE, "serve", "kernels.py")]
 
 
@@ -61,7 +65,7 @@ class _KernelSources:
 
     @classmethod
     def from_function(cls, py_func, py_file):
-        if not os.path.abspath(py_file).startswith(_PACKAGE + os.sep):
+        if not os.path.abspath(py_file).startswith(_PACKAGE + os.sep) or not kernel_sources():
             return None                                  # another library's kernel: Numba's own locators
         return super().from_function(py_func, py_file)
 

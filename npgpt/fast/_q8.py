@@ -28,8 +28,8 @@ one CPU the three give the same bits.
 Which path is compiled follows the target Numba compiles for (its CPU features, so NUMBA_CPU_NAME /
 NUMBA_CPU_FEATURES steer it, and Numba's cache keeps a build per target): `instructions()` says;
 `q8_dot_using(path)` builds one path by name (the tests compare every path the CPU can run).
-Numba's disk cache of the kernels that call these (npgpt/fast/quant.py) is keyed on that file alone:
-after editing this one, touch quant.py (or clear its __pycache__) so that they are compiled again. On a
+The kernels that call these (npgpt/fast/quant.py) are compiled again after an edit here: npgpt's disk
+cache is stale when any kernel source changes (npgpt/fast/_jit.py). On a
 Zen 4 (2 threads) a decoded token's int8 products read 26-28 GB/s (the LM head 34-37), against 19 (22)
 converting each weight to float32 (docs/performance.md, "int8 weights times 16-bit activations").
 """

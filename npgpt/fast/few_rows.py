@@ -221,7 +221,7 @@ def _dots(R, WR=1):
                 off = builder.shl(loop.index, intp(4))
 
                 def load(row, t=vec):
-                    return builder.load(builder.bitcast(builder.gep(row, [off]), t.as_pointer()), align=2 if t is wvec else 4)
+                    return builder.load(builder.bitcast(builder.gep(row, [off]), t.as_pointer()), align=2 if bf16 and t is wvec else 4)
                 w_v = [widen(load(w_rows[q], wvec), vec) for q in range(WR)]
                 for r in range(R):                                              # acc[r, q] += x[n + r, block] * w[o + q, block]
                     x_v = load(x_rows[r])

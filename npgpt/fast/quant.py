@@ -232,8 +232,10 @@ def _chunk(x, w, b, y, c, side_by_side, ahead):
 
 @njit(**JIT_OPTIONS)
 def _float_chunk(x, w, b, y, c, side_by_side, ahead):
-    # chunk c of y = x @ W^T + b for float32 or bf16 rows w: the dot products up to DOT_ROWS rows of x
-    if x.shape[0] <= DOT_ROWS:
+    # chunk c of y = x @ W^T + b for float32 or bf16 rows w: the dot products up to DOT_ROWS rows of x, except
+    # one row where side_by_side() says 4 (Intel: the four-rows loop measured faster there; the dot products
+    # were measured on the Zen 4 alone)
+    if x.shape[0] <= DOT_ROWS and not (x.shape[0] == 1 and side_by_side == 4):
         dots_chunk(x, w, b, y, c * CHUNK, min(w.shape[0], (c + 1) * CHUNK))
     else:
         _chunk(x, w, b, y, c, side_by_side, ahead)
@@ -399,13 +401,15 @@ def packed_matmul(x, packed, scale, bias, out=None):
     (scale None) runs the same loops on its float32 rows: for a few rows x (a batch of decoded
     tokens) against the tied LM head's (V, C) weight, where BLAS's GEMM of so few rows is slow."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    packed = np.ascontiguousarray(packed)       # the kernels read C-ordered rows (no copy if they are)
     N, K = x.shape
     O = packed.shape[0]
+    if out is not None and (out.shape != (N, O) or out.dtype != np.float32 or not out.flags.c_contiguous):
+        raise ValueError(f"packed_matmul: out must be a C-ordered float32 array of shape {(N, O)}")
     y = np.empty((N, O), np.float32) if out is None else out
-    b = np.zeros(O, np.float32) if bias is None else bias
+    b = np.zeros(O, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     work = N * O * K
-    if packed.dtype == np.int8:                 # the integer kernels read C-ordered rows (no copy if they are)
-        packed = np.ascontiguousarray(packed)
+    if packed.dtype == np.int8:
         scale = np.ones(O, np.float32) if scale is None else np.ascontiguousarray(scale, dtype=np.float32)
         _matmul_q8(work, x, packed, scale, b, y, prefetch_ahead(packed))
     else:

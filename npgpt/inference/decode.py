@@ -172,7 +172,10 @@ def _drawable(logits, model, step: int, n_vocab: int):
     logits = logits[:, :n_vocab]
     if not np.isfinite(logits).all():
         from ..layers.module import first_non_finite
-        bad = first_non_finite((name, p.data) for name, p in model.named_parameters())
+        arrays = [(name, p.data) for name, p in model.named_parameters()]
+        arrays += [(f"{name}.weight", m.packed) for name, m in model.named_modules()
+                   if getattr(m, "kind", None) == "fp32"]              # decode_layout's float32 rows
+        bad = first_non_finite(arrays)
         why = (f"its parameter {bad} holds NaN or infinite values" if bad is not None else
                "an activation overflowed, or its packed weights hold NaN or infinite values")
         raise FloatingPointError(f"the model's next-token logits are not finite (NaN or inf) at new token "

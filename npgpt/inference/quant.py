@@ -204,7 +204,10 @@ class QuantLinear(Module):
     """y = x @ W^T + b with W (out, in) packed as bf16 or int8, or float32 rows (decode_layout); the float32
     bias stays a Parameter."""
 
-    kernel_threads = True     # its products run on the Numba kernels' threads (see CausalSelfAttention.forward_cached)
+    def runs_on_kernel_threads(self, rows: int) -> bool:
+        """Whether a product of `rows` rows runs on the Numba kernels' threads (packed kernels), not BLAS
+        (see CausalSelfAttention.forward_cached)."""
+        return fast.use_numba() and rows <= packed_max_rows(self.packed)
 
     def __init__(self, packed, scale=None, bias=None):
         self.packed = np.ascontiguousarray(packed)         # (out, in) float32 | uint16 | int8; no copy if contiguous
@@ -285,6 +288,8 @@ def quantize(model, kind: str = "int8"):
         raise ValueError("quantize expects the LM head tied to wte")
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]:
         model.replace(name, QuantLinear.from_linear(lin, kind))
+    for name, rows in [(n, m) for n, m in model.named_modules() if type(m) is QuantLinear and m.kind == "fp32"]:
+        model.replace(name, QuantLinear(*pack(rows.packed, kind), rows.bias.data))   # decode_layout's rows
     model.wte = QuantEmbedding.from_embedding(model.wte, kind)
     model.lm_head = QuantTiedLMHead(model.wte)
     model.weight_format = kind

@@ -26,6 +26,8 @@ def save_quantized(model, directory) -> str:
         tensors[name] = p.data
     for prefix, m in model.named_modules():
         if isinstance(m, (QuantLinear, QuantEmbedding)):
+            if m.kind != kind:                       # a module left out of the packing: not a file load_model reads
+                raise ValueError(f"save_quantized: {prefix} holds {m.kind} weights in a {kind} model")
             name = f"{prefix}.weight"
             tensors[name] = m.packed
             if m.kind == "bf16":

@@ -154,7 +154,8 @@ class CausalSelfAttention(Module):
         if slots is not None:                                          # one new token a row: one kernel call
             # on both cores when c_attn's product just ran on the kernel threads (packed weights: they still
             # spin), on one after a BLAS product (they sleep, and waking them costs more than it saves)
-            awake = getattr(self.c_attn, "kernel_threads", False)
+            on_kernels = getattr(self.c_attn, "runs_on_kernel_threads", None)
+            awake = on_kernels is not None and on_kernels(B)
             y = fast.decode_attention(qkv.reshape(B, 3 * C), *slots, scale, threads_awake=awake)   # (B, C)
             return self.c_proj(y.reshape(B, 1, C))
         q, k, v = self.split_heads(qkv)                                # (B, NH, T, hs) each

@@ -112,11 +112,13 @@ def out_in_matmul(x, w, scale=None, b=None):
     (with scale (out,)); each row by the same fixed arithmetic."""
     dtype = np.float32 if w.dtype in (np.uint16, np.int8) else w.dtype
     x = np.ascontiguousarray(x, dtype=dtype)
+    if w.dtype in (np.uint16, np.float32):
+        w = np.ascontiguousarray(w)                             # the dot products read C-ordered rows
     y = np.empty((x.shape[0], w.shape[0]), dtype=dtype)
     b = np.zeros(w.shape[0], dtype) if b is None else b
     if w.dtype == np.int8:
         packed_matmul(x, w, scale, b, out=y)
-    elif w.dtype in (np.float32, np.uint16) and w.flags.c_contiguous:
+    elif w.dtype in (np.float32, np.uint16):
         few_rows_matmul_t(x, w, out=y)                           # 16 lanes, a fixed tree: an order fixed by K
         y += b
     else:
