@@ -128,7 +128,8 @@ from npgpt.fast import settings
 settings.apply(inference=True)
 import numpy as np, npgpt
 path, mode, weights, prompt, new, reps = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-model = npgpt.load_model(path, weights=weights)
+from npgpt.inference.quant import decode_layout
+model = decode_layout(npgpt.load_model(path, weights=weights))    # as npgpt generate holds it (float32: rows)
 ids = np.array(prompt if isinstance(prompt[0], list) else [prompt])    # (B, T)
 def logits_of(w):          # (T, V): the whole window at once (a prompt's path), or "-decode": one token
     if not mode.endswith("-decode"):       # at a time through the KV cache (decoding's path)

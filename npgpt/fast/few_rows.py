@@ -29,12 +29,15 @@ The tiles are LLVM IR through Numba intrinsics (npgpt/fast/_q8.py does the same 
 keep a 4 x 64 block of accumulators in registers or tell LLVM that y does not overlap w, and its own
 loops here ran one element at a time (1-9 GB/s).
 
-few_rows_matmul_t, for the tied LM head's 1-4 rows: w's rows are read one after another (one stream
-from memory), each row loaded 16 floats at a time into a register and multiplied into up to four rows
-of x, one vector accumulator each; then each accumulator's 16 lanes are added in a fixed tree and the
-last in % 16 terms follow by FMA. The order depends on `in` alone, never on N. GPT-2's 154 MB wte read
-1.3-2.5x faster than by BLAS's GEMV (one row) and 1.3-1.6x faster than by fast.quant's four-row kernel
-(2-4 rows) on the Zen 4; at 8 rows the row kernel was faster (0.8x), so the head keeps it there.
+few_rows_matmul_t, for rows of w (out, in), float32 or bf16 bits (widened exactly in registers): the tied
+LM head's 1-8 rows (1-4 without AVX-512: dots_limit), decode_layout's float32 Linears and the packed bf16
+ones (npgpt/fast/quant.py, dots_chunk). w's rows are read one after another (one stream from memory),
+each loaded 16 floats at a time into a register and multiplied into up to four rows of x, one vector
+accumulator each (with AVX-512 and 5-8 rows of x, four rows of w at a time: 16 accumulators); then each
+accumulator's 16 lanes are added in a fixed tree and the last in % 16 terms follow by FMA. The order
+depends on `in` alone, never on N or on how many rows of w are taken together. GPT-2's 154 MB wte read
+1.3-2.5x faster than by BLAS's GEMV (one row), 1.3-1.6x faster than by fast.quant's four-row kernel at
+2-4 rows and 1.14-1.19x at 5-8 (Zen 4; docs/performance.md, sixth session).
 """
 import numpy as np
 from llvmlite import ir

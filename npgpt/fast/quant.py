@@ -48,7 +48,8 @@ _AHEAD_BY_ROW = {}
 
 def side_by_side() -> int:
     """How many weight rows a product with one row of x (a decoded token) streams at once: 4 (each x[k]
-    loaded once for four multiply-adds) or 1 (one row after another). Which is faster depends on the
+    loaded once for four multiply-adds, the Numba loop _one_row) or 1 (one row after another: few_rows'
+    dot products for float32 and bf16 rows, which beat the old one-row loop on the Zen 4). Which is faster depends on the
     CPU's prefetchers, measured (docs/performance.md, "Decode against llama.cpp"): on an Intel Xeon
     (Sapphire Rapids) four rows read bf16 weights at 25 GB/s against 18 and int8 at 22 against 16 (2
     cores); on an AMD EPYC (Zen 4) one row at a time read GPT-2's int8 LM head from memory at 21-30 GB/s

@@ -10,15 +10,17 @@
     set_threads(n, local_ranks) BLAS and Numba threads of this process (npgpt.distributed.init calls it
                                for an MPI rank, or for --threads)
     packed_rows()              NPGPT_PACKED_ROWS, or by the CPU's vendor: how decoding's packed products
-                               stream their weight rows (npgpt/fast/quant.py, side_by_side)
+                               of one row stream their weight rows (npgpt/fast/quant.py, side_by_side)
 
 Library users call apply() themselves, first thing, if they want the same.
 
 blas_threads_spin_briefly(): OpenBLAS's idle threads spin for ~2^28 cycles after every GEMM, on the
 cores the Numba kernels between GEMMs need. A short spin (OPENBLAS_THREAD_TIMEOUT=4: 2^4 cycles)
 measured ~7% faster train steps and 2x faster softmax/cross-entropy kernels on 2 cores. Decoding
-is the opposite case: float32 weights go through 48 BLAS matrix-vector products a token with little
-between them, and threads that sleep after each cost their wake-up every time; the inference commands
+is the opposite case: float32 weights as loaded (in, out) go through 48 BLAS matrix-vector products a
+token with little between them (the inference commands now lay them out as rows for Numba's kernels:
+npgpt.inference.quant.decode_layout; BLAS stays for prompts), and threads that sleep after each cost
+their wake-up every time; the inference commands
 let them spin 2^20 cycles (~0.3 ms): fp32 decode 41.5 -> 45.5 tokens/s, prefill the same or faster,
 int8/bf16 (no BLAS) unchanged (docs/performance.md). OpenBLAS reads it when NumPy first loads it,
 so it only takes effect before NumPy is imported.

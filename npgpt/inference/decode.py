@@ -51,10 +51,11 @@ class Decoder:
     At all times the cache row b holds the tokens tokens[b, start[b]:n[b]], so `logits[b]` equals
     model.forward(tokens[b, start[b]:n[b]])[0, -1].
 
-    compiled: with bf16 or int8 weights a decoded token runs each block as one compiled call
-    (npgpt/inference/fused.py): the modules' logits up to float32 rounding. The plan is made at every
-    prefill and holds the model's arrays until the next one; int8 takes this path for batches of up to
-    fused.INT8_MAX_ROWS rows, bf16 up to the packed kernel's rows; wider batches run the modules.
+    compiled: with bf16 or int8 weights, or float32 ones laid out by decode_layout, a decoded token runs
+    each block as one compiled call (npgpt/inference/fused.py): the modules' logits up to float32
+    rounding. The plan is made at every prefill and holds the model's arrays until the next one; int8
+    takes this path for batches of up to fused.INT8_MAX_ROWS rows, bf16 up to the packed kernel's rows,
+    float32 rows up to fast.dots_limit(); wider batches run the modules.
     False: always through the modules (GPT.forward_cached, the reference)."""
 
     def __init__(self, model, batch_size: int, capacity: int, keep: int | None = None, compiled: bool = True):

@@ -9,6 +9,9 @@ divided by the weights' bytes. Two packings, both one output channel per row, (o
           q[o, k]  = round(w[o, k] / scale[o])  in [-127, 127]
           w        = q * scale[:, None]                                      (1 byte a weight)
 
+(A third layout keeps float32 values: `decode_layout(model)` holds each Linear's weight as float32 rows
+(out, in), for decoding's dot products; see its docstring.)
+
 `quantize(model, "bf16" | "int8")` swaps QuantLinear in for every Linear and one QuantEmbedding
 for the tied token embedding: wte is packed ONCE (V, C) and serves both of its uses, the input
 lookup (unpacking only the looked-up rows) and the LM head (which reads the packed matrix).

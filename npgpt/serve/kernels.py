@@ -25,8 +25,8 @@ the layer's shape:
                      weighted sum of its values, t = 0 .. L-1 in order: the sums depend on L alone,
                      never on the longest row of the step (as a padded, masked batch's would).
 
-Each kernel is one parallel build (no serial/parallel switch by size), split over output columns
-or (row, head) pairs, never inside a sum. NumPy they mirror, for one row a:
+Each kernel splits its work over output columns or (row, head) pairs, never inside a sum, so a serial
+or a parallel build (few_rows' kernels pick by size) gives the same values. NumPy they mirror, for one row a:
 
     y[a] = x[a] @ w + b                     # in_out_matmul
     y[a] = (x[a] @ w.T) * s + b             # out_in_matmul, w unpacked (bf16)
@@ -41,7 +41,7 @@ from ..fast._math import exp, prefetch_row
 from ..fast.few_rows import few_rows_matmul, few_rows_matmul_t
 from ..fast.quant import packed_matmul, prefetch_ahead
 
-CHUNK = 16          # output rows a task of out_in_matmul takes (one unpacked weight row at a time)
+CHUNK = 16          # output rows a task of _out_in_float takes (other float rows: float64)
 
 
 @njit(fastmath=REDUCTION_MATH, **JIT_OPTIONS)
