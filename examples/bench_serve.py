@@ -108,12 +108,12 @@ def main():
     settings.apply(inference=True)
     import npgpt
     from npgpt.bench import blas_info
-    from npgpt.inference.quant import quantize
+    from npgpt.inference.quant import decode_layout, quantize
     print("blas:", blas_info(), flush=True)
     model = npgpt.GPT(npgpt.GPTConfig.from_preset("gpt2"), dtype=np.float32, seed=0).eval()
     with tempfile.TemporaryDirectory() as d:
         npgpt.save_model(model, d)
-        step_costs(quantize(model, args.weights))
+        step_costs(decode_layout(quantize(model, args.weights)))      # as npgpt serve holds it
         del model
         proc, url = serve(d, args.weights)
         try:

@@ -17,7 +17,8 @@ The bandwidth line is NumPy's float32 matrix-vector product over a 256 MiB matri
 head; the embedding rows and the KV cache are a few KB) over that bandwidth. The decode itself is also
 timed without the timers ("bare") in the same rounds.
 
-With bf16 or int8 weights `npgpt generate` runs each block of a decoded token as one compiled call
+The model is held as `npgpt generate` holds it (float32: rows, npgpt.inference.quant.decode_layout), and
+`npgpt generate` runs each block of a decoded token as one compiled call
 (npgpt/inference/fused.py), which leaves nothing for the timers to see inside a block: the table is
 taken through the model's modules (the reference path, the same values), and the bare times are given
 both ways, the compiled blocks' ("bare") and the modules' ("bare through the modules").
@@ -126,9 +127,9 @@ def main():
     for kind in args.weights:
         model = npgpt.GPT(cfg, dtype=np.float32, seed=0)
         model.load_state_dict(float_weights)
-        model = quant.quantize(model.eval(), kind)
+        model = quant.decode_layout(quant.quantize(model.eval(), kind))     # as npgpt generate holds it
         decode(model, False)                                  # compile, fault the pages in
-        fusable = fused.plan(model) is not None                 # bf16, int8: each block one call a token
+        fusable = fused.plan(model) is not None                 # each block one call a token
         own, bare, bare_modules, wall, calls = defaultdict(list), [], [], [], {}
         for _ in range(args.rounds):
             bare.append(decode(model, False))
