@@ -5,6 +5,9 @@
 repeated) and on weights streamed from memory (as many copies as fill --stream-mb, as decoding reads
 48 matrices and the LM head a token). The ways take turns, in a rotated order each round.
 
+Since the sixth session (docs/performance.md) bf16's one-row product with one row at a time is few_rows' dot
+products, which never prefetch: for bf16, "1 row, 8 ahead" and "1 row, no prefetch" now run the same code.
+
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/bench_packed_rows.py
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/bench_packed_rows.py --shapes 50257x768 --rounds 4
 """

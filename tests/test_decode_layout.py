@@ -150,3 +150,25 @@ def test_nan_in_the_rows_is_named():
     rows.h[1].mlp.c_fc.packed[3, 5] = np.nan
     with pytest.raises(FloatingPointError, match=r"h\.1\.mlp\.c_fc\.weight"):
         npgpt.generate(rows, np.zeros((1, 2), np.int64), 2)
+
+
+def test_mixed_kinds_are_not_saved_as_a_quantized_checkpoint(tmp_path):
+    """A bf16 model holding one module of float32 rows is not a file load_model reads: refused, named."""
+    from npgpt.io.quantized import save_quantized
+    model = quantize(_model(), "bf16")
+    lin = Linear(48, 48, rng=np.random.default_rng(0))
+    model.replace("transformer.h.0.attn.c_proj", QuantLinear.from_linear(lin, "fp32"))
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_proj holds fp32 weights in a bf16 model"):
+        save_quantized(model, tmp_path / "q")
+
+
+def test_packed_products_check_their_output_and_read_any_layout():
+    from npgpt.fast.quant import packed_matmul
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 40), dtype=np.float32)
+    w = rng.standard_normal((40, 30), dtype=np.float32).T               # (out, in) rows, not C-ordered
+    _close(packed_matmul(x, w, None, None), x @ w.T)
+    with pytest.raises(ValueError, match="out must be"):
+        packed_matmul(x, np.ascontiguousarray(w), None, None, out=np.empty((2, 31), np.float32))
+    int8 = quantize(_model(), "int8").h[0].attn.c_attn
+    assert int8.runs_on_kernel_threads(16) and not int8.runs_on_kernel_threads(17)   # PACKED_MAX_ROWS

@@ -231,10 +231,12 @@ def few_rows_bf16(w):
 
 
 @pytest.mark.parametrize("N", [1, 2, 3, 5, 8])
-def test_bf16_rows_are_their_float32_values(N):
+def test_bf16_rows_are_their_float32_values(N, monkeypatch):
     """bf16 bits (uint16) are widened exactly in registers: the same sums as on the float32 values they stand
-    for, bit for bit, and decoding's packed products (up to fast.quant.DOT_ROWS rows) are these plus the bias."""
+    for, bit for bit, and decoding's packed products (up to fast.quant.DOT_ROWS rows; one row streaming one
+    weight row at a time, side_by_side() 1) are these plus the bias."""
     from npgpt.fast import quant
+    monkeypatch.setattr(quant, "_SIDE_BY_SIDE", 1)       # 4 (Intel): one row runs the older loop instead
     from npgpt.inference.quant import to_bf16, unpack
     rng = np.random.default_rng(N)
     x = rng.standard_normal((N, 16 * 5 + 3), dtype=np.float32)

@@ -44,3 +44,15 @@ def test_other_kernels_keep_numbas_locator():
     def twice(x):
         return 2 * x
     assert not isinstance(twice._cache._impl.locator, _jit._KernelSources)
+
+
+def test_no_file_tree_leaves_numbas_locators(monkeypatch):
+    """Where the kernel sources cannot be listed (a zip, a frozen app), npgpt's locators step aside."""
+    from npgpt.fast import decode
+
+    def unreadable(path):
+        raise NotADirectoryError(path)
+    monkeypatch.setattr(_jit.os, "listdir", unreadable)
+    assert _jit.kernel_sources() == []
+    py_func = decode._block.py_func
+    assert all(cls.from_function(py_func, py_func.__code__.co_filename) is None for cls in _jit._LOCATORS)

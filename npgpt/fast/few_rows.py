@@ -36,8 +36,9 @@ each loaded 16 floats at a time into a register and multiplied into up to four r
 accumulator each (with AVX-512 and 5-8 rows of x, four rows of w at a time: 16 accumulators); then each
 accumulator's 16 lanes are added in a fixed tree and the last in % 16 terms follow by FMA. The order
 depends on `in` alone, never on N or on how many rows of w are taken together. GPT-2's 154 MB wte read
-1.3-2.5x faster than by BLAS's GEMV (one row), 1.3-1.6x faster than by fast.quant's four-row kernel at
-2-4 rows and 1.14-1.19x at 5-8 (Zen 4; docs/performance.md, sixth session).
+1.3-2.5x faster than by BLAS's GEMV (one row) and 1.3-1.6x faster than by fast.quant's four-row kernel at
+2-4 rows (Zen 4, fifth session), and at 5 and 8 rows 1.14x (0.85-1.22) and 1.19x (1.14-1.36) with four
+rows of w at a time (sixth session; docs/performance.md).
 """
 import numpy as np
 from llvmlite import ir

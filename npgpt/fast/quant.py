@@ -13,8 +13,10 @@ contiguous row; the work is split over output channels (prange). NumPy they mirr
     y[n, o] = scale[o] * sum_b d[n, b] * (x16[n, block b] . q[o, block b]) + b[o]
 
 bf16 sums run in float32: up to DOT_ROWS rows of x as npgpt/fast/few_rows.py's dot products (16 lanes of
-FMA chains, a fixed tree: an order fixed by K), more rows in Numba loops reassociated into SIMD lanes;
-float32 rows (decode_layout's) the same way. int8 blocks are exact integer dot products on the CPU's own
+FMA chains, a fixed tree: an order fixed by K), except one row where side_by_side() is 4 (Intel CPUs),
+and more rows, in Numba loops reassociated into SIMD lanes; float32 rows (decode_layout's) the same way.
+The dot products ask for no rows ahead (no software prefetch): measured on an AMD Zen 4 only, where long
+rows stream faster without it; on Intel CPUs their 2-8 rows are unmeasured. int8 blocks are exact integer dot products on the CPU's own
 instructions (vpdpwssd where it has VNNI, pmaddwd with AVX2: npgpt/fast/_q8.py), scaled per block. A bf16
 weight becomes a float32 in a register (a zero-extend, a shift and a bit cast: npgpt/fast/_math.py and
 `weight` below, or the same three instructions in few_rows' IR), so the kernel reads each packed weight
@@ -49,7 +51,8 @@ _AHEAD_BY_ROW = {}
 def side_by_side() -> int:
     """How many weight rows a product with one row of x (a decoded token) streams at once: 4 (each x[k]
     loaded once for four multiply-adds, the Numba loop _one_row) or 1 (one row after another: few_rows'
-    dot products for float32 and bf16 rows, which beat the old one-row loop on the Zen 4). Which is faster depends on the
+    dot products for float32 and bf16 rows; for bf16 on the Zen 4 1.11x the old one-row loop's GB/s, for
+    float32 rows 29.9 against 31.3 in one run). Which is faster depends on the
     CPU's prefetchers, measured (docs/performance.md, "Decode against llama.cpp"): on an Intel Xeon
     (Sapphire Rapids) four rows read bf16 weights at 25 GB/s against 18 and int8 at 22 against 16 (2
     cores); on an AMD EPYC (Zen 4) one row at a time read GPT-2's int8 LM head from memory at 21-30 GB/s

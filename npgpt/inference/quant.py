@@ -175,14 +175,13 @@ def packed_linear(x2, packed, scale, bias):
             y = np.asarray(x2, np.float32) @ unpack(packed, scale).T
         return y + bias if bias is not None else y
     from ..fast.quant import dequantize_rows, packed_matmul
-    if packed.dtype == np.float32:                   # rows as they are: dot products (few rows) or BLAS
-        x2 = np.ascontiguousarray(x2, dtype=np.float32)
-        y = fast.few_rows_matmul_t(x2, packed) if N <= packed_max_rows(packed) else x2 @ packed.T
+    if N <= packed_max_rows(packed):
+        return packed_matmul(x2, packed, scale, bias)
+    if packed.dtype == np.float32:                   # rows as they are, to BLAS (the transposed view, no copy)
+        y = np.asarray(x2, np.float32) @ packed.T
         if bias is not None:
             fast.add_bias_(y, bias)
         return y
-    if N <= packed_max_rows(packed):
-        return packed_matmul(x2, packed, scale, bias)
     x2 = np.ascontiguousarray(x2, dtype=np.float32)
     y = np.empty((N, O), np.float32)
     step = max(1, min(O, SCRATCH_FLOATS // K))
@@ -303,9 +302,9 @@ def decode_layout(model):
     """Lay a float32 model's Linear weights out (out, in) for decoding, in place (and return it): each Linear
     becomes a QuantLinear holding its float32 weight transposed, C-ordered (pack(w.T, "fp32")), the same
     values; the (in, out) original is dropped, so memory stays the same. Decoding then reads each output's
-    weights as one contiguous row: products of 1 to fast.dots_limit() rows run few_rows_matmul_t's dot
-    products, and each decoded block one compiled call (npgpt/inference/fused.py); longer inputs run BLAS
-    on the rows as they are. Like a quantized model it is inference-only (backward raises); its weights
+    weights as one contiguous row: products of 1 to fast.dots_limit() rows run the packed kernels
+    (npgpt/fast/quant.py: few_rows' dot products, bf16's rules), and each decoded block one compiled call
+    (npgpt/inference/fused.py); longer inputs run BLAS on the rows as they are (a transposed view). Like a quantized model it is inference-only (backward raises); its weights
     save as float32 (float_state). What `npgpt generate`, `chat` and `serve` do with float32 weights
     (docs/performance.md, "sixth session"). Packed (bf16, int8) and float64 models are returned unchanged."""
     if model.weight_format != "fp32" or model.dtype != np.float32:
