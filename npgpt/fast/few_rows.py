@@ -261,8 +261,9 @@ _dots4x4, _dots2x4, _dots1x4 = _dots(4, 4), _dots(2, 4), _dots(1, 4)
 OUT_CHUNK = 64              # rows of w (out, in) a task of few_rows_matmul_t takes, one after another
 # Five rows of x or more take four rows of w at a time (16 accumulators, each vector loaded once for four
 # multiply-adds): GPT-2 124M's block weights at 8 rows, 18.8-19.0 GB/s against 13.1 one row of w at a time
-# (Zen 4). Not at 1-4 rows (one row: 23 against 32 GB/s) nor without AVX-512 (16 + 5 vectors spill AVX2's
-# registers). The sums are the same either way: each dot is its own chain.
+# (Zen 4). Not at 1-4 rows (one row: 23.4 GB/s, where fast.quant's row kernel read 27.1 in the same run) nor
+# without AVX-512 (16 + 5 vectors spill AVX2's registers). The sums are the same either way: each dot is
+# its own chain. (The two loops below differ only in their intrinsics, which Numba cannot pass as values.)
 WIDE = _ROWS_LIMIT == 8
 
 
