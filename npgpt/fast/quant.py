@@ -16,8 +16,9 @@ bf16 sums run in float32: up to DOT_ROWS rows of x as npgpt/fast/few_rows.py's d
 FMA chains, a fixed tree: an order fixed by K), except one row where side_by_side() is 4 (Intel CPUs),
 and more rows, in Numba loops reassociated into SIMD lanes; float32 rows (decode_layout's) the same way.
 The dot products ask for no rows ahead (no software prefetch): measured on an AMD Zen 4 only, where long
-rows stream faster without it; on Intel CPUs their 2-8 rows are unmeasured. int8 blocks are exact integer dot products on the CPU's own
-instructions (vpdpwssd where it has VNNI, pmaddwd with AVX2: npgpt/fast/_q8.py), scaled per block. A bf16
+rows stream faster without it; on Intel CPUs their 2-8 rows are unmeasured. int8 blocks are exact integer
+dot products on the CPU's own instructions (vpdpwssd where it has VNNI, pmaddwd with AVX2:
+npgpt/fast/_q8.py), scaled per block. A bf16
 weight becomes a float32 in a register (a zero-extend, a shift and a bit cast: npgpt/fast/_math.py and
 `weight` below, or the same three instructions in few_rows' IR), so the kernel reads each packed weight
 once and does one multiply-add with it for each row of x. Made for the N <= ~16 rows of decoding,

@@ -3,9 +3,10 @@
 GPT.forward_cached (npgpt/model.py) runs a decoded token through the model's own modules: a dozen Python
 calls a block (LayerNorms, Linears and their wrappers, attention, GELU, residual adds), each with its
 checks and temporaries. That is the reference. With bf16 or int8 weights, or float32 ones laid out as rows
-by decode_layout (npgpt/inference/quant.py), and the Numba backend, `step(model, blocks, idx, cache)` runs the same token with each block as one call of
-npgpt.fast.decode.decode_block, which runs the same kernels' code in the same order: the same logits up to
-float32 rounding (tests/test_fused_decode.py, token for token). The embeddings and the head stay the model's.
+by decode_layout (npgpt/inference/quant.py), and the Numba backend, `step(model, blocks, idx, cache)` runs
+the same token with each block as one call of npgpt.fast.decode.decode_block, which runs the same kernels'
+code in the same order: the same logits up to float32 rounding (tests/test_fused_decode.py, token for
+token). The embeddings and the head stay the model's.
 
     blocks = plan(model)                   # None unless every block is a plain packed one
     logits = step(model, blocks, idx, cache)   # idx (B, 1) -> (B, V), as model.forward_cached(idx, cache)
@@ -33,8 +34,8 @@ def _linear(m):
 def plan(model):
     """Per block, decode_block's weights ((ln_1), (ln_2), eps, c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj),
     or None where the step cannot be fused: another backend, a model or module of another class (a
-    subclass, LoRA, float32 Linears not laid out by decode_layout, a swapped GELU or Dropout), a different eps, dtype or memory order
-    somewhere. The plan holds the model's arrays as they are now: Decoder makes one at every prefill."""
+    subclass, LoRA, float32 Linears not laid out by decode_layout, a swapped GELU or Dropout), a different
+    eps, dtype or memory order somewhere. The plan holds the model's arrays as they are now: Decoder makes one at every prefill."""
     if not fast.use_numba() or type(model) is not GPT:
         return None
     out = []

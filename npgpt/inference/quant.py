@@ -304,9 +304,10 @@ def decode_layout(model):
     values; the (in, out) original is dropped, so memory stays the same. Decoding then reads each output's
     weights as one contiguous row: products of 1 to fast.dots_limit() rows run the packed kernels
     (npgpt/fast/quant.py: few_rows' dot products, bf16's rules), and each decoded block one compiled call
-    (npgpt/inference/fused.py); longer inputs run BLAS on the rows as they are (a transposed view). Like a quantized model it is inference-only (backward raises); its weights
-    save as float32 (float_state). What `npgpt generate`, `chat` and `serve` do with float32 weights
-    (docs/performance.md, "sixth session"). Packed (bf16, int8) and float64 models are returned unchanged."""
+    (npgpt/inference/fused.py); longer inputs run BLAS on the rows as they are (a transposed view). Like
+    a quantized model it is inference-only (backward raises); its weights save as float32 (float_state).
+    What `npgpt generate`, `chat` and `serve` do with float32 weights (docs/performance.md, "sixth
+    session"). Packed (bf16, int8) and float64 models are returned unchanged."""
     if model.weight_format != "fp32" or model.dtype != np.float32:
         return model
     from ..layers.lora import LoRALinear
