@@ -4,8 +4,9 @@ prompt (32) a row, then `--new` greedy tokens a round; ms a decoded step and eac
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/bench_few_rows.py [--B 1 2 4 8] [--rounds 6] [--new 32]
 
-"Before" sets Linear.FEW_ROWS to 1 (the blocks' products through BLAS, `x @ w`) and TiedLMHead.DOT_ROWS to
-0 (the head through BLAS's GEMV for one row, fast.quant's row kernel for 2-8).
+"Before" sets Linear.FEW_ROWS to 1 (the blocks' products through BLAS, `x @ w`) and TiedLMHead.FEW_ROWS to
+0 (the head through BLAS). Until the sixth session (docs/performance.md) "before" kept fast.quant's row kernel
+for the head's 2-8 rows; since the head runs the packed-row kernels for 1-8 rows, it is BLAS at every width.
 """
 import argparse
 import time
@@ -28,12 +29,12 @@ ap.add_argument("--rounds", type=int, default=6)
 ap.add_argument("--new", type=int, default=32)
 ap.add_argument("--prompt", type=int, default=32)
 args = ap.parse_args()
-ROWS, DOTS = Linear.FEW_ROWS, TiedLMHead.DOT_ROWS
+ROWS, HEAD = Linear.FEW_ROWS, TiedLMHead.FEW_ROWS
 
 
 def per_step(model, prompts, tiled, new):
     """ms a decoded step (all rows) over `new` greedy steps after the prompts."""
-    Linear.FEW_ROWS, TiedLMHead.DOT_ROWS = (ROWS, DOTS) if tiled else (1, 0)
+    Linear.FEW_ROWS, TiedLMHead.FEW_ROWS = (ROWS, HEAD) if tiled else (1, 0)
     dec = Decoder(model, len(prompts), len(prompts[0]) + new + 1)
     logits = dec.prefill(prompts)
     t = time.perf_counter()
@@ -59,4 +60,4 @@ for B in args.B:
     ratio = b / t
     print(f"| {B} | {np.median(t):.2f} ({t.min():.2f}-{t.max():.2f}) | {np.median(b):.2f} ({b.min():.2f}-{b.max():.2f}) "
           f"| {np.median(ratio):.3f} ({ratio.min():.3f}-{ratio.max():.3f}) |", flush=True)
-Linear.FEW_ROWS, TiedLMHead.DOT_ROWS = ROWS, DOTS
+Linear.FEW_ROWS, TiedLMHead.FEW_ROWS = ROWS, HEAD

@@ -134,31 +134,28 @@ def test_transposed_inf_and_nan():
     assert (y[[0, 2]][:, [0, 1, 3, 4]] == 40).all()
 
 
-@pytest.mark.parametrize("limit", [None, 4])       # the target's dots_limit(), and 4 as without AVX-512
-def test_lm_head_routes_few_float32_rows(monkeypatch, limit):
-    """The tied head: 1..min(DOT_ROWS, dots_limit()) rows to the dot-product kernel, up to FEW_ROWS to
-    fast.quant's row kernel, more to BLAS; the NumPy backend always BLAS; all within the sum bound."""
+def test_lm_head_routes_few_float32_rows(monkeypatch):
+    """The tied head: 1..FEW_ROWS rows to the packed-row kernels (fast.quant.packed_matmul: the dot products up
+    to DOT_ROWS rows, bit for bit, with one weight row at a time), more to BLAS; the NumPy backend always
+    BLAS; all within the sum bound."""
     from npgpt.fast import quant
     from npgpt.layers.embedding import Embedding, TiedLMHead
     calls = []
-    real_t, real_q = fast.few_rows_matmul_t, quant.packed_matmul
-    monkeypatch.setattr(fast, "few_rows_matmul_t", lambda *a: calls.append("dots") or real_t(*a))
+    real_q = quant.packed_matmul
     monkeypatch.setattr(quant, "packed_matmul", lambda *a, **k: calls.append("rows") or real_q(*a, **k))
-    if limit is not None:
-        monkeypatch.setattr(fast, "dots_limit", lambda: limit)
-    dots = min(TiedLMHead.DOT_ROWS, fast.dots_limit())
+    monkeypatch.setattr(quant, "_SIDE_BY_SIDE", 1)       # 4 (Intel): one row runs the older loop instead
     head = TiedLMHead(Embedding(97, 40, rng=np.random.default_rng(3)))
     rng = np.random.default_rng(4)
-    ways = [(1, "dots"), (dots, "dots"), (TiedLMHead.FEW_ROWS + 1, None)]
-    if dots < TiedLMHead.FEW_ROWS:
-        ways += [(dots + 1, "rows"), (TiedLMHead.FEW_ROWS, "rows")]
     with npgpt.no_grad():
-        for N, way in ways:
+        for N, way in ((1, "rows"), (quant.DOT_ROWS, "rows"), (TiedLMHead.FEW_ROWS, "rows"),
+                       (TiedLMHead.FEW_ROWS + 1, None)):
             x = rng.standard_normal((1, N, 40), dtype=np.float32)
             calls.clear()
             y = head(x)
             assert y.shape == (1, N, 97) and calls == ([way] if way else [])
             _within_sum_bound(y[0], x[0], head.weight.data.T)
+            if N <= quant.DOT_ROWS:
+                np.testing.assert_array_equal(y[0], few_rows_matmul_t(x[0], head.weight.data))
             with fast.use_backend("numpy"):
                 calls.clear()
                 head(x)

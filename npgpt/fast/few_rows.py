@@ -1,7 +1,8 @@
 """float32 products of a few rows (decoded tokens), both weight layouts, without BLAS.
 
 The NumPy lines they mirror (npgpt/layers/linear.py, Linear.forward_without_bias, and
-npgpt/layers/embedding.py, TiedLMHead.forward, which route decoding's rows here):
+npgpt/layers/embedding.py, TiedLMHead.forward, whose decoded rows reach them, the head's through
+npgpt/fast/quant.py's packed-row products):
 
     y = x @ w                                      # few_rows_matmul:   x (N, in), w (in, out) -> (N, out)
     y = x @ w.T                                    # few_rows_matmul_t: x (N, in), w (out, in) -> (N, out)
@@ -29,9 +30,10 @@ The tiles are LLVM IR through Numba intrinsics (npgpt/fast/_q8.py does the same 
 keep a 4 x 64 block of accumulators in registers or tell LLVM that y does not overlap w, and its own
 loops here ran one element at a time (1-9 GB/s).
 
-few_rows_matmul_t, for rows of w (out, in), float32 or bf16 bits (widened exactly in registers): the tied
-LM head's 1-8 rows (1-4 without AVX-512: dots_limit), decode_layout's float32 Linears and the packed bf16
-ones (npgpt/fast/quant.py, dots_chunk). w's rows are read one after another (one stream from memory),
+few_rows_matmul_t, for rows of w (out, in), float32 or bf16 bits (widened exactly in registers): serve's
+batch-invariant step at every width, and through dots_chunk the packed-row products of 1-8 rows of x (1-4
+without AVX-512: dots_limit) in npgpt/fast/quant.py: the tied LM head's, decode_layout's float32 Linears'
+and the packed bf16 ones. w's rows are read one after another (one stream from memory),
 each loaded 16 floats at a time into a register and multiplied into up to four rows of x, one vector
 accumulator each (with AVX-512 and 5-8 rows of x, four rows of w at a time: 16 accumulators); then each
 accumulator's 16 lanes are added in a fixed tree and the last in % 16 terms follow by FMA. The order

@@ -69,10 +69,8 @@ INT8_MAX_ROWS = 3
 
 
 def max_rows(packed) -> int:
-    """The widest batch step() takes for weights like `packed` (float32: the rows Linear gives the same dot
-    products, fast.dots_limit())."""
-    if packed.dtype == np.float32:
-        return fast.dots_limit()
+    """The widest batch step() takes for weights like `packed`: the packed kernels' rows (float32 rows:
+    fast.dots_limit()), int8's INT8_MAX_ROWS."""
     return INT8_MAX_ROWS if packed.dtype == np.int8 else packed_max_rows(packed)
 
 

@@ -57,8 +57,7 @@ class PositionEmbedding(Module):
 class TiedLMHead(Module):
     """logits = x @ wte^T: the output projection shares the token embedding's weight."""
 
-    DOT_ROWS = 8     # 1..DOT_ROWS float32 rows (decoded tokens, fast.dots_limit() at most): few_rows's dot products
-    FEW_ROWS = 8     # then up to FEW_ROWS rows: fast.quant's row kernel (four rows of x a weight row); BLAS above
+    FEW_ROWS = 8     # 1..FEW_ROWS float32 rows (decoded tokens): the packed-row kernels (fast.quant), BLAS above
 
     def __init__(self, wte: Embedding):
         self.weight = wte.weight   # the same Parameter: named_parameters lists it once, as wte
@@ -68,16 +67,12 @@ class TiedLMHead(Module):
         x2 = x.reshape(-1, C)                                          # (N, C), N = B*T
         self.save_for_backward(x=x2)
         w = self.weight.data                                           # (V, C)
-        few = (x2.dtype == np.float32 and w.dtype == np.float32 and x2.flags.c_contiguous and w.flags.c_contiguous
-               and fast.use_numba())
-        if few and len(x2) <= min(self.DOT_ROWS, fast.dots_limit()):
-            # rows of w in registers against every row of x: GPT-2's 154 MB wte at 1.3-2.5x the GB/s of
-            # BLAS's GEMV (one row), 1.3-1.6x the row kernel's below (2-4 rows), 1.14-1.19x (5-8 rows, four
-            # rows of w at a time with AVX-512); docs/performance.md
-            return fast.few_rows_matmul_t(x2, w).reshape(*lead, -1)       # (B, T, V)
-        if few and 2 <= len(x2) <= self.FEW_ROWS:
-            # BLAS's GEMM of so few rows runs at a third of the bandwidth (N=8: 16.5 ms for the 154 MB of
-            # GPT-2's wte, against 9.8 ms streaming each row of w once for all N rows)
+        if (1 <= len(x2) <= self.FEW_ROWS and x2.dtype == np.float32 and w.dtype == np.float32
+                and w.flags.c_contiguous and fast.use_numba()):
+            # wte (V, C) is already rows: the kernels of packed (out, in) weights, which pick few_rows' dot
+            # products up to fast.dots_limit() rows (the 154 MB wte at 1.3-2.5x the GB/s of BLAS's GEMV at one
+            # row, 1.3-1.6x at 2-4 and 1.14-1.19x at 5-8 the Numba row loop that takes the rest); BLAS's GEMM
+            # of so few rows reads at a third of the bandwidth. docs/performance.md, fifth and sixth sessions
             from ..fast.quant import packed_matmul
             return packed_matmul(x2, w, None, None).reshape(*lead, -1)    # (B, T, V)
         return (x2 @ w.T).reshape(*lead, -1)                          # (B, T, V)
