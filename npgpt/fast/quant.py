@@ -308,15 +308,13 @@ def _q8_chunk(x16, d, q, scale, b, y, c, ahead):
     for o in range(c * CHUNK, min(O, (c + 1) * CHUNK)):
         if ahead and o + ahead < O:
             prefetch_row(q, o + ahead)
-        n = 0
-        while n + 4 <= N:
+        N4 = N - N % 4                       # for-loops, not a counter shared by two while-loops: inlined,
+        for n in range(0, N4, 4):            # that counter tripped Numba's SSA check (a warning on stderr)
             s4 = q8_dot4(x16, d, n, q, o)
             for r in range(4):
                 y[n + r, o] = (s4[r] + _q8_tail(x16, d, n + r, q, o)) * scale[o] + b[o]
-            n += 4
-        while n < N:
+        for n in range(N4, N):
             y[n, o] = _q8_row(x16, d, n, q, o) * scale[o] + b[o]
-            n += 1
 
 
 @pjit
