@@ -18,6 +18,18 @@ import npgpt.fast
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject.toml): a worker a core, at most 4. Most of a cold run is Numba compiling
+    kernels, each on one core (with an empty kernel cache the suite took 10.2 min in one process on 2
+    cores, 4.7 min in two); more workers than that mostly compile the same shared kernels twice, and
+    every worker's parallel kernels and BLAS use every core as it is."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
 @pytest.fixture(params=["numpy", "numba"])
 def backend(request):
     name = request.param
