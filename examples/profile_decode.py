@@ -13,9 +13,13 @@ wall time minus every op's). For the weight products the table gives GB/s: the b
 biases and scales read once a token, over their time.
 
 The bandwidth line is NumPy's float32 matrix-vector product over a 256 MiB matrix on the same threads
-(what a memory-bound product can read here); the floor is every weight byte a token reads (blocks and LM
-head; the embedding rows and the KV cache are a few KB) over that bandwidth. The decode itself is also
-timed without the timers ("bare") in the same rounds.
+(what a memory-bound product can read here), measured in every round right after that round's decode,
+since this rate moves by a quarter within minutes on a shared machine. The floor is every byte a token
+must read (the weights of the blocks and the LM head, and the keys and values of the KV cache: 2 x
+n_layer x B x C x 4 bytes for each cached position, 74 KB a position at B=1 for GPT-2 124M, 7 MB a
+token averaged over a 32-token prompt and 128 new tokens; the embedding rows are a few KB) over that
+round's bandwidth; "bare / floor" is the median over rounds of each round's ratio. The decode itself is
+also timed without the timers ("bare") in the same rounds.
 
 The model is held as `npgpt generate` holds it (float32: rows, npgpt.inference.quant.decode_layout), and
 `npgpt generate` runs each block of a decoded token as one compiled call
@@ -122,17 +126,19 @@ def main():
         clock.on = False
         return dt / args.new
 
-    gbs = bandwidth()
-    print(f"NumPy float32 matrix-vector product over 256 MiB: {gbs:.1f} GB/s\n", flush=True)
+    # a token reads every cached key and value and its own: on average over the new tokens,
+    # prompt + (new + 1) / 2 positions of 2 x n_layer x B x C float32 values
+    kv_bytes = 2 * cfg.n_layer * args.B * cfg.n_embd * 4 * (args.prompt + (args.new + 1) / 2)
     for kind in args.weights:
         model = npgpt.GPT(cfg, dtype=np.float32, seed=0)
         model.load_state_dict(float_weights)
         model = quant.decode_layout(quant.quantize(model.eval(), kind))     # as npgpt generate holds it
         decode(model, False)                                  # compile, fault the pages in
         fusable = fused.plan(model) is not None                 # each block one call a token
-        own, bare, bare_modules, wall, calls = defaultdict(list), [], [], [], {}
+        own, bare, bare_modules, wall, calls, gbs = defaultdict(list), [], [], [], {}, []
         for _ in range(args.rounds):
             bare.append(decode(model, False))
+            gbs.append(bandwidth())                             # the memory's rate now, beside this decode
             if fusable:
                 bare_modules.append(decode(model, False, compiled=False))
             clock.clear()
@@ -146,12 +152,16 @@ def main():
             nbytes = {k: v / args.new for k, v in clock.bytes.items()}
         med = {k: float(np.median(v)) for k, v in own.items()}
         step, step_bare = float(np.median(wall)), float(np.median(bare))
-        total_bytes = sum(nbytes.values())
-        floor = total_bytes / (gbs * 1e9)
+        weight_bytes = sum(nbytes.values())
+        total_bytes = weight_bytes + kv_bytes
+        floors = [total_bytes / (g * 1e9) for g in gbs]                # each round's floor at its own rate
+        over = sorted(b / f for b, f in zip(bare, floors))
         modules = f", {np.median(bare_modules) * 1e3:.2f} ms bare through the modules" if fusable else ""
         print(f"### {kind}: {step_bare * 1e3:.2f} ms a token bare ({args.B / step_bare:.1f} tok/s){modules}, "
-              f"{step * 1e3:.2f} ms timed (the table: through the modules); weights read {total_bytes / 1e6:.1f} MB a token; floor at {gbs:.1f} GB/s {floor * 1e3:.2f} ms: "
-              f"bare / floor {step_bare / floor:.2f}x")
+              f"{step * 1e3:.2f} ms timed (the table: through the modules); a token reads {total_bytes / 1e6:.1f} MB "
+              f"(weights {weight_bytes / 1e6:.1f}, KV cache {kv_bytes / 1e6:.1f}); NumPy's GEMV read "
+              f"{', '.join(f'{g:.1f}' for g in gbs)} GB/s in the rounds, floor {np.median(floors) * 1e3:.2f} ms: "
+              f"bare / floor {np.median(over):.2f}x ({over[0]:.2f}-{over[-1]:.2f}, a ratio a round)")
         print("| op | calls a token | ms a token | share | GB/s |")
         print("|---|---:|---:|---:|---:|")
         for name in sorted(med, key=lambda k: -med[k]):
