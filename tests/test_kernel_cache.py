@@ -4,8 +4,11 @@ only the kernel's own file: a kernel holds the code of the functions it calls fr
 from __future__ import annotations
 
 import os
+import threading
 
+import pytest
 from numba import njit
+from numba.core import caching
 
 from npgpt.fast import _jit
 
@@ -56,3 +59,32 @@ def test_no_file_tree_leaves_numbas_locators(monkeypatch):
     assert _jit.kernel_sources() == []
     py_func = decode._block.py_func
     assert all(cls.from_function(py_func, py_func.__code__.co_filename) is None for cls in _jit._LOCATORS)
+
+
+def test_saving_a_build_waits_for_the_index_lock(tmp_path, monkeypatch):
+    """Numba reads a kernel's index, takes a free data file and writes both back, unlocked: two processes
+    saving builds at once could cross them. npgpt's saves take turns on KERNEL.nbi.lock (_jit._locked)."""
+    fcntl = pytest.importorskip("fcntl")
+    monkeypatch.setattr(_jit, "_CACHE_DIRS", {str(tmp_path)})
+    cache_file = caching.IndexDataCacheFile(str(tmp_path), "kernel-1.py311", ("stamp",))
+    fd = os.open(cache_file._index_path + ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)                           # another process in the middle of a save
+    saver = threading.Thread(target=cache_file.save, args=(("float32",), "its machine code"))
+    saver.start()
+    saver.join(0.5)
+    assert saver.is_alive() and not os.path.exists(cache_file._index_path)      # waiting, nothing written
+    os.close(fd)                                             # that save done
+    saver.join(30)
+    assert not saver.is_alive() and cache_file.load(("float32",)) == "its machine code"
+    fd = os.open(cache_file._index_path + ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_SH)                           # loads share the lock with each other
+    try:
+        assert cache_file.load(("float32",)) == "its machine code"
+    finally:
+        os.close(fd)
+
+
+def test_other_libraries_indexes_are_left_unlocked(tmp_path):
+    cache_file = caching.IndexDataCacheFile(str(tmp_path), "theirs-1.py311", ("stamp",))
+    cache_file.save(("float64",), "code")
+    assert cache_file.load(("float64",)) == "code" and not os.path.exists(cache_file._index_path + ".lock")

@@ -1,10 +1,11 @@
 """How kernels are compiled: cached to disk, and, for loops over rows or elements, twice.
 
-The disk cache is Numba's, with one change: a kernel's cached code is stale when any kernel source
+The disk cache is Numba's, with two changes. A kernel's cached code is stale when any kernel source
 changes, not only the file the kernel is written in (Numba's own test). A kernel compiles the functions it
 calls from other files into itself (decode_block, in decode.py, holds quant.py's and few_rows.py's
 products), so after an edit or an upgrade that touched only those, Numba would load the old callees'
-code, without a word. See _KernelSources below.
+code, without a word. See _KernelSources below. And a kernel's index of its builds is locked while a
+process reads or writes it (see _locked).
 
 `pjit` compiles a kernel written with `prange` both serially (prange runs as range) and in
 parallel, and picks per call: a parallel region costs a thread wake-up on every launch, a
@@ -15,6 +16,11 @@ import functools
 import hashlib
 import os
 import types
+
+try:
+    import fcntl
+except ImportError:          # Windows: Numba's own unlocked index
+    fcntl = None
 
 from .settings import quiet_kernel_threads
 
@@ -56,6 +62,9 @@ def kernel_sources_digest() -> bytes:
     return _sources_digest(tuple(stamps))
 
 
+_CACHE_DIRS = set()          # the folders npgpt's kernels are cached in (their indexes are locked)
+
+
 class _KernelSources:
     """A Numba cache locator's mixin for npgpt's own kernels: the source stamp an index is checked against
     is Numba's (the function's own file) and the digest of every kernel source."""
@@ -67,7 +76,10 @@ class _KernelSources:
     def from_function(cls, py_func, py_file):
         if not os.path.abspath(py_file).startswith(_PACKAGE + os.sep) or not kernel_sources():
             return None                                  # another library's kernel: Numba's own locators
-        return super().from_function(py_func, py_file)
+        locator = super().from_function(py_func, py_file)
+        if locator is not None:
+            _CACHE_DIRS.add(locator.get_cache_path())
+        return locator
 
 
 # The same places as Numba's (NUMBA_CACHE_DIR, __pycache__ beside the source, the user's cache directory),
@@ -76,6 +88,35 @@ _LOCATORS = [type("Npgpt" + base.__name__, (_KernelSources, base), {})
              for base in (caching.UserProvidedCacheLocator, caching.InTreeCacheLocator, caching.UserWideCacheLocator)]
 if not any(issubclass(c, _KernelSources) for c in caching.CacheImpl._locator_classes):
     caching.CacheImpl._locator_classes[:0] = _LOCATORS
+
+
+# Numba saves a build by reading the kernel's index, taking the first free data file number and writing the
+# index and then the data back, with no lock: two processes saving different builds of one kernel at once
+# (the test suite's worker processes, MPI ranks or two commands on a cold cache) could both take file 1,
+# leaving the index naming one build's types and the data holding the other's machine code; and a process
+# loading between the two writes could read the new index with the old data. For npgpt's kernels a save
+# holds an exclusive lock on the index's lock file (KERNEL.nbi.lock beside it) and a load a shared one.
+def _locked(method, exclusive):
+    def with_the_lock(self, *args):
+        if fcntl is None or self._cache_path not in _CACHE_DIRS:
+            return method(self, *args)                   # another library's kernel: as Numba does it
+        try:
+            fd = os.open(self._index_path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return method(self, *args)                   # a cache folder it cannot write to: as Numba does it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            return method(self, *args)
+        finally:
+            os.close(fd)                                 # closing releases the lock
+    with_the_lock = functools.wraps(method)(with_the_lock)
+    with_the_lock.npgpt_locked = True
+    return with_the_lock
+
+
+for _name, _exclusive in (("save", True), ("load", False)):
+    if not getattr(getattr(caching.IndexDataCacheFile, _name), "npgpt_locked", False):
+        setattr(caching.IndexDataCacheFile, _name, _locked(getattr(caching.IndexDataCacheFile, _name), _exclusive))
 
 # Below ~262k elements one thread finishes before the others are awake: waking the kernels' sleeping
 # OpenMP threads right after a GEMM costs ~50-100 us on 2 cores. Measured there (examples/profile_ops.py,
