@@ -89,9 +89,14 @@ class DecodeClock(OpClock):
                 setattr(fast, name, self.wrap(f"kernel {name}", getattr(fast, name)))
 
 
+_GEMV = []
+
+
 def bandwidth(reps=10) -> float:
     """GB/s NumPy's float32 matrix-vector product reads from a 256 MiB matrix (median of reps)."""
-    w = np.random.default_rng(0).standard_normal((8192, 8192), dtype=np.float32)
+    if not _GEMV:
+        _GEMV.append(np.random.default_rng(0).standard_normal((8192, 8192), dtype=np.float32))
+    w = _GEMV[0]
     x = np.ones(8192, np.float32)
     w @ x
     ts = []
@@ -127,8 +132,8 @@ def main():
         return dt / args.new
 
     # a token reads every cached key and value and its own: on average over the new tokens,
-    # prompt + (new + 1) / 2 positions of 2 x n_layer x B x C float32 values
-    kv_bytes = 2 * cfg.n_layer * args.B * cfg.n_embd * 4 * (args.prompt + (args.new + 1) / 2)
+    # prompt + (new + 1) / 2 positions of 2 x n_layer x B x C values of the cache (float32)
+    kv_bytes = 2 * cfg.n_layer * args.B * cfg.n_embd * np.dtype(np.float32).itemsize * (args.prompt + (args.new + 1) / 2)
     for kind in args.weights:
         model = npgpt.GPT(cfg, dtype=np.float32, seed=0)
         model.load_state_dict(float_weights)

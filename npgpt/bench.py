@@ -372,9 +372,12 @@ def npgpt_startup(cfg):
             proc = subprocess.Popen([sys.executable, "-m", "npgpt", "generate", "--model", model_dir, "-n", "1",
                                      "--temperature", "0", "--stats", "!"], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            proc.stdout.read(1)                      # the first generated character
+            first = proc.stdout.read(1)              # the first generated character
             out[f"{label}_first_token_s"] = time.perf_counter() - t0
-            proc.communicate()
+            _, err = proc.communicate()
+            if proc.returncode != 0 or not first:    # a process that died is no start-up time
+                raise RuntimeError(f"npgpt generate ({label} start) exited with {proc.returncode} before "
+                                   f"its first token: {err.strip().splitlines()[-1] if err.strip() else 'no message'}")
     return out
 
 

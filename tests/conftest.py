@@ -19,10 +19,12 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
 def pytest_xdist_auto_num_workers(config):
-    """`-n auto` (pyproject.toml): a worker a core, at most 4. Most of a cold run is Numba compiling
-    kernels, each on one core (with an empty kernel cache the suite took 10.2 min in one process on 2
-    cores, 4.7 min in two); more workers than that mostly compile the same shared kernels twice, and
-    every worker's parallel kernels and BLAS use every core as it is."""
+    """`-n auto` (the README's test command): a worker a core, at most 4, unless PYTEST_XDIST_AUTO_NUM_WORKERS
+    says. Most of a cold run is Numba compiling kernels, each on one core (with an empty kernel cache the
+    suite took 582-610 s in one process on 2 cores, 279-291 s in two); more workers than that mostly compile
+    the same shared kernels twice, and every worker's parallel kernels and BLAS use every core as it is."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None                                   # pytest-xdist's own hook reads it
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
