@@ -39,21 +39,21 @@ def _model(kind, seed=3, **cfg):
 
 def _decode(model, prompts, tokens, compiled):
     """Logits after the prompts and after each step of tokens (steps, B), (steps + 1, B, V), how many
-    times decode_block ran, and the Decoder (its cache)."""
+    block calls ran (decode_block's, with the constants the plan prepared), and the Decoder (its cache)."""
     calls = []
-    real = decode_kernels.decode_block
+    real = decode_kernels.run_block
 
     def counted(*a):
         calls.append(1)
         return real(*a)
     dec = Decoder(model, len(prompts), max(map(len, prompts)) + len(tokens), compiled=compiled)
     out = [dec.prefill(prompts)]
-    fast.decode_block = counted                 # fast's attribute is what fused.step calls
+    fast.run_block = counted                    # fast's attribute is what fused.step calls
     try:
         for step in tokens:
             out.append(dec.step(step))
     finally:
-        fast.decode_block = real
+        fast.run_block = real
     return np.stack(out), len(calls), dec
 
 
@@ -114,6 +114,29 @@ def test_decoder_plans_at_every_prefill(kind):
     reference, _, _ = _decode(model, prompts, tokens, False)
     _close(np.stack(after), reference)
     assert np.abs(before - after[0]).max() > 1e-2                          # the new parameters did matter
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prepared_block_call_is_decode_block(kind):
+    """The plan's prepared arguments (block_constants, run_block) make the very call decode_block makes
+    with its arguments made on the spot: the same x and cache, bit for bit."""
+    model = _model(kind)
+    dec = Decoder(model, 2, 8)
+    dec.prefill([np.arange(5), np.arange(3)])
+    block = dec._blocks[0]
+    x = np.random.default_rng(6).normal(0, 1, (2, model.config.n_embd)).astype(np.float32)
+    pos = np.array([5, 3])
+    outs = []
+    for call in ("decode_block", "run_block"):
+        y, k, v = x.copy(), dec.cache.k[0].copy(), dec.cache.v[0].copy()
+        if call == "decode_block":
+            decode_kernels.decode_block(y, *block[:7], k, v, pos, block[7])
+        else:
+            decode_kernels.run_block(y, block[-1], k, v, pos.astype(np.int64))
+        outs.append((y, k, v))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(outs[0][0], x)                                 # the block did run
 
 
 def test_plan_refuses_what_it_does_not_mirror():

@@ -67,7 +67,7 @@ _KERNELS = {
     "causal_softmax_forward": "attention", "causal_softmax_backward": "attention",
     "flash_attention_forward": "flash_attention", "flash_attention_backward": "flash_attention",
     "head_attention_forward": "head_attention", "head_attention_backward": "head_attention",
-    "decode_attention": "decode", "decode_block": "decode",
+    "decode_attention": "decode", "decode_block": "decode", "block_constants": "decode", "run_block": "decode",
     "cross_entropy_forward_backward": "crossentropy", "token_nll": "crossentropy",
     "embedding_backward": "embedding",
     "adamw_update": "adamw", "sum_of_squares": "adamw", "scale_": "adamw",

@@ -6,7 +6,8 @@ checks and temporaries. That is the reference. With bf16 or int8 weights, or flo
 by decode_layout (npgpt/inference/quant.py), and the Numba backend, `step(model, blocks, idx, cache)` runs
 the same token with each block as one call of npgpt.fast.decode.decode_block, which runs the same kernels'
 code in the same order: the same logits up to float32 rounding (tests/test_fused_decode.py, token for
-token). The embeddings and the head stay the model's.
+token). The embeddings and the head stay the model's. The call's arguments other than x, the caches and the
+positions are prepared once, in the plan (block_constants; run_block makes the call with them).
 
     blocks = plan(model)                   # None unless every block is a plain packed one
     logits = step(model, blocks, idx, cache)   # idx (B, 1) -> (B, V), as model.forward_cached(idx, cache)
@@ -32,8 +33,8 @@ def _linear(m):
 
 
 def plan(model):
-    """Per block, decode_block's weights ((ln_1), (ln_2), eps, c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj),
-    or None where the step cannot be fused: another backend, a model or module of another class (a
+    """Per block, decode_block's weights ((ln_1), (ln_2), eps, c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj,
+    attention scale) and the block call's arguments made of them (npgpt.fast.decode.block_constants), or None where the step cannot be fused: another backend, a model or module of another class (a
     subclass, LoRA, float32 Linears not laid out by decode_layout, a swapped GELU or Dropout), a different
     eps, dtype or memory order somewhere. The plan holds the model's arrays as they are now: Decoder makes one at every prefill."""
     if not fast.use_numba() or type(model) is not GPT:
@@ -53,8 +54,9 @@ def plan(model):
         if any(a.dtype != np.float32 for a in arrays if a.dtype.kind == "f") or \
                 not all(a.flags.c_contiguous for a in arrays):
             return None
-        out.append(((ln_1.weight.data, ln_1.bias.data), (ln_2.weight.data, ln_2.bias.data), ln_1.eps, *weights,
-                    1.0 / np.sqrt(attn.hs)))
+        block = ((ln_1.weight.data, ln_1.bias.data), (ln_2.weight.data, ln_2.bias.data), ln_1.eps, *weights,
+                 1.0 / np.sqrt(attn.hs))
+        out.append((*block, fast.block_constants(*block)))    # the call's other arguments, prepared once
     return out
 
 
@@ -88,7 +90,8 @@ def step(model, blocks, idx, cache):
     with no_grad():
         pos = cache.begin(1)                                                   # (B, 1)
         x = np.ascontiguousarray((model.wte(idx) + model.wpe.forward_cached(pos))[:, 0], dtype=np.float32)  # (B, C)
-        for l, (ln_1, ln_2, eps, attn, proj, fc, mproj, scale) in enumerate(blocks):
-            fast.decode_block(x, ln_1, ln_2, eps, attn, proj, fc, mproj, cache.k[l], cache.v[l], pos[:, 0], scale)
+        where = np.ascontiguousarray(pos[:, 0], dtype=np.int64)               # (B,) each row's new position
+        for l, block in enumerate(blocks):                # fast.decode_block, its constants prepared by plan
+            fast.run_block(x, block[-1], cache.k[l], cache.v[l], where)
         cache.advance()
         return model.lm_head(model.ln_f(x))                                   # (B, V)
