@@ -369,10 +369,12 @@ def npgpt_startup(cfg):
         env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(tmp, "numba-cache"))
         for label in ("cold", "warm"):
             t0 = time.perf_counter()
+            # --no-echo: the first byte out is the first token's text (or, where that token is part of a
+            # character, the line's end after it), not the prompt echoed before anything is computed
             proc = subprocess.Popen([sys.executable, "-m", "npgpt", "generate", "--model", model_dir, "-n", "1",
-                                     "--temperature", "0", "--stats", "!"], env=env,
+                                     "--temperature", "0", "--no-echo", "--stats", "!"], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            first = proc.stdout.read(1)              # the first generated character
+            first = proc.stdout.read(1)              # after the first generated token
             out[f"{label}_first_token_s"] = time.perf_counter() - t0
             _, err = proc.communicate()
             if proc.returncode != 0 or not first:    # a process that died is no start-up time

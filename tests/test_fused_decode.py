@@ -110,7 +110,8 @@ def test_decoder_plans_at_every_prefill(kind):
     before = dec.prefill(prompts)
     model.load_state_dict({k: v.copy() for k, v in other.state_dict().items()}, assign=True)
     after = [dec.prefill(prompts)] + [dec.step(t) for t in tokens]
-    assert dec._blocks[0][0][0] is model.h[0].ln_1.weight.data             # the plan holds the new arrays
+    assert dec._blocks[0][0][0] is model.h[0].ln_1.weight.data             # the plan holds the new arrays,
+    assert dec._blocks[0][-1][0][0] is model.h[0].ln_1.weight.data         # in the call's prepared arguments too
     reference, _, _ = _decode(model, prompts, tokens, False)
     _close(np.stack(after), reference)
     assert np.abs(before - after[0]).max() > 1e-2                          # the new parameters did matter
@@ -118,24 +119,34 @@ def test_decoder_plans_at_every_prefill(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_prepared_block_call_is_decode_block(kind):
-    """The plan's prepared arguments (block_constants, run_block) make the very call decode_block makes
-    with its arguments made on the spot: the same x and cache, bit for bit."""
+    """The plan's prepared arguments (block_constants, run_block) make the very call of the kernel that its
+    arguments spelled out here make: the same x and cache, bit for bit; decode_block (the arguments made on
+    the spot) too."""
     model = _model(kind)
     dec = Decoder(model, 2, 8)
     dec.prefill([np.arange(5), np.arange(3)])
     block = dec._blocks[0]
     x = np.random.default_rng(6).normal(0, 1, (2, model.config.n_embd)).astype(np.float32)
-    pos = np.array([5, 3])
+    pos = np.array([5, 3], dtype=np.int64)
+    (g1, b1), (g2, b2), eps, *weights, scale = block[:8]
+    from npgpt.fast import gelu, quant as fast_quant
+    spelled = [g1, b1, g2, b2, float(eps)]
+    for w, s, b in weights:
+        spelled += [w, np.ones(1, np.float32) if s is None else s, b]
     outs = []
-    for call in ("decode_block", "run_block"):
+    for call in ("spelled out", "run_block", "decode_block"):
         y, k, v = x.copy(), dec.cache.k[0].copy(), dec.cache.v[0].copy()
-        if call == "decode_block":
-            decode_kernels.decode_block(y, *block[:7], k, v, pos, block[7])
+        if call == "spelled out":
+            decode_kernels._block(y, *spelled, k, v, pos, np.float32(scale), *gelu._constants(np.float32),
+                                  fast_quant.side_by_side(), *(fast_quant.prefetch_ahead(w) for w, _, _ in weights))
+        elif call == "run_block":
+            decode_kernels.run_block(y, block[-1], k, v, pos)
         else:
-            decode_kernels.run_block(y, block[-1], k, v, pos.astype(np.int64))
+            decode_kernels.decode_block(y, *block[:7], k, v, pos, block[7])
         outs.append((y, k, v))
-    for a, b in zip(*outs):
-        np.testing.assert_array_equal(a, b)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            np.testing.assert_array_equal(a, b)
     assert not np.array_equal(outs[0][0], x)                                 # the block did run
 
 

@@ -61,27 +61,45 @@ def test_no_file_tree_leaves_numbas_locators(monkeypatch):
     assert all(cls.from_function(py_func, py_func.__code__.co_filename) is None for cls in _jit._LOCATORS)
 
 
+def _waits_for(call, fd, fcntl, mode, index_path):
+    """True if call() (in a thread) waits while fd holds `mode` on the lock file, and then finishes."""
+    fcntl.flock(fd, mode)
+    worker = threading.Thread(target=call, daemon=True)
+    try:
+        worker.start()
+        worker.join(0.5)
+        waited = worker.is_alive()
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    worker.join(30)
+    assert not worker.is_alive()
+    return waited
+
+
 def test_saving_a_build_waits_for_the_index_lock(tmp_path, monkeypatch):
     """Numba reads a kernel's index, takes a free data file and writes both back, unlocked: two processes
-    saving builds at once could cross them. npgpt's saves take turns on KERNEL.nbi.lock (_jit._locked)."""
+    saving builds at once could cross them. npgpt's saves take turns on KERNEL.nbi.lock (_jit._locked);
+    a load waits for a save and shares the lock with other loads."""
     fcntl = pytest.importorskip("fcntl")
     monkeypatch.setattr(_jit, "_CACHE_DIRS", {str(tmp_path)})
     cache_file = caching.IndexDataCacheFile(str(tmp_path), "kernel-1.py311", ("stamp",))
     fd = os.open(cache_file._index_path + ".lock", os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX)                           # another process in the middle of a save
-    saver = threading.Thread(target=cache_file.save, args=(("float32",), "its machine code"))
-    saver.start()
-    saver.join(0.5)
-    assert saver.is_alive() and not os.path.exists(cache_file._index_path)      # waiting, nothing written
-    os.close(fd)                                             # that save done
-    saver.join(30)
-    assert not saver.is_alive() and cache_file.load(("float32",)) == "its machine code"
-    fd = os.open(cache_file._index_path + ".lock", os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_SH)                           # loads share the lock with each other
     try:
+        save = lambda: cache_file.save(("float32",), "its machine code")      # noqa: E731
+        assert _waits_for(save, fd, fcntl, fcntl.LOCK_EX, cache_file._index_path)   # another process saving
         assert cache_file.load(("float32",)) == "its machine code"
+        loaded = []
+        load = lambda: loaded.append(cache_file.load(("float32",)))           # noqa: E731
+        assert _waits_for(load, fd, fcntl, fcntl.LOCK_EX, cache_file._index_path)   # a save in progress
+        assert not _waits_for(load, fd, fcntl, fcntl.LOCK_SH, cache_file._index_path)  # another load
+        assert loaded == ["its machine code"] * 2
     finally:
         os.close(fd)
+
+
+def test_npgpt_kernels_indexes_are_locked():
+    from npgpt.fast import decode
+    assert decode._block._cache._cache_file._cache_path in _jit._CACHE_DIRS
 
 
 def test_other_libraries_indexes_are_left_unlocked(tmp_path):

@@ -103,9 +103,15 @@ def _locked(method, exclusive):
         try:
             fd = os.open(self._index_path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:
-            return method(self, *args)                   # a cache folder it cannot write to: as Numba does it
+            try:                                         # a cache someone else writes: a shared lock reads it
+                fd = os.open(self._index_path + ".lock", os.O_RDONLY)
+            except OSError:
+                return method(self, *args)               # no lock file to be had: as Numba does it
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            except OSError:                              # a file system without locks (some NFS, FUSE)
+                pass
             return method(self, *args)
         finally:
             os.close(fd)                                 # closing releases the lock

@@ -34,9 +34,11 @@ def _linear(m):
 
 def plan(model):
     """Per block, decode_block's weights ((ln_1), (ln_2), eps, c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj,
-    attention scale) and the block call's arguments made of them (npgpt.fast.decode.block_constants), or None where the step cannot be fused: another backend, a model or module of another class (a
-    subclass, LoRA, float32 Linears not laid out by decode_layout, a swapped GELU or Dropout), a different
-    eps, dtype or memory order somewhere. The plan holds the model's arrays as they are now: Decoder makes one at every prefill."""
+    attention scale) and the block call's arguments made of them (npgpt.fast.decode.block_constants: the
+    kernels' choices too, as they are when the plan is made), or None where the step cannot be fused:
+    another backend, a model or module of another class (a subclass, LoRA, float32 Linears not laid out
+    by decode_layout, a swapped GELU or Dropout), a different eps, dtype or memory order somewhere. The
+    plan holds the model's arrays as they are now: Decoder makes one at every prefill."""
     if not fast.use_numba() or type(model) is not GPT:
         return None
     out = []
