@@ -25,6 +25,9 @@ def pytest_xdist_auto_num_workers(config):
     the same shared kernels twice, and every worker's parallel kernels and BLAS use every core as it is."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None                                   # pytest-xdist's own hook reads it
+    from npgpt.fast import _jit
+    if _jit.fcntl is None:
+        return 1                                      # no lock on the kernel cache's index here (Windows)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
