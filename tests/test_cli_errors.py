@@ -234,3 +234,29 @@ def test_train_under_a_launcher_of_another_mpi(rank, tmp_path, monkeypatch, caps
     else:
         assert capsys.readouterr().err == ""
     assert not out.exists() and distributed._DIST is None
+
+
+class Terminal(io.StringIO):
+    """stderr that is a person's terminal."""
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("cold", [True, False])
+def test_generate_says_when_it_compiles_first(cold, monkeypatch, capsys):
+    """In an empty kernel cache the first token waits for the decoding kernels to compile (~30 s): a person at
+    a terminal is told, once, before the wait; nobody is told when the cache is warm or stderr is a pipe."""
+    from npgpt.fast import _jit
+    if not npgpt.fast.use_numba():
+        pytest.skip("the NumPy kernels compile nothing")
+    monkeypatch.setattr(_jit, "cache_is_cold", lambda kernel: cold)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["generate", "--model", TINY, "-n", "2", "1+1"]) == 0
+    said = [line for line in terminal.getvalue().splitlines() if "compiling" in line]
+    assert said == (["npgpt generate: compiling the decoding kernels for this CPU, once (up to ~30 s on 2 cores; "
+                     "cached for later runs)"] if cold else [])
+    monkeypatch.setattr(sys, "stderr", io.StringIO())          # a pipe: never told
+    assert main(["generate", "--model", TINY, "-n", "2", "1+1"]) == 0
+    assert "compiling" not in sys.stderr.getvalue()

@@ -106,3 +106,15 @@ def test_other_libraries_indexes_are_left_unlocked(tmp_path):
     cache_file = caching.IndexDataCacheFile(str(tmp_path), "theirs-1.py311", ("stamp",))
     cache_file.save(("float64",), "code")
     assert cache_file.load(("float64",)) == "code" and not os.path.exists(cache_file._index_path + ".lock")
+
+
+def test_cache_is_cold_until_a_build_is_saved(tmp_path, monkeypatch):
+    (tmp_path / "cold_kernel_module.py").write_text("from numba import njit\n\n\n@njit(cache=True)\n"
+                                                    "def plus_one(x):\n    return x + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    module = importlib.import_module("cold_kernel_module")
+    assert _jit.cache_is_cold(module.plus_one)               # nothing compiled here yet: a first call compiles
+    assert module.plus_one(1) == 2
+    assert not _jit.cache_is_cold(module.plus_one)           # its build is on disk now
+    assert not _jit.cache_is_cold(lambda x: x)               # not a cached kernel: nothing to tell

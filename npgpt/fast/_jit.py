@@ -124,6 +124,16 @@ for _name, _exclusive in (("save", True), ("load", False)):
     if not getattr(getattr(caching.IndexDataCacheFile, _name), "npgpt_locked", False):
         setattr(caching.IndexDataCacheFile, _name, _locked(getattr(caching.IndexDataCacheFile, _name), _exclusive))
 
+def cache_is_cold(kernel) -> bool:
+    """True when the disk cache holds no build of this Numba kernel for the current sources: its first call
+    compiles (once after an install, an upgrade or an edit; the decoding kernels take ~30 s on 2 cores).
+    False when it holds one, or when this Numba does not let it be told."""
+    try:
+        return not kernel._cache._cache_file._load_index()
+    except Exception:                                    # noqa: BLE001  (Numba's private attributes moved)
+        return False
+
+
 # Below ~262k elements one thread finishes before the others are awake: waking the kernels' sleeping
 # OpenMP threads right after a GEMM costs ~50-100 us on 2 cores. Measured there (examples/profile_ops.py,
 # docs/performance.md "Every op on every core"): at 98k elements (nanoGPT's CPU shape) LayerNorm's
