@@ -118,3 +118,25 @@ def test_cache_is_cold_until_a_build_is_saved(tmp_path, monkeypatch):
     assert module.plus_one(1) == 2
     assert not _jit.cache_is_cold(module.plus_one)           # its build is on disk now
     assert not _jit.cache_is_cold(lambda x: x)               # not a cached kernel: nothing to tell
+
+
+def test_a_save_killed_half_way_never_pairs_a_build_with_another_builds_code(tmp_path, monkeypatch):
+    """A kill during a save leaves the last good state: the index never names a data file before it holds
+    this build. (Numba writes the index first: killed before the data, the index named file 1, which still
+    held a stale source's build, and the next run loaded that code as this build.)"""
+    monkeypatch.setattr(_jit, "_CACHE_DIRS", {str(tmp_path)})
+    stale = caching.IndexDataCacheFile(str(tmp_path), "kernel-1.py311", ("old source",))
+    stale.save(("float32",), "the old source's machine code")              # data file 1
+    fresh = caching.IndexDataCacheFile(str(tmp_path), "kernel-1.py311", ("new source",))
+
+    def killed(self, name, data):
+        raise KeyboardInterrupt                                               # the process dies here
+    monkeypatch.setattr(caching.IndexDataCacheFile, "_save_data", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fresh.save(("float64",), "the new build's machine code")             # a free number: file 1 again
+    monkeypatch.undo()
+    monkeypatch.setattr(_jit, "_CACHE_DIRS", {str(tmp_path)})
+    again = caching.IndexDataCacheFile(str(tmp_path), "kernel-1.py311", ("new source",))
+    assert again.load(("float64",)) is None                                   # compiled again, not the old code
+    again.save(("float64",), "the new build's machine code")
+    assert again.load(("float64",)) == "the new build's machine code"

@@ -14,6 +14,7 @@ process holds a core. Call `kernel(work, *args)` where `work` is the number of e
 """
 import functools
 import hashlib
+import itertools
 import os
 import types
 
@@ -95,7 +96,25 @@ if not any(issubclass(c, _KernelSources) for c in caching.CacheImpl._locator_cla
 # (the test suite's worker processes, MPI ranks or two commands on a cold cache) could both take file 1,
 # leaving the index naming one build's types and the data holding the other's machine code; and a process
 # loading between the two writes could read the new index with the old data. For npgpt's kernels a save
-# holds an exclusive lock on the index's lock file (KERNEL.nbi.lock beside it) and a load a shared one.
+# holds an exclusive lock on the index's lock file (KERNEL.nbi.lock beside it) and a load a shared one,
+# and a save writes the data before the index that names it (_save_data_first).
+def _save_data_first(self, key, data):
+    """Numba's IndexDataCacheFile.save with its two writes the other way round: the build's data file, then
+    the index. Numba writes the index first: a process killed between the two left an index naming a data
+    file that still held an older build (a stale source's, numbered the same), which the next run loaded as
+    this one. Each write is whole or absent (a temporary file renamed), so now a kill leaves either the old
+    index (the new file unnamed, compiled again) or both."""
+    overloads = self._load_index()
+    name = overloads.get(key)
+    if name is None:
+        taken = set(overloads.values())
+        name = next(self._data_name(i) for i in itertools.count(1) if self._data_name(i) not in taken)
+    self._save_data(name, data)
+    if overloads.get(key) != name:
+        overloads[key] = name
+        self._save_index(overloads)
+
+
 def _locked(method, exclusive):
     def with_the_lock(self, *args):
         if fcntl is None or self._cache_path not in _CACHE_DIRS:
@@ -120,9 +139,19 @@ def _locked(method, exclusive):
     return with_the_lock
 
 
-for _name, _exclusive in (("save", True), ("load", False)):
+_NUMBA_SAVE = caching.IndexDataCacheFile.save
+
+
+def _save(self, key, data):
+    # npgpt's kernels: data first (below); another library's: Numba's own save (_locked passes it through)
+    return (_save_data_first if self._cache_path in _CACHE_DIRS else _NUMBA_SAVE)(self, key, data)
+
+
+if not all(hasattr(caching.IndexDataCacheFile, a) for a in ("_load_index", "_data_name", "_save_data", "_save_index")):
+    _save = _NUMBA_SAVE                                  # another Numba's internals: its own order, still locked
+for _name, _method, _exclusive in (("save", _save, True), ("load", caching.IndexDataCacheFile.load, False)):
     if not getattr(getattr(caching.IndexDataCacheFile, _name), "npgpt_locked", False):
-        setattr(caching.IndexDataCacheFile, _name, _locked(getattr(caching.IndexDataCacheFile, _name), _exclusive))
+        setattr(caching.IndexDataCacheFile, _name, _locked(_method, _exclusive))
 
 def cache_is_cold(kernel) -> bool:
     """True when the disk cache holds no build of this Numba kernel for the current sources: its first call
