@@ -244,7 +244,7 @@ class Terminal(io.StringIO):
 
 
 @pytest.mark.parametrize("cold", [True, False])
-def test_generate_says_when_it_compiles_first(cold, monkeypatch, capsys):
+def test_generate_says_when_it_compiles_first(cold, monkeypatch):
     """In an empty kernel cache the first token waits for the decoding kernels to compile (~30 s): a person at
     a terminal is told, once, before the wait; nobody is told when the cache is warm or stderr is a pipe."""
     from npgpt.fast import _jit
@@ -260,3 +260,15 @@ def test_generate_says_when_it_compiles_first(cold, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stderr", io.StringIO())          # a pipe: never told
     assert main(["generate", "--model", TINY, "-n", "2", "1+1"]) == 0
     assert "compiling" not in sys.stderr.getvalue()
+    monkeypatch.setattr(sys, "stderr", terminal := Terminal())
+    assert main(["generate", "--model", TINY, "-n", "1", "1+1"]) == 0   # no decoded step: no compiled block
+    assert "compiling" not in terminal.getvalue()
+
+
+def test_the_compiled_blocks_are_on_disk_after_a_generate():
+    """What says 'cold' is the kernel a decoded token runs, keyed for this CPU: warm once generate decoded."""
+    from npgpt.fast import _jit, decode
+    if not npgpt.fast.use_numba():
+        pytest.skip("the NumPy kernels compile nothing")
+    assert main(["generate", "--model", TINY, "-n", "2", "1+1"]) == 0
+    assert not _jit.cache_is_cold(decode._block)

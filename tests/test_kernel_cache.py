@@ -4,6 +4,8 @@ only the kernel's own file: a kernel holds the code of the functions it calls fr
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -112,6 +114,7 @@ def test_cache_is_cold_until_a_build_is_saved(tmp_path, monkeypatch):
     (tmp_path / "cold_kernel_module.py").write_text("from numba import njit\n\n\n@njit(cache=True)\n"
                                                     "def plus_one(x):\n    return x + 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cold_kernel_module", raising=False)
     import importlib
     module = importlib.import_module("cold_kernel_module")
     assert _jit.cache_is_cold(module.plus_one)               # nothing compiled here yet: a first call compiles
@@ -120,23 +123,63 @@ def test_cache_is_cold_until_a_build_is_saved(tmp_path, monkeypatch):
     assert not _jit.cache_is_cold(lambda x: x)               # not a cached kernel: nothing to tell
 
 
-def test_a_save_killed_half_way_never_pairs_a_build_with_another_builds_code(tmp_path, monkeypatch):
-    """A kill during a save leaves the last good state: the index never names a data file before it holds
-    this build. (Numba writes the index first: killed before the data, the index named file 1, which still
-    held a stale source's build, and the next run loaded that code as this build.)"""
+@pytest.mark.parametrize("killed_at", ["_save_data", "_save_index"])
+def test_a_save_killed_half_way_never_pairs_a_build_with_another_builds_code(killed_at, tmp_path, monkeypatch):
+    """A kill during a save leaves no index naming a data file that holds another build. (Numba writes the
+    index first: killed before the data, the index named file 1, which still held a stale source's build,
+    and the next run loaded that code as this build. Data first, a kill before the index would leave the
+    stale index naming file 1 with the new build in it: so a stale index is emptied first.)"""
     monkeypatch.setattr(_jit, "_CACHE_DIRS", {str(tmp_path)})
     stale = caching.IndexDataCacheFile(str(tmp_path), "kernel-1.py311", ("old source",))
     stale.save(("float32",), "the old source's machine code")              # data file 1
     fresh = caching.IndexDataCacheFile(str(tmp_path), "kernel-1.py311", ("new source",))
+    real = getattr(caching.IndexDataCacheFile, killed_at)
 
-    def killed(self, name, data):
+    def killed(self, *args):
+        if killed_at == "_save_index" and args[0] == {}:
+            return real(self, *args)                                          # the stale index emptied
         raise KeyboardInterrupt                                               # the process dies here
-    monkeypatch.setattr(caching.IndexDataCacheFile, "_save_data", killed)
-    with pytest.raises(KeyboardInterrupt):
-        fresh.save(("float64",), "the new build's machine code")             # a free number: file 1 again
-    monkeypatch.undo()
-    monkeypatch.setattr(_jit, "_CACHE_DIRS", {str(tmp_path)})
+    with monkeypatch.context() as m:
+        m.setattr(caching.IndexDataCacheFile, killed_at, killed)
+        with pytest.raises(KeyboardInterrupt):
+            fresh.save(("float64",), "the new build's machine code")         # a free number: file 1 again
     again = caching.IndexDataCacheFile(str(tmp_path), "kernel-1.py311", ("new source",))
     assert again.load(("float64",)) is None                                   # compiled again, not the old code
+    assert stale.load(("float32",)) in (None, "the old source's machine code")   # nor the new one for the old
     again.save(("float64",), "the new build's machine code")
     assert again.load(("float64",)) == "the new build's machine code"
+
+
+def test_npgpt_saves_name_files_as_numba_does(tmp_path, monkeypatch):
+    """The data-first save takes the same file for each build as Numba's own: the same key again reuses its
+    file, a new key the first free number, a stale index starts again at 1."""
+    names = {}
+    for who, save in (("numba", _jit._NUMBA_SAVE), ("npgpt", _jit._save_data_first)):
+        folder = tmp_path / who
+        folder.mkdir()
+        f = caching.IndexDataCacheFile(str(folder), "kernel-1.py311", ("source 1",))
+        for key, data in ((("a",), 1), (("b",), 2), (("a",), 3), (("c",), 4)):
+            save(f, key, data)
+        g = caching.IndexDataCacheFile(str(folder), "kernel-1.py311", ("source 2",))
+        save(g, ("d",), 5)
+        names[who] = (f._load_index(), g._load_index(), sorted(os.listdir(folder)),
+                      [g.load(("d",)), f.load(("a",))])
+    assert names["npgpt"] == names["numba"]
+    assert names["npgpt"][1] == {("d",): "kernel-1.py311.1.nbc"} and names["npgpt"][3] == [5, None]
+
+
+def test_a_second_import_of_the_cache_module_keeps_numbas_save(tmp_path):
+    """A reload (IPython's autoreload) runs the module again: it must wrap Numba's own save, not its wrapper
+    (which then called itself), and keep the folders it locks. In a process of its own."""
+    (tmp_path / "reloaded_kernel.py").write_text("from numba import njit\n\n\n@njit(cache=True)\n"
+                                                 "def twice(x):\n    return 2 * x\n")
+    code = ("import importlib, sys; sys.path.insert(0, sys.argv[1])\n"
+            "from npgpt.fast import _jit, decode\n"
+            "save, dirs = _jit._NUMBA_SAVE, set(_jit._CACHE_DIRS)\n"
+            "importlib.reload(_jit)\n"
+            "assert _jit._NUMBA_SAVE is save and not getattr(save, 'npgpt_locked', False)\n"
+            "assert dirs and dirs <= _jit._CACHE_DIRS\n"
+            "import reloaded_kernel; assert reloaded_kernel.twice(2) == 4\n"          # a save after the reload
+            "assert not _jit.cache_is_cold(reloaded_kernel.twice)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr

@@ -119,11 +119,12 @@ def _main_mpi(args) -> int:
     return code
 
 
-def _say_if_compiling(command) -> None:
+def say_if_compiling(command) -> None:
     """One line on stderr, for a person at a terminal, when the decoding kernels are not in Numba's disk
     cache: the first token then waits for them to compile (once after an install, an upgrade or an edit;
     28.6-32.7 s on 2 cores of a Zen 4, docs/performance.md "Cold start"). Nothing when stderr is a pipe or a
-    file (scripts, tests), or on the NumPy kernels."""
+    file (scripts, tests), or on the NumPy kernels. generate and chat call it once their arguments are checked,
+    before the model loads (the load compiles too) and only when they will decode."""
     if not sys.stderr.isatty():
         return
     from .. import fast
@@ -145,8 +146,6 @@ def _main(args, raise_user_errors: bool = False) -> int:
             settings.prefetch_rows(0)
         except ValueError as e:
             raise CLIError(str(e)) from None
-        if args.command in ("generate", "chat"):
-            _say_if_compiling(args.command)
         return quiet_on_broken_pipe(args.func, args)
     except CLIError as e:
         if raise_user_errors:

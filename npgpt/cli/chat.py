@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 
-from . import CLIError
+from . import CLIError, say_if_compiling
 from .generate import add_sampling_args
 
 STOP = "\n\n### "
@@ -91,6 +91,7 @@ def run(args) -> int:
 
     _check_args(args)
     _stdin("pipe the questions in, one a line, or run chat on a terminal")   # before the model loads
+    say_if_compiling("chat")
     model = _load_model(args.model, args.weights, decoding=True)
     if model.config.n_vocab < 50257:
         raise CLIError(f"--model {args.model}: its vocabulary has {model.config.n_vocab} tokens; "

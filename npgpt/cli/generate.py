@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from . import CLIError
+from . import CLIError, say_if_compiling
 
 
 def add_parser(subparsers):
@@ -175,6 +175,8 @@ def run(args) -> int:
         prompt = _stdin("give the prompt as an argument, or pipe it in").read()
         if prompt.endswith("\n"):
             prompt = prompt[:-1]
+    if args.n > 1:                       # a decoded token after the prompt's: the compiled blocks run
+        say_if_compiling("generate")
     model = _load_model(args.model, getattr(args, "weights", None), decoding=True)
     tokenizer = _tokenizer_for(args.model) or get_tokenizer()
     if not prompt and tokenizer.eot_token is None:

@@ -63,7 +63,7 @@ def kernel_sources_digest() -> bytes:
     return _sources_digest(tuple(stamps))
 
 
-_CACHE_DIRS = set()          # the folders npgpt's kernels are cached in (their indexes are locked)
+_CACHE_DIRS = globals().get("_CACHE_DIRS", set())   # the folders npgpt's kernels are cached in (indexes locked)
 
 
 class _KernelSources:
@@ -87,7 +87,7 @@ class _KernelSources:
 # tried first, for npgpt's kernels only.
 _LOCATORS = [type("Npgpt" + base.__name__, (_KernelSources, base), {})
              for base in (caching.UserProvidedCacheLocator, caching.InTreeCacheLocator, caching.UserWideCacheLocator)]
-if not any(issubclass(c, _KernelSources) for c in caching.CacheImpl._locator_classes):
+if not any(c.__name__.startswith("Npgpt") for c in caching.CacheImpl._locator_classes):   # once, reloads too
     caching.CacheImpl._locator_classes[:0] = _LOCATORS
 
 
@@ -102,9 +102,12 @@ def _save_data_first(self, key, data):
     """Numba's IndexDataCacheFile.save with its two writes the other way round: the build's data file, then
     the index. Numba writes the index first: a process killed between the two left an index naming a data
     file that still held an older build (a stale source's, numbered the same), which the next run loaded as
-    this one. Each write is whole or absent (a temporary file renamed), so now a kill leaves either the old
-    index (the new file unnamed, compiled again) or both."""
+    this one. Each write is whole or absent (a temporary file renamed), and a stale index is emptied before
+    the data is written (it may name the same file number), so a kill leaves no index naming the new file,
+    or both written."""
     overloads = self._load_index()
+    if not overloads and os.path.exists(self._index_path):
+        self._save_index({})          # a stale index (another source or Numba) may name the file taken below
     name = overloads.get(key)
     if name is None:
         taken = set(overloads.values())
@@ -139,7 +142,9 @@ def _locked(method, exclusive):
     return with_the_lock
 
 
-_NUMBA_SAVE = caching.IndexDataCacheFile.save
+# Numba's own save, kept on the class so that a second import of this module (a reload) finds it, not the wrapper
+_NUMBA_SAVE = caching.IndexDataCacheFile.__dict__.get("_npgpt_numba_save") or caching.IndexDataCacheFile.save
+caching.IndexDataCacheFile._npgpt_numba_save = _NUMBA_SAVE
 
 
 def _save(self, key, data):
@@ -158,7 +163,8 @@ def cache_is_cold(kernel) -> bool:
     compiles (once after an install, an upgrade or an edit; the decoding kernels take ~30 s on 2 cores).
     False when it holds one, or when this Numba does not let it be told."""
     try:
-        return not kernel._cache._cache_file._load_index()
+        magic = kernel.targetctx.codegen().magic_tuple()  # this CPU and OS: Numba keys each build by it
+        return not any(key[1] == magic for key in kernel._cache._cache_file._load_index())
     except Exception:                                    # noqa: BLE001  (Numba's private attributes moved)
         return False
 
