@@ -158,6 +158,7 @@ for _name, _method, _exclusive in (("save", _save, True), ("load", caching.Index
     if not getattr(getattr(caching.IndexDataCacheFile, _name), "npgpt_locked", False):
         setattr(caching.IndexDataCacheFile, _name, _locked(_method, _exclusive))
 
+
 def cache_is_cold(kernel) -> bool:
     """True when the disk cache holds no build of this Numba kernel for the current sources: its first call
     compiles (once after an install, an upgrade or an edit; the decoding kernels take ~30 s on 2 cores).

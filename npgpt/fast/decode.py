@@ -90,8 +90,8 @@ def decode_attention(qkv, k_cache, v_cache, pos, scale, out=None, threads_awake=
 
 # ----------------------------------------------------------------------------- a whole block, one call
 # decode_block runs one transformer block for one new token a row, with packed weights (bf16, int8 or
-# float32 rows), as a single compiled call. It mirrors Block.forward_cached at T = 1 (npgpt/layers/block.py) through
-# the code that path runs (the products' chunks of npgpt/fast/quant.py, the attention above, the
+# float32 rows), as a single compiled call. It mirrors Block.forward_cached at T = 1
+# (npgpt/layers/block.py) through the code that path runs (the products' chunks of npgpt/fast/quant.py, the attention above, the
 # LayerNorm and GELU kernels), so its values are theirs up to float32 rounding (where sums are
 # reassociated, the two builds may add in another order):
 #
@@ -149,7 +149,8 @@ def decode_block(x, ln_1, ln_2, eps, attn, proj, fc, mproj, k_cache, v_cache, po
     """One block for one new token a row, in place on x (B, C) float32 C-contiguous. ln_1, ln_2: (gain,
     bias); attn, proj, fc, mproj: (packed, scale | None, bias) of c_attn, attn.c_proj, mlp.c_fc,
     mlp.c_proj, all bf16 (uint16), all float32 rows (out, in) or all int8 (with their scales),
-    C-contiguous; k_cache, v_cache (B, NH, n_ctx, hs) float32 and pos (B,) as decode_attention's. Block.forward_cached's values."""
+    C-contiguous; k_cache, v_cache (B, NH, n_ctx, hs) float32 and pos (B,) as decode_attention's.
+    Block.forward_cached's values."""
     run_block(x, block_constants(ln_1, ln_2, eps, attn, proj, fc, mproj, scale, x.dtype), k_cache, v_cache,
               np.ascontiguousarray(pos, dtype=np.int64))
 
@@ -162,7 +163,7 @@ def block_constants(ln_1, ln_2, eps, attn, proj, fc, mproj, scale, dtype=np.floa
     ones = None
     weights = []
     for w, s, b in (attn, proj, fc, mproj):
-        if s is None:                                  # bf16, float32 rows: no scales (a placeholder of the right type)
+        if s is None:                                  # bf16, float32 rows: no scales (a typed placeholder)
             ones = np.ones(1, np.float32) if ones is None else ones
             s = ones
         weights += [w, s, b]

@@ -20,9 +20,9 @@ rows stream faster without it; on Intel CPUs their 2-8 rows are unmeasured. int8
 dot products on the CPU's own instructions (vpdpwssd where it has VNNI, pmaddwd with AVX2:
 npgpt/fast/_q8.py), scaled per block. A bf16 weight becomes a float32 in a register (a zero-extend, a
 shift and a bit cast: npgpt/fast/_math.py and `weight` below, or the same three instructions in few_rows'
-IR), so the kernel reads each packed weight once and does one multiply-add with it for each row of x. Made for the N <= ~16 rows of decoding,
-where reading the weights from DRAM is the cost and packed weights read 2x / 4x fewer bytes;
-for many rows (a long prompt) `dequantize_rows` unpacks a block of output channels into a
+IR), so the kernel reads each packed weight once and does one multiply-add with it for each row of x.
+Made for the N <= ~16 rows of decoding, where reading the weights from DRAM is the cost and packed
+weights read 2x / 4x fewer bytes; for many rows (a long prompt) `dequantize_rows` unpacks a block of output channels into a
 float32 scratch and BLAS does the product (see npgpt/inference/quant.py).
 """
 import numpy as np

@@ -20,9 +20,8 @@ measured ~7% faster train steps and 2x faster softmax/cross-entropy kernels on 2
 is the opposite case: float32 weights as loaded (in, out) go through 48 BLAS matrix-vector products a
 token with little between them (the inference commands now lay them out as rows for Numba's kernels:
 npgpt.inference.quant.decode_layout; BLAS stays for prompts), and threads that sleep after each cost
-their wake-up every time; the inference commands
-let them spin 2^20 cycles (~0.3 ms): fp32 decode 41.5 -> 45.5 tokens/s (with the weights as loaded, before
-decode_layout), prefill the same or faster,
+their wake-up every time; the inference commands let them spin 2^20 cycles (~0.3 ms): fp32 decode
+41.5 -> 45.5 tokens/s (with the weights as loaded, before decode_layout), prefill the same or faster,
 int8/bf16 (no BLAS) unchanged (docs/performance.md). OpenBLAS reads it when NumPy first loads it,
 so it only takes effect before NumPy is imported.
 
