@@ -109,10 +109,11 @@ def test_quantize_activations_in_blocks_of_32():
 @pytest.mark.parametrize("K", [0 + 7, 32, 96, 160, 768 + 19])    # no whole block, one, three (odd), five, many + a tail
 def test_q8_dot_every_instruction_path(K):
     """Each path this CPU runs (vpdpwssd, pmaddwd, plain vectors) gives sum_b d[b] * isum[b] with exact
-    integer block sums, and all of them the same bits (the same float operations on the same integers)."""
+    integer block sums (a partial last block's too), and all of them the same bits (the same float
+    operations on the same integers)."""
     from numba import njit
     from npgpt.fast import _q8
-    from npgpt.fast.quant import _q8_row, quantize_q8
+    from npgpt.fast.quant import quantize_q8
     rng = np.random.default_rng(K)
     O = 6
     x = rng.standard_normal((1, K)).astype(np.float32) * np.float32(3.0)
@@ -122,10 +123,9 @@ def test_q8_dot_every_instruction_path(K):
     x[0, :min(32, K - K % 32)] = 1.0                              # a block of x16 = 32767: 4 * 32767 * 127 a lane
     x[0, 32:min(64, K - K % 32)] = -1.0                           # and of -32767 (row 1: positive)
     x16, d = quantize_q8(x)
-    whole = K - K % 32
     exact = np.array([sum(float(d[0, b]) * int(np.dot(x16[0, 32 * b:32 * b + 32].astype(np.int64),
                                                       q[o, 32 * b:32 * b + 32].astype(np.int64)))
-                          for b in range(whole // 32)) for o in range(O)])
+                          for b in range(d.shape[1])) for o in range(O)])
     results = {}
     for path in _q8.runnable():
         dot = _q8.q8_dot_using(path)
@@ -138,9 +138,13 @@ def test_q8_dot_every_instruction_path(K):
     assert "portable" in results and (_q8.instructions() in results)
     for path, y in results.items():
         np.testing.assert_array_equal(y, results["portable"], err_msg=path)
-    # the partial last block is added by _q8_row
-    full = np.array([_q8_row(x16, d, 0, q, o) for o in range(O)])
-    np.testing.assert_allclose(full, quant.q8_product(x, q, np.ones(O, np.float32))[0], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(results["portable"], quant.q8_product(x, q, np.ones(O, np.float32))[0], rtol=1e-5, atol=1e-4)
+    # the partial block is added last, in float32, as float32(float64(isum) * float64(d)) (0 without one)
+    whole = K - K % 32
+    part = np.array([np.float32(float(np.dot(x16[0, whole:].astype(np.int64), q[o, whole:].astype(np.int64)))
+                                * np.float64(d[0, -1])) if whole < K else 0.0 for o in range(O)], np.float32)
+    wholes = rows(x16[:, :whole].copy(), d[:, :whole // 32].copy(), q[:, :whole].copy())     # the last path's
+    np.testing.assert_array_equal(results[path], wholes + part)
 
 
 @pytest.mark.parametrize("K", [32, 160, 768 + 19])

@@ -10,10 +10,10 @@ weight row o, the NumPy it mirrors (npgpt/inference/quant.py, `q8_product`):
     isum[b] = x16[32b:32b+32] @ q[o, 32b:32b+32]   # integers, |isum| <= 32 * 32767 * 127
     y[o]    = scale[o] * sum_b d[b] * isum[b]
 
-`q8_dot(x16, d, n, q, o)` returns sum_b d[n, b] * isum[b] for row n of x16 over the whole blocks of K
-(the caller adds the last, partial block and applies scale[o]). A block's 32 products are summed into 8 int32 lanes, lane
-j holding the products 2j, 2j+1, 16+2j and 17+2j, in one of three ways, all exact (at most
-4 * 32767 * 127 < 2^24, so a lane is also exact as a float32):
+`q8_dot(x16, d, n, q, o)` returns sum_b d[n, b] * isum[b] for row n of x16 (the caller applies scale[o]).
+A whole block's 32 products are summed into 8 int32 lanes, lane j holding the products 2j, 2j+1, 16+2j
+and 17+2j, in one of three ways, all exact (at most 4 * 32767 * 127 < 2^24, so a lane is also exact as
+a float32):
 
     avx512-vnni / avx-vnni   vpdpwssd(vpdpwssd(0, x16[0:16], q[0:16]), x16[16:32], q[16:32])
     avx2                     pmaddwd(x16[0:16], q[0:16]) + pmaddwd(x16[16:32], q[16:32])
@@ -22,8 +22,9 @@ j holding the products 2j, 2j+1, 16+2j and 17+2j, in one of three ways, all exac
 with q sign-extended to 16 bits. Each block's 8 lanes are converted to float32 and fused-multiply-
 added into 8 float accumulators with d[b] (blocks alternate between two accumulator sets, so that two
 FMA chains run at once); at the end the sets are added and the 8 lanes summed as
-((0+4)+(2+6)) + ((1+5)+(3+7)). Every path does the same float operations on the same integers, so on
-one CPU the three give the same bits.
+((0+4)+(2+6)) + ((1+5)+(3+7)). A partial last block (K not a multiple of 32) is summed exactly in int64 and
+added last, as float32(float64(isum) * float64(d[b])). Every path does the same float operations on the
+same integers, so on one CPU the three give the same bits.
 
 Which path is compiled follows the target Numba compiles for (its CPU features, so NUMBA_CPU_NAME /
 NUMBA_CPU_FEATURES steer it, and Numba's cache keeps a build per target): `instructions()` says;
@@ -98,13 +99,15 @@ def _is_c_array(t, dtype, ndim):
     return isinstance(t, types.Array) and t.dtype == dtype and t.ndim == ndim and t.layout == "C"
 
 
-def _emit(context, builder, path, x_rows, d_rows, p_w, nblocks):
+def _emit(context, builder, path, x_rows, d_rows, p_w, K):
     """The IR of sum_b d_r[b] * (x_r[block b] . w[block b]) for every row r of x_rows (i16* each, with
-    their d_r: float*), the weight row p_w (i8*) loaded and widened once a block for all of them. Each
-    row's operations are the same whatever the other rows: -> a float32 value per row."""
+    their d_r: float*), the weight row p_w (i8*) loaded and widened once a block for all of them, over
+    the K elements (the whole blocks, then a partial last one: _tail). Each row's operations are the same
+    whatever the other rows: -> a float32 value per row."""
     i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
     i8x32, i16x32, i32x8, f32x8 = ir.VectorType(i8, 32), ir.VectorType(i16, 32), ir.VectorType(i32, 8), ir.VectorType(f32, 8)
-    intp = nblocks.type
+    intp = K.type
+    nblocks = builder.ashr(K, intp(5))
     fma = _declare(builder, "llvm.fma.v8f32", f32x8, [f32x8] * 3)
     accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32x8, None)) for _ in range(2)] for _ in x_rows]
 
@@ -135,7 +138,31 @@ def _emit(context, builder, path, x_rows, d_rows, p_w, nblocks):
             v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(idx, list(range(n)))),
                              builder.shuffle_vector(v, v, ir.Constant(idx, list(range(n, 2 * n)))))
         out.append(builder.extract_element(v, i32(0)))
-    return out
+    return [builder.fadd(whole, part) for whole, part in zip(out, _tail(builder, x_rows, d_rows, p_w, K))]
+
+
+def _tail(builder, x_rows, d_rows, p_w, K):
+    """The IR of each row's partial last block (its K % 32 elements k0..K-1), as the NumPy
+        t = sum_k int64(x16[k]) * int64(w[k])                  # exact
+        float32(float64(t) * float64(d[k0 // 32]))
+    and float32 0 where K has no partial block. In the IR rather than a Numba function called for each
+    weight row: that call, returning 0 for GPT-2's 768-wide rows, made their products 1.75x slower
+    from cache (1.4x with the call made only where a tail exists)."""
+    i64, f32, f64 = ir.IntType(64), ir.FloatType(), ir.DoubleType()
+    intp = K.type
+    k0 = builder.and_(K, intp(-BLOCK))                                           # K - K % 32
+    sums = [cgutils.alloca_once_value(builder, i64(0)) for _ in x_rows]
+    with cgutils.for_range_slice(builder, k0, K, intp(1)) as (k, _):
+        w = builder.sext(builder.load(builder.gep(p_w, [k])), i64)
+        for p_x, t in zip(x_rows, sums):
+            xk = builder.sext(builder.load(builder.gep(p_x, [k])), i64)
+            builder.store(builder.add(builder.load(t), builder.mul(xk, w)), t)
+    parts = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in x_rows]
+    with builder.if_then(builder.icmp_signed("<", k0, K)):
+        for p_d, t, part in zip(d_rows, sums, parts):
+            db = builder.fpext(builder.load(builder.gep(p_d, [builder.ashr(k0, intp(5))])), f64)
+            builder.store(builder.fptrunc(builder.fmul(builder.sitofp(builder.load(t), f64), db), f32), part)
+    return [builder.load(part) for part in parts]
 
 
 def _row_pointer(context, builder, arrty, arr, index, intp):
@@ -156,7 +183,7 @@ def _typer(path, x16, d, n, q, o):
         p_w = builder.bitcast(_row_pointer(context, builder, sig.args[3], a_q, [row], intp), ir.IntType(8).as_pointer())
         p_x = builder.bitcast(_row_pointer(context, builder, sig.args[0], a_x, [first], intp), ir.IntType(16).as_pointer())
         p_d = _row_pointer(context, builder, sig.args[1], a_d, [first], intp)
-        return _emit(context, builder, path, [p_x], [p_d], p_w, builder.ashr(K, intp(5)))[0]
+        return _emit(context, builder, path, [p_x], [p_d], p_w, K)[0]
     return types.float32(x16, d, n, q, o), codegen
 
 
@@ -176,15 +203,15 @@ def _typer4(path, x16, d, n, q, o):
         x_rows = [builder.bitcast(_row_pointer(context, builder, sig.args[0], a_x, [r], intp), ir.IntType(16).as_pointer())
                   for r in rows]
         d_rows = [_row_pointer(context, builder, sig.args[1], a_d, [r], intp) for r in rows]
-        out = _emit(context, builder, path, x_rows, d_rows, p_w, builder.ashr(K, intp(5)))
+        out = _emit(context, builder, path, x_rows, d_rows, p_w, K)
         return context.make_tuple(builder, sig.return_type, out)
     return types.UniTuple(types.float32, 4)(x16, d, n, q, o), codegen
 
 
 @intrinsic
 def q8_dot(typingctx, x16, d, n, q, o):
-    """float32 sum_b d[n, b] * (x16[n, block b] . q[o, block b]) over the K // 32 whole blocks of K; x16 (N, K)
-    int16, d (N, K/32 rounded up) float32, q (O, K) int8, all C-contiguous. Rows are addressed by index, not
+    """float32 sum_b d[n, b] * (x16[n, block b] . q[o, block b]) over the blocks of K (the last may be
+    partial); x16 (N, K) int16, d (N, K/32 rounded up) float32, q (O, K) int8, all C-contiguous. Rows are addressed by index, not
     passed as views: a view made per weight row costs two atomic reference-count updates on the array it
     shows, and with two threads that cache line moved between the cores on every row (a product of 768-wide
     rows read half the bytes per second it reads without)."""

@@ -279,24 +279,6 @@ def _quantize_q8(x, x16, d):
                     x16[n, k] = 0
 
 
-@njit(**JIT_OPTIONS)
-def _q8_row(x16, d, n, q, o):
-    # sum_b d[n, b] * (x16[n, block b] . q[o, block b]): the whole blocks on the CPU's dot-product
-    # instructions (q8_dot), a last partial block here
-    return q8_dot(x16, d, n, q, o) + _q8_tail(x16, d, n, q, o)
-
-
-@njit(**JIT_OPTIONS)
-def _q8_tail(x16, d, n, q, o):
-    # d[n, last] * (x16[n, last block] . q[o, last block]) for a partial last block, else 0
-    K = x16.shape[1]
-    k0 = K - K % BLOCK
-    t = 0
-    for k in range(k0, K):
-        t += np.int64(x16[n, k]) * np.int64(q[o, k])
-    return np.float32(np.float64(t) * np.float64(d[n, k0 // BLOCK])) if k0 < K else np.float32(0.0)   # t exact
-
-
 @njit(inline="always", **JIT_OPTIONS)   # no fastmath: each y[n, o] the same operations whatever N and threads
 def _q8_chunk(x16, d, q, scale, b, y, c, ahead):
     # y[n, o] = scale[o] * sum_b d[n, b] * (x16[n, block b] . q[o, block b]) + b[o] for the output channels
@@ -312,9 +294,9 @@ def _q8_chunk(x16, d, q, scale, b, y, c, ahead):
         for n in range(0, N4, 4):            # that counter tripped Numba's SSA check (a warning on stderr)
             s4 = q8_dot4(x16, d, n, q, o)
             for r in range(4):
-                y[n + r, o] = (s4[r] + _q8_tail(x16, d, n + r, q, o)) * scale[o] + b[o]
+                y[n + r, o] = s4[r] * scale[o] + b[o]
         for n in range(N4, N):
-            y[n, o] = _q8_row(x16, d, n, q, o) * scale[o] + b[o]
+            y[n, o] = q8_dot(x16, d, n, q, o) * scale[o] + b[o]
 
 
 @pjit
