@@ -256,27 +256,37 @@ def _matmul(x, w, b, y, side_by_side, ahead):
 def _quantize_q8(x, x16, d):
     # per row n and block b of 32 along K (the last may be shorter):
     #   d[n, b] = max |x[n, block]| / 32767,  x16 = rint(x * (1 / d))
-    # (zeros where d is 0 or not finite, or so small that 1 / d overflows)
-    # The maximum is taken over the bit patterns of |x| (an integer maximum, which vectorises): they
-    # order as the values do, and a NaN's lies above inf's, so a block holding a NaN gets d = NaN and
-    # one holding an inf d = inf, and its outputs come out NaN
+    # the whole blocks with their size a constant (LLVM then unrolls and vectorises each: 3x faster than
+    # one loop over every block with its bounds computed), a partial last block after them
     N, K = x.shape
     for n in range(N):
         bits = x[n].view(np.uint32)
-        for b in range(d.shape[1]):
-            lo, hi = b * BLOCK, min(K, (b + 1) * BLOCK)
-            m = np.uint32(0)
-            for k in range(lo, hi):
-                m = max(m, bits[k] & np.uint32(0x7FFFFFFF))
-            db = bits_to_float32(m) / np.float32(32767.0)
-            inv = np.float32(1.0) / db if db > 0 else np.float32(0.0)
-            d[n, b] = db
-            if db > 0 and db < np.inf and inv < np.inf:
-                for k in range(lo, hi):
-                    x16[n, k] = np.int16(np.rint(x[n, k] * inv))
-            else:                   # an all-zero, non-finite or vanishing (1/d overflows) block: zeros
-                for k in range(lo, hi):
-                    x16[n, k] = 0
+        for b in range(K // BLOCK):
+            _quantize_block(x, bits, x16, d, n, b, BLOCK)
+        if K % BLOCK:
+            _quantize_block(x, bits, x16, d, n, K // BLOCK, K % BLOCK)
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def _quantize_block(x, bits, x16, d, n, b, size):
+    # block b of row n, its `size` elements from b * BLOCK on (bits: row n's float32 bit patterns).
+    # The maximum is taken over the bit patterns of |x| (an integer maximum, which vectorises): they
+    # order as the values do, and a NaN's lies above inf's, so a block holding a NaN gets d = NaN and
+    # one holding an inf d = inf, and its outputs come out NaN. Zeros where d is 0 or not finite, or so
+    # small that 1 / d overflows
+    lo = b * BLOCK
+    m = np.uint32(0)
+    for k in range(size):
+        m = max(m, bits[lo + k] & np.uint32(0x7FFFFFFF))
+    db = bits_to_float32(m) / np.float32(32767.0)
+    inv = np.float32(1.0) / db if db > 0 else np.float32(0.0)
+    d[n, b] = db
+    if db > 0 and db < np.inf and inv < np.inf:
+        for k in range(size):
+            x16[n, lo + k] = np.int16(np.rint(x[n, lo + k] * inv))
+    else:                                   # an all-zero, non-finite or vanishing block: zeros
+        for k in range(size):
+            x16[n, lo + k] = 0
 
 
 @njit(inline="always", **JIT_OPTIONS)   # no fastmath: each y[n, o] the same operations whatever N and threads
