@@ -3,10 +3,9 @@ modules (GPT.forward_cached), in one process, alternated in pairs: GPT-2 124M sh
 `--prompt`-token prompt (32), then `--new` greedy tokens a round; ms a decoded token and the ratio of each pair.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/bench_fused_decode.py --weights int8 bf16 \\
-        [--B 1 2 8] [--rounds 8] [--new 64] [--prompt 32] [--any-width]
+        [--B 1 2 8] [--rounds 8] [--new 64] [--prompt 32]
 
---any-width lifts fused.INT8_MAX_ROWS (int8 batches of four rows and more, which npgpt leaves to the
-modules) to measure them too.
+Batches wider than fused.max_rows (int8 16 rows, bf16 64) run the modules either way.
 """
 import argparse
 import time
@@ -29,10 +28,7 @@ ap.add_argument("--B", nargs="+", type=int, default=[1])
 ap.add_argument("--rounds", type=int, default=8)
 ap.add_argument("--new", type=int, default=64)
 ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (the cache's length before decoding)")
-ap.add_argument("--any-width", action="store_true")
 args = ap.parse_args()
-if args.any_width:
-    fused.INT8_MAX_ROWS = 1 << 30
 
 
 def per_token(model, prompts, compiled, new):

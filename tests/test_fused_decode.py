@@ -72,7 +72,7 @@ def _close(a, b):
 
 
 @pytest.mark.parametrize("kind, lengths", [(k, n) for k in KINDS for n in ([5], [7, 3, 6])] +  # one row; ragged rows
-                         [("fp32 rows", [4, 9, 2, 6, 5, 3, 8]), ("bf16", [4, 9, 2, 6, 5, 3, 8])])  # 7: 4 + 2 + 1
+                         [(k, [4, 9, 2, 6, 5, 3, 8]) for k in ("fp32 rows", "bf16", "int8")])  # 7: 4 + 2 + 1 (int8: 4 + 3)
 def test_compiled_blocks_give_the_modules_logits(kind, lengths):
     model = _model(kind)
     lengths = lengths[:fused.max_rows(fused.plan(model)[0][3][0])]     # float32 rows: 4 without AVX-512
@@ -174,7 +174,7 @@ def test_plan_refuses_what_it_does_not_mirror():
 
 @pytest.mark.parametrize("kind", ["int8", "fp32 rows"])
 def test_step_leaves_wide_batches_to_the_modules(kind):
-    """More rows than step() takes (int8: fused.INT8_MAX_ROWS, float32 rows: fast.dots_limit()): it
+    """More rows than step() takes (int8: the packed kernels' 16, float32 rows: fast.dots_limit()): it
     declines, the Decoder runs the modules."""
     model = _model(kind, n_layer=1, n_ctx=8)
     blocks = fused.plan(model)

@@ -54,8 +54,8 @@ class Decoder:
     compiled: with bf16 or int8 weights, or float32 ones laid out by decode_layout, a decoded token runs
     each block as one compiled call (npgpt/inference/fused.py): the modules' logits up to float32
     rounding. The plan is made at every prefill and holds the model's arrays until the next one; int8
-    takes this path for batches of up to fused.INT8_MAX_ROWS rows, bf16 up to the packed kernel's rows,
-    float32 rows up to fast.dots_limit(); wider batches run the modules.
+    and bf16 take this path for batches of up to the packed kernels' rows (16, 64), float32 rows up to
+    fast.dots_limit(); wider batches run the modules (fused.max_rows).
     False: always through the modules (GPT.forward_cached, the reference)."""
 
     def __init__(self, model, batch_size: int, capacity: int, keep: int | None = None, compiled: bool = True):

@@ -62,20 +62,16 @@ def plan(model):
     return out
 
 
-# int8 batches of four rows and more stay on the modules: there the products take four rows of x at a time
-# (q8_dot4), and that loop compiled into decode_block ran slower than in the product's own kernel (GPT-2
-# 124M, 12 blocks on the Zen 4: B=4 10.5 against 9.6 ms, B=8 20.1 against 16.7, B=16 39.9 against 30.7;
-# B=1 5.9 against 6.5, B=2 6.1 against 7.1). bf16 was never slower beyond the spread at any width
-# measured, up to the packed kernel's 64 rows (modules / compiled, 4 alternated pairs of 16 steps: B=8
-# 0.993x (0.926-1.076), B=16 1.040x, B=32 1.069x, B=64 1.017x (0.943-1.063);
-# examples/bench_fused_decode.py --B 8 16 32 64).
-INT8_MAX_ROWS = 3
-
-
 def max_rows(packed) -> int:
     """The widest batch step() takes for weights like `packed`: the packed kernels' rows (float32 rows:
-    fast.dots_limit()), int8's INT8_MAX_ROWS."""
-    return INT8_MAX_ROWS if packed.dtype == np.int8 else packed_max_rows(packed)
+    fast.dots_limit()); wider batches run the modules (their products unpack the weights for BLAS).
+
+    int8 took at most 3 rows here until its products stopped calling a Numba function per weight row
+    (npgpt/fast/_q8.py, _tail): with it, four rows of x at a time (q8_dot4) compiled into decode_block ran
+    slower than in the product's own kernel. GPT-2 124M on the Zen 4 since, modules / compiled blocks, 6
+    alternated pairs of 32 tokens: B=1 1.049x, B=2 1.090x, B=4 1.121x, B=8 1.121x, B=16 1.064x
+    (examples/bench_fused_decode.py)."""
+    return packed_max_rows(packed)
 
 
 def step(model, blocks, idx, cache):
