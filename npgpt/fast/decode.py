@@ -107,42 +107,48 @@ def decode_attention(qkv, k_cache, v_cache, pos, scale, out=None, threads_awake=
 # a dozen Python calls a block (modules, wrappers, checks, temporaries). It is one parallel function with
 # its own prange loops rather than a serial one calling the parallel kernels: Numba's disk cache of a
 # function that calls parallel functions crashed when loaded.
+#
+# The four products run in one loop over p, the same prange loop for each: Numba compiles every prange
+# loop as a function of its own that carries a copy of all it calls (a product's chunk code is ~0.7 MB of
+# LLVM IR for float32 rows), so with the four written out the block took 16-29 s to compile, most of a
+# first `npgpt generate`'s wait; with one loop, 5-7 s. The same operations in the same order.
 
 @njit(parallel=True, **JIT_OPTIONS)
 def _block(x, g1, b1, g2, b2, eps, wa, sa, ba, wp, sp, bp, wf, sf, bf, wm, sm, bm,
            k_cache, v_cache, pos, scale, gelu_s, gelu_k, one, sbs, ahead_a, ahead_p, ahead_f, ahead_m):
     B, C = x.shape                                     # x (B, C), updated in place
     NH = k_cache.shape[1]
-    h = np.empty((B, C), x.dtype)
+    h = np.empty((B, C), x.dtype)                      # ln_1(x), later ln_2(x)
     xhat, rstd = np.empty((B, C), x.dtype), np.empty(B, x.dtype)
-    layernorm_rows(x, g1, b1, eps, h, xhat, rstd)      # h = ln_1(x)
-    qkv = np.empty((B, wa.shape[0]), x.dtype)
-    xa, xb = activations(h, wa)
-    for c in prange(chunks(wa)):                       # qkv = h @ W_attn^T + b_attn
-        product_chunk(xa, xb, wa, sa, ba, qkv, c, sbs, ahead_a)
-    y = np.empty((B, C), x.dtype)
-    for bh in prange(B * NH):                          # y = attention, k and v appended
-        _attend(qkv, k_cache, v_cache, pos, scale, y, bh)
-    a = np.empty((B, C), x.dtype)
-    xa, xb = activations(y, wp)
-    for c in prange(chunks(wp)):                       # a = y @ W_proj^T + b_proj
-        product_chunk(xa, xb, wp, sp, bp, a, c, sbs, ahead_p)
-    for n in range(B):
-        for k in range(C):
-            x[n, k] = x[n, k] + a[n, k]                # x = x + a
-    layernorm_rows(x, g2, b2, eps, h, xhat, rstd)      # h = ln_2(x)
-    f = np.empty((B, wf.shape[0]), x.dtype)
-    xa, xb = activations(h, wf)
-    for c in prange(chunks(wf)):                       # f = h @ W_fc^T + b_fc
-        product_chunk(xa, xb, wf, sf, bf, f, c, sbs, ahead_f)
+    qkv = np.empty((B, wa.shape[0]), x.dtype)          # (B, 3C)
+    y = np.empty((B, C), x.dtype)                      # the attention's output
+    a = np.empty((B, C), x.dtype)                      # a residual branch's output
+    f = np.empty((B, wf.shape[0]), x.dtype)            # (B, 4C)
     g = np.empty_like(f)
-    gelu_rows(f.reshape(-1), g.reshape(-1), gelu_s, gelu_k, one)   # g = gelu(f)
-    xa, xb = activations(g, wm)
-    for c in prange(chunks(wm)):                       # a = g @ W_mproj^T + b_mproj
-        product_chunk(xa, xb, wm, sm, bm, a, c, sbs, ahead_m)
-    for n in range(B):
-        for k in range(C):
-            x[n, k] = x[n, k] + a[n, k]                # x = x + a
+    # the block's four products in order, p: outs[p] = ins[p] @ ws[p]^T + bs[p] (ss[p]: int8's scales)
+    #   p = 0: qkv = h @ W_attn^T + b_attn         then y = attention of qkv, k and v appended
+    #   p = 1: a = y @ W_proj^T + b_proj           then x = x + a, h = ln_2(x)
+    #   p = 2: f = h @ W_fc^T + b_fc               then g = gelu(f)
+    #   p = 3: a = g @ W_mproj^T + b_mproj         then x = x + a
+    ins, outs = (h, y, h, g), (qkv, a, f, a)
+    ws, ss, bs = (wa, wp, wf, wm), (sa, sp, sf, sm), (ba, bp, bf, bm)
+    ahead = (ahead_a, ahead_p, ahead_f, ahead_m)
+    layernorm_rows(x, g1, b1, eps, h, xhat, rstd)      # h = ln_1(x)
+    for p in range(4):
+        xa, xb = activations(ins[p], ws[p])
+        for c in prange(chunks(ws[p])):                # outs[p] = ins[p] @ ws[p]^T + bs[p]
+            product_chunk(xa, xb, ws[p], ss[p], bs[p], outs[p], c, sbs, ahead[p])
+        if p == 0:
+            for bh in prange(B * NH):                  # y = attention, k and v appended
+                _attend(qkv, k_cache, v_cache, pos, scale, y, bh)
+        elif p == 2:
+            gelu_rows(f.reshape(-1), g.reshape(-1), gelu_s, gelu_k, one)   # g = gelu(f)
+        else:
+            for n in range(B):
+                for k in range(C):
+                    x[n, k] = x[n, k] + a[n, k]        # x = x + a
+            if p == 1:
+                layernorm_rows(x, g2, b2, eps, h, xhat, rstd)   # h = ln_2(x)
 
 
 def decode_block(x, ln_1, ln_2, eps, attn, proj, fc, mproj, k_cache, v_cache, pos, scale):
