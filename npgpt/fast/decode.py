@@ -64,8 +64,10 @@ def _attend(qkv, k_cache, v_cache, pos, scale, y, bh):
 def _forward(qkv, k_cache, v_cache, pos, scale, y):
     """qkv (B, 3C); k_cache, v_cache (B, NH, n_ctx, hs); pos (B,) int64; y (B, C), written."""
     B, NH = k_cache.shape[:2]
+    # np.int64(bh): prange's index is unsigned in the parallel build and signed in the serial one, and
+    # _attend would be compiled once for each (so are the other kernels' callees that take the index)
     for bh in prange(B * NH):
-        _attend(qkv, k_cache, v_cache, pos, scale, y, bh)
+        _attend(qkv, k_cache, v_cache, pos, scale, y, np.int64(bh))
 
 
 def decode_attention(qkv, k_cache, v_cache, pos, scale, out=None, threads_awake=False):
@@ -137,10 +139,10 @@ def _block(x, g1, b1, g2, b2, eps, wa, sa, ba, wp, sp, bp, wf, sf, bf, wm, sm, b
     for p in range(4):
         xa, xb = activations(ins[p], ws[p])
         for c in prange(chunks(ws[p])):                # outs[p] = ins[p] @ ws[p]^T + bs[p]
-            product_chunk(xa, xb, ws[p], ss[p], bs[p], outs[p], c, sbs, ahead[p])
+            product_chunk(xa, xb, ws[p], ss[p], bs[p], outs[p], np.int64(c), sbs, ahead[p])  # (see _forward)
         if p == 0:
             for bh in prange(B * NH):                  # y = attention, k and v appended
-                _attend(qkv, k_cache, v_cache, pos, scale, y, bh)
+                _attend(qkv, k_cache, v_cache, pos, scale, y, np.int64(bh))
         elif p == 2:
             gelu_rows(f.reshape(-1), g.reshape(-1), gelu_s, gelu_k, one)   # g = gelu(f)
         else:

@@ -249,7 +249,7 @@ def _float_chunk(x, w, b, y, c, side_by_side, ahead):
 def _matmul(x, w, b, y, side_by_side, ahead):
     # y[n, o] = sum_k x[n, k] * weight(w, o, k) + b[o]   (w bf16 bits or float32)
     for c in prange((w.shape[0] + CHUNK - 1) // CHUNK):
-        _float_chunk(x, w, b, y, c, side_by_side, ahead)
+        _float_chunk(x, w, b, y, np.int64(c), side_by_side, ahead)     # np.int64: as decode._forward's
 
 
 @njit(**JIT_OPTIONS)                # no fastmath: the same IEEE operations as the NumPy lines
