@@ -245,7 +245,7 @@ class Terminal(io.StringIO):
 
 @pytest.mark.parametrize("cold", [True, False])
 def test_generate_says_when_it_compiles_first(cold, monkeypatch):
-    """In an empty kernel cache the first token waits for the decoding kernels to compile (~30 s): a person at
+    """In an empty kernel cache the first token waits for the decoding kernels to compile (~20 s): a person at
     a terminal is told, once, before the wait; nobody is told when the cache is warm or stderr is a pipe."""
     from npgpt.fast import _jit
     if not npgpt.fast.use_numba():
@@ -255,7 +255,7 @@ def test_generate_says_when_it_compiles_first(cold, monkeypatch):
     monkeypatch.setattr(sys, "stderr", terminal)
     assert main(["generate", "--model", TINY, "-n", "2", "1+1"]) == 0
     said = [line for line in terminal.getvalue().splitlines() if "compiling" in line]
-    assert said == (["npgpt generate: compiling the decoding kernels for this CPU, once (up to ~30 s on 2 cores; "
+    assert said == (["npgpt generate: compiling the decoding kernels for this CPU, once (about 20 s on 2 cores; "
                      "cached for later runs)"] if cold else [])
     monkeypatch.setattr(sys, "stderr", io.StringIO())          # a pipe: never told
     assert main(["generate", "--model", TINY, "-n", "2", "1+1"]) == 0

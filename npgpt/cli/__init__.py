@@ -132,7 +132,7 @@ def say_if_compiling(command) -> None:
         return
     from ..fast import _jit, decode
     if _jit.cache_is_cold(decode._block):
-        print(f"npgpt {command}: compiling the decoding kernels for this CPU, once (up to ~30 s on 2 cores; "
+        print(f"npgpt {command}: compiling the decoding kernels for this CPU, once (about 20 s on 2 cores; "
               "cached for later runs)", file=sys.stderr, flush=True)
 
 
