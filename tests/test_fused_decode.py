@@ -72,7 +72,8 @@ def _close(a, b):
 
 
 @pytest.mark.parametrize("kind, lengths", [(k, n) for k in KINDS for n in ([5], [7, 3, 6])] +  # one row; ragged rows
-                         [(k, [4, 9, 2, 6, 5, 3, 8]) for k in ("fp32 rows", "bf16", "int8")])  # 7: 4 + 2 + 1 (int8: 4 + 3)
+                         [(k, [4, 9, 2, 6, 5, 3, 8]) for k in ("fp32 rows", "bf16", "int8")] +  # 7: 4 + 2 + 1 (int8: 4 + 3)
+                         [("int8", [4, 9, 2, 6, 5, 3, 8, 7, 5])])                                # int8: 4 + 4 + 1
 def test_compiled_blocks_give_the_modules_logits(kind, lengths):
     model = _model(kind)
     lengths = lengths[:fused.max_rows(fused.plan(model)[0][3][0])]     # float32 rows: 4 without AVX-512

@@ -126,13 +126,14 @@ def test_q8_dot_every_instruction_path(K):
     exact = np.array([sum(float(d[0, b]) * int(np.dot(x16[0, 32 * b:32 * b + 32].astype(np.int64),
                                                       q[o, 32 * b:32 * b + 32].astype(np.int64)))
                           for b in range(d.shape[1])) for o in range(O)])
-    results = {}
+    results, kernels = {}, {}
     for path in _q8.runnable():
         dot = _q8.q8_dot_using(path)
 
         @njit
         def rows(x16, d, q, dot=dot):
             return np.array([dot(x16, d, 0, q, o) for o in range(q.shape[0])], np.float32)
+        kernels[path] = rows
         results[path] = rows(x16, d, q)
         np.testing.assert_allclose(results[path], exact, rtol=1e-6, atol=1e-6 * max(1.0, np.abs(exact).max()))
     assert "portable" in results and (_q8.instructions() in results)
@@ -143,11 +144,12 @@ def test_q8_dot_every_instruction_path(K):
     whole = K - K % 32
     part = np.array([np.float32(float(np.dot(x16[0, whole:].astype(np.int64), q[o, whole:].astype(np.int64)))
                                 * np.float64(d[0, -1])) if whole < K else 0.0 for o in range(O)], np.float32)
-    wholes = rows(x16[:, :whole].copy(), d[:, :whole // 32].copy(), q[:, :whole].copy())     # the last path's
-    np.testing.assert_array_equal(results[path], wholes + part)
+    for path, rows in kernels.items():
+        wholes = rows(x16[:, :whole].copy(), d[:, :whole // 32].copy(), q[:, :whole].copy())
+        np.testing.assert_array_equal(results[path], wholes + part, err_msg=path)
 
 
-@pytest.mark.parametrize("K", [32, 160, 768 + 19])
+@pytest.mark.parametrize("K", [7, 32, 160, 768 + 19])              # a partial block alone, whole ones, both
 def test_q8_dot4_gives_each_row_the_bits_of_q8_dot(K):
     """Four rows of x against one weight row, the weights widened once: each row's value bit-equal to
     that row alone (what keeps a batch's rows independent of each other), on every path the CPU runs."""

@@ -132,8 +132,8 @@ def say_if_compiling(command) -> None:
         return
     from ..fast import _jit, decode
     if _jit.cache_is_cold(decode._block):
-        print(f"npgpt {command}: compiling the decoding kernels for this CPU, once (about 20 s on 2 cores; "
-              "cached for later runs)", file=sys.stderr, flush=True)
+        print(f"npgpt {command}: compiling the decoding kernels for this CPU, once (~20 s on 2 cores, "
+              "more on slower ones; cached for later runs)", file=sys.stderr, flush=True)
 
 
 def _main(args, raise_user_errors: bool = False) -> int:

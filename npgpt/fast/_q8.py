@@ -211,10 +211,10 @@ def _typer4(path, x16, d, n, q, o):
 @intrinsic
 def q8_dot(typingctx, x16, d, n, q, o):
     """float32 sum_b d[n, b] * (x16[n, block b] . q[o, block b]) over the blocks of K (the last may be
-    partial); x16 (N, K) int16, d (N, K/32 rounded up) float32, q (O, K) int8, all C-contiguous. Rows are addressed by index, not
-    passed as views: a view made per weight row costs two atomic reference-count updates on the array it
-    shows, and with two threads that cache line moved between the cores on every row (a product of 768-wide
-    rows read half the bytes per second it reads without)."""
+    partial); x16 (N, K) int16, d (N, K/32 rounded up) float32, q (O, K) int8, all C-contiguous. Rows are
+    addressed by index, not passed as views: a view made per weight row costs two atomic reference-count
+    updates on the array it shows, and with two threads that cache line moved between the cores on every
+    row (a product of 768-wide rows read half the bytes per second it reads without)."""
     return _typer(instructions(), x16, d, n, q, o)
 
 

@@ -138,7 +138,7 @@ def _block(x, g1, b1, g2, b2, eps, wa, sa, ba, wp, sp, bp, wf, sf, bf, wm, sm, b
     layernorm_rows(x, g1, b1, eps, h, xhat, rstd)      # h = ln_1(x)
     for p in range(4):
         xa, xb = activations(ins[p], ws[p])
-        for c in prange(chunks(ws[p])):                # outs[p] = ins[p] @ ws[p]^T + bs[p]
+        for c in prange(chunks(ws[p])):
             product_chunk(xa, xb, ws[p], ss[p], bs[p], outs[p], np.int64(c), sbs, ahead[p])  # (see _forward)
         if p == 0:
             for bh in prange(B * NH):                  # y = attention, k and v appended
