@@ -53,13 +53,9 @@ C2, C3, C4, C5, C6, C7 = (np.float32(1.0 / math.factorial(k)) for k in range(2, 
 F1 = np.float32(1.0)
 
 
-@intrinsic
-def prefetch_row(typingctx, a, i):
-    """Ask the CPU to start loading row i of the 2-D array a (C order: its K elements from a[i, 0]) into its caches (one
-    llvm.prefetch per 64-byte line; a hint: no effect on any value, and nothing where the CPU has no
-    prefetch instruction). Decoding's packed products stream their weights from memory one row at a
-    time; the hardware prefetcher alone kept 11 GB/s of int8 weights coming on 2 cores, and asking for
-    the row 2-4 rows ahead 19-20 GB/s (examples/profile_decode.py, docs/performance.md)."""
+def _prefetch_row_typer(a, i, locality):
+    """prefetch_row's typing and IR: one llvm.prefetch (a read, of data) per 64-byte line of row i of a,
+    with LLVM's locality 3 (into every cache level, L1 included) or 1 (the outer levels: L2 on x86)."""
     if not (isinstance(a, types.Array) and a.ndim == 2 and isinstance(i, types.Integer)):
         return None
 
@@ -76,9 +72,26 @@ def prefetch_row(typingctx, a, i):
                                 context.get_constant(types.intp, context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))))
         step = ir.Constant(row_bytes.type, 64)
         with cgutils.for_range_slice(builder, ir.Constant(row_bytes.type, 0), row_bytes, step) as (offset, _):
-            builder.call(fn, [builder.gep(base, [offset]), i32(0), i32(3), i32(1)])   # read, keep in all caches, data
+            builder.call(fn, [builder.gep(base, [offset]), i32(0), i32(locality), i32(1)])   # read, data
         return context.get_dummy_value()
     return types.void(a, i), codegen
+
+
+@intrinsic
+def prefetch_row(typingctx, a, i):
+    """Ask the CPU to start loading row i of the 2-D array a (C order: its K elements from a[i, 0]) into its caches (one
+    llvm.prefetch per 64-byte line; a hint: no effect on any value, and nothing where the CPU has no
+    prefetch instruction). Decoding's packed products stream their weights from memory one row at a
+    time; the hardware prefetcher alone kept 11 GB/s of int8 weights coming on 2 cores, and asking for
+    the row 2-4 rows ahead 19-20 GB/s (examples/profile_decode.py, docs/performance.md)."""
+    return _prefetch_row_typer(a, i, 3)
+
+
+@intrinsic
+def prefetch_row_to_l2(typingctx, a, i):
+    """prefetch_row into the outer caches only (x86's prefetcht2), leaving L1 to what the loop reads now:
+    for a kernel whose other operands live in L1 (few_rows' four weight rows against 5-8 rows of x)."""
+    return _prefetch_row_typer(a, i, 1)
 
 
 def exp(x):
