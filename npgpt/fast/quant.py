@@ -15,7 +15,8 @@ contiguous row; the work is split over output channels (prange). NumPy they mirr
 bf16 sums run in float32: up to DOT_ROWS rows of x as npgpt/fast/few_rows.py's dot products (16 lanes of
 FMA chains, a fixed tree: an order fixed by K), except one row where side_by_side() is 4 (Intel CPUs),
 and more rows, in Numba loops reassociated into SIMD lanes; float32 rows (decode_layout's) the same way.
-The dot products ask for no rows ahead (no software prefetch): measured on an AMD Zen 4 only, where long
+The dot products ask for no rows ahead (no software prefetch) except at 5-8 rows of x, where rows of up to
+2 KB are asked for into L2 four rows ahead (few_rows._dots_rows): measured on an AMD Zen 4 only, where long
 rows stream faster without it; on Intel CPUs their 2-8 rows are unmeasured. int8 blocks are exact integer
 dot products on the CPU's own instructions (vpdpwssd where it has VNNI, pmaddwd with AVX2:
 npgpt/fast/_q8.py), scaled per block. A bf16 weight becomes a float32 in a register (a zero-extend, a
