@@ -1,6 +1,6 @@
 """Helpers the kernels call inside their loops: a bit cast, an exp that LLVM can vectorise, a row
 maximum over eight independent chains (max_of), an in-place exp with its sum (exp_sum_), and a
-software prefetch of a matrix row (prefetch_row).
+software prefetch of a matrix row (prefetch_row, or prefetch_row_to_l2 into the outer caches only).
 
 Numba hands `np.exp` on a float32 to libm one element at a time (it has no SVML here), so a
 loop of exps runs at scalar speed. `exp(x)` below is the textbook way to compute it with only

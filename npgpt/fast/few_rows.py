@@ -268,12 +268,14 @@ OUT_CHUNK = 64              # rows of w (out, in) a task of few_rows_matmul_t ta
 # without AVX-512 (16 + 5 vectors spill AVX2's registers). The sums are the same either way: each dot is
 # its own chain. (The two loops below differ only in their intrinsics, which Numba cannot pass as values.)
 WIDE = _ROWS_LIMIT == 8
-# There each group of four rows of up to PREFETCH_ROW_BYTES first asks for the next four (prefetch_row_to_l2:
-# into L2, not L1, which holds the rows of x): bound by arithmetic at 5-8 rows, the loop left the hardware
-# prefetcher behind. Alternated from memory on the Zen 4, GB/s, 6 and 8 rows of x: bf16 3072 x 768 (1.5 KB
-# rows) 12.6 -> 16.2, 11.1 -> 14.0 (4, 8 or 16 rows ahead alike; into L1 as well, slower than none); float32
-# 3072 x 768 (3 KB) 1.02-1.05x; longer rows lost (bf16 768 x 3072 0.97x, float32 0.87-0.91x): none there.
-# Not measured on Intel CPUs.
+# In that WIDE loop, where a row of w is at most PREFETCH_ROW_BYTES, each group of four rows o..o+3 first asks
+# for rows o+AHEAD..o+AHEAD+3 into L2 (prefetch_row_to_l2; not into L1, which holds the rows of x; the last
+# group of a chunk asks for the next chunk's first rows): bound by arithmetic at 5-8 rows, the loop left the
+# hardware prefetcher behind. Measured on the Zen 4 alone, from memory, medians of 6 alternated pairs, at 6
+# and 8 rows of x: bf16 3072 x 768 (1.5 KB rows) 1.28x, 1.26x the GB/s in one run, 1.30x, 1.31x in another
+# (4, 8 or 16 rows ahead alike; into L1 as well, slower than none); float32 3072 x 768 (3 KB rows) 1.05x,
+# 1.02x, within the noise; longer rows lost (bf16 768 x 3072 0.97x, float32 0.87x, 0.91x). Hence the limit
+# between the 1.5 KB rows that gain and the 3 KB ones that do not clearly.
 AHEAD = 4
 PREFETCH_ROW_BYTES = 2048
 
