@@ -122,9 +122,9 @@ def _main_mpi(args) -> int:
 def say_if_compiling(command) -> None:
     """One line on stderr, for a person at a terminal, when the decoding kernels are not in Numba's disk
     cache: the first token then waits for them to compile (once after an install, an upgrade or an edit;
-    28.6-32.7 s on 2 cores of a Zen 4, docs/performance.md "Cold start"). Nothing when stderr is a pipe or a
-    file (scripts, tests), or on the NumPy kernels. generate and chat call it once their arguments are checked,
-    before the model loads (the load compiles too) and only when they will decode."""
+    20.4-20.7 s on 2 cores of a Zen 4, docs/performance.md "Cold start"). Nothing when stderr is a pipe or
+    a file (scripts, tests), or on the NumPy kernels. generate and chat call it once their arguments are
+    checked, before the model loads (the load compiles too) and only when they will decode."""
     if not sys.stderr.isatty():
         return
     from .. import fast
