@@ -250,25 +250,28 @@ def npgpt_train_loop(cfg, B, T, steps):
             "bare_tokens_per_s": B * T / t_bare, "overhead": t_loop / t_bare - 1.0}
 
 
-def npgpt_train_ranks(cfg, B, T, steps, threads=None, overlap=(True,)) -> list | None:
+def npgpt_train_ranks(cfg, B, T, steps, threads=None, overlap=(True,), shard=False) -> list | None:
     """The data-parallel train step, timed on a global batch of B x T: under mpiexec each rank computes
     its B / ranks rows (npgpt.train.loop.train_step with npgpt.distributed's dist), alone one process
     computes them all. `overlap` lists the distributed.OVERLAP settings the timed steps cycle through
     (`steps` of each after two warm-up steps; (True, False, False, True) alternates the two ABBA).
     Per setting, the median step time and the time allreduce_grads took inside the step: the
     communication left exposed after the backward, waiting for the slower ranks included (rank 0's,
-    and each rank's); then the whole Allreduce timed alone after a barrier. Returns one summary per
-    distinct setting on rank 0, None on the others."""
+    and each rank's); then the whole Allreduce timed alone after a barrier. shard: ZeRO-1
+    (ShardedAdamW: a reduce-scatter in the backward, an all-gather of the parameters after the
+    update, both counted as exposed). Returns one summary per distinct setting on rank 0, None on
+    the others."""
     import numpy as np
 
     from . import distributed
-    from .optim import AdamW
+    from .optim import AdamW, ShardedAdamW
     from .train.lm import count_targets, lm_loss
     from .train.loop import train_step
     d = distributed.init(threads)
     model = _npgpt_model(cfg)
     d.broadcast_parameters(model)
-    opt = AdamW(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    kw = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = ShardedAdamW(model, d, **kw) if shard else AdamW(model, **kw)
     rng = np.random.default_rng(0)                 # the same global batches on every rank
     settings = list(dict.fromkeys(overlap))
     timed = {o: [] for o in settings}              # per setting: (step s, exposed s, buckets started in backward)
@@ -281,8 +284,10 @@ def npgpt_train_ranks(cfg, B, T, steps, threads=None, overlap=(True,)) -> list |
             train_step(model, opt, (idx, np.roll(idx, -1, axis=1)), 1e-4, loss_fn=lm_loss, count_fn=count_targets,
                        clip=1.0, dist=d)
             if i >= 2:                             # the first steps compile and page-fault
-                timed[distributed.OVERLAP].append((time.perf_counter() - t0, getattr(d, "allreduce_seconds", 0.0),
-                                                   getattr(d, "overlapped_buckets", 0)))
+                gathered = getattr(d, "allgather_seconds", 0.0) if shard else 0.0
+                timed[distributed.OVERLAP].append((time.perf_counter() - t0,
+                                                   getattr(d, "allreduce_seconds", 0.0) + gathered,
+                                                   getattr(d, "overlapped_buckets", 0), gathered))
     finally:
         distributed.OVERLAP = before
     alone = []
@@ -298,10 +303,10 @@ def npgpt_train_ranks(cfg, B, T, steps, threads=None, overlap=(True,)) -> list |
     for o, rows in timed.items():
         step, exposed = _median([t[0] for t in rows]), _median([t[1] for t in rows])
         out.append({"ranks": d.world_size, "threads": threads, "params": model.num_parameters(),
-                    "overlap": o and d.world_size > 1, "seconds": step, "all": [t[0] for t in rows],
+                    "overlap": o and d.world_size > 1, "shard_optimizer": shard, "seconds": step, "all": [t[0] for t in rows],
                     "tokens_per_s": B * T / step, "allreduce_in_step_s": exposed,
                     "allreduce_in_step_by_rank_s": [r[o] for r in by_rank], "exposed_pct": 100 * exposed / step,
-                    "buckets_in_backward": max(t[2] for t in rows),
+                    "buckets_in_backward": max(t[2] for t in rows), "allgather_s": _median([t[3] for t in rows]),
                     "allreduce_alone_s": _median(alone) if alone else 0.0,
                     "bytes_per_rank_per_step": getattr(d, "bytes_per_step", 0), "peak_rss_mb": _peak_rss_mb()})
     return out
@@ -487,7 +492,8 @@ def _worker(argv):
           ("npgpt", "decode"): lambda: npgpt_decode(cfg, o["decode_prompt"], o["decode_new"], o["reps"],
                                                     o.get("weights", "fp32"), o.get("decode_B", 1)),
           ("npgpt", "startup"): lambda: npgpt_startup(cfg),
-          ("npgpt", "train-ranks"): lambda: npgpt_train_ranks(cfg, o["train_B"], o["train_T"], o["steps"], o["threads"]),
+          ("npgpt", "train-ranks"): lambda: npgpt_train_ranks(cfg, o["train_B"], o["train_T"], o["steps"], o["threads"],
+                                                              shard=o.get("shard_optimizer", False)),
           ("torch", "train"): lambda: torch_train(cfg, o["train_B"], o["train_T"], o["steps"], rank, o.get("ranks", 1)),
           ("torch", "train-large"): lambda: torch_train(cfg, o["train_large_B"], o["train_large_T"], o["steps"]),
           ("torch", "prefill"): lambda: torch_prefill(cfg, o["prefill_T"], o["reps"]),
@@ -908,7 +914,8 @@ def run_grid(args, cfg) -> dict:
     from .fast.settings import cores
     B, T, rounds = args.batch, args.context, args.rounds or 1
     compare = args.compare == "torch"
-    opts = dict(train_B=B, train_T=T, steps=args.steps, torch_python=args.torch_python)
+    opts = dict(train_B=B, train_T=T, steps=args.steps, torch_python=args.torch_python,
+                shard_optimizer=getattr(args, "shard_optimizer", False))
     rows = [{"ranks": r, "threads": t, "rounds": []} for r, t in parse_grid(args.grid, cores())]
     for rnd in range(rounds):
         for row in rows:
@@ -922,6 +929,7 @@ def run_grid(args, cfg) -> dict:
         row.update(_split_summary(row["rounds"], B * T))
     report = {"cpu": cpu_model(), "cores": cores(), "blas": blas_info(), "config": cfg, "batch": B, "context": T,
               "steps": args.steps, "rounds": rounds, "compare": args.compare,
+              "shard_optimizer": opts["shard_optimizer"],
               "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "NPGPT_KERNELS")},
               "grid": rows, "best": _best(rows)}
     if not args.json:
@@ -940,7 +948,7 @@ def _round_line(row, pair, tokens: int, suffix: str) -> str:
     n, t = pair["npgpt"], pair.get("torch")
     line = f"{row['ranks']} x {row['threads']}{suffix}".ljust(22) + f" npgpt {figures(n)}"
     if _ok(n) and row["ranks"] > 1:
-        line += f", Allreduce left after the backward {n['allreduce_in_step_s']:.3f} s ({n['exposed_pct']:.1f}%)"
+        line += f", {_exposed_what(n.get('shard_optimizer'))} {n['allreduce_in_step_s']:.3f} s ({n['exposed_pct']:.1f}%)"
     if t is not None:
         line += f" | PyTorch ({_torch_kind(row['ranks'])}) {figures(t)}"
         if _ok(n) and _ok(t):
@@ -948,10 +956,14 @@ def _round_line(row, pair, tokens: int, suffix: str) -> str:
     return line
 
 
+def _exposed_what(shard: bool) -> str:
+    return "reduce-scatter and all-gather left exposed" if shard else "Allreduce left after the backward"
+
+
 def grid_table(report) -> str:
     """The grid's medians as a Markdown table, and each framework's best split."""
     compare = report["compare"] == "torch"
-    head = ["ranks x threads", "npgpt tok/s", "npgpt step", "Allreduce left after the backward"]
+    head = ["ranks x threads", "npgpt tok/s", "npgpt step", _exposed_what(report.get("shard_optimizer"))]
     if compare:
         head += ["PyTorch tok/s", "PyTorch step", "npgpt / PyTorch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

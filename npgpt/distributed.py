@@ -113,11 +113,17 @@ class LocalDist:
     """One process: rank 0 of 1, nothing to reduce or broadcast."""
     rank, world_size, local_size, is_main = 0, 1, 1, True
 
-    def allreduce_grads(self, model):
+    def allreduce_grads(self, model, optimizer=None):
         pass
 
-    def reduce_during_backward(self, model):
+    def reduce_during_backward(self, model, optimizer=None):
         return contextlib.nullcontext()
+
+    def allgather_shards(self, optimizer):
+        pass
+
+    def gather_shards(self, x, bounds):
+        return x.copy()
 
     def allreduce_sum(self, x: float) -> float:
         return x
@@ -180,16 +186,17 @@ class MPIDist:
         return plan
 
     @contextlib.contextmanager
-    def reduce_during_backward(self, model):
+    def reduce_during_backward(self, model, optimizer=None):
         """Around the last backward of an update (every rank enters it, for the same update): as the
         backward finishes each block's gradients (model.grads_ready_hook), their slice of AdamW's
-        packed gradient buffer starts its sum over the ranks (Iallreduce, in place) while the blocks
-        below are still in backward; allreduce_grads then reduces the rest and waits for them all.
+        packed gradient buffer starts its sum over the ranks (Iallreduce, in place; for a
+        ShardedAdamW, Ireduce_scatter into each rank's shard) while the blocks below are still in
+        backward; allreduce_grads then reduces the rest and waits for them all.
         See _OverlappedReduce for when it falls back to reducing everything after the backward."""
         if not OVERLAP:
             yield
             return
-        overlap = self._overlap = _OverlappedReduce(self, model)
+        overlap = self._overlap = _OverlappedReduce(self, model, _sharded(optimizer))
         hooked = hasattr(model, "grads_ready_hook")
         if hooked:
             model.grads_ready_hook = overlap.ready
@@ -203,11 +210,27 @@ class MPIDist:
             if hooked:
                 del model.grads_ready_hook          # back to the class's None
 
-    def allreduce_grads(self, model):
+    def allreduce_grads(self, model, optimizer=None):
+        """Sum every rank's gradients: in place in each parameter's .grad, or, for a ShardedAdamW, into
+        optimizer.grad, the sum of this rank's shard alone (reduce-scatter). Waits for the sums
+        reduce_during_backward started."""
         from .optim import tiled_buffer
         params = list(model.parameters())
         overlap, self._overlap = self._overlap, None
         self.overlapped_buckets = self.overlapped_bytes = 0
+        shard = _sharded(optimizer)
+        if shard is not None:
+            t0 = time.perf_counter()
+            if overlap is None:                          # OVERLAP off: every bucket starts now
+                overlap = _OverlappedReduce(self, model, shard)
+            if not overlap.agreed():
+                raise RuntimeError("ShardedAdamW: the ranks' packed gradients differ (a parameter's .data or "
+                                   ".grad rebound, or another model on some rank); they cannot be reduce-scattered")
+            self.bytes_per_step = overlap.finish()
+            self._agree_on_missing(params, sharded=True)
+            self.overlapped_buckets, self.overlapped_bytes = overlap.buckets_in_backward, overlap.bytes_in_backward
+            self.allreduce_seconds = time.perf_counter() - t0
+            return
         if overlap is not None and overlap.agreed():     # alike on every rank
             t0 = time.perf_counter()
             self.bytes_per_step = overlap.finish()
@@ -237,12 +260,19 @@ class MPIDist:
             self.bytes_per_step = self._allreduce_copied(params, hi > -2)    # hi > -2: a gradient on some rank
         self.allreduce_seconds = time.perf_counter() - t0
 
-    def _agree_on_missing(self, params):
+    def _agree_on_missing(self, params, sharded=False):
         """After an overlapped reduce: a parameter with no gradient on this rank sent zeros (its slot was
         cleared first); it gets the sum as its gradient when another rank had one, and stays without
-        one when no rank had (as the copying path leaves it). One MAX reduce of a flag a parameter."""
+        one when no rank had (as the copying path leaves it). One MAX reduce of a flag a parameter.
+        Sharded (ShardedAdamW updates every parameter of its shard): a trainable parameter that got no
+        gradient on any rank is an error, alike on every rank."""
         flags = np.array([p.has_grad for p in params], dtype=np.int8)
         self.comm.Allreduce(self.MPI.IN_PLACE, flags, op=self.MPI.MAX)
+        if sharded:
+            missing = [i for i, (p, f) in enumerate(zip(params, flags)) if p.requires_grad and not f]
+            if missing:
+                raise RuntimeError(f"ShardedAdamW: {len(missing)} trainable parameter(s) got no gradient on any "
+                                   f"rank this update; a sharded update needs one for every parameter (use AdamW)")
         for p, f in zip(params, flags):
             if f and not p.has_grad:
                 p.grad = p._grad                # the slot holds the sum: mark it as this rank's gradient
@@ -273,6 +303,28 @@ class MPIDist:
 
     def allreduce_sum(self, x: float) -> float:
         return float(self.comm.allreduce(float(x), op=self.MPI.SUM))
+
+    # ------------------------------------------------------------------ ZeRO-1 (ShardedAdamW)
+    def allgather_shards(self, optimizer):
+        """After a ShardedAdamW update: every rank's updated shard of the packed parameters into every
+        rank's P (in place, one Allgatherv a chunk of at most BUCKET_BYTES a rank). Time taken (all
+        of it exposed): self.allgather_seconds."""
+        t0 = time.perf_counter()
+        P, bounds = optimizer.packed.P, optimizer.bounds
+        step = max(1, BUCKET_BYTES // P.itemsize)
+        longest = max(hi - lo for lo, hi in bounds)
+        for k in range(0, longest, step):                  # chunk k of every shard, together
+            parts = [(min(lo + k, hi), min(lo + k + step, hi)) for lo, hi in bounds]
+            counts, displs = [b - a for a, b in parts], [a for a, _ in parts]
+            self.comm.Allgatherv(self.MPI.IN_PLACE, [P, (counts, displs)])
+        self.allgather_seconds = time.perf_counter() - t0
+
+    def gather_shards(self, x, bounds):
+        """Each rank's x (its shard [lo, hi) of bounds) joined into one array on rank 0; None elsewhere."""
+        counts, displs = [hi - lo for lo, hi in bounds], [lo for lo, _ in bounds]
+        whole = np.empty(bounds[-1][1], dtype=x.dtype) if self.is_main else None
+        self.comm.Gatherv(x, [whole, (counts, displs)] if self.is_main else None, root=0)
+        return whole
 
     # ------------------------------------------------------------------ weights and objects
     def broadcast_parameters(self, model):
@@ -314,20 +366,24 @@ class _OverlappedReduce:
     for everything. Every rank must run the same backward (the same modules reported, in the same
     order), as with PyTorch's DDP: the ranks' buckets pair up by the order they start in.
 
+    With a ShardedAdamW (shard) each bucket is reduce-scattered instead (Ireduce_scatter): rank r
+    receives the sum of the bucket's part inside its shard [lo_r, hi_r), into shard.grad, and the
+    layout is the optimizer's packed buffer (parameters it does not hold, frozen ones, are skipped).
+
     MPICH moves a non-blocking collective only while some MPI call runs in the process, so a thread
     (_Progress) tests the buckets in flight every PROGRESS_SECONDS while the backward computes; when MPI
     was not initialised for threads, each report tests them instead."""
 
-    def __init__(self, dist, model):
-        self.dist, self.MPI = dist, dist.MPI
+    def __init__(self, dist, model, shard=None):
+        self.dist, self.MPI, self.shard = dist, dist.MPI, shard
         self.params = model.parameters()
-        self.flat, self.where = self._layout(model, self.params)
+        self.flat, self.where = self._layout(model, self.params) if shard is None else self._shard_layout(shard)
         digest = 0
         if self.flat is not None:
-            spans = np.array([self.where[id(p)] for p in self.params], dtype=np.int64)
+            spans = np.array([self.where[id(p)] for p in self.params if id(p) in self.where], dtype=np.int64)
             h = hashlib.blake2b(spans.tobytes() + self.flat.dtype.str.encode(), digest_size=7).digest()
             digest = int.from_bytes(h, "little")
-        mine = np.array([self.flat is not None, len(self.params), digest], dtype=np.int64)
+        mine = np.array([self.flat is not None, len(self.params), digest, shard is not None], dtype=np.int64)
         self._layouts = np.concatenate([mine, -mine])            # MAX of (x, -x): each entry's max and min
         self._request = dist.comm.Iallreduce(self.MPI.IN_PLACE, self._layouts, op=self.MPI.MAX)
         self._agreed = None
@@ -349,6 +405,16 @@ class _OverlappedReduce:
         base = flat.ctypes.data
         return flat, {id(p): ((p._grad.ctypes.data - base) // flat.itemsize, p._grad.size) for p in params}
 
+    @staticmethod
+    def _shard_layout(shard):
+        """A ShardedAdamW's packed gradients and each parameter's place in them, or (None, None) where a
+        parameter's .data or .grad no longer lies in the packed buffers."""
+        pk = shard.packed
+        if any(p.data is not d or p._grad is not g for p, d, g in pk.views):
+            return None, None
+        base = pk.G.ctypes.data
+        return pk.G, {id(p): ((g.ctypes.data - base) // pk.G.itemsize, g.size) for p, _, g in pk.views}
+
     def agreed(self) -> bool:
         """Whether every rank can overlap, with the same layout (waits for the layouts' reduce once)."""
         if self._agreed is None:
@@ -364,7 +430,7 @@ class _OverlappedReduce:
         """grads_ready_hook: `module`'s parameters have their final gradients; start summing them."""
         if not self.agreed():
             return
-        self._start([p for p in module.parameters() if id(p) not in self.started])
+        self._start([p for p in module.parameters() if id(p) in self.where and id(p) not in self.started])
         self.buckets_in_backward = len(self.requests)
         self.bytes_in_backward = self.sent
         if self.progress is None:
@@ -385,15 +451,27 @@ class _OverlappedReduce:
         for lo, hi in runs:
             for a in range(lo, hi, step):
                 bucket = self.flat[a:min(a + step, hi)]
-                request = self.dist.comm.Iallreduce(self.MPI.IN_PLACE, bucket, op=self.MPI.SUM)
+                if self.shard is None:
+                    request = self.dist.comm.Iallreduce(self.MPI.IN_PLACE, bucket, op=self.MPI.SUM)
+                else:
+                    request = self._reduce_scatter(a, a + bucket.size)
                 self.requests.append(request)
                 if self.progress is not None:
                     self.progress.add(request)
                 self.sent += bucket.nbytes
 
+    def _reduce_scatter(self, a, b):
+        """Start summing flat[a:b] over the ranks, each rank receiving the part inside its shard:
+        shard.grad[x - lo:y - lo] = sum over ranks of flat[x:y], [x, y) = [a, b) within [lo, hi)."""
+        counts = [max(0, min(b, hi) - max(a, lo)) for lo, hi in self.shard.bounds]
+        lo, hi = self.shard.lo, self.shard.hi
+        x = min(max(a, lo), hi)
+        mine = self.shard.grad[x - lo:x - lo + counts[self.dist.rank]]
+        return self.dist.comm.Ireduce_scatter(self.flat[a:b], mine, counts, op=self.MPI.SUM)
+
     def finish(self) -> int:
         """Start the parameters no report covered, wait for every bucket; returns the bytes handed to MPI."""
-        self._start([p for p in self.params if id(p) not in self.started])
+        self._start([p for p in self.params if id(p) in self.where and id(p) not in self.started])
         self.stop_progress()
         self.MPI.Request.Waitall(self.requests)
         return self.sent
@@ -438,6 +516,12 @@ class _Progress:
         self._stopped = True
         self._work.set()
         self._thread.join()
+
+
+def _sharded(optimizer):
+    """optimizer when it is a ShardedAdamW (ZeRO-1: each rank receives its shard of the sum), else None."""
+    from .optim import ShardedAdamW
+    return optimizer if isinstance(optimizer, ShardedAdamW) else None
 
 
 _DIST = None

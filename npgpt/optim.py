@@ -27,8 +27,12 @@ def _l2_norm(grads) -> float:
         flat = tiled_buffer(grads)
         if flat is not None:
             grads = [flat]              # AdamW's packed gradients: one kernel launch (float64 sums)
-        return math.sqrt(sum(fast.sum_of_squares(g) for g in grads))
-    return math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
+    return math.sqrt(sum(sum_of_squares(g) for g in grads))
+
+
+def sum_of_squares(g) -> float:
+    """sum(g ** 2) of one array, accumulated in float64 (the kernel on every core, or NumPy's vdot)."""
+    return fast.sum_of_squares(g) if fast.use_numba() else float(np.vdot(g, g))
 
 
 _last_tiling = ((), None)    # weak references to the arrays of the last tiling found, and to its buffer
@@ -164,19 +168,107 @@ class AdamW:
 
     def load_state_dict(self, state: dict):
         """Every key and shape is checked before anything changes."""
-        expected = {"t": ()}
-        for name, _ in self.named:
-            expected[f"m/{name}"] = expected[f"v/{name}"] = self.m[name].shape
-        missing = [k for k in expected if k not in state]
-        if missing:
-            raise ValueError(f"AdamW.load_state_dict: missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
-        for k, shape in expected.items():
-            if np.shape(state[k]) != shape:
-                raise ValueError(f"AdamW.load_state_dict: {k} has shape {np.shape(state[k])}, expected {shape}")
+        _check_state(state, {name: self.m[name].shape for name, _ in self.named})
         self.t = int(state["t"])
         for name, _ in self.named:
             self.m[name][...] = state[f"m/{name}"]
             self.v[name][...] = state[f"v/{name}"]
+
+
+def shard_bounds(n: int, world_size: int, align: int = 16) -> list:
+    """[lo, hi) of each of world_size contiguous shards of n elements: equal to within `align` elements,
+    each boundary a multiple of align (64 bytes of float32), the last shard ending at n."""
+    cuts = [min(n, (n * r // world_size) // align * align) for r in range(world_size)] + [n]
+    return [(cuts[r], cuts[r + 1]) for r in range(world_size)]
+
+
+class ShardedAdamW(AdamW):
+    """AdamW of which this process keeps 1/world_size: ZeRO stage 1 (Rajbhandari et al., 2019). The
+    trainable parameters are packed into one flat buffer P (as AdamW packs them) and cut into
+    world_size contiguous shards (shard_bounds); rank r holds both moments and the gradient summed
+    over the ranks for its shard [lo, hi) only, and updates only P[lo:hi]:
+
+        grad   = (sum over ranks of G)[lo:hi]        npgpt.distributed: reduce-scatter, during the backward
+        P[lo:hi], m, v <- AdamW(P[lo:hi], grad, m, v)          the same update, element by element
+        P      = the ranks' updated shards, joined   npgpt.distributed.MPIDist.allgather_shards
+
+    so each rank's optimizer memory (m, v, the summed gradient) falls from 3 to 3 / world_size copies
+    of the parameters, and no two ranks repeat the same update. The >= 2-D parameters come first in P
+    (they decay), so a shard has at most two parts: decayed, then not. Every trainable parameter must
+    share one dtype and get a gradient every update (a GPT's pretraining does); dist: npgpt.distributed's
+    object (rank, world_size; state_dict gathers the moments over it)."""
+
+    def __init__(self, model, dist, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.1):
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.decay = {name: p.data.ndim >= 2 for name, p in self.named}
+        self.packed = _Packed.build(self.named, self.decay, moments=False)
+        if self.packed is None:
+            raise ValueError("ShardedAdamW: the trainable parameters must exist and share one dtype")
+        self.dist = dist
+        self.bounds = shard_bounds(self.packed.P.size, dist.world_size)
+        self.lo, self.hi = self.bounds[dist.rank]
+        dtype, n = self.packed.P.dtype, self.hi - self.lo
+        self.m, self.v, self.grad = (np.zeros(n, dtype) for _ in range(3))   # (hi - lo,) each
+        if dist.world_size == 1:
+            self.grad = self.packed.G              # one process: the gradients are already the sum
+        self.t = 0
+
+    def step(self, lr: float | None = None, grad_scale: float = 1.0):
+        """One update of this rank's shard from self.grad (the summed gradients of P[lo:hi]). grad_scale
+        as in AdamW.step."""
+        lr = self.lr if lr is None else lr
+        self.t += 1
+        b1, b2 = self.betas
+        bc1, bc2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
+        lo, hi, cut = self.lo, self.hi, self.packed.n_decay
+        for a, b, decays in ((lo, min(hi, cut), True), (max(lo, cut), hi, False)):    # P[lo:hi] = decayed, rest
+            if b > a:
+                s = slice(a - lo, b - lo)
+                self._update(self.packed.P[a:b], self.grad[s], self.m[s], self.v[s], lr, decays, bc1, bc2, grad_scale)
+
+    def grad_sum_of_squares(self) -> float:
+        """This rank's part of the squared gradient norm (of its shard of the summed gradients)."""
+        return sum_of_squares(self.grad)
+
+    def state_dict(self) -> dict | None:
+        """Collective (every rank calls it): the whole optimizer's state, keyed as AdamW.state_dict's, on
+        rank 0 (the moments gathered from every shard); None on the other ranks."""
+        m, v = (self.dist.gather_shards(x, self.bounds) for x in (self.m, self.v))
+        if m is None:
+            return None
+        out = {"t": np.array(self.t)}
+        for name, p in self.named:
+            off, n = self.packed.offsets[name]
+            out[f"m/{name}"] = m[off:off + n].reshape(p.data.shape)
+            out[f"v/{name}"] = v[off:off + n].reshape(p.data.shape)
+        return out
+
+    def load_state_dict(self, state: dict):
+        """The whole optimizer's state (AdamW.state_dict's keys): each rank keeps its shard's part.
+        Every key and shape is checked before anything changes."""
+        _check_state(state, {name: p.data.shape for name, p in self.named})
+        self.t = int(state["t"])
+        for name, _ in self.named:
+            off, n = self.packed.offsets[name]
+            a, b = max(off, self.lo), min(off + n, self.hi)         # the parameter's part in this shard
+            if b > a:
+                self.m[a - self.lo:b - self.lo] = np.asarray(state[f"m/{name}"]).reshape(-1)[a - off:b - off]
+                self.v[a - self.lo:b - self.lo] = np.asarray(state[f"v/{name}"]).reshape(-1)[a - off:b - off]
+
+
+def _check_state(state: dict, shapes: dict):
+    """ValueError unless `state` has t and m/<name>, v/<name> of each parameter's shape."""
+    expected = {"t": ()}
+    for name, shape in shapes.items():
+        expected[f"m/{name}"] = expected[f"v/{name}"] = shape
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"AdamW.load_state_dict: missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    for k, shape in expected.items():
+        if np.shape(state[k]) != shape:
+            raise ValueError(f"AdamW.load_state_dict: {k} has shape {np.shape(state[k])}, expected {shape}")
 
 
 class _Packed:
@@ -192,30 +284,32 @@ class _Packed:
     (load_state_dict(assign=True), a user's assignment), or a parameter without a gradient this step,
     sends that step down the per-parameter path: same result, one launch per parameter."""
 
-    def __init__(self, named, decay):
+    def __init__(self, named, decay, moments: bool = True):
         order = [i for i, (name, _) in enumerate(named) if decay[name]]
         self.n_decay = sum(named[i][1].data.size for i in order)
         order += [i for i, (name, _) in enumerate(named) if not decay[name]]
         dtype = named[0][1].data.dtype
         total = sum(p.data.size for _, p in named)
-        self.P, self.G, self.M, self.V = (np.zeros(total, dtype) for _ in range(4))
-        self.m, self.v, self.views = {}, {}, []
+        self.P, self.G = (np.zeros(total, dtype) for _ in range(2))
+        self.M, self.V = (np.zeros(total if moments else 0, dtype) for _ in range(2))   # ShardedAdamW: its own
+        self.m, self.v, self.views, self.offsets = {}, {}, [], {}
         off = 0
         for i in order:
             name, p = named[i]
             shape, n = p.data.shape, p.data.size
-            part = [buf[off:off + n].reshape(shape) for buf in (self.P, self.G, self.M, self.V)]
-            p.move_to(part[0], part[1])
-            self.m[name], self.v[name] = part[2], part[3]
-            self.views.append((p, p.data, part[1]))
+            p.move_to(self.P[off:off + n].reshape(shape), self.G[off:off + n].reshape(shape))
+            if moments:
+                self.m[name], self.v[name] = self.M[off:off + n].reshape(shape), self.V[off:off + n].reshape(shape)
+            self.views.append((p, p.data, p._grad))
+            self.offsets[name] = (off, n)
             off += n
 
     @classmethod
-    def build(cls, named, decay):
+    def build(cls, named, decay, moments: bool = True):
         """None when there is nothing to pack or the parameters do not share one dtype."""
         if not named or len({p.data.dtype for _, p in named}) != 1:
             return None
-        return cls(named, decay)
+        return cls(named, decay, moments)
 
     def intact(self) -> bool:
         """Every parameter still in its slice, and every one with a gradient this step."""

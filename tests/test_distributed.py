@@ -407,3 +407,187 @@ def test_gradients_summed_during_the_backward_train_what_one_process_trains(tmp_
     assert all(n > 1 + 2 * n_layer and sent == blocks for n, sent in out0["buckets64"][1])
     for name in ("frozen", "ranks_disagree", "off"):
         assert out0[name][1] == [[0, 0]] * 4, (name, out0[name][1])
+
+
+# ----------------------------------------------------------------------------- ZeRO-1: ShardedAdamW
+def test_shard_bounds_tile_the_buffer_in_aligned_near_equal_parts():
+    from npgpt.optim import shard_bounds
+    for n in (0, 5, 16, 1000, 124_439_808):
+        for w in (1, 2, 3, 7, 16):
+            b = shard_bounds(n, w)
+            assert len(b) == w and b[0][0] == 0 and b[-1][1] == n
+            assert all(hi == lo2 for (_, hi), (lo2, _) in zip(b, b[1:]))               # no gap, no overlap
+            assert all(lo % 16 == 0 and lo <= hi for lo, hi in b)
+            sizes = [hi - lo for lo, hi in b[:-1]]
+            assert not sizes or max(sizes) - min(sizes) <= 16
+
+
+class _Rank:
+    """The rank/world attributes of a dist, for ShardedAdamW built in one process (no MPI)."""
+    def __init__(self, rank, world_size):
+        self.rank, self.world_size = rank, world_size
+
+
+@pytest.mark.parametrize("kernels", ["numpy", "numba"])
+def test_sharded_adamw_updates_each_shard_as_adamw_updates_the_whole(kernels, monkeypatch):
+    """Three shards of one process's GPT (no MPI): each rank's update of P[lo:hi] from the summed gradient's
+    slice is AdamW's update of those elements, bit for bit (elementwise, same kernel), over 3 steps with
+    clipping's grad_scale; the moments load from AdamW's state_dict into the right slices, and one shard
+    (world 1) gives AdamW's state_dict back."""
+    from npgpt import fast
+    from npgpt.config import GPTConfig
+    from npgpt.distributed import LocalDist
+    from npgpt.model import GPT
+    from npgpt.optim import AdamW, ShardedAdamW
+    monkeypatch.setattr(fast, "use_numba", lambda: kernels == "numba")
+    cfg = GPTConfig(n_vocab=29, n_ctx=8, n_embd=16, n_head=2, n_layer=2)
+    ref = GPT(cfg, dtype=np.float32, seed=0)
+    opt = AdamW(ref, lr=1e-2, weight_decay=0.1)
+    W = 3
+    shards = [GPT(cfg, dtype=np.float32, seed=0) for _ in range(W)]
+    opts = [ShardedAdamW(m, _Rank(r, W), lr=1e-2, weight_decay=0.1) for r, m in enumerate(shards)]
+    assert opts[0].packed.n_decay not in {lo for lo, _ in opts[0].bounds}     # a shard holds both parts
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        for p in ref.parameters():
+            p.grad = p.grad                                  # marks each as having a gradient (zeros)
+        G = rng.standard_normal(opt.packed.G.size).astype(np.float32)
+        opt.packed.G[...] = G
+        opt.step(grad_scale=0.5)
+        for o in opts:
+            o.grad[...] = G[o.lo:o.hi]                       # what the reduce-scatter leaves in each shard
+            o.step(grad_scale=0.5)
+        joined = np.concatenate([o.packed.P[o.lo:o.hi] for o in opts])
+        np.testing.assert_array_equal(joined, opt.packed.P)
+    state = opt.state_dict()
+    fresh = [ShardedAdamW(GPT(cfg, dtype=np.float32, seed=0), _Rank(r, W)) for r in range(W)]
+    for o in fresh:
+        o.load_state_dict(state)
+        assert o.t == 3
+    np.testing.assert_array_equal(np.concatenate([o.m for o in fresh]), np.concatenate([o.m for o in opts]))
+    np.testing.assert_array_equal(np.concatenate([o.v for o in fresh]), np.concatenate([o.v for o in opts]))
+    whole = ShardedAdamW(GPT(cfg, dtype=np.float32, seed=0), LocalDist())
+    whole.load_state_dict(state)
+    back = whole.state_dict()
+    assert back.keys() == state.keys()
+    for k in state:
+        np.testing.assert_array_equal(back[k], state[k], err_msg=k)
+    with pytest.raises(ValueError, match="missing"):
+        fresh[0].load_state_dict({"t": np.array(1)})
+
+
+SHARD_SCRIPT = '''
+import json, sys, numpy as np, npgpt.distributed as d
+from npgpt.config import GPTConfig
+from npgpt.model import GPT
+from npgpt.optim import AdamW, ShardedAdamW
+from npgpt.train.lm import count_targets, lm_loss
+from npgpt.train.loop import train_step
+x = d.init(); r = x.rank
+cfg = GPTConfig(n_vocab=31, n_ctx=8, n_embd=16, n_head=2, n_layer=3)
+
+def run(dist, accum, sharded, bucket_bytes=d.BUCKET_BYTES, overlap=True, loss_fn=lm_loss):
+    d.BUCKET_BYTES, d.OVERLAP = bucket_bytes, overlap
+    m = GPT(cfg, dtype=np.float64, seed=0)
+    opt = ShardedAdamW(m, dist, lr=1e-2) if sharded else AdamW(m, lr=1e-2)
+    rng = np.random.default_rng(1); log = []
+    for step in range(4):
+        xb = rng.integers(0, cfg.n_vocab, (4, cfg.n_ctx))
+        loss, norm = train_step(m, opt, (xb, np.roll(xb, -1, 1)), 1e-2, loss_fn=loss_fn, count_fn=count_targets,
+                                grad_accum=accum, dist=dist, clip=0.5)
+        log.append([loss, norm, getattr(dist, "overlapped_buckets", 0)])
+    return m, opt, log
+
+out = {}
+for name, kw in {"accum1": dict(accum=1), "accum2": dict(accum=2), "buckets64": dict(accum=1, bucket_bytes=64),
+                 "off": dict(accum=1, overlap=False)}.items():
+    two, opt, log = run(x, sharded=True, **kw)
+    one, opt1, log1 = run(d.LocalDist(), sharded=False, **kw)          # one process, the whole batch
+    diff = max(float(np.max(np.abs(p.data - q.data))) for p, q in zip(two.parameters(), one.parameters()))
+    state, state1 = opt.state_dict(), opt1.state_dict()                  # collective: rank 0 gets it all
+    sdiff = None if state is None else max(float(np.max(np.abs(state[k] - state1[k]))) for k in state1)
+    out[name] = [diff, sdiff, log, log1, opt.hi - opt.lo, opt.packed.P.size]
+
+def no_wpe_gradient(model, micro, n):
+    loss = lm_loss(model, micro, n)
+    model.wpe.weight.zero_grad()                                         # no rank has a gradient for it
+    return loss
+try:
+    run(x, accum=1, sharded=True, loss_fn=no_wpe_gradient)
+    out["missing"] = None
+except RuntimeError as e:
+    out["missing"] = str(e)
+open(sys.argv[1] + f".{r}", "w").write(json.dumps(out))
+'''
+
+
+@needs_mpi
+def test_sharded_adamw_over_two_ranks_trains_what_one_process_trains(tmp_path):
+    """mpiexec -n 2, float64, ZeRO-1: each rank reduce-scatters the gradients into its half (during the
+    backward: ln_f's bucket, then two a block; with buckets of 64 bytes, many, one across the shards'
+    boundary; or all after it with OVERLAP off), updates its half and all-gathers the parameters: after
+    4 updates with clipping and grad_accum 1 and 2 the weights are one process's AdamW's (1e-9), the
+    losses and norms too, and state_dict() gathers on rank 0 the moments one process holds (None on
+    rank 1). A parameter no rank has a gradient for is an error on both ranks."""
+    script = tmp_path / "shard.py"
+    script.write_text(SHARD_SCRIPT)
+    _run(_mpi_cmd(2, script, tmp_path / "out"))
+    out0, out1 = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
+    n_layer = 3
+    for name in ("accum1", "accum2", "buckets64", "off"):
+        for out in (out0, out1):
+            diff, _, log, log1, size, total = out[name]
+            assert diff <= 1e-9, (name, diff)
+            for (loss, norm, _), (loss1, norm1, _) in zip(log, log1):
+                assert abs(loss - loss1) <= 1e-12 * loss1 and abs(norm - norm1) <= 1e-12 * norm1, name
+            assert abs(size - total / 2) <= 16                             # each rank keeps half
+        assert out0[name][1] <= 1e-9 and out1[name][1] is None, name
+        assert [b for _, _, b in out0[name][2]] == [b for _, _, b in out1[name][2]], name
+    assert {b for _, _, b in out0["accum1"][2]} == {b for _, _, b in out0["accum2"][2]} == {1 + 2 * n_layer}
+    assert min(b for _, _, b in out0["buckets64"][2]) > 1 + 2 * n_layer
+    assert {b for _, _, b in out0["off"][2]} == {0}
+    for out in (out0, out1):
+        assert out["missing"] and "got no gradient on any rank" in out["missing"]
+
+
+def _optimizer_state(run_dir):
+    from npgpt.io.safetensors import read_safetensors
+    state, _ = read_safetensors(str(run_dir / "checkpoint" / "optimizer.safetensors"), mmap=False)
+    return state
+
+
+@needs_mpi
+def test_shard_optimizer_trains_and_checkpoints_what_one_process_does(tmp_path, text, ref64):
+    """`mpiexec -n 2 npgpt train --shard-optimizer`, float64: the weights, losses and norms of the
+    one-process run, and its checkpoint's optimizer.safetensors holds the whole AdamW state the
+    one-process run saved (gathered from both ranks), so any rank count resumes from it."""
+    two = tmp_path / "two"
+    r = _run(_mpi_cmd(2, *_train_args(text, two, **{**REF64, "extra": REF64["extra"] + ["--shard-optimizer"]})))
+    assert "1/2 of AdamW (ZeRO-1)" in r.stdout
+    _compare(ref64, two, "float64", 1e-10)
+    a, b = _optimizer_state(ref64), _optimizer_state(two)
+    assert a.keys() == b.keys()
+    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-10
+    assert json.loads((two / "run.json").read_text())["shard_optimizer"] is True
+
+
+@needs_mpi
+def test_a_one_process_run_resumes_exactly_with_a_sharded_optimizer(tmp_path, text, ref64):
+    """Ctrl-C a 1-process float64 run after its first checkpoint, resume it on 2 ranks with
+    --shard-optimizer (each rank loads its half of the moments): the final weights and optimizer
+    state are the uninterrupted 1-process run's."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, *map(str, _train_args(text, run, **REF64))], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not (run / "checkpoint").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    stopped = json.loads((run / "checkpoint" / "trainer.json").read_text())["step"]
+    r = _run(_mpi_cmd(2, "-m", "npgpt", "train", "--out", run, "--resume", "--shard-optimizer", "--no-progress"))
+    assert r.stdout.count(f"done, {REF64['steps']} updates") == 1
+    a, b = _weights(ref64, "float64"), _weights(run, "float64")
+    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-10, stopped
+    a, b = _optimizer_state(ref64), _optimizer_state(run)
+    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-10, stopped

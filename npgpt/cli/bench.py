@@ -41,6 +41,9 @@ def add_parser(sub):
                    help="measure the train step at each RANKSxTHREADS split (such as 1x8,2x4,8x1; alone: every "
                         "split of this machine's cores): npgpt under mpiexec -n RANKS, with --compare torch PyTorch "
                         "in one process or DDP over gloo; global batch --batch x --context")
+    b.add_argument("--shard-optimizer", action="store_true",
+                   help="--grid: npgpt's ranks each keep and update 1/RANKS of AdamW (ZeRO-1, as npgpt train "
+                        "--shard-optimizer); the parameters' all-gather after the update counts as exposed")
     b.add_argument("--batch", type=int, default=16, help="--grid: the global batch, split over the ranks (default 16)")
     b.add_argument("--context", type=int, default=128, help="--grid: tokens per row (default 128)")
     b.add_argument("--timeout", type=float, default=1800,

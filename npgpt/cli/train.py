@@ -70,6 +70,9 @@ def add_parser(sub):
     o.add_argument("--beta2", type=float)
     o.add_argument("--eps", type=float)
     o.add_argument("--clip", type=float, help="gradient-norm clip; 0 = off (1.0)")
+    o.add_argument("--shard-optimizer", action=argparse.BooleanOptionalAction,
+                   help="under mpiexec -n N: each rank keeps and updates 1/N of AdamW's moments (ZeRO-1): the same "
+                        "updates, 3 (N - 1) / N copies of the parameters less memory per rank (default off)")
     e = p.add_argument_group("evaluation and samples")
     e.add_argument("--eval-every", type=int, help="evaluate every N updates and after the last (50)")
     e.add_argument("--eval-batches", type=int,

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..distributed import LocalDist
-from ..optim import clip_coef, grad_norm, lr_schedule
+from ..optim import ShardedAdamW, clip_coef, grad_norm, lr_schedule
 from ..layers.module import first_non_finite
 from .run import Metrics, NonFiniteError, checkpoint_dir, jump_rngs, load_checkpoint_state, \
     open_run, plot_losses, rng_states, save_checkpoint, set_rng_states, write_settings
@@ -92,14 +92,17 @@ def train_step(model, optimizer, batch, lr: float, *, loss_fn, count_fn, grad_ac
     micros = split_rows(mine, grad_accum)
     for i, micro in enumerate(micros):
         # the last backward may start summing the gradients it finishes over the processes
-        with dist.reduce_during_backward(model) if i == len(micros) - 1 else contextlib.nullcontext():
+        with dist.reduce_during_backward(model, optimizer) if i == len(micros) - 1 else contextlib.nullcontext():
             loss += loss_fn(model, micro, n)                # grads += d(sum of losses)/dparam / n
-    dist.allreduce_grads(model)                             # sum the processes' gradients (waits for those started)
+    dist.allreduce_grads(model, optimizer)                  # sum the processes' gradients (waits for those started)
     loss = dist.allreduce_sum(loss)
-    norm = grad_norm(params)
+    sharded = isinstance(optimizer, ShardedAdamW)           # ZeRO-1: this rank holds its shard of the sum
+    norm = math.sqrt(dist.allreduce_sum(optimizer.grad_sum_of_squares())) if sharded else grad_norm(params)
     if not (math.isfinite(loss) and math.isfinite(norm)):   # alike on every rank (both are reduced)
         raise NonFiniteError(_non_finite(model, loss, norm))  # before the update: the weights stay good
     optimizer.step(lr=lr, grad_scale=clip_coef(norm, clip if clip > 0 else math.inf))   # clipping inside the update
+    if sharded:
+        dist.allgather_shards(optimizer)                    # every rank's updated shard to every rank
     return loss, norm
 
 
@@ -228,6 +231,7 @@ def _fit(model, optimizer, batches, config, loss_fn, count_fn, evaluate, sample,
             return
         gather = getattr(dist, "gather", None)
         all_rngs = gather(rng_states(model)) if dist.world_size > 1 and gather else None   # collective
+        opt_state = optimizer.state_dict() if isinstance(optimizer, ShardedAdamW) else None   # collective
         last_saved = step                                   # on every rank: they decide alike below
         if not main:
             return
@@ -237,7 +241,7 @@ def _fit(model, optimizer, batches, config, loss_fn, count_fn, evaluate, sample,
             state["rank_rngs"] = all_rngs
         metrics.sync()                                      # the rows up to this step are on disk first
         try:
-            last_ckpt = save_checkpoint(run_dir, model, optimizer, state, extra_files)
+            last_ckpt = save_checkpoint(run_dir, model, optimizer, state, extra_files, optimizer_state=opt_state)
         except NonFiniteError as e:
             raise NonFiniteError(f"step {step}: {e} after the update, so it was not saved; {kept()}") from None
         last_saved = step

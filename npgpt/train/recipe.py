@@ -31,7 +31,7 @@ from ..io.quantized import checkpoint_kind
 from ..layers.dropout import Dropout
 from ..layers.lora import lora_layers, merge
 from ..model import GPT
-from ..optim import AdamW
+from ..optim import AdamW, ShardedAdamW
 from ..tokens.tokenizers import find_tokenizer, save_tokenizer, tokenizer_files
 from .data import prepare_data
 from .lm import count_targets, lm_evaluator, lm_loss, lm_sampler
@@ -41,7 +41,7 @@ from .run import RUN_FILE, TRAINER_STATE, RunDirError, check_run_dir, checkpoint
 # What a resume may change: the run's length and its evaluation, sampling and saving cadence. Every
 # other setting shapes the model, the data or the optimisation, and must stay as run.json has it.
 MAY_CHANGE_ON_RESUME = ("steps", "epochs", "eval_every", "eval_batches", "sample_every", "prompt", "sample_tokens",
-                        "save_every")
+                        "save_every", "shard_optimizer")
 CHOICES = {"tokenizer": ("gpt2", "char"), "config": (*SMALL_SHAPES, *PRESETS), "dtype": ("float32", "float64")}
 
 
@@ -77,6 +77,7 @@ class PretrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     clip: float = 1.0                    # gradient-norm clip; 0 = off
+    shard_optimizer: bool = False        # under mpiexec: each rank keeps 1/N of AdamW (ZeRO-1; same updates)
     # evaluation, samples, checkpoints
     eval_every: int = 50                 # and after the last update
     eval_batches: int = 20               # per split; 0 = every window
@@ -163,10 +164,12 @@ def pretrain(*, out=None, resume: bool = False, overwrite: bool = False, progres
     if steps < resumed_at:
         raise ValueError(f"--{'epochs' if cfg.epochs else 'steps'}: the run is already at step {resumed_at}, "
                          f"past the {steps} updates that asks for")
-    opt = AdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    hyper = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    opt = ShardedAdamW(model, dist, **hyper) if _sharded(cfg, dist) else AdamW(model, **hyper)
     prompt = cfg.prompt if cfg.prompt is not None else _default_prompt(data)
 
     procs = f"; {dist.world_size} processes x {cfg.batch // dist.world_size} rows" if dist.world_size > 1 else ""
+    procs += ", each with 1/{} of AdamW (ZeRO-1)".format(dist.world_size) if _sharded(cfg, dist) else ""
     settings = run_settings(cfg, command="train")
     held = open_run(out, settings, resume=resume, overwrite=overwrite) if main \
         else contextlib.nullcontext()
@@ -398,15 +401,22 @@ def _build_model(cfg: PretrainConfig, n_vocab: int, model, dist):
         raise ValueError(f"{flags}: not enough memory for the model's {n_params:,} parameters") from None
 
 
+def _sharded(cfg: PretrainConfig, dist) -> bool:
+    """--shard-optimizer over more than one process (one process holds all of AdamW either way)."""
+    return cfg.shard_optimizer and dist.world_size > 1
+
+
 def _gpt_parameters(config) -> int:
     """The parameters of a GPT of this config (wte tied to the LM head): V C + n_ctx C + L (12 C^2 + 13 C) + 2 C."""
     V, T, C, L = config.n_vocab, config.n_ctx, config.n_embd, config.n_layer
     return V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
 
 
-def _training_bytes(config, n_params: int, itemsize: int, rows: int, eval_rows: int, T: int) -> tuple:
+def _training_bytes(config, n_params: int, itemsize: int, rows: int, eval_rows: int, T: int,
+                    shards: int = 1) -> tuple:
     """Lower bounds of what training allocates, in bytes: (weights, activations).
-    weights: every parameter 4 times: itself, its gradient and AdamW's two moments.
+    weights: every parameter 4 times: itself, its gradient and AdamW's two moments; with the optimizer
+    cut into `shards` (ShardedAdamW), 2 + 3 / shards times (both moments and the summed gradient of a shard).
     activations: a micro-batch of `rows` windows of T tokens keeps, for backward, at least its logits (V per
     token) and 16 C per token in each block (the inputs of both layernorms and of both projections, q k v,
     and the MLP's 4C hidden layer before and after GELU); an evaluation batch of eval_rows holds its logits.
@@ -415,7 +425,8 @@ def _training_bytes(config, n_params: int, itemsize: int, rows: int, eval_rows: 
     alone: refused on a 24 GiB machine without swap, where it could not take one step."""
     V, C, L = config.n_vocab, config.n_embd, config.n_layer
     activations = max(rows * T * (V + 16 * L * C), eval_rows * T * V)
-    return 4 * n_params * itemsize, activations * itemsize
+    copies = 4 if shards == 1 else 2 + 3 / shards
+    return int(copies * n_params * itemsize), activations * itemsize
 
 
 def _memory_capacity() -> int | None:
@@ -445,7 +456,8 @@ def _check_memory(cfg: PretrainConfig, config, n_params: int, itemsize: int, mod
         return
     rows = max(1, cfg.batch // (cfg.grad_accum * dist.world_size))     # one micro-batch of this rank
     eval_rows = cfg.batch if dist.is_main else 0                        # rank 0 evaluates whole batches
-    weights, activations = _training_bytes(config, n_params, itemsize, rows, eval_rows, cfg.context)
+    weights, activations = _training_bytes(config, n_params, itemsize, rows, eval_rows, cfg.context,
+                                           dist.world_size if _sharded(cfg, dist) else 1)
     if weights + activations <= capacity:
         return
     gib = f"this machine has {capacity / 2**30:,.1f} GiB of memory (RAM + swap)"

@@ -216,9 +216,12 @@ def jump_rngs(model, n: int) -> None:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(run_dir, model, optimizer, trainer_state: dict, extra_files: dict | None = None) -> str:
+def save_checkpoint(run_dir, model, optimizer, trainer_state: dict, extra_files: dict | None = None,
+                    optimizer_state: dict | None = None) -> str:
     """Write model + optimizer + trainer state as DIR/ckpt-STEP and point DIR/checkpoint at it.
-    extra_files: {name: bytes} written beside them (a tokenizer). Returns the checkpoint directory."""
+    extra_files: {name: bytes} written beside them (a tokenizer). optimizer_state: the optimizer's
+    state_dict() when the caller already has it (a ShardedAdamW's is gathered by every rank at once);
+    None: asked here. Returns the checkpoint directory."""
     run_dir = os.fspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     step = int(trainer_state["step"])
@@ -227,7 +230,7 @@ def save_checkpoint(run_dir, model, optimizer, trainer_state: dict, extra_files:
     for path, ours in ((final, _is_checkpoint(final)), (link, os.path.islink(link))):
         if os.path.lexists(path) and not ours:
             raise RunDirError(f"{path} exists and is not npgpt's; npgpt will not replace it (move it away)")
-    opt = optimizer.state_dict()
+    opt = optimizer.state_dict() if optimizer_state is None else optimizer_state
     check_finite(model, opt)
     tmp = tempfile.mkdtemp(dir=run_dir, prefix=f".ckpt-{step:06d}.", suffix=".tmp")
     try:
