@@ -219,8 +219,16 @@ class MPIDist:
         overlap, self._overlap = self._overlap, None
         self.overlapped_buckets = self.overlapped_bytes = 0
         shard = _sharded(optimizer)
+        if overlap is not None and overlap.shard is not shard:
+            if overlap.agreed():
+                overlap.finish()                         # its buckets are in flight on every rank: end them
+            raise RuntimeError("allreduce_grads: reduce_during_backward and allreduce_grads were given different "
+                               "optimizers; pass the same (a ShardedAdamW to both, or to neither)")
         if shard is not None:
             t0 = time.perf_counter()
+            if self.world_size == 1:                     # the gradients are the sum already (shard.grad is G)
+                shard.grad_summed = True
+                return
             if overlap is None:                          # OVERLAP off: every bucket starts now
                 overlap = _OverlappedReduce(self, model, shard)
             if not overlap.agreed():
@@ -228,6 +236,7 @@ class MPIDist:
                                    ".grad rebound, or another model on some rank); they cannot be reduce-scattered")
             self.bytes_per_step = overlap.finish()
             self._agree_on_missing(params, sharded=True)
+            shard.grad_summed = True
             self.overlapped_buckets, self.overlapped_bytes = overlap.buckets_in_backward, overlap.bytes_in_backward
             self.allreduce_seconds = time.perf_counter() - t0
             return
@@ -311,6 +320,8 @@ class MPIDist:
         of it exposed): self.allgather_seconds."""
         t0 = time.perf_counter()
         P, bounds = optimizer.packed.P, optimizer.bounds
+        if self.world_size == 1:
+            return
         step = max(1, BUCKET_BYTES // P.itemsize)
         longest = max(hi - lo for lo, hi in bounds)
         for k in range(0, longest, step):                  # chunk k of every shard, together
@@ -502,19 +513,25 @@ class _Progress:
             self._work.set()
 
     def _run(self):
-        while self._work.wait() and not self._stopped:
+        while True:
+            self._work.wait()
+            if self._stopped:
+                return
             time.sleep(PROGRESS_SECONDS)
             with self._lock:
                 pending = list(self._requests)
             if self.MPI.Request.Testall(pending):
                 with self._lock:
-                    if len(self._requests) == len(pending):      # none added meanwhile: sleep until one is
+                    # none added meanwhile: sleep until one is. Not once stop() has set the event: cleared,
+                    # the thread would wait forever and stop() with it (a hang seen on 2 ranks).
+                    if len(self._requests) == len(pending) and not self._stopped:
                         self._requests.clear()
                         self._work.clear()
 
     def stop(self):
-        self._stopped = True
-        self._work.set()
+        with self._lock:                              # never between the thread's check and its clear()
+            self._stopped = True
+            self._work.set()
         self._thread.join()
 
 

@@ -31,7 +31,7 @@ def _l2_norm(grads) -> float:
 
 
 def sum_of_squares(g) -> float:
-    """sum(g ** 2) of one array, accumulated in float64 (the kernel on every core, or NumPy's vdot)."""
+    """sum(g ** 2) of one array: the kernel on every core (float64 sums), or NumPy's vdot (g's dtype)."""
     return fast.sum_of_squares(g) if fast.use_numba() else float(np.vdot(g, g))
 
 
@@ -120,9 +120,7 @@ class AdamW:
     """
 
     def __init__(self, model, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1):
-        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
-        self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]   # frozen: no state
-        self.decay = {name: p.data.ndim >= 2 for name, p in self.named}
+        self._hyper(model, lr, betas, eps, weight_decay)
         self.packed = _Packed.build(self.named, self.decay)
         if self.packed is not None:
             self.m, self.v = self.packed.m, self.packed.v
@@ -130,6 +128,12 @@ class AdamW:
             self.m = {name: np.zeros_like(p.data) for name, p in self.named}
             self.v = {name: np.zeros_like(p.data) for name, p in self.named}
         self.t = 0
+
+    def _hyper(self, model, lr, betas, eps, weight_decay):
+        """The settings, the trainable parameters by name (frozen ones get no state) and which decay."""
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.decay = {name: p.data.ndim >= 2 for name, p in self.named}
 
     def step(self, lr: float | None = None, grad_scale: float = 1.0):
         """One update. grad_scale multiplies every gradient as it is read (g <- grad_scale * g, rounded
@@ -168,7 +172,7 @@ class AdamW:
 
     def load_state_dict(self, state: dict):
         """Every key and shape is checked before anything changes."""
-        _check_state(state, {name: self.m[name].shape for name, _ in self.named})
+        _check_state(state, {name: self.m[name].shape for name, _ in self.named}, "AdamW")
         self.t = int(state["t"])
         for name, _ in self.named:
             self.m[name][...] = state[f"m/{name}"]
@@ -200,9 +204,7 @@ class ShardedAdamW(AdamW):
 
     def __init__(self, model, dist, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1):
-        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
-        self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        self.decay = {name: p.data.ndim >= 2 for name, p in self.named}
+        self._hyper(model, lr, betas, eps, weight_decay)
         self.packed = _Packed.build(self.named, self.decay, moments=False)
         if self.packed is None:
             raise ValueError("ShardedAdamW: the trainable parameters must exist and share one dtype")
@@ -210,14 +212,26 @@ class ShardedAdamW(AdamW):
         self.bounds = shard_bounds(self.packed.P.size, dist.world_size)
         self.lo, self.hi = self.bounds[dist.rank]
         dtype, n = self.packed.P.dtype, self.hi - self.lo
-        self.m, self.v, self.grad = (np.zeros(n, dtype) for _ in range(3))   # (hi - lo,) each
-        if dist.world_size == 1:
-            self.grad = self.packed.G              # one process: the gradients are already the sum
+        self.m, self.v = np.zeros(n, dtype), np.zeros(n, dtype)           # (hi - lo,) each
+        # the summed gradients of the shard: filled by npgpt.distributed's reduce-scatter, which sets
+        # grad_summed; one process: the gradients are already the sum
+        self.grad = np.zeros(n, dtype) if dist.world_size > 1 else self.packed.G
+        self.grad_summed = False
         self.t = 0
 
     def step(self, lr: float | None = None, grad_scale: float = 1.0):
         """One update of this rank's shard from self.grad (the summed gradients of P[lo:hi]). grad_scale
-        as in AdamW.step."""
+        as in AdamW.step. Over several processes the gradients must have been reduce-scattered since the
+        last step (train_step does it: dist.allreduce_grads(model, optimizer)), and the updated shards
+        are then all-gathered (dist.allgather_shards(optimizer)); RuntimeError otherwise, as when a
+        parameter was rebound or (one process) got no gradient."""
+        if self.dist.world_size > 1 and not self.grad_summed:
+            raise RuntimeError("ShardedAdamW.step: no reduce-scatter filled its gradients since the last step; "
+                               "sum them with dist.allreduce_grads(model, optimizer) (npgpt.train.train_step does)")
+        if not self.packed.intact(require_grads=self.dist.world_size == 1):
+            raise RuntimeError("ShardedAdamW.step: a parameter's .data or .grad no longer lies in the packed "
+                               "buffers, or (one process) a parameter got no gradient; use AdamW")
+        self.grad_summed = False
         lr = self.lr if lr is None else lr
         self.t += 1
         b1, b2 = self.betas
@@ -248,7 +262,7 @@ class ShardedAdamW(AdamW):
     def load_state_dict(self, state: dict):
         """The whole optimizer's state (AdamW.state_dict's keys): each rank keeps its shard's part.
         Every key and shape is checked before anything changes."""
-        _check_state(state, {name: p.data.shape for name, p in self.named})
+        _check_state(state, {name: p.data.shape for name, p in self.named}, "ShardedAdamW")
         self.t = int(state["t"])
         for name, _ in self.named:
             off, n = self.packed.offsets[name]
@@ -258,17 +272,17 @@ class ShardedAdamW(AdamW):
                 self.v[a - self.lo:b - self.lo] = np.asarray(state[f"v/{name}"]).reshape(-1)[a - off:b - off]
 
 
-def _check_state(state: dict, shapes: dict):
+def _check_state(state: dict, shapes: dict, who: str):
     """ValueError unless `state` has t and m/<name>, v/<name> of each parameter's shape."""
     expected = {"t": ()}
     for name, shape in shapes.items():
         expected[f"m/{name}"] = expected[f"v/{name}"] = shape
     missing = [k for k in expected if k not in state]
     if missing:
-        raise ValueError(f"AdamW.load_state_dict: missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        raise ValueError(f"{who}.load_state_dict: missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
     for k, shape in expected.items():
         if np.shape(state[k]) != shape:
-            raise ValueError(f"AdamW.load_state_dict: {k} has shape {np.shape(state[k])}, expected {shape}")
+            raise ValueError(f"{who}.load_state_dict: {k} has shape {np.shape(state[k])}, expected {shape}")
 
 
 class _Packed:
@@ -311,10 +325,10 @@ class _Packed:
             return None
         return cls(named, decay, moments)
 
-    def intact(self) -> bool:
-        """Every parameter still in its slice, and every one with a gradient this step."""
-        return all(p.data is d and p.has_grad and p._grad is g and d.base is self.P and g.base is self.G
-                   for p, d, g in self.views)
+    def intact(self, require_grads: bool = True) -> bool:
+        """Every parameter still in its slice, and (require_grads) every one with a gradient this step."""
+        return all(p.data is d and (p.has_grad or not require_grads) and p._grad is g and d.base is self.P
+                   and g.base is self.G for p, d, g in self.views)
 
 
 def adamw_update_numpy(p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2):

@@ -184,6 +184,26 @@ def test_training_bytes_is_a_lower_bound(backend):
     assert weights + activations <= peak
 
 
+@pytest.mark.parametrize("K", [2, 3, 16])
+def test_training_bytes_counts_a_sharded_optimizer_as_allocated(K):
+    """With --shard-optimizer over K ranks the weights' bound is what a ShardedAdamW holds on the rank
+    with the smallest shard (the parameters and gradients whole, both moments and the summed gradient of
+    its shard), never more, and less than AdamW whole holds."""
+    from types import SimpleNamespace
+    from npgpt.optim import ShardedAdamW
+    from npgpt.train.recipe import _gpt_parameters, _training_bytes
+    config = GPTConfig(n_vocab=101, n_ctx=16, n_embd=32, n_head=2, n_layer=2)
+    n = _gpt_parameters(config)
+    held = []
+    for r in range(K):
+        opt = ShardedAdamW(npgpt.GPT(config, seed=0), SimpleNamespace(rank=r, world_size=K))
+        held.append(sum(a.nbytes for a in (opt.packed.P, opt.packed.G, opt.m, opt.v, opt.grad)))
+    weights, _ = _training_bytes(config, n, 4, 1, 1, 16, shards=K)
+    whole, _ = _training_bytes(config, n, 4, 1, 1, 16)
+    assert whole == 16 * n and weights <= min(held) and weights < whole
+    assert min(held) - weights <= 3 * 4 * 32                   # shards equal to within 16 elements
+
+
 # ----------------------------------------------------------------------------- a reader that goes away
 class ClosedPipe(io.StringIO):
     """stdout whose reader is gone (`npgpt info DIR | head -1`)."""

@@ -238,6 +238,7 @@ def test_a_one_process_run_interrupted_resumes_exactly_on_two_ranks(tmp_path, te
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     stopped = json.loads((run / "checkpoint" / "trainer.json").read_text())["step"]
+    assert 0 < stopped < REF64["steps"]                                   # the resume has updates to make
     r = _run(_mpi_cmd(2, "-m", "npgpt", "train", "--out", run, "--resume", "--no-progress"))
     assert r.stdout.count(f"done, {REF64['steps']} updates") == 1
     a, b = _weights(ref64, "float64"), _weights(run, "float64")
@@ -456,7 +457,10 @@ def test_sharded_adamw_updates_each_shard_as_adamw_updates_the_whole(kernels, mo
         opt.step(grad_scale=0.5)
         for o in opts:
             o.grad[...] = G[o.lo:o.hi]                       # what the reduce-scatter leaves in each shard
+            o.grad_summed = True                             # (and says it did)
             o.step(grad_scale=0.5)
+        with pytest.raises(RuntimeError, match="no reduce-scatter"):
+            opts[0].step()                                   # not summed again since its last step
         joined = np.concatenate([o.packed.P[o.lo:o.hi] for o in opts])
         np.testing.assert_array_equal(joined, opt.packed.P)
     state = opt.state_dict()
@@ -485,6 +489,12 @@ from npgpt.train.lm import count_targets, lm_loss
 from npgpt.train.loop import train_step
 x = d.init(); r = x.rank
 cfg = GPTConfig(n_vocab=31, n_ctx=8, n_embd=16, n_head=2, n_layer=3)
+straddling = []                                       # buckets whose sum goes to both ranks
+reduce_scatter = d._OverlappedReduce._reduce_scatter
+def counted(self, a, b):
+    straddling.append(all(lo < b and a < hi for lo, hi in self.shard.bounds))
+    return reduce_scatter(self, a, b)
+d._OverlappedReduce._reduce_scatter = counted
 
 def run(dist, accum, sharded, bucket_bytes=d.BUCKET_BYTES, overlap=True, loss_fn=lm_loss):
     d.BUCKET_BYTES, d.OVERLAP = bucket_bytes, overlap
@@ -499,14 +509,15 @@ def run(dist, accum, sharded, bucket_bytes=d.BUCKET_BYTES, overlap=True, loss_fn
     return m, opt, log
 
 out = {}
-for name, kw in {"accum1": dict(accum=1), "accum2": dict(accum=2), "buckets64": dict(accum=1, bucket_bytes=64),
+for name, kw in {"accum1": dict(accum=1), "accum2": dict(accum=2), "buckets40": dict(accum=1, bucket_bytes=40),
                  "off": dict(accum=1, overlap=False)}.items():
+    straddling.clear()
     two, opt, log = run(x, sharded=True, **kw)
     one, opt1, log1 = run(d.LocalDist(), sharded=False, **kw)          # one process, the whole batch
     diff = max(float(np.max(np.abs(p.data - q.data))) for p, q in zip(two.parameters(), one.parameters()))
     state, state1 = opt.state_dict(), opt1.state_dict()                  # collective: rank 0 gets it all
     sdiff = None if state is None else max(float(np.max(np.abs(state[k] - state1[k]))) for k in state1)
-    out[name] = [diff, sdiff, log, log1, opt.hi - opt.lo, opt.packed.P.size]
+    out[name] = [diff, sdiff, log, log1, opt.hi - opt.lo, opt.packed.P.size, sum(straddling)]
 
 def no_wpe_gradient(model, micro, n):
     loss = lm_loss(model, micro, n)
@@ -517,6 +528,21 @@ try:
     out["missing"] = None
 except RuntimeError as e:
     out["missing"] = str(e)
+
+m = GPT(cfg, dtype=np.float64, seed=0); opt = ShardedAdamW(m, x, lr=1e-2)   # the optimizer to one call only
+xb = np.arange(4 * cfg.n_ctx).reshape(4, cfg.n_ctx) % cfg.n_vocab
+try:
+    with x.reduce_during_backward(m, opt):
+        lm_loss(m, (xb[2 * r:2 * r + 2], xb[2 * r:2 * r + 2]), xb.size)
+    x.allreduce_grads(m)
+    out["mismatch"] = None
+except RuntimeError as e:
+    out["mismatch"] = str(e)
+try:
+    opt.step()
+    out["unsummed"] = None
+except RuntimeError as e:
+    out["unsummed"] = str(e)
 open(sys.argv[1] + f".{r}", "w").write(json.dumps(out))
 '''
 
@@ -524,19 +550,20 @@ open(sys.argv[1] + f".{r}", "w").write(json.dumps(out))
 @needs_mpi
 def test_sharded_adamw_over_two_ranks_trains_what_one_process_trains(tmp_path):
     """mpiexec -n 2, float64, ZeRO-1: each rank reduce-scatters the gradients into its half (during the
-    backward: ln_f's bucket, then two a block; with buckets of 64 bytes, many, one across the shards'
+    backward: ln_f's bucket, then two a block; with buckets of 40 bytes, many, some across the shards'
     boundary; or all after it with OVERLAP off), updates its half and all-gathers the parameters: after
     4 updates with clipping and grad_accum 1 and 2 the weights are one process's AdamW's (1e-9), the
     losses and norms too, and state_dict() gathers on rank 0 the moments one process holds (None on
-    rank 1). A parameter no rank has a gradient for is an error on both ranks."""
+    rank 1). A parameter no rank has a gradient for is an error on both ranks; so are a ShardedAdamW
+    given to reduce_during_backward but not to allreduce_grads, and its step without a reduce-scatter."""
     script = tmp_path / "shard.py"
     script.write_text(SHARD_SCRIPT)
     _run(_mpi_cmd(2, script, tmp_path / "out"))
     out0, out1 = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
     n_layer = 3
-    for name in ("accum1", "accum2", "buckets64", "off"):
+    for name in ("accum1", "accum2", "buckets40", "off"):
         for out in (out0, out1):
-            diff, _, log, log1, size, total = out[name]
+            diff, _, log, log1, size, total, _ = out[name]
             assert diff <= 1e-9, (name, diff)
             for (loss, norm, _), (loss1, norm1, _) in zip(log, log1):
                 assert abs(loss - loss1) <= 1e-12 * loss1 and abs(norm - norm1) <= 1e-12 * norm1, name
@@ -544,10 +571,13 @@ def test_sharded_adamw_over_two_ranks_trains_what_one_process_trains(tmp_path):
         assert out0[name][1] <= 1e-9 and out1[name][1] is None, name
         assert [b for _, _, b in out0[name][2]] == [b for _, _, b in out1[name][2]], name
     assert {b for _, _, b in out0["accum1"][2]} == {b for _, _, b in out0["accum2"][2]} == {1 + 2 * n_layer}
-    assert min(b for _, _, b in out0["buckets64"][2]) > 1 + 2 * n_layer
+    assert min(b for _, _, b in out0["buckets40"][2]) > 1 + 2 * n_layer
+    assert out0["buckets40"][6] >= 4                                      # a bucket across the boundary a step
     assert {b for _, _, b in out0["off"][2]} == {0}
     for out in (out0, out1):
         assert out["missing"] and "got no gradient on any rank" in out["missing"]
+        assert out["mismatch"] and "different optimizers" in out["mismatch"]
+        assert out["unsummed"] and "no reduce-scatter" in out["unsummed"]
 
 
 def _optimizer_state(run_dir):
@@ -585,9 +615,41 @@ def test_a_one_process_run_resumes_exactly_with_a_sharded_optimizer(tmp_path, te
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     stopped = json.loads((run / "checkpoint" / "trainer.json").read_text())["step"]
+    assert 0 < stopped < REF64["steps"]                                   # the resume has updates to make
     r = _run(_mpi_cmd(2, "-m", "npgpt", "train", "--out", run, "--resume", "--shard-optimizer", "--no-progress"))
     assert r.stdout.count(f"done, {REF64['steps']} updates") == 1
     a, b = _weights(ref64, "float64"), _weights(run, "float64")
     assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-10, stopped
     a, b = _optimizer_state(ref64), _optimizer_state(run)
     assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-10, stopped
+
+
+def test_the_progress_thread_stops_when_stop_comes_while_it_tests():
+    """_Progress.stop() arriving while the thread is inside Testall of requests that then turn out finished:
+    the thread must not clear the event stop() set, or it waits forever and stop() with it (a hang seen on
+    2 ranks). A fake MPI whose Testall calls stop() from another thread and returns True after it."""
+    import threading
+    import npgpt.distributed as d
+
+    progress = None
+    stopper = []
+
+    class Request:
+        @staticmethod
+        def Testall(requests):
+            if not stopper:
+                t = threading.Thread(target=progress.stop, daemon=True)
+                t.start()
+                stopper.append(t)
+                deadline = time.monotonic() + 5
+                while not progress._stopped and time.monotonic() < deadline:
+                    time.sleep(0.001)                          # stop() has run up to its join()
+            return True
+
+    progress = d._Progress(type("FakeMPI", (), {"Request": Request}))
+    progress.add(object())
+    deadline = time.monotonic() + 10
+    while not stopper and time.monotonic() < deadline:
+        time.sleep(0.001)
+    stopper[0].join(timeout=5)
+    assert not stopper[0].is_alive(), "stop() hangs: the thread cleared the event stop() had set"

@@ -38,8 +38,9 @@ from .lm import count_targets, lm_evaluator, lm_loss, lm_sampler
 from .loop import FitResult, LoopConfig, fit
 from .run import RUN_FILE, TRAINER_STATE, RunDirError, check_run_dir, checkpoint_dir, open_run, read_trainer_state
 
-# What a resume may change: the run's length and its evaluation, sampling and saving cadence. Every
-# other setting shapes the model, the data or the optimisation, and must stay as run.json has it.
+# What a resume may change: the run's length, its evaluation, sampling and saving cadence, and whether
+# AdamW is sharded over the processes (checkpoints hold it whole). Every other setting shapes the model,
+# the data or the optimisation, and must stay as run.json has it.
 MAY_CHANGE_ON_RESUME = ("steps", "epochs", "eval_every", "eval_batches", "sample_every", "prompt", "sample_tokens",
                         "save_every", "shard_optimizer")
 CHOICES = {"tokenizer": ("gpt2", "char"), "config": (*SMALL_SHAPES, *PRESETS), "dtype": ("float32", "float64")}
@@ -165,11 +166,12 @@ def pretrain(*, out=None, resume: bool = False, overwrite: bool = False, progres
         raise ValueError(f"--{'epochs' if cfg.epochs else 'steps'}: the run is already at step {resumed_at}, "
                          f"past the {steps} updates that asks for")
     hyper = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    opt = ShardedAdamW(model, dist, **hyper) if _sharded(cfg, dist) else AdamW(model, **hyper)
+    sharded = _sharded(cfg, dist)
+    opt = ShardedAdamW(model, dist, **hyper) if sharded else AdamW(model, **hyper)
     prompt = cfg.prompt if cfg.prompt is not None else _default_prompt(data)
 
     procs = f"; {dist.world_size} processes x {cfg.batch // dist.world_size} rows" if dist.world_size > 1 else ""
-    procs += ", each with 1/{} of AdamW (ZeRO-1)".format(dist.world_size) if _sharded(cfg, dist) else ""
+    procs += f", each with 1/{dist.world_size} of AdamW (ZeRO-1)" if sharded else ""
     settings = run_settings(cfg, command="train")
     held = open_run(out, settings, resume=resume, overwrite=overwrite) if main \
         else contextlib.nullcontext()
@@ -416,7 +418,8 @@ def _training_bytes(config, n_params: int, itemsize: int, rows: int, eval_rows: 
                     shards: int = 1) -> tuple:
     """Lower bounds of what training allocates, in bytes: (weights, activations).
     weights: every parameter 4 times: itself, its gradient and AdamW's two moments; with the optimizer
-    cut into `shards` (ShardedAdamW), 2 + 3 / shards times (both moments and the summed gradient of a shard).
+    cut into `shards` (ShardedAdamW), 2 + 3 / shards times (both moments and the summed gradient of a shard,
+    itself and its gradient whole).
     activations: a micro-batch of `rows` windows of T tokens keeps, for backward, at least its logits (V per
     token) and 16 C per token in each block (the inputs of both layernorms and of both projections, q k v,
     and the MLP's 4C hidden layer before and after GELU); an evaluation batch of eval_rows holds its logits.
@@ -425,8 +428,11 @@ def _training_bytes(config, n_params: int, itemsize: int, rows: int, eval_rows: 
     alone: refused on a 24 GiB machine without swap, where it could not take one step."""
     V, C, L = config.n_vocab, config.n_embd, config.n_layer
     activations = max(rows * T * (V + 16 * L * C), eval_rows * T * V)
-    copies = 4 if shards == 1 else 2 + 3 / shards
-    return int(copies * n_params * itemsize), activations * itemsize
+    if shards == 1:
+        weights = 4 * n_params                                          # p, g, m, v
+    else:                                                               # p, g whole; m, v, summed g of a shard
+        weights = 2 * n_params + 3 * max(0, n_params // shards - 16)    # (a shard: up to 16 fewer than n / K)
+    return weights * itemsize, activations * itemsize
 
 
 def _memory_capacity() -> int | None:

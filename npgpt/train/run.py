@@ -377,7 +377,7 @@ def load_checkpoint_state(run_dir, model, optimizer) -> dict:
     load_model_weights(model, path)                             # the weights, or a LoRA model's adapters
     opt_path = os.path.join(path, OPTIMIZER)
     try:
-        opt, _ = read_safetensors(opt_path, mmap=False)
+        opt, _ = read_safetensors(opt_path)       # mapped: each rank of a ShardedAdamW copies only its shard
         optimizer.load_state_dict(opt)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{opt_path}: {e}") from None
