@@ -226,9 +226,11 @@ def test_killing_a_rank_ends_the_job_and_the_checkpoint_loads(tmp_path, text):
 
 
 @needs_mpi
-def test_a_one_process_run_interrupted_resumes_exactly_on_two_ranks(tmp_path, text, ref64):
-    """Ctrl-C a 1-process float64 run after its first checkpoint, resume it with mpiexec -n 2: the final
-    weights are the uninterrupted 1-process run's (any rank count that divides the batch resumes)."""
+@pytest.mark.parametrize("shard", [False, True])
+def test_a_one_process_run_interrupted_resumes_exactly_on_two_ranks(tmp_path, text, ref64, shard):
+    """Ctrl-C a 1-process float64 run after its first checkpoint, resume it with mpiexec -n 2, AdamW whole
+    or sharded (--shard-optimizer: each rank loads its half of the moments): the final weights and
+    optimizer state are the uninterrupted 1-process run's (any rank count that divides the batch resumes)."""
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, *map(str, _train_args(text, run, **REF64))], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
@@ -239,11 +241,13 @@ def test_a_one_process_run_interrupted_resumes_exactly_on_two_ranks(tmp_path, te
     proc.communicate(timeout=60)
     stopped = json.loads((run / "checkpoint" / "trainer.json").read_text())["step"]
     assert 0 < stopped < REF64["steps"]                                   # the resume has updates to make
-    r = _run(_mpi_cmd(2, "-m", "npgpt", "train", "--out", run, "--resume", "--no-progress"))
+    r = _run(_mpi_cmd(2, "-m", "npgpt", "train", "--out", run, "--resume", "--no-progress",
+                      *(["--shard-optimizer"] if shard else [])))
     assert r.stdout.count(f"done, {REF64['steps']} updates") == 1
     a, b = _weights(ref64, "float64"), _weights(run, "float64")
-    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
-    assert worst <= 1e-10, (stopped, worst)
+    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-10, stopped
+    a, b = _optimizer_state(ref64), _optimizer_state(run)
+    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-10, stopped
 
 
 @needs_mpi
@@ -599,29 +603,6 @@ def test_shard_optimizer_trains_and_checkpoints_what_one_process_does(tmp_path, 
     assert a.keys() == b.keys()
     assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-10
     assert json.loads((two / "run.json").read_text())["shard_optimizer"] is True
-
-
-@needs_mpi
-def test_a_one_process_run_resumes_exactly_with_a_sharded_optimizer(tmp_path, text, ref64):
-    """Ctrl-C a 1-process float64 run after its first checkpoint, resume it on 2 ranks with
-    --shard-optimizer (each rank loads its half of the moments): the final weights and optimizer
-    state are the uninterrupted 1-process run's."""
-    run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, *map(str, _train_args(text, run, **REF64))], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
-    deadline = time.monotonic() + 60
-    while not (run / "checkpoint").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
-    stopped = json.loads((run / "checkpoint" / "trainer.json").read_text())["step"]
-    assert 0 < stopped < REF64["steps"]                                   # the resume has updates to make
-    r = _run(_mpi_cmd(2, "-m", "npgpt", "train", "--out", run, "--resume", "--shard-optimizer", "--no-progress"))
-    assert r.stdout.count(f"done, {REF64['steps']} updates") == 1
-    a, b = _weights(ref64, "float64"), _weights(run, "float64")
-    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-10, stopped
-    a, b = _optimizer_state(ref64), _optimizer_state(run)
-    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-10, stopped
 
 
 def test_the_progress_thread_stops_when_stop_comes_while_it_tests():
