@@ -281,7 +281,8 @@ class MPIDist:
             missing = [i for i, (p, f) in enumerate(zip(params, flags)) if p.requires_grad and not f]
             if missing:
                 raise RuntimeError(f"ShardedAdamW: {len(missing)} trainable parameter(s) got no gradient on any "
-                                   f"rank this update; a sharded update needs one for every parameter (use AdamW)")
+                                   f"rank this update; a sharded update needs one for every parameter (use "
+                                   f"AdamW: leave out --shard-optimizer)")
         for p, f in zip(params, flags):
             if f and not p.has_grad:
                 p.grad = p._grad                # the slot holds the sum: mark it as this rank's gradient

@@ -319,8 +319,11 @@ def test_allreduce_grads_reduces_adamws_packed_gradients_where_they_are(tmp_path
 
 
 @needs_mpi
-def test_two_ranks_fine_tune_a_classifier_as_one_process_does(tmp_path):
-    """`mpiexec -n 2 npgpt finetune classify` ends on the weights of the one-process run (same global batch)."""
+@pytest.mark.parametrize("extra", [[], ["--shard-optimizer"], ["--shard-optimizer", "--trainable-blocks", "1"]],
+                         ids=["whole", "sharded", "sharded-last-block"])
+def test_two_ranks_fine_tune_a_classifier_as_one_process_does(tmp_path, extra):
+    """`mpiexec -n 2 npgpt finetune classify` ends on the weights of the one-process run (same global batch),
+    with AdamW whole or sharded over the ranks (ZeRO-1; also with the lower blocks frozen, out of its shards)."""
     from npgpt.finetune.classifier import Classifier
     base = tmp_path / "base"
     npgpt.save_model(npgpt.GPT(npgpt.GPTConfig(n_vocab=50257, n_ctx=32, n_embd=32, n_head=2, n_layer=2), seed=0), base)
@@ -334,15 +337,18 @@ def test_two_ranks_fine_tune_a_classifier_as_one_process_does(tmp_path):
     def args(out):
         return ["-m", "npgpt", "finetune", "classify", "--data", data, "--init", base, "--out", out, "--epochs", 2,
                 "--batch", 4, "--trainable-blocks", "all", "--lr", 1e-3, "--max-length", 16, "--no-progress"]
-    _run([sys.executable, *map(str, args(tmp_path / "one"))])
-    _run(_mpi_cmd(2, *args(tmp_path / "two")))
+    blocks = extra[extra.index("--trainable-blocks"):] if "--trainable-blocks" in extra else []
+    _run([sys.executable, *map(str, args(tmp_path / "one")), *blocks])
+    _run(_mpi_cmd(2, *args(tmp_path / "two"), *extra))
     one = Classifier.load(tmp_path / "one").state_dict()
     two = Classifier.load(tmp_path / "two").state_dict()
     assert one.keys() == two.keys()
     for k in one:
         np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-5 * max(1.0, np.abs(one[k]).max()), err_msg=k)
     start = npgpt.load_model(base).state_dict()
-    assert not np.array_equal(one["gpt.transformer.h.0.mlp.c_fc.weight"], start["transformer.h.0.mlp.c_fc.weight"])
+    frozen = "--trainable-blocks" in extra
+    assert np.array_equal(two["gpt.transformer.h.0.mlp.c_fc.weight"], start["transformer.h.0.mlp.c_fc.weight"]) == frozen
+    assert not np.array_equal(two["gpt.transformer.h.1.mlp.c_fc.weight"], start["transformer.h.1.mlp.c_fc.weight"])
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["test_accuracy"] == json.loads((tmp_path / "one" / "metrics.json").read_text())["test_accuracy"]
 

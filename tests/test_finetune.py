@@ -182,3 +182,21 @@ def test_finetune_cli_trainable_blocks_keeps_frozen_weights_bit_identical(tmp_pa
     trained = [k for k in before if ".h.1." in k or ".ln_f." in k]
     assert all(np.array_equal(before[k], after[k]) for k in before if k not in trained)
     assert not np.array_equal(before["transformer.h.1.mlp.c_fc.weight"], after["transformer.h.1.mlp.c_fc.weight"])
+
+
+@pytest.mark.parametrize("task", ["classify", "instruct"])
+def test_finetune_shard_optimizer_flag_reaches_the_optimizer(task):
+    """`npgpt finetune TASK --shard-optimizer` sets the recipe's shard_optimizer, which builds a ShardedAdamW
+    over several processes (each keeps 1/N of AdamW) and AdamW whole in one process."""
+    from types import SimpleNamespace
+    from npgpt.cli import build_parser
+    from npgpt.cli.finetune import _invocation
+    from npgpt.finetune.recipes import ClassifyConfig, InstructConfig, _adamw
+    from npgpt.optim import AdamW, ShardedAdamW
+    args = build_parser().parse_args(["finetune", task, "--data", "d", "--init", "m", "--out", "o", "--shard-optimizer"])
+    settings = {k: v for k, v in _invocation(args).items() if k not in ("out", "overwrite", "progress")}
+    cfg = {"classify": ClassifyConfig, "instruct": InstructConfig}[task](**settings)
+    assert cfg.shard_optimizer is True
+    model = npgpt.GPT(npgpt.GPTConfig(n_vocab=11, n_ctx=4, n_embd=8, n_head=2, n_layer=1), seed=0)
+    assert type(_adamw(model, cfg, SimpleNamespace(rank=1, world_size=2))) is ShardedAdamW
+    assert type(_adamw(model, cfg, SimpleNamespace(rank=0, world_size=1))) is AdamW

@@ -50,6 +50,9 @@ def add_parser(sub):
 
 
 def _add_run_flags(c, out_help: str):
+    c.add_argument("--shard-optimizer", action="store_true",
+                   help="under mpiexec -n N: each rank keeps and updates 1/N of AdamW (ZeRO-1): the same updates, "
+                        "less memory per rank")
     c.add_argument("--out", required=True, help=out_help)
     c.add_argument("--no-progress", action="store_true", default=False)
     c.add_argument("--overwrite", action="store_true", default=False,

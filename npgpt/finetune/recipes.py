@@ -22,7 +22,7 @@ from ..io.atomic import write_json
 from ..io.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_REF, save_adapter
 from ..io.pretrained import load_model, save_model
 from ..layers.lora import apply_lora, check_rank, merge
-from ..optim import AdamW
+from ..optim import AdamW, ShardedAdamW
 from ..tokens.bpe import get_tokenizer
 from ..train.data import BatchStream
 from ..train.lm import count_targets, lm_loss, mean_loss
@@ -56,6 +56,7 @@ class FinetuneConfig:
     lora_alpha: float | None = None      # the adapters' scale is alpha / rank (None: alpha = rank)
     lora_targets: str | None = None      # comma-separated layer names, as PEFT's target_modules (None: every Linear)
     merge: bool = False                  # at the end, fold the adapters into the weights and save that model
+    shard_optimizer: bool = False        # under mpiexec: each rank keeps 1/N of AdamW (ZeRO-1; same updates)
 
     def __post_init__(self):
         paths_as_str(self, "data", "init")
@@ -138,7 +139,7 @@ def _classify(cfg: ClassifyConfig, out, overwrite, progress, dist, log, hold) ->
     evaluate = classify_evaluator(splits, max(cfg.batch, 16), max_length, rows=epoch_rows,
                                   epoch_of=lambda: batches.epoch + (batches.position == bpe))
     loop = LoopConfig(steps=cfg.epochs * bpe, lr=cfg.lr, min_lr=cfg.lr, eval_every=bpe, save_every=0)
-    opt = AdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = _adamw(model, cfg, dist)
     trainable = sum(p.data.size for p in model.parameters() if p.requires_grad)
     if dist.is_main:
         (log or _print)(f"npgpt finetune classify: {len(train_ix)} train / {len(val_ix)} val / {len(test_ix)} test "
@@ -201,7 +202,7 @@ def _instruct(cfg: InstructConfig, out, overwrite, progress, dist, log, hold) ->
     evaluate = instruct_evaluator({"train": splits["train"], "val": splits["val"]}, cfg.batch, cfg.eval_batches,
                                   max_length, cfg.mask_prompt)
     loop = LoopConfig(steps=cfg.epochs * bpe, lr=cfg.lr, min_lr=cfg.lr, eval_every=cfg.eval_every, save_every=0)
-    opt = AdamW(model, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    opt = _adamw(model, cfg, dist, betas=(0.9, 0.999))
     trainable = sum(p.data.size for p in model.parameters() if p.requires_grad)
     if dist.is_main:
         (log or _print)(f"npgpt finetune instruct: {len(train)} train / {len(test)} test / {len(val)} val entries"
@@ -268,6 +269,14 @@ def _fit(hold, settings, cfg, out, overwrite, progress, dist, log, model, opt, b
 
 
 # ----------------------------------------------------------------------------- LoRA
+def _adamw(model, cfg, dist, **betas):
+    """AdamW over the trainable parameters, or with --shard-optimizer over several processes its ZeRO-1
+    form (npgpt.optim.ShardedAdamW: each rank keeps and updates 1/N of it)."""
+    if cfg.shard_optimizer and dist.world_size > 1:
+        return ShardedAdamW(model, dist, lr=cfg.lr, weight_decay=cfg.weight_decay, **betas)
+    return AdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, **betas)
+
+
 def setup_lora(model, cfg, base=None):
     """Apply LoRA as cfg asks (its lora_rank, lora_alpha, lora_targets, seed, init): nothing without
     lora_rank (returns None), else apply_lora's trainable parameter count. ValueError on bad settings."""
