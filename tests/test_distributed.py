@@ -497,12 +497,12 @@ from npgpt.model import GPT
 from npgpt.optim import AdamW, ShardedAdamW
 from npgpt.train.lm import count_targets, lm_loss
 from npgpt.train.loop import train_step
-x = d.init(); r = x.rank
+x = d.init(); r, W = x.rank, x.world_size
 cfg = GPTConfig(n_vocab=31, n_ctx=8, n_embd=16, n_head=2, n_layer=3)
-straddling = []                                       # buckets whose sum goes to both ranks
+straddling = []                                       # buckets whose sum goes to more than one rank
 reduce_scatter = d._OverlappedReduce._reduce_scatter
 def counted(self, a, b):
-    straddling.append(all(lo < b and a < hi for lo, hi in self.shard.bounds))
+    straddling.append(sum(lo < b and a < hi for lo, hi in self.shard.bounds) > 1)
     return reduce_scatter(self, a, b)
 d._OverlappedReduce._reduce_scatter = counted
 
@@ -512,7 +512,7 @@ def run(dist, accum, sharded, bucket_bytes=d.BUCKET_BYTES, overlap=True, loss_fn
     opt = ShardedAdamW(m, dist, lr=1e-2) if sharded else AdamW(m, lr=1e-2)
     rng = np.random.default_rng(1); log = []
     for step in range(4):
-        xb = rng.integers(0, cfg.n_vocab, (4, cfg.n_ctx))
+        xb = rng.integers(0, cfg.n_vocab, (2 * W, cfg.n_ctx))           # 2 rows a rank
         loss, norm = train_step(m, opt, (xb, np.roll(xb, -1, 1)), 1e-2, loss_fn=loss_fn, count_fn=count_targets,
                                 grad_accum=accum, dist=dist, clip=0.5)
         log.append([loss, norm, getattr(dist, "overlapped_buckets", 0)])
@@ -540,10 +540,10 @@ except RuntimeError as e:
     out["missing"] = str(e)
 
 m = GPT(cfg, dtype=np.float64, seed=0); opt = ShardedAdamW(m, x, lr=1e-2)   # the optimizer to one call only
-xb = np.arange(4 * cfg.n_ctx).reshape(4, cfg.n_ctx) % cfg.n_vocab
+xb = np.arange(2 * cfg.n_ctx).reshape(2, cfg.n_ctx) % cfg.n_vocab
 try:
     with x.reduce_during_backward(m, opt):
-        lm_loss(m, (xb[2 * r:2 * r + 2], xb[2 * r:2 * r + 2]), xb.size)
+        lm_loss(m, (xb, xb), W * xb.size)
     x.allreduce_grads(m)
     out["mismatch"] = None
 except RuntimeError as e:
@@ -558,33 +558,36 @@ open(sys.argv[1] + f".{r}", "w").write(json.dumps(out))
 
 
 @needs_mpi
-def test_sharded_adamw_over_two_ranks_trains_what_one_process_trains(tmp_path):
-    """mpiexec -n 2, float64, ZeRO-1: each rank reduce-scatters the gradients into its half (during the
-    backward: ln_f's bucket, then two a block; with buckets of 40 bytes, many, some across the shards'
-    boundary; or all after it with OVERLAP off), updates its half and all-gathers the parameters: after
-    4 updates with clipping and grad_accum 1 and 2 the weights are one process's AdamW's (1e-9), the
-    losses and norms too, and state_dict() gathers on rank 0 the moments one process holds (None on
-    rank 1). A parameter no rank has a gradient for is an error on both ranks; so are a ShardedAdamW
-    given to reduce_during_backward but not to allreduce_grads, and its step without a reduce-scatter."""
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_sharded_adamw_over_ranks_trains_what_one_process_trains(tmp_path, ranks):
+    """mpiexec -n 2 and -n 4, float64, ZeRO-1: each rank reduce-scatters the gradients into its shard
+    (during the backward: ln_f's bucket, then two a block; with buckets of 40 bytes, many, some across
+    the shards' boundaries; or all after it with OVERLAP off), updates its shard and all-gathers the
+    parameters: after 4 updates with clipping and grad_accum 1 and 2 the weights are one process's
+    AdamW's (1e-9), the losses and norms too, and state_dict() gathers on rank 0 the moments one process
+    holds (None on the others). A parameter no rank has a gradient for is an error on every rank; so are
+    a ShardedAdamW given to reduce_during_backward but not to allreduce_grads, and its step without a
+    reduce-scatter."""
     script = tmp_path / "shard.py"
     script.write_text(SHARD_SCRIPT)
-    _run(_mpi_cmd(2, script, tmp_path / "out"))
-    out0, out1 = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
+    _run(_mpi_cmd(ranks, script, tmp_path / "out"), timeout=120)
+    outs = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(ranks)]
+    out0 = outs[0]
     n_layer = 3
     for name in ("accum1", "accum2", "buckets40", "off"):
-        for out in (out0, out1):
+        for out in outs:
             diff, _, log, log1, size, total, _ = out[name]
             assert diff <= 1e-9, (name, diff)
             for (loss, norm, _), (loss1, norm1, _) in zip(log, log1):
                 assert abs(loss - loss1) <= 1e-12 * loss1 and abs(norm - norm1) <= 1e-12 * norm1, name
-            assert abs(size - total / 2) <= 16                             # each rank keeps half
-        assert out0[name][1] <= 1e-9 and out1[name][1] is None, name
-        assert [b for _, _, b in out0[name][2]] == [b for _, _, b in out1[name][2]], name
+            assert abs(size - total / ranks) <= 16                         # each rank keeps 1/ranks
+            assert [b for _, _, b in log] == [b for _, _, b in out0[name][2]], name     # the ranks agree
+        assert out0[name][1] <= 1e-9 and all(out[name][1] is None for out in outs[1:]), name
     assert {b for _, _, b in out0["accum1"][2]} == {b for _, _, b in out0["accum2"][2]} == {1 + 2 * n_layer}
     assert min(b for _, _, b in out0["buckets40"][2]) > 1 + 2 * n_layer
-    assert out0["buckets40"][6] >= 4                                      # a bucket across the boundary a step
+    assert out0["buckets40"][6] >= 4                                      # a bucket across a boundary a step
     assert {b for _, _, b in out0["off"][2]} == {0}
-    for out in (out0, out1):
+    for out in outs:
         assert out["missing"] and "got no gradient on any rank" in out["missing"]
         assert out["mismatch"] and "different optimizers" in out["mismatch"]
         assert out["unsummed"] and "no reduce-scatter" in out["unsummed"]
@@ -597,13 +600,15 @@ def _optimizer_state(run_dir):
 
 
 @needs_mpi
-def test_shard_optimizer_trains_and_checkpoints_what_one_process_does(tmp_path, text, ref64):
-    """`mpiexec -n 2 npgpt train --shard-optimizer`, float64: the weights, losses and norms of the
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_shard_optimizer_trains_and_checkpoints_what_one_process_does(tmp_path, text, ref64, ranks):
+    """`mpiexec -n 2|4 npgpt train --shard-optimizer`, float64: the weights, losses and norms of the
     one-process run, and its checkpoint's optimizer.safetensors holds the whole AdamW state the
-    one-process run saved (gathered from both ranks), so any rank count resumes from it."""
+    one-process run saved (gathered from every rank), so any rank count resumes from it."""
     two = tmp_path / "two"
-    r = _run(_mpi_cmd(2, *_train_args(text, two, **{**REF64, "extra": REF64["extra"] + ["--shard-optimizer"]})))
-    assert "1/2 of AdamW (ZeRO-1)" in r.stdout
+    r = _run(_mpi_cmd(ranks, *_train_args(text, two, **{**REF64, "extra": REF64["extra"] + ["--shard-optimizer"]})),
+             timeout=120)
+    assert f"1/{ranks} of AdamW (ZeRO-1)" in r.stdout
     _compare(ref64, two, "float64", 1e-10)
     a, b = _optimizer_state(ref64), _optimizer_state(two)
     assert a.keys() == b.keys()
