@@ -785,15 +785,19 @@ def _launch(jobs, timeout: float) -> tuple:
         procs = [subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
                  for (cmd, env), (out, err) in zip(jobs, files)]
         deadline = time.monotonic() + timeout
-        while True:
-            codes = [p.poll() for p in procs]
-            status = next((c for c in codes if c), 0)
-            if status or None not in codes:
-                break
-            if time.monotonic() > deadline:
-                status = 124
-                break
-            time.sleep(0.1)
+        try:
+            while True:
+                codes = [p.poll() for p in procs]
+                status = next((c for c in codes if c), 0)
+                if status or None not in codes:
+                    break
+                if time.monotonic() > deadline:
+                    status = 124
+                    break
+                time.sleep(0.1)
+        except BaseException:                # Ctrl-C: the jobs are in their own sessions, out of its reach
+            _end_groups(procs)
+            raise
         if status or any(p.poll() is None for p in procs):
             _end_groups(procs)
         for p in procs:

@@ -226,3 +226,31 @@ def test_grid_runs_ranks_under_mpiexec():
     assert (report["best"]["npgpt"]["ranks"], report["best"]["npgpt"]["threads"]) in ((1, 1), (2, 1))
     table = grid_table(report).splitlines()
     assert table[2].startswith("| 1 x 1 | ") and table[3].startswith("| 2 x 1 | ") and "%)" in table[3]
+
+
+def test_ctrl_c_in_the_bench_ends_the_jobs_it_started(monkeypatch):
+    """The grid's jobs run in their own sessions (so that a hung one can be ended as a group), out of the
+    terminal's Ctrl-C: a KeyboardInterrupt while the bench waits for them ends them before it propagates.
+    (The interrupt comes from the first poll of a job, as a Ctrl-C would during the wait.)"""
+    from npgpt import bench
+    started = []
+
+    class Interrupted(subprocess.Popen):
+        first = [True]
+
+        def poll(self):
+            if self.first.pop() if self.first else False:
+                raise KeyboardInterrupt
+            return super().poll()
+
+    def recording(*args, **kwargs):
+        started.append(Interrupted(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(bench.subprocess, "Popen", recording)
+    job = ([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ))
+    with pytest.raises(KeyboardInterrupt):
+        bench._launch([job, job], timeout=120)
+    assert len(started) == 2
+    for p in started:
+        p.wait(timeout=10)                                  # ended, not left sleeping for a minute

@@ -292,3 +292,27 @@ def test_the_compiled_blocks_are_on_disk_after_a_generate():
         pytest.skip("the NumPy kernels compile nothing")
     assert main(["generate", "--model", TINY, "-n", "2", "1+1"]) == 0
     assert not _jit.cache_is_cold(decode._block)
+
+
+def test_ctrl_c_escaping_a_rank_ends_the_mpi_job(monkeypatch, capsys):
+    """Under mpiexec a KeyboardInterrupt that escapes a command on one rank (a second Ctrl-C, or one before
+    training took Ctrl-C over) ends the whole job (MPI Abort, status 130): the other ranks may be waiting for
+    this one in a collective. One line names the rank."""
+    import argparse
+    from npgpt import cli
+
+    class Rank1:
+        rank, world_size, is_main = 1, 2, False
+        aborted = []
+
+        def abort(self, code):
+            self.aborted.append(code)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "init", lambda *a, **k: Rank1())
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    assert cli._main_mpi(argparse.Namespace(command="train", func=interrupted)) == 130
+    assert Rank1.aborted == [130]
+    assert capsys.readouterr().err.strip() == "npgpt train: interrupted on rank 1 of 2"

@@ -240,3 +240,38 @@ def test_a_sequence_that_cannot_fit_is_refused_at_submit(tiny):
     assert not engine.waiting
     engine.submit([Sequence([1] * 29, Params(max_tokens=3), print)])       # 29 + 3 = n_ctx fits
     assert len(engine.waiting) == 1
+
+
+@pytest.mark.parametrize("spec", ["2.3", "2.4"])
+def test_a_stream_whose_client_left_before_it_began_leaves_nothing_decoding(tiny, spec):
+    """The ASGI app driven directly: a streamed completion (n = 2) whose client is gone by the time the
+    response starts. ASGI 2.3: the request's body, then http.disconnect at once (Starlette stops the
+    response); 2.4: the server's send fails (OSError: Starlette raises ClientDisconnect before reading
+    the stream at all). Nothing may be left decoding for nobody: every sequence submitted is cancelled
+    (the engine is not started, so what was submitted stays in its queue to be looked at)."""
+    import asyncio
+    import json
+    pytest.importorskip("starlette")
+    from npgpt.serve import app as serve_app
+    engine = Engine(tiny, get_tokenizer(), parallel=1)
+    application = serve_app.create_app(serve_app.Service(engine, "tiny", "instruct"))
+    body = json.dumps({"prompt": "1+1=2", "max_tokens": 5, "n": 2, "stream": True}).encode()
+    inbox = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return inbox.pop(0) if inbox else {"type": "http.disconnect"}
+
+    async def send(message):
+        if spec == "2.4":
+            raise OSError("the client is gone")
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    from starlette.requests import ClientDisconnect
+    try:
+        asyncio.run(application(scope, receive, send))
+    except (ClientDisconnect, OSError):                 # 2.4: the disconnect, passed on to the server
+        assert spec == "2.4"
+    assert [s for s in engine.waiting if not s.cancelled] == []

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -248,9 +249,10 @@ def test_directory_of_txt_files_sorted_and_joined(tmp_path):
 
 
 class _Server:
-    """A threaded HTTP server on 127.0.0.1 (random port) serving a directory, counting GETs."""
+    """A threaded HTTP server on 127.0.0.1 (random port) serving a directory, counting GETs; with `delay`,
+    each 64 KB of a file's body waits that many seconds (a slow link)."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, delay: float = 0.0):
         self.requests = []
         owner = self
 
@@ -258,6 +260,11 @@ class _Server:
             def do_GET(self):
                 owner.requests.append(self.path)
                 super().do_GET()
+
+            def copyfile(self, source, outputfile):
+                while chunk := source.read(1 << 16):
+                    time.sleep(delay)
+                    outputfile.write(chunk)
 
             def log_message(self, *args):
                 pass
@@ -280,12 +287,12 @@ def serve(tmp_path, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     servers = []
 
-    def start(files):
+    def start(files, delay=0.0):
         root = tmp_path / f"www{len(servers)}"
         root.mkdir()
         for name, src in files.items():
             shutil.copyfile(src, root / name) if os.path.isfile(src) else (root / name).write_text(src, encoding="utf-8")
-        servers.append(_Server(root))
+        servers.append(_Server(root, delay))
         return servers[-1]
 
     yield start
@@ -305,6 +312,29 @@ def test_url_is_downloaded_once_into_the_cache(serve, tmp_path):
     again = prepare_data(url, tokenizer="char", context=16, cache_dir=cache, progress=False)
     assert server.requests == ["/story.txt"]                # served from the cache
     np.testing.assert_array_equal(again.train_ids, d.train_ids)
+
+
+def test_two_processes_fetching_one_url_take_turns(serve, tmp_path):
+    """Two fetches of the same URL at once (threads here; processes take the same lock, a flock of the
+    folder): the second waits for the first's download instead of writing the same .part beside it, then
+    finds the file made. One GET, the file whole, nothing else left in the folder."""
+    from npgpt.train.sources import fetch_url
+    body = "".join(f"line {i}\n" for i in range(60000))               # ~650 KB: 10 chunks of a slow link
+    server = serve({"big.txt": body}, delay=0.05)
+    url, got = server.url + "/big.txt", []
+    first = threading.Thread(target=lambda: got.append(fetch_url(url, str(tmp_path), progress=False)))
+    first.start()
+
+    def part_there():
+        return (tmp_path / "data").exists() and any(f.endswith(".part") for f in os.listdir(tmp_path / "data"))
+    deadline = time.monotonic() + 10
+    while not part_there() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first.is_alive()                                               # the first is mid-download
+    got.append(fetch_url(url, str(tmp_path), progress=False))
+    first.join()
+    assert got[0] == got[1] and open(got[0], encoding="utf-8").read() == body
+    assert server.requests == ["/big.txt"] and os.listdir(tmp_path / "data") == [os.path.basename(got[0])]
 
 
 def test_url_not_found_names_the_url(serve, tmp_path):

@@ -106,6 +106,12 @@ def _main_mpi(args) -> int:
         where = "" if dist.world_size == 1 else (f" (rank {dist.rank} of {dist.world_size})" if dist.rank else "")
         print(f"npgpt {args.command}: error{where}: {one_line(e)}", file=sys.stderr, flush=True)
         code = 2
+    except KeyboardInterrupt:
+        # a second Ctrl-C, or one before training took it over: end the job (other ranks may be waiting
+        # for this one in a collective)
+        print(f"npgpt {args.command}: interrupted on rank {dist.rank} of {dist.world_size}", file=sys.stderr,
+              flush=True)
+        code = 130
     except BaseException as e:           # noqa: BLE001  (SystemExit, KeyboardInterrupt too: the job must end)
         if os.environ.get("NPGPT_TRACEBACK"):
             traceback.print_exc()
@@ -153,5 +159,7 @@ def _main(args, raise_user_errors: bool = False) -> int:
         print(f"npgpt {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if raise_user_errors:             # under mpiexec: _main_mpi ends the whole job
+            raise
         print(f"npgpt {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -78,16 +78,14 @@ def fetch(name: str, cache_dir=None, progress: bool = True) -> str:
     s = NAMED[name]
     dest = os.path.join(os.fspath(cache_dir) if cache_dir is not None else default_cache_dir(), "data", s.file)
     if not os.path.isfile(dest):
-        part = dest + ".download"              # the complete download, not yet checked; dest only once it is
-        try:
-            download_file(s.url, part, desc=name, progress=progress, max_bytes=s.bytes)
+        try:                                   # dest only once its size and hash are checked (verify)
+            download_file(s.url, dest, desc=name, progress=progress, max_bytes=s.bytes,
+                          verify=lambda part: _check(part, name, s))
         except DownloadError as e:
             if not e.offline:
                 raise
             raise DownloadError(f"cannot download {name} ({e}). If this machine is offline, download {s.url} "
                                 f"elsewhere and put it at {dest}", s.url, offline=True) from None
-        _check(part, name, s)
-        os.replace(part, dest)
     _check(dest, name, s)
     return dest
 

@@ -96,9 +96,25 @@ def _unlink(path: str):
         os.unlink(path)
 
 
-def download_file(url: str, dest: str, desc: str | None = None, *, retries: int | None = None,
-                  backoff: float | None = None, timeout=TIMEOUT, progress: bool = True,
-                  session=None, max_bytes: int | None = None) -> str:
+def download_file(url: str, dest: str, desc: str | None = None, **options) -> str:
+    """Download ``url`` to ``dest`` (the options: _download's), one process at a time in dest's folder:
+    two processes fetching the same file (a sweep's runs, test workers) would both write
+    ``dest + '.part'``, one appending to the other's bytes. Each holds a lock on the folder (flock of
+    the directory itself: no lock file is left) while it downloads; one that waited for it and finds
+    ``dest`` made meanwhile returns it."""
+    dest = os.fspath(dest)
+    there = os.path.isfile(dest)
+    folder = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(folder, exist_ok=True)
+    with directory_lock(folder):
+        if not there and os.path.isfile(dest):
+            return dest
+        return _download(url, dest, desc, **options)
+
+
+def _download(url: str, dest: str, desc: str | None = None, *, retries: int | None = None,
+              backoff: float | None = None, timeout=TIMEOUT, progress: bool = True,
+              session=None, max_bytes: int | None = None, verify=None) -> str:
     """Download ``url`` to ``dest`` with a progress bar, resuming ``dest + '.part'``.
 
     Resumes with an HTTP Range request (a 200 answer restarts from byte 0, a 206
@@ -109,7 +125,9 @@ def download_file(url: str, dest: str, desc: str | None = None, *, retries: int 
     DownloadError naming the URL.  ``dest`` appears only when complete
     (atomic rename).  At most ``max_bytes`` (default ``DEFAULT_MAX_BYTES``) are accepted: a
     larger announced size is refused at once, and a transfer with no announced size that runs past
-    the limit is stopped and its partial file deleted.  Returns ``dest``.
+    the limit is stopped and its partial file deleted.  ``verify(path)``, when given, is called on the
+    complete ``.part`` before it becomes ``dest`` (a pinned hash: it raises, and deletes what is wrong).
+    Returns ``dest``.
     """
     import requests                      # imported lazily: loading checkpoints needs no network stack
     from tqdm.auto import tqdm
@@ -225,6 +243,8 @@ def download_file(url: str, dest: str, desc: str | None = None, *, retries: int 
             retry_or_raise(f"transfer ended after {size} of {expected} bytes")
         with open(part, "rb+") as f:
             os.fsync(f.fileno())
+        if verify is not None:
+            verify(part)
         os.replace(part, dest)
         return dest
     finally:
@@ -232,6 +252,24 @@ def download_file(url: str, dest: str, desc: str | None = None, *, retries: int 
             bar.close()
         if session is None:
             sess.close()
+
+
+@contextlib.contextmanager
+def directory_lock(folder: str):
+    """An exclusive advisory lock (POSIX flock) on the directory itself, held for the block; nothing
+    where locks are not to be had (Windows, a file system without them)."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):           # pragma: no cover - non-POSIX, or a folder that cannot be opened
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):   # some NFS and FUSE mounts refuse flock: go on unlocked
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                         # closing releases the lock
 
 
 @contextlib.contextmanager

@@ -192,10 +192,10 @@ def create_app(service: Service) -> Starlette:
         req = (protocol.parse_chat(body, *args, service.chat_format) if chat else
                protocol.parse_completion(body, *args))
         meta = {"id": protocol.new_id(chat), "created": protocol.now(), "model": req.model or service.model_id}
-        run = Run(service, req)
         if req.stream:
-            return StreamingResponse(stream(request, run, meta), media_type="text/event-stream",
+            return StreamingResponse(stream(request, req, meta), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        run = Run(service, req)
         try:
             return JSONResponse(await answer(request, run, meta))
         except ClientGone:
@@ -225,8 +225,10 @@ def create_app(service: Service) -> Starlette:
         kind = "chat.completion" if req.chat else "text_completion"
         return {**meta, "object": kind, "choices": out, "usage": run.usage()}
 
-    async def stream(request, run, meta):
-        req = run.req
+    async def stream(request, req, meta):
+        # the sequences start here, as the response does: a client gone before it began (the server
+        # then never runs this generator, or stops it before its first line) leaves nothing decoding
+        run = Run(service, req)
         kind = "chat.completion.chunk" if req.chat else "text_completion"
 
         def chunk(index, text=None, lp=None, finish=None, role=False):
