@@ -32,7 +32,7 @@ def test_bench_startup_reports_both_starts_of_generate():
     """The startup workload's two `npgpt generate` processes (the first in an empty kernel cache), each to
     its first token; a process that fails makes the bench fail. Run on the NumPy kernels, where nothing
     compiles, so the two starts are alike: in an empty Numba cache the first would compile every decoding
-    kernel again (~20 s on 2 cores, what the benchmark is there to show), and the rest of the suite compiles
+    kernel again (~15 s on 2 cores, what the benchmark is there to show), and the rest of the suite compiles
     and tests those already. What this checks is the workload's plumbing and report."""
     cmd = [sys.executable, "-m", "npgpt", "bench", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
            "--n-vocab", "101", "--n-ctx", "64", "--workloads", "startup", "--json"]

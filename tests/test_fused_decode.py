@@ -73,7 +73,8 @@ def _close(a, b):
 
 @pytest.mark.parametrize("kind, lengths", [(k, n) for k in KINDS for n in ([5], [7, 3, 6])] +  # one row; ragged rows
                          [(k, [4, 9, 2, 6, 5, 3, 8]) for k in ("fp32 rows", "bf16", "int8")] +  # 7: 4 + 2 + 1 (int8: 4 + 3)
-                         [("int8", [4, 9, 2, 6, 5, 3, 8, 7, 5])])                                # int8: 4 + 4 + 1
+                         [("int8", [4, 9, 2, 6, 5, 3, 8, 7, 5])] +                               # int8: 4 + 4 + 1
+                         [("bf16", [4, 9, 2, 6, 5, 3, 8, 7, 5, 6])])     # 10 rows: the block built with the loops
 def test_compiled_blocks_give_the_modules_logits(kind, lengths):
     model = _model(kind)
     lengths = lengths[:fused.max_rows(fused.plan(model)[0][3][0])]     # float32 rows: 4 without AVX-512
@@ -138,8 +139,9 @@ def test_prepared_block_call_is_decode_block(kind):
     for call in ("spelled out", "run_block", "decode_block"):
         y, k, v = x.copy(), dec.cache.k[0].copy(), dec.cache.v[0].copy()
         if call == "spelled out":
-            decode_kernels._block(y, *spelled, k, v, pos, np.float32(scale), *gelu._constants(np.float32),
-                                  fast_quant.side_by_side(), *(fast_quant.prefetch_ahead(w) for w, _, _ in weights))
+            kernel = decode_kernels.block_kernel(len(y), fast_quant.side_by_side(), kind == "int8")
+            kernel(y, *spelled, k, v, pos, np.float32(scale), *gelu._constants(np.float32),
+                   fast_quant.side_by_side(), *(fast_quant.prefetch_ahead(w) for w, _, _ in weights))
         elif call == "run_block":
             decode_kernels.run_block(y, block[-1], k, v, pos)
         else:

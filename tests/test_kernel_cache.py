@@ -38,7 +38,7 @@ def test_the_digest_follows_every_source(tmp_path, monkeypatch):
 
 def test_npgpt_kernels_are_stamped_with_every_source():
     from npgpt.fast import decode
-    locator = decode._block._cache._impl.locator             # a parallel kernel calling other files' code
+    locator = decode.BLOCKS[True]._cache._impl.locator             # a parallel kernel calling other files' code
     assert isinstance(locator, _jit._KernelSources)
     own, every = locator.get_source_stamp()
     assert every == _jit.kernel_sources_digest() and own     # Numba's stamp of its own file kept beside it
@@ -59,7 +59,7 @@ def test_no_file_tree_leaves_numbas_locators(monkeypatch):
         raise NotADirectoryError(path)
     monkeypatch.setattr(_jit.os, "listdir", unreadable)
     assert _jit.kernel_sources() == []
-    py_func = decode._block.py_func
+    py_func = decode.BLOCKS[True].py_func
     assert all(cls.from_function(py_func, py_func.__code__.co_filename) is None for cls in _jit._LOCATORS)
 
 
@@ -101,7 +101,7 @@ def test_saving_a_build_waits_for_the_index_lock(tmp_path, monkeypatch):
 
 def test_npgpt_kernels_indexes_are_locked():
     from npgpt.fast import decode
-    assert decode._block._cache._cache_file._cache_path in _jit._CACHE_DIRS
+    assert decode.BLOCKS[True]._cache._cache_file._cache_path in _jit._CACHE_DIRS
 
 
 def test_other_libraries_indexes_are_left_unlocked(tmp_path):

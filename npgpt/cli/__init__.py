@@ -128,7 +128,7 @@ def _main_mpi(args) -> int:
 def say_if_compiling(command) -> None:
     """One line on stderr, for a person at a terminal, when the decoding kernels are not in Numba's disk
     cache: the first token then waits for them to compile (once after an install, an upgrade or an edit;
-    20.4-20.7 s on 2 cores of a Zen 4, docs/performance.md "Cold start"). Nothing when stderr is a pipe or
+    14.8-17.0 s on 2 cores of a Zen 4, docs/performance.md "Cold start"). Nothing when stderr is a pipe or
     a file (scripts, tests), or on the NumPy kernels. generate and chat call it once their arguments are
     checked, before the model loads (the load compiles too) and only when they will decode."""
     if not sys.stderr.isatty():
@@ -136,9 +136,9 @@ def say_if_compiling(command) -> None:
     from .. import fast
     if not fast.use_numba():
         return
-    from ..fast import _jit, decode
-    if _jit.cache_is_cold(decode._block):
-        print(f"npgpt {command}: compiling the decoding kernels for this CPU, once (~20 s on 2 cores, "
+    from ..fast import _jit, decode, quant
+    if _jit.cache_is_cold(decode.block_kernel(1, quant.side_by_side(), int8=False)):   # one row, as generate
+        print(f"npgpt {command}: compiling the decoding kernels for this CPU, once (~15 s on 2 cores, "
               "more on slower ones; cached for later runs)", file=sys.stderr, flush=True)
 
 

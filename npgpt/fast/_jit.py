@@ -161,7 +161,7 @@ for _name, _method, _exclusive in (("save", _save, True), ("load", caching.Index
 
 def cache_is_cold(kernel) -> bool:
     """True when the disk cache holds no build of this Numba kernel for the current sources: its first call
-    compiles (once after an install, an upgrade or an edit; the decoding kernels take ~20 s on 2 cores).
+    compiles (once after an install, an upgrade or an edit; the decoding kernels take ~15 s on 2 cores).
     False when it holds one, or when this Numba does not let it be told."""
     try:
         magic = kernel.targetctx.codegen().magic_tuple()  # this CPU and OS: Numba keys each build by it

@@ -20,10 +20,10 @@ this attention, the products and the LayerNorm, GELU and residual lines around t
 import numpy as np
 from numba import njit, prange
 
-from ._jit import JIT_OPTIONS, REDUCTION_MATH, pjit
+from ._jit import JIT_OPTIONS, REDUCTION_MATH, _renamed, pjit
 from ._math import exp_sum_, max_of
 from . import gelu, layernorm
-from .quant import activations, chunks, prefetch_ahead, product_chunk, side_by_side
+from .quant import activations, chunks, prefetch_ahead, product_chunk, side_by_side, uses_dots
 
 layernorm_rows = layernorm._forward.serial      # the serial builds of those kernels, called from _block
 gelu_rows = gelu._forward.serial
@@ -114,43 +114,58 @@ def decode_attention(qkv, k_cache, v_cache, pos, scale, out=None, threads_awake=
 # loop as a function of its own that carries a copy of all it calls (a product's chunk code is ~0.7 MB of
 # LLVM IR for float32 rows), so with the four written out the block took 16-29 s to compile, most of a
 # first `npgpt generate`'s wait; with one loop, 5-7 s. The same operations in the same order.
+#
+# And the block is built twice, its float32 / bf16 products taking few_rows's dot products (dots) or the
+# Numba loops (quant.float_chunk, quant.uses_dots: up to 8 rows, or more), each build carrying one of the
+# two: a process compiles only the build its batches run. A first fp32 `npgpt generate` compiled for 21.3 s
+# with both, 12.6 s with one (2026-12-07). int8 products are the same in both: BLOCKS[True] runs them.
 
-@njit(parallel=True, **JIT_OPTIONS)
-def _block(x, g1, b1, g2, b2, eps, wa, sa, ba, wp, sp, bp, wf, sf, bf, wm, sm, bm,
-           k_cache, v_cache, pos, scale, gelu_s, gelu_k, one, sbs, ahead_a, ahead_p, ahead_f, ahead_m):
-    B, C = x.shape                                     # x (B, C), updated in place
-    NH = k_cache.shape[1]
-    h = np.empty((B, C), x.dtype)                      # ln_1(x), later ln_2(x)
-    xhat, rstd = np.empty((B, C), x.dtype), np.empty(B, x.dtype)
-    qkv = np.empty((B, wa.shape[0]), x.dtype)          # (B, 3C)
-    y = np.empty((B, C), x.dtype)                      # the attention's output
-    a = np.empty((B, C), x.dtype)                      # a residual branch's output
-    f = np.empty((B, wf.shape[0]), x.dtype)            # (B, 4C)
-    g = np.empty_like(f)
-    # the block's four products in order, p: outs[p] = ins[p] @ ws[p]^T + bs[p] (ss[p]: int8's scales)
-    #   p = 0: qkv = h @ W_attn^T + b_attn         then y = attention of qkv, k and v appended
-    #   p = 1: a = y @ W_proj^T + b_proj           then x = x + a, h = ln_2(x)
-    #   p = 2: f = h @ W_fc^T + b_fc               then g = gelu(f)
-    #   p = 3: a = g @ W_mproj^T + b_mproj         then x = x + a
-    ins, outs = (h, y, h, g), (qkv, a, f, a)
-    ws, ss, bs = (wa, wp, wf, wm), (sa, sp, sf, sm), (ba, bp, bf, bm)
-    ahead = (ahead_a, ahead_p, ahead_f, ahead_m)
-    layernorm_rows(x, g1, b1, eps, h, xhat, rstd)      # h = ln_1(x)
-    for p in range(4):
-        xa, xb = activations(ins[p], ws[p])
-        for c in prange(chunks(ws[p])):
-            product_chunk(xa, xb, ws[p], ss[p], bs[p], outs[p], np.int64(c), sbs, ahead[p])  # (see _forward)
-        if p == 0:
-            for bh in prange(B * NH):                  # y = attention, k and v appended
-                _attend(qkv, k_cache, v_cache, pos, scale, y, np.int64(bh))
-        elif p == 2:
-            gelu_rows(f.reshape(-1), g.reshape(-1), gelu_s, gelu_k, one)   # g = gelu(f)
-        else:
-            for n in range(B):
-                for k in range(C):
-                    x[n, k] = x[n, k] + a[n, k]        # x = x + a
-            if p == 1:
-                layernorm_rows(x, g2, b2, eps, h, xhat, rstd)   # h = ln_2(x)
+def _block_of(dots: bool):
+    def _block(x, g1, b1, g2, b2, eps, wa, sa, ba, wp, sp, bp, wf, sf, bf, wm, sm, bm,
+               k_cache, v_cache, pos, scale, gelu_s, gelu_k, one, sbs, ahead_a, ahead_p, ahead_f, ahead_m):
+        B, C = x.shape                                     # x (B, C), updated in place
+        NH = k_cache.shape[1]
+        h = np.empty((B, C), x.dtype)                      # ln_1(x), later ln_2(x)
+        xhat, rstd = np.empty((B, C), x.dtype), np.empty(B, x.dtype)
+        qkv = np.empty((B, wa.shape[0]), x.dtype)          # (B, 3C)
+        y = np.empty((B, C), x.dtype)                      # the attention's output
+        a = np.empty((B, C), x.dtype)                      # a residual branch's output
+        f = np.empty((B, wf.shape[0]), x.dtype)            # (B, 4C)
+        g = np.empty_like(f)
+        # the block's four products in order, p: outs[p] = ins[p] @ ws[p]^T + bs[p] (ss[p]: int8's scales)
+        #   p = 0: qkv = h @ W_attn^T + b_attn         then y = attention of qkv, k and v appended
+        #   p = 1: a = y @ W_proj^T + b_proj           then x = x + a, h = ln_2(x)
+        #   p = 2: f = h @ W_fc^T + b_fc               then g = gelu(f)
+        #   p = 3: a = g @ W_mproj^T + b_mproj         then x = x + a
+        ins, outs = (h, y, h, g), (qkv, a, f, a)
+        ws, ss, bs = (wa, wp, wf, wm), (sa, sp, sf, sm), (ba, bp, bf, bm)
+        ahead = (ahead_a, ahead_p, ahead_f, ahead_m)
+        layernorm_rows(x, g1, b1, eps, h, xhat, rstd)      # h = ln_1(x)
+        for p in range(4):
+            xa, xb = activations(ins[p], ws[p])
+            for c in prange(chunks(ws[p])):
+                product_chunk(xa, xb, ws[p], ss[p], bs[p], outs[p], np.int64(c), sbs, ahead[p], dots)
+            if p == 0:
+                for bh in prange(B * NH):                  # y = attention, k and v appended
+                    _attend(qkv, k_cache, v_cache, pos, scale, y, np.int64(bh))
+            elif p == 2:
+                gelu_rows(f.reshape(-1), g.reshape(-1), gelu_s, gelu_k, one)   # g = gelu(f)
+            else:
+                for n in range(B):
+                    for k in range(C):
+                        x[n, k] = x[n, k] + a[n, k]        # x = x + a
+                if p == 1:
+                    layernorm_rows(x, g2, b2, eps, h, xhat, rstd)   # h = ln_2(x)
+
+    return njit(parallel=True, **JIT_OPTIONS)(_renamed(_block, "_dots" if dots else "_loops"))
+
+
+BLOCKS = {dots: _block_of(dots) for dots in (True, False)}
+
+
+def block_kernel(rows: int, side_by_side: int, int8: bool):
+    """The build of the block kernel a batch of `rows` rows runs (BLOCKS, quant.uses_dots)."""
+    return BLOCKS[int8 or uses_dots(rows, side_by_side)]
 
 
 def decode_block(x, ln_1, ln_2, eps, attn, proj, fc, mproj, k_cache, v_cache, pos, scale):
@@ -176,13 +191,13 @@ def block_constants(ln_1, ln_2, eps, attn, proj, fc, mproj, scale, dtype=np.floa
             s = ones
         weights += [w, s, b]
     dtype = np.dtype(dtype)
+    sbs = side_by_side()
     before = (*ln_1, *ln_2, float(eps), *weights)
-    after = (dtype.type(scale), *gelu._constants(dtype), side_by_side(),
-             *(prefetch_ahead(w) for w, _, _ in (attn, proj, fc, mproj)))
-    return before, after
+    after = (dtype.type(scale), *gelu._constants(dtype), sbs, *(prefetch_ahead(w) for w, _, _ in (attn, proj, fc, mproj)))
+    return before, after, (sbs, attn[0].dtype == np.int8)
 
 
 def run_block(x, constants, k_cache, v_cache, pos):
     """decode_block with the constants block_constants prepared; pos (B,) int64 C-contiguous."""
-    before, after = constants
-    _block(x, *before, k_cache, v_cache, pos, *after)
+    before, after, (sbs, int8) = constants
+    block_kernel(x.shape[0], sbs, int8)(x, *before, k_cache, v_cache, pos, *after)

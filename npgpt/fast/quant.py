@@ -28,10 +28,11 @@ float32 scratch and BLAS does the product (see npgpt/inference/quant.py).
 """
 import numpy as np
 from numba import njit, prange, types
+from numba.core.errors import TypingError
 from numba.extending import overload
 
 from . import settings
-from ._jit import JIT_OPTIONS, REDUCTION_MATH, pjit
+from ._jit import JIT_OPTIONS, REDUCTION_MATH, _renamed, pjit
 from ._math import bits_to_float32, prefetch_row
 from ._q8 import BLOCK, q8_dot, q8_dot4
 from .few_rows import dots_chunk, dots_limit
@@ -236,21 +237,45 @@ def _chunk(x, w, b, y, c, side_by_side, ahead):
 
 
 @njit(**JIT_OPTIONS)
-def _float_chunk(x, w, b, y, c, side_by_side, ahead):
-    # chunk c of y = x @ W^T + b for float32 or bf16 rows w: the dot products up to DOT_ROWS rows of x, except
-    # one row where side_by_side() says 4 (Intel: the four-rows loop measured faster there; the dot products
-    # were measured on the Zen 4 alone)
-    if x.shape[0] <= DOT_ROWS and not (x.shape[0] == 1 and side_by_side == 4):
-        dots_chunk(x, w, b, y, c * CHUNK, min(w.shape[0], (c + 1) * CHUNK))
-    else:
-        _chunk(x, w, b, y, c, side_by_side, ahead)
+def _dots(x, w, b, y, c):
+    # chunk c of y = x @ W^T + b for float32 or bf16 rows w: few_rows's dot products
+    dots_chunk(x, w, b, y, c * CHUNK, min(w.shape[0], (c + 1) * CHUNK))
 
 
-@pjit(reductions=True)
-def _matmul(x, w, b, y, side_by_side, ahead):
-    # y[n, o] = sum_k x[n, k] * weight(w, o, k) + b[o]   (w bf16 bits or float32)
-    for c in prange((w.shape[0] + CHUNK - 1) // CHUNK):
-        _float_chunk(x, w, b, y, np.int64(c), side_by_side, ahead)     # np.int64: as decode._forward's
+def uses_dots(rows: int, side_by_side: int) -> bool:
+    """Whether a float32 or bf16 product of `rows` rows of x takes few_rows's dot products (_dots) rather
+    than the Numba loops (_chunk): up to DOT_ROWS rows, except one row where side_by_side() says 4 (Intel:
+    the four-rows loop measured faster there; the dot products were measured on the Zen 4 alone)."""
+    return rows <= DOT_ROWS and not (rows == 1 and side_by_side == 4)
+
+
+def float_chunk(x, w, b, y, c, side_by_side, ahead, dots):
+    """Chunk c of y = x @ W^T + b for float32 or bf16 rows w: _dots when `dots`, else _chunk. `dots` is a
+    constant where the caller is compiled (a closure's, chosen by uses_dots before the call), so that a
+    build carries one of the two and not both: each is ~0.7 MB of LLVM IR in every prange loop calling
+    it: with both, a first `npgpt generate` compiled for 21.3 s, with one 12.6 s (docs/performance.md,
+    "Cold start")."""
+
+
+@overload(float_chunk, inline="always", prefer_literal=True)
+def _float_chunk(x, w, b, y, c, side_by_side, ahead, dots):
+    if not isinstance(dots, types.BooleanLiteral):
+        raise TypingError("float_chunk: dots must be a compile-time constant (a closure's or a global bool)")
+    if dots.literal_value:
+        return lambda x, w, b, y, c, side_by_side, ahead, dots: _dots(x, w, b, y, c)
+    return lambda x, w, b, y, c, side_by_side, ahead, dots: _chunk(x, w, b, y, c, side_by_side, ahead)
+
+
+def _matmul_of(dots: bool):
+    """The float32 / bf16 product kernel with the dot products or the loops compiled in (float_chunk)."""
+    def _matmul(x, w, b, y, side_by_side, ahead):
+        # y[n, o] = sum_k x[n, k] * weight(w, o, k) + b[o]   (w bf16 bits or float32)
+        for c in prange((w.shape[0] + CHUNK - 1) // CHUNK):
+            float_chunk(x, w, b, y, np.int64(c), side_by_side, ahead, dots)   # np.int64: as decode._forward's
+    return pjit(reductions=True)(_renamed(_matmul, "_dots" if dots else "_loops"))
+
+
+_MATMUL = {dots: _matmul_of(dots) for dots in (True, False)}
 
 
 @njit(**JIT_OPTIONS)                # no fastmath: the same IEEE operations as the NumPy lines
@@ -324,7 +349,7 @@ def _matmul_q8(x, q, scale, b, y, ahead):
 # The same products taken apart for a kernel with its own parallel loops (npgpt/fast/decode.py,
 # decode_block): x prepared once (int8: quantized), then each chunk of CHUNK output channels.
 #     xa, xb = activations(x, w)
-#     for c in prange(chunks(w)): product_chunk(xa, xb, w, scale, b, y, c, side_by_side, ahead)
+#     for c in prange(chunks(w)): product_chunk(xa, xb, w, scale, b, y, c, side_by_side, ahead, dots)
 
 def activations(x, w):
     """int8 w: (x16, d), x quantized; bf16 or float32 w: (x, x)."""
@@ -336,8 +361,9 @@ def chunks(w):
     return (w.shape[0] + CHUNK - 1) // CHUNK
 
 
-def product_chunk(xa, xb, w, scale, b, y, c, side_by_side, ahead):
-    """Chunk c of y = x @ W^T + b, from activations(x, w)."""
+def product_chunk(xa, xb, w, scale, b, y, c, side_by_side, ahead, dots):
+    """Chunk c of y = x @ W^T + b, from activations(x, w); float32 and bf16 rows as float_chunk (dots: a
+    compile-time constant), int8 rows by _q8_chunk."""
 
 
 @overload(activations, inline="always")     # x16 and d allocated in the caller itself (see _matmul_q8)
@@ -353,11 +379,13 @@ def _activations(x, w):
     return lambda x, w: (x, x)
 
 
-@overload(product_chunk, inline="always")
-def _product_chunk(xa, xb, w, scale, b, y, c, side_by_side, ahead):
+@overload(product_chunk, inline="always", prefer_literal=True)
+def _product_chunk(xa, xb, w, scale, b, y, c, side_by_side, ahead, dots):
     if w.dtype == types.int8:
-        return lambda xa, xb, w, scale, b, y, c, side_by_side, ahead: _q8_chunk(xa, xb, w, scale, b, y, c, ahead)
-    return lambda xa, xb, w, scale, b, y, c, side_by_side, ahead: _float_chunk(xa, w, b, y, c, side_by_side, ahead)
+        return lambda xa, xb, w, scale, b, y, c, side_by_side, ahead, dots: _q8_chunk(xa, xb, w, scale, b, y, c,
+                                                                                     ahead)
+    return lambda xa, xb, w, scale, b, y, c, side_by_side, ahead, dots: float_chunk(xa, w, b, y, c, side_by_side,
+                                                                                   ahead, dots)
 
 
 def quantize_q8(x):
@@ -407,7 +435,8 @@ def packed_matmul(x, packed, scale, bias, out=None):
         scale = np.ones(O, np.float32) if scale is None else np.ascontiguousarray(scale, dtype=np.float32)
         _matmul_q8(work, x, packed, scale, b, y, prefetch_ahead(packed))
     else:
-        _matmul(work, x, packed, b, y, side_by_side(), prefetch_ahead(packed))
+        sbs = side_by_side()
+        _MATMUL[uses_dots(N, sbs)](work, x, packed, b, y, sbs, prefetch_ahead(packed))
     return y
 
 
