@@ -782,10 +782,11 @@ def _launch(jobs, timeout: float) -> tuple:
     stdout; every job's stderr)."""
     with contextlib.ExitStack() as stack:
         files = [[stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2)] for _ in jobs]
-        procs = [subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
-                 for (cmd, env), (out, err) in zip(jobs, files)]
+        procs = []
         deadline = time.monotonic() + timeout
         try:
+            for (cmd, env), (out, err) in zip(jobs, files):
+                procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True))
             while True:
                 codes = [p.poll() for p in procs]
                 status = next((c for c in codes if c), 0)

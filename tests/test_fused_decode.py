@@ -10,6 +10,8 @@ step of 1/32767 of a block's largest value now and then. So the logits are held 
 so that one rounding cannot change what follows."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -193,3 +195,38 @@ def test_step_leaves_wide_batches_to_the_modules(kind):
     assert fused.step(model, blocks, np.zeros((2, 2), np.int64), small) is None            # T = 2: not a decode step
     with fast.use_backend("numpy"):
         assert fused.step(model, blocks, np.zeros((2, 1), np.int64), small) is None
+
+
+def test_the_block_build_follows_the_rows_and_the_weights():
+    """decode_block's two builds (quant.uses_dots): few_rows's dot products up to DOT_ROWS rows of x, except
+    one row where side_by_side() says 4; the Numba loops above; int8 runs its own products in either, and
+    takes the dot products' build."""
+    from npgpt.fast import quant as fast_quant
+    for sbs in (1, 4):
+        for rows in range(1, fast_quant.DOT_ROWS + 3):
+            dots = rows <= fast_quant.DOT_ROWS and not (rows == 1 and sbs == 4)
+            assert decode_kernels.block_kernel(rows, sbs, False) is decode_kernels.BLOCKS[dots]
+            assert decode_kernels.block_kernel(rows, sbs, True) is decode_kernels.BLOCKS[True]
+
+
+def test_a_one_row_generate_compiles_only_the_builds_it_runs():
+    """What the two builds are for: a first `npgpt generate` (one row) compiles the block and the float
+    product with the dot products or with the loops, not both (in a fresh process: nothing else ran there)."""
+    import subprocess
+    import sys
+    if not fast.use_numba():
+        pytest.skip("the NumPy kernels compile nothing")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tiny = os.path.join(root, "tests", "fixtures", "tiny_hf")
+    code = ("from npgpt.cli import main; from npgpt.fast import decode, quant\n"
+            f"assert main(['generate', '--model', {tiny!r}, '-n', '3', '1+1']) == 0\n"
+            "dots = quant.uses_dots(1, quant.side_by_side())\n"
+            "other = quant._MATMUL[not dots]\n"
+            "print(len(decode.BLOCKS[dots].signatures), len(decode.BLOCKS[not dots].signatures),\n"
+            "      len(other.serial.signatures) + len(other.parallel.signatures),\n"
+            "      len((quant._chunk if dots else quant._dots).signatures))")        # the other kind's own code
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=root,
+                       env=dict(os.environ, PYTHONPATH=root))
+    assert r.returncode == 0, r.stderr[-2000:]
+    ran, other_block, other_product, other_code = map(int, r.stdout.split()[-4:])
+    assert ran >= 1 and other_block == other_product == other_code == 0

@@ -112,7 +112,7 @@ def _main_mpi(args) -> int:
         print(f"npgpt {args.command}: interrupted on rank {dist.rank} of {dist.world_size}", file=sys.stderr,
               flush=True)
         code = 130
-    except BaseException as e:           # noqa: BLE001  (SystemExit, KeyboardInterrupt too: the job must end)
+    except BaseException as e:           # noqa: BLE001  (SystemExit too: the job must end)
         if os.environ.get("NPGPT_TRACEBACK"):
             traceback.print_exc()
         print(f"npgpt {args.command}: error on rank {dist.rank} of {dist.world_size}: "
@@ -137,7 +137,8 @@ def say_if_compiling(command) -> None:
     if not fast.use_numba():
         return
     from ..fast import _jit, decode, quant
-    if _jit.cache_is_cold(decode.block_kernel(1, quant.side_by_side(), int8=False)):   # one row, as generate
+    one_row = {decode.block_kernel(1, quant.side_by_side(), int8) for int8 in (False, True)}   # float, int8
+    if all(_jit.cache_is_cold(kernel) for kernel in one_row):
         print(f"npgpt {command}: compiling the decoding kernels for this CPU, once (~15 s on 2 cores, "
               "more on slower ones; cached for later runs)", file=sys.stderr, flush=True)
 

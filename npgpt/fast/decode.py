@@ -116,8 +116,8 @@ def decode_attention(qkv, k_cache, v_cache, pos, scale, out=None, threads_awake=
 # first `npgpt generate`'s wait; with one loop, 5-7 s. The same operations in the same order.
 #
 # And the block is built twice, its float32 / bf16 products taking few_rows's dot products (dots) or the
-# Numba loops (quant.float_chunk, quant.uses_dots: up to 8 rows, or more), each build carrying one of the
-# two: a process compiles only the build its batches run. A first fp32 `npgpt generate` compiled for 21.3 s
+# Numba loops (quant.float_chunk, quant.uses_dots: up to DOT_ROWS rows, or more), each build carrying one of
+# the two: a process compiles only the build its batches run. A first fp32 `npgpt generate` compiled for 21.3 s
 # with both, 12.6 s with one (2026-12-07). int8 products are the same in both: BLOCKS[True] runs them.
 
 def _block_of(dots: bool):
@@ -193,8 +193,9 @@ def block_constants(ln_1, ln_2, eps, attn, proj, fc, mproj, scale, dtype=np.floa
     dtype = np.dtype(dtype)
     sbs = side_by_side()
     before = (*ln_1, *ln_2, float(eps), *weights)
-    after = (dtype.type(scale), *gelu._constants(dtype), sbs, *(prefetch_ahead(w) for w, _, _ in (attn, proj, fc, mproj)))
-    return before, after, (sbs, attn[0].dtype == np.int8)
+    after = (dtype.type(scale), *gelu._constants(dtype), sbs,
+             *(prefetch_ahead(w) for w, _, _ in (attn, proj, fc, mproj)))
+    return before, after, (sbs, all(w.dtype == np.int8 for w, _, _ in (attn, proj, fc, mproj)))
 
 
 def run_block(x, constants, k_cache, v_cache, pos):

@@ -104,7 +104,8 @@ async def read_json(request: HTTPRequest) -> dict:
 
 
 class Run:
-    """One request's sequences in the engine, and the queue their events arrive on."""
+    """One request's sequences, checked against the engine when made and queued in it by start(), and the
+    queue their events arrive on."""
 
     def __init__(self, service: Service, req: protocol.Request):
         loop = asyncio.get_running_loop()
@@ -118,7 +119,11 @@ class Run:
                 emit = (lambda ev, index=index: loop.call_soon_threadsafe(self.queue.put_nowait, (index, ev)))
                 self.seqs.append(Sequence(ids, params, emit))
         self.open = len(self.seqs)
+        self.engine.check(self.seqs)           # before any response: a request that cannot run is an error
+
+    def start(self) -> "Run":
         self.engine.submit(self.seqs)
+        return self
 
     async def events(self, request: HTTPRequest):
         """(choice index, Event) until every choice has finished; ClientGone if the client left first."""
@@ -192,10 +197,11 @@ def create_app(service: Service) -> Starlette:
         req = (protocol.parse_chat(body, *args, service.chat_format) if chat else
                protocol.parse_completion(body, *args))
         meta = {"id": protocol.new_id(chat), "created": protocol.now(), "model": req.model or service.model_id}
-        if req.stream:
-            return StreamingResponse(stream(request, req, meta), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         run = Run(service, req)
+        if req.stream:
+            return StreamingResponse(stream(request, run, meta), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        run.start()
         try:
             return JSONResponse(await answer(request, run, meta))
         except ClientGone:
@@ -225,10 +231,10 @@ def create_app(service: Service) -> Starlette:
         kind = "chat.completion" if req.chat else "text_completion"
         return {**meta, "object": kind, "choices": out, "usage": run.usage()}
 
-    async def stream(request, req, meta):
+    async def stream(request, run, meta):
         # the sequences start here, as the response does: a client gone before it began (the server
         # then never runs this generator, or stops it before its first line) leaves nothing decoding
-        run = Run(service, req)
+        req = run.start().req
         kind = "chat.completion.chunk" if req.chat else "text_completion"
 
         def chunk(index, text=None, lp=None, finish=None, role=False):

@@ -114,14 +114,18 @@ class Engine:
         self._thread.start()
         return self
 
-    def submit(self, seqs) -> None:
-        """Queue these sequences (ValueError, and none queued, if one cannot fit its row: an empty prompt,
-        or prompt + max_tokens beyond the context)."""
+    def check(self, seqs) -> None:
+        """ValueError if one of these sequences cannot fit its row: an empty prompt, or prompt + max_tokens
+        beyond the context."""
         n_ctx = self.cache.n_ctx
         for s in seqs:
             if not (len(s.prompt) >= 1 and s.params.max_tokens >= 0 and len(s.prompt) + s.params.max_tokens <= n_ctx):
                 raise ValueError(f"a sequence needs 1 .. {n_ctx} prompt tokens and prompt + max_tokens <= {n_ctx}; "
                                  f"got {len(s.prompt)} + {s.params.max_tokens}")
+
+    def submit(self, seqs) -> None:
+        """Queue these sequences (ValueError, and none queued, if one cannot fit its row: check)."""
+        self.check(seqs)
         with self._cv:
             self.waiting.extend(seqs)
             self._cv.notify()
