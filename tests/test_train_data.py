@@ -314,10 +314,10 @@ def test_url_is_downloaded_once_into_the_cache(serve, tmp_path):
     np.testing.assert_array_equal(again.train_ids, d.train_ids)
 
 
-def test_two_processes_fetching_one_url_take_turns(serve, tmp_path):
+def test_two_processes_fetching_one_url_take_turns(serve, tmp_path, capsys):
     """Two fetches of the same URL at once (threads here; processes take the same lock, a flock of the
-    folder): the second waits for the first's download instead of writing the same .part beside it, then
-    finds the file made. One GET, the file whole, nothing else left in the folder."""
+    folder): the second says it waits for the first's download instead of writing the same .part beside
+    it, then finds the file made. One GET, the file whole, nothing else left in the folder."""
     from npgpt.train.sources import fetch_url
     body = "".join(f"line {i}\n" for i in range(60000))               # ~650 KB: 10 chunks of a slow link
     server = serve({"big.txt": body}, delay=0.05)
@@ -331,8 +331,9 @@ def test_two_processes_fetching_one_url_take_turns(serve, tmp_path):
     while not part_there() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert first.is_alive()                                               # the first is mid-download
-    got.append(fetch_url(url, str(tmp_path), progress=False))
+    got.append(fetch_url(url, str(tmp_path)))
     first.join()
+    assert "another process is downloading into" in capsys.readouterr().err
     assert got[0] == got[1] and open(got[0], encoding="utf-8").read() == body
     assert server.requests == ["/big.txt"] and os.listdir(tmp_path / "data") == [os.path.basename(got[0])]
 

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import re
+import sys
 import time
 
 from ..config import PRESET_ALIASES, PRESETS, GPTConfig
@@ -106,7 +107,11 @@ def download_file(url: str, dest: str, desc: str | None = None, **options) -> st
     there = os.path.isfile(dest)
     folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)
-    with directory_lock(folder):
+
+    def waiting():
+        if options.get("progress", True):
+            print(f"npgpt: another process is downloading into {folder}; waiting for it", file=sys.stderr, flush=True)
+    with directory_lock(folder, waiting):
         if not there and os.path.isfile(dest):
             return dest
         return _download(url, dest, desc, **options)
@@ -255,9 +260,10 @@ def _download(url: str, dest: str, desc: str | None = None, *, retries: int | No
 
 
 @contextlib.contextmanager
-def directory_lock(folder: str):
+def directory_lock(folder: str, waiting=None):
     """An exclusive advisory lock (POSIX flock) on the directory itself, held for the block; nothing
-    where locks are not to be had (Windows, a file system without them)."""
+    where locks are not to be had (Windows, a file system without them). waiting(): called once when
+    another holder makes this one wait."""
     try:
         import fcntl
         fd = os.open(folder, os.O_RDONLY)
@@ -265,8 +271,15 @@ def directory_lock(folder: str):
         yield
         return
     try:
-        with contextlib.suppress(OSError):   # some NFS and FUSE mounts refuse flock: go on unlocked
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:                      # some NFS and FUSE mounts refuse flock: go on unlocked
+            pass
         yield
     finally:
         os.close(fd)                         # closing releases the lock
