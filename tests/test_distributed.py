@@ -135,10 +135,12 @@ def test_two_ranks_train_what_one_process_trains_float64(tmp_path, text, ref64):
 
 
 @needs_mpi
-def test_two_ranks_train_what_one_process_trains_float32(tmp_path, text):
+@pytest.mark.parametrize("extra", [[], ["--shard-optimizer"]], ids=["whole", "sharded"])
+def test_two_ranks_train_what_one_process_trains_float32(tmp_path, text, extra):
+    """float32 on the Numba kernels (AdamW's, the norm's), AdamW whole on every rank or sharded over them."""
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, *map(str, _train_args(text, one, "float32"))], kernels="numba")
-    _run(_mpi_cmd(2, *_train_args(text, two, "float32")), kernels="numba")
+    _run(_mpi_cmd(2, *_train_args(text, two, "float32", extra=extra)), kernels="numba")
     _compare(one, two, "float32", 1e-5)
 
 
