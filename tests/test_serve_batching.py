@@ -275,3 +275,34 @@ def test_a_stream_whose_client_left_before_it_began_leaves_nothing_decoding(tiny
     except (ClientDisconnect, OSError):                 # 2.4: the disconnect, passed on to the server
         assert spec == "2.4"
     assert [s for s in engine.waiting if not s.cancelled] == []
+
+
+def test_an_error_whose_traceback_cannot_be_printed_does_not_stop_the_engine(tiny, monkeypatch):
+    """A step that raises something unexpected is logged and ends only its sequences with an error; when the
+    log cannot be written either (stderr gone: a closed pipe), the engine thread still lives on and serves
+    the next request (it would die, and every later request wait forever while /health said ok)."""
+    import traceback
+
+    def stderr_gone(*args, **kwargs):
+        raise OSError("stderr is gone")
+
+    monkeypatch.setattr(traceback, "print_exc", stderr_gone)
+    engine = Engine(tiny, get_tokenizer(), parallel=1)
+    prefill, failed = engine._prefill, []
+
+    def failing_once(seq):
+        if not failed:
+            failed.append(seq)
+            raise RuntimeError("a bug in a step")
+        return prefill(seq)
+
+    engine._prefill = failing_once
+    engine.start()
+    try:
+        events, ended = [], threading.Event()
+        engine.submit([Sequence(PROMPTS[0], Params(max_tokens=3), lambda ev: (events.append(ev), ended.set()))])
+        assert ended.wait(30) and "a bug in a step" in events[-1].error
+        (tokens, _, finish), = run_engine(engine, [PROMPTS[1]], Params(max_tokens=3, temperature=0.0))
+        assert finish == "length" and len(tokens) == 3
+    finally:
+        engine.stop()

@@ -27,6 +27,7 @@ the loop itself goes on.
 from __future__ import annotations
 
 import collections
+import contextlib
 import sys
 import threading
 import traceback
@@ -184,7 +185,8 @@ class Engine:
             fn(*args)
         except Exception as e:  # noqa: BLE001  (whatever it is, the server must go on)
             if not isinstance(e, (FloatingPointError, ValueError)):
-                traceback.print_exc(file=sys.stderr)
+                with contextlib.suppress(Exception):      # stderr gone (a closed pipe): the thread must live
+                    traceback.print_exc(file=sys.stderr)
             for s in seqs:
                 if not s.finished:
                     self._finish(s, Event(error=f"{type(e).__name__}: {e}"))
