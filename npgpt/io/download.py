@@ -100,8 +100,8 @@ def _unlink(path: str):
 def download_file(url: str, dest: str, desc: str | None = None, **options) -> str:
     """Download ``url`` to ``dest`` (the options: _download's), one process at a time in dest's folder:
     two processes fetching the same file (a sweep's runs, test workers) would both write
-    ``dest + '.part'``, one appending to the other's bytes. Each holds a lock on the folder (flock of
-    the directory itself: no lock file is left) while it downloads; one that waited for it and finds
+    ``dest + '.part'``, one appending to the other's bytes. Each holds a lock on the folder (_locked:
+    the directory itself, no lock file left) while it downloads; one that waited for it and finds
     ``dest`` made meanwhile returns it."""
     dest = os.fspath(dest)
     there = os.path.isfile(dest)
@@ -111,7 +111,7 @@ def download_file(url: str, dest: str, desc: str | None = None, **options) -> st
     def waiting():
         if options.get("progress", True):
             print(f"npgpt: another process is downloading into {folder}; waiting for it", file=sys.stderr, flush=True)
-    with directory_lock(folder, waiting):
+    with _locked(folder, waiting):
         if not there and os.path.isfile(dest):
             return dest
         return _download(url, dest, desc, **options)
@@ -260,16 +260,20 @@ def _download(url: str, dest: str, desc: str | None = None, *, retries: int | No
 
 
 @contextlib.contextmanager
-def directory_lock(folder: str, waiting=None):
-    """An exclusive advisory lock (POSIX flock) on the directory itself, held for the block; nothing
-    where locks are not to be had (Windows, a file system without them). waiting(): called once when
-    another holder makes this one wait."""
+def _locked(path: str, waiting=None):
+    """An exclusive advisory lock (POSIX flock) held for the block, so two processes don't download into
+    the same place: on `path` itself where it is a directory (no file left behind), else on a lock file
+    made there (and its folder). waiting(): called once when another holder makes this one wait. Nothing
+    where locks are not to be had (Windows, a file system without them)."""
     try:
         import fcntl
-        fd = os.open(folder, os.O_RDONLY)
-    except (ImportError, OSError):           # pragma: no cover - non-POSIX, or a folder that cannot be opened
+    except ImportError:                      # pragma: no cover - non-POSIX
         yield
         return
+    folder = os.path.isdir(path)
+    if not folder:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDONLY if folder else os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -283,23 +287,6 @@ def directory_lock(folder: str, waiting=None):
         yield
     finally:
         os.close(fd)                         # closing releases the lock
-
-
-@contextlib.contextmanager
-def _locked(path: str):
-    """An exclusive advisory lock (POSIX) so two processes don't download into the same place."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:          # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def native_dir(name: str) -> str:
