@@ -224,8 +224,7 @@ class MPIDist:
                 overlap.finish()                         # its buckets are in flight on every rank: end them
             raise RuntimeError("allreduce_grads: reduce_during_backward and allreduce_grads were given different "
                                "optimizers; pass the same (a ShardedAdamW to both, or to neither)")
-        if shard is not None:
-            t0 = time.perf_counter()
+        if shard is not None:                            # a reduce-scatter: only the overlap's buckets do it
             if self.world_size == 1:                     # the gradients are the sum already (shard.grad is G)
                 shard.grad_summed = True
                 return
@@ -234,16 +233,12 @@ class MPIDist:
             if not overlap.agreed():
                 raise RuntimeError("ShardedAdamW: the ranks' packed gradients differ (a parameter's .data or "
                                    ".grad rebound, or another model on some rank); they cannot be reduce-scattered")
-            self.bytes_per_step = overlap.finish()
-            self._agree_on_missing(params, sharded=True)
-            shard.grad_summed = True
-            self.overlapped_buckets, self.overlapped_bytes = overlap.buckets_in_backward, overlap.bytes_in_backward
-            self.allreduce_seconds = time.perf_counter() - t0
-            return
         if overlap is not None and overlap.agreed():     # alike on every rank
             t0 = time.perf_counter()
             self.bytes_per_step = overlap.finish()
-            self._agree_on_missing(params)
+            self._agree_on_missing(params, sharded=shard is not None)
+            if shard is not None:
+                shard.grad_summed = True
             self.overlapped_buckets, self.overlapped_bytes = overlap.buckets_in_backward, overlap.bytes_in_backward
             self.allreduce_seconds = time.perf_counter() - t0
             return
@@ -319,10 +314,10 @@ class MPIDist:
         """After a ShardedAdamW update: every rank's updated shard of the packed parameters into every
         rank's P (in place, one Allgatherv a chunk of at most BUCKET_BYTES a rank). Time taken (all
         of it exposed): self.allgather_seconds."""
-        t0 = time.perf_counter()
-        P, bounds = optimizer.packed.P, optimizer.bounds
         if self.world_size == 1:
             return
+        t0 = time.perf_counter()
+        P, bounds = optimizer.packed.P, optimizer.bounds
         step = max(1, BUCKET_BYTES // P.itemsize)
         longest = max(hi - lo for lo, hi in bounds)
         for k in range(0, longest, step):                  # chunk k of every shard, together

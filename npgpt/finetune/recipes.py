@@ -28,8 +28,8 @@ from ..train.data import BatchStream
 from ..train.lm import count_targets, lm_loss, mean_loss
 from ..train.loop import LoopConfig, fit
 from ..train.run import rewrite_checkpoint
-from ..train.recipe import RunResult, check_numbers, check_out, hold_out, load_init, paths_as_str, run_settings, \
-    takes
+from ..train.recipe import RunResult, _sharded, check_numbers, check_out, hold_out, load_init, paths_as_str, \
+    run_settings, takes
 from .classifier import Classifier
 from .classify import ClassRows, balance_and_split, classify_evaluator, classify_loss, count_rows, read_table
 from .instruct import InstructBatches, encode_entry, eval_batches, generate_responses, instruct_evaluator, \
@@ -272,7 +272,7 @@ def _fit(hold, settings, cfg, out, overwrite, progress, dist, log, model, opt, b
 def _adamw(model, cfg, dist, **betas):
     """AdamW over the trainable parameters, or with --shard-optimizer over several processes its ZeRO-1
     form (npgpt.optim.ShardedAdamW: each rank keeps and updates 1/N of it)."""
-    if cfg.shard_optimizer and dist.world_size > 1:
+    if _sharded(cfg, dist):
         return ShardedAdamW(model, dist, lr=cfg.lr, weight_decay=cfg.weight_decay, **betas)
     return AdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, **betas)
 

@@ -403,8 +403,9 @@ def _build_model(cfg: PretrainConfig, n_vocab: int, model, dist):
         raise ValueError(f"{flags}: not enough memory for the model's {n_params:,} parameters") from None
 
 
-def _sharded(cfg: PretrainConfig, dist) -> bool:
-    """--shard-optimizer over more than one process (one process holds all of AdamW either way)."""
+def _sharded(cfg, dist) -> bool:
+    """--shard-optimizer over more than one process (one process holds all of AdamW either way); cfg: a
+    pretraining or fine-tuning config."""
     return cfg.shard_optimizer and dist.world_size > 1
 
 
