@@ -784,6 +784,7 @@ def _launch(jobs, timeout: float) -> tuple:
         files = [[stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2)] for _ in jobs]
         procs = []
         deadline = time.monotonic() + timeout
+        stack.enter_context(_signals_end_the_wait())
         try:
             for (cmd, env), (out, err) in zip(jobs, files):
                 procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True))
@@ -796,7 +797,7 @@ def _launch(jobs, timeout: float) -> tuple:
                     status = 124
                     break
                 time.sleep(0.1)
-        except BaseException:                # Ctrl-C: the jobs are in their own sessions, out of its reach
+        except BaseException:                # Ctrl-C, SIGTERM: the jobs are in their own sessions, out of their reach
             _end_groups(procs)
             raise
         if status or any(p.poll() is None for p in procs):
@@ -806,6 +807,28 @@ def _launch(jobs, timeout: float) -> tuple:
         for f in sum(files, []):
             f.seek(0)
         return status, files[0][0].read(), "".join(err.read() for _, err in files)
+
+
+@contextlib.contextmanager
+def _signals_end_the_wait():
+    """While the bench waits for its jobs, SIGTERM and SIGHUP (`timeout`, a batch system, a closed terminal)
+    raise SystemExit(128 + the signal) as Ctrl-C raises KeyboardInterrupt, so that the jobs are ended on the
+    way out instead of left running, orphaned, on the cores the next run is timed on."""
+    import signal
+    import threading
+    sigs = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    if threading.current_thread() is not threading.main_thread():
+        yield                                # handlers can only be set from the main thread
+        return
+
+    def end(signum, frame):
+        raise SystemExit(128 + signum)
+    before = {sig: signal.signal(sig, end) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def _end_groups(procs) -> None:

@@ -1,6 +1,7 @@
 """`npgpt bench` runs end to end on a tiny config and reports what it promises (figures, BLAS, JSON)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -190,6 +191,24 @@ def test_launch_ends_a_hung_job_and_its_children(tmp_path):
     t0 = time.monotonic()
     status, _, err = _launch([(hang, dict(os.environ)), (fail, dict(os.environ))], timeout=100)
     assert status == 3 and "rank 1 broke" in err and time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_terminated_bench_ends_the_jobs_it_started(tmp_path, signame):
+    """`timeout` (SIGTERM) or a closed terminal (SIGHUP) ending `npgpt bench --grid` ends its runs too: they
+    are in their own sessions, so nothing else would, and left running they would take the cores of whatever
+    is timed next. The bench exits 128 + the signal."""
+    pidfile = tmp_path / "job.pid"
+    job = [sys.executable, "-c", f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
+    waiter = subprocess.Popen([sys.executable, "-c", "import os, sys; from npgpt.bench import _launch; "
+                               f"_launch([({job!r}, dict(os.environ))], timeout=120)"])
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job_pid = int(pidfile.read_text())
+    waiter.send_signal(getattr(signal, signame))
+    assert waiter.wait(timeout=30) == 128 + getattr(signal, signame)
+    assert not _alive(job_pid)
 
 
 def _alive(pid) -> bool:
