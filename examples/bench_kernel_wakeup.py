@@ -1,5 +1,6 @@
-"""What a parallel Numba kernel loses to waking its threads: GELU's backward kernel on an MLP-sized
-activation, timed back to back at 1 and N threads (issue 22). npgpt's training lets the kernels'
+"""What a parallel Numba kernel loses to waking its threads: GELU's training forward (y and dgelu/dx; until
+2026-12-07 this timed GELU's backward, which is now a multiply run on one core at this size) on an
+MLP-sized activation, timed back to back at 1 and N threads (issue 22). npgpt's training lets the kernels'
 OpenMP threads sleep as soon as a kernel ends (OMP_WAIT_POLICY=PASSIVE, npgpt/fast/settings.py), so each
 launch wakes them; with spinning threads it shows what the kernel itself gains:
 
@@ -42,13 +43,12 @@ def median_us(f, n):
 def main():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.rows, args.cols)).astype(np.float32)
-    dy = rng.standard_normal((args.rows, args.cols)).astype(np.float32)
     res = {1: [], args.threads: []}
     for r in range(args.rounds):
         for th in ((1, args.threads) if r % 2 == 0 else (args.threads, 1)):
             numba.set_num_threads(th)
-            res[th].append(median_us(lambda: fast.gelu_backward(dy, x), args.calls))
-    print(f"gelu_backward ({args.rows}, {args.cols}) float32, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+            res[th].append(median_us(lambda: fast.gelu_forward(x, slope=True), args.calls))
+    print(f"gelu_forward(slope=True) ({args.rows}, {args.cols}) float32, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')}")
     t1, tn = min(res[1]), min(res[args.threads])
     print(f"1 thread {t1:.0f} us, {args.threads} threads {tn:.0f} us ({t1 / tn:.2f}x); "

@@ -73,7 +73,15 @@ def test_gelu_kernels(dtype, shape):
     y = fast.gelu_forward(x)
     assert y.dtype == dtype
     close(y, GELU.forward_numpy(x), dtype)
-    close(fast.gelu_backward(dy, x), GELU.backward_numpy(dy, x), dtype)
+    y2, d = fast.gelu_forward(x, slope=True)               # a training forward: y and dgelu/dx
+    np.testing.assert_array_equal(y2, y)
+    assert d.dtype == dtype and d.shape == shape
+    with pytest.raises(ValueError, match="gelu_backward_"):
+        fast.gelu_backward_(dy.reshape(-1)[:-1] if dy.size > 1 else np.zeros(2, dtype), d)
+    dx = fast.gelu_backward_(dy.copy(), d)
+    close(dx, GELU.backward_numpy(dy, x), dtype)
+    np.testing.assert_array_equal(fast.gelu_backward_(dy.copy(), d), dx)   # d left intact
+    assert fast.gelu_backward_(dy, d) is dy                 # in place
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -84,12 +92,49 @@ def test_bias_gelu_kernel(dtype, shape):
     a = (3 * rng.standard_normal(shape)).astype(dtype)
     b = rng.standard_normal(shape[-1]).astype(dtype)
     pre = a + b
+    a_train = a.copy()
     y = fast.bias_gelu_forward(a, b)
     assert y.dtype == dtype and y.shape == shape
     np.testing.assert_array_equal(a, pre)                 # the one rounding of a + b, as NumPy's
     close(y, GELU.forward_numpy(pre), dtype)
+    # a training forward: the same y, and a left holding dgelu/da for the backward
+    np.testing.assert_array_equal(fast.bias_gelu_forward(a_train, b, slope=True), y)
+    dy = rng.standard_normal(shape).astype(dtype)
+    close(fast.gelu_backward_(dy.copy(), a_train), GELU.backward_numpy(dy, pre), dtype)
     with pytest.raises(ValueError, match="bias_gelu_forward"):
         fast.bias_gelu_forward(a, b[:-1] if shape[-1] > 1 else np.zeros(2, dtype))
+
+
+def test_gelu_layer_keeps_its_slope_in_the_gemm_output():
+    """On the kernels the MLP's GELU keeps dgelu/dx, written over the c_fc GEMM output it was handed (no
+    activation more than the NumPy path's x); dx goes into dy only when the caller allows it, and a second
+    backward of the same forward gives the same dx. Under no_grad nothing is kept or overwritten."""
+    import npgpt
+    rng = np.random.default_rng(3)
+    a = (2 * rng.standard_normal((4, 6, 16))).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    dy = rng.standard_normal(a.shape).astype(np.float32)
+    with fast.use_backend("numpy"):
+        ref = GELU()
+        y_ref = ref(a.copy(), bias=b)
+        dx_ref = ref.backward(dy)
+    layer, h = GELU(), a.copy()
+    with fast.use_backend("numba"):
+        with npgpt.no_grad():
+            y0 = layer(h, bias=np.zeros_like(b))
+        np.testing.assert_array_equal(h, a)              # + 0, and no slope written over it
+        close(y0, GELU.forward_numpy(a), np.float32)
+        y = layer(h, bias=b)
+        close(y, y_ref, np.float32)
+        assert layer.slope is h and layer.x is None
+        dy_kept = dy.copy()
+        dx = layer.backward(dy)
+        np.testing.assert_array_equal(dy, dy_kept)       # the caller's dy untouched
+        close(dx, dx_ref, np.float32)
+        np.testing.assert_array_equal(layer.backward(dy), dx)
+        scratch = dy.copy()
+        assert layer.backward(scratch, overwrite_dy=True) is scratch
+        np.testing.assert_array_equal(scratch, dx)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -20,60 +20,80 @@ bias_gelu_forward folds the MLP's c_fc bias into the same pass (npgpt/layers/mlp
     a += b;  y = gelu(a)          a (N, 4C) the GEMM's output, b (4C,): a becomes GELU's input
 
 one read and two writes an element instead of the bias add's read and write and then GELU's.
+
+A training forward (slope=True) also writes d = dgelu/dx, what multiplies dy above, while it has
+the sigmoids at hand, and the layer keeps d instead of x (in x's memory when the MLP hands over its
+GEMM output). The backward is then dx = dy * d, one multiply an element instead of the exp and the
+division again; the same operations in the same order as before, so the same gradients to the bit.
+The multiply writes into dy (the MLP hands over c_proj's fresh dx); it is bound by memory.
 """
 import math
 
 import numpy as np
 from numba import prange
 
-from ._jit import pjit
+from ._jit import jit, pjit
 from ._math import exp
 
 S = math.sqrt(2.0 / math.pi)
 K = 0.044715
 
 
+@jit
+def _sigmoids(x, s, k, one):
+    """sigmoid(2u), sigmoid(-2u) for u = s (x + 0.044715 x^3), both from e = exp(-2|u|)."""
+    u = s * (x + k * x * x * x)                          # u = s (x + 0.044715 x^3)
+    a = abs(u)
+    e = exp(-(a + a))                                    # exp(-2|u|)
+    inv = one / (one + e)                                # one division (a vector division costs ~10 multiplies)
+    return (inv, e * inv) if u >= 0 else (e * inv, inv)
+
+
+@jit
+def _slope(x, sp, sm, s, one, k3):
+    """dgelu/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx = sigmoid(2u) + 2 x sigmoid(2u) sigmoid(-2u) du/dx."""
+    return sp + (x + x) * sp * sm * (s * (one + k3 * x * x))   # du/dx = s (1 + 3 * 0.044715 x^2)
+
+
 @pjit
-def _forward(x, y, s, k, one):
+def _forward(x, y, s, k, one):                          # inference: y only
     for i in prange(x.size):
         xi = x[i]
-        u = s * (xi + k * xi * xi * xi)                     # u = s (x + 0.044715 x^3)
-        a = abs(u)
-        e = exp(-(a + a))                                   # exp(-2|u|)
-        inv = one / (one + e)                               # one division (a vector division costs ~10 multiplies)
-        sig = inv if u >= 0 else e * inv                    # sigmoid(2u) = 0.5 (1 + tanh u)
-        y[i] = xi * sig                                     # y = 0.5 x (1 + t)
+        y[i] = xi * _sigmoids(xi, s, k, one)[0]         # y = 0.5 x (1 + t) = x sigmoid(2u)
 
 
 @pjit
-def _bias_forward(a, bias, y, s, k, one):           # a, y (N, M); bias (M,)
+def _forward_slope(x, y, d, s, k, one, k3):             # training: y and d = dgelu/dx
+    for i in prange(x.size):
+        xi = x[i]
+        sp, sm = _sigmoids(xi, s, k, one)
+        y[i] = xi * sp
+        d[i] = _slope(xi, sp, sm, s, one, k3)
+
+
+@pjit
+def _bias_forward(a, bias, y, s, k, one, k3, slope):   # a, y (N, M); bias (M,)
     N, M = a.shape
     for n in prange(N):
         an, yn = a[n], y[n]                                 # rows as 1-D arrays (vectorised loops)
         for j in range(M):
             an[j] += bias[j]                                # a += b (the row stays in L1 for the next loop)
-        for j in range(M):
-            xi = an[j]                                      # then as _forward: y = gelu(a)
-            u = s * (xi + k * xi * xi * xi)
-            au = abs(u)
-            e = exp(-(au + au))
-            inv = one / (one + e)
-            sig = inv if u >= 0 else e * inv
-            yn[j] = xi * sig
+        if slope:
+            for j in range(M):
+                xi = an[j]
+                sp, sm = _sigmoids(xi, s, k, one)
+                yn[j] = xi * sp                             # y = gelu(a)
+                an[j] = _slope(xi, sp, sm, s, one, k3)      # a <- dgelu/da
+        else:
+            for j in range(M):
+                xi = an[j]
+                yn[j] = xi * _sigmoids(xi, s, k, one)[0]
 
 
 @pjit
-def _backward(dy, x, dx, s, k, one, k3):
-    for i in prange(x.size):
-        xi = x[i]
-        u = s * (xi + k * xi * xi * xi)
-        a = abs(u)
-        e = exp(-(a + a))
-        inv = one / (one + e)
-        sp, sm = (inv, e * inv) if u >= 0 else (e * inv, inv)   # sigmoid(2u), sigmoid(-2u)
-        du = s * (one + k3 * xi * xi)                        # du/dx, k3 = 3 * 0.044715
-        # dx = dy (0.5 (1 + t) + 0.5 x (1 - t^2) du/dx)
-        dx[i] = dy[i] * (sp + (xi + xi) * sp * sm * du)
+def _backward(dy, d, dx):                                   # dx may be dy itself
+    for i in prange(dy.size):
+        dx[i] = dy[i] * d[i]                                # dx = dy * dgelu/dx (d from the forward)
 
 
 def _constants(dtype):
@@ -81,27 +101,36 @@ def _constants(dtype):
     return t(S), t(K), t(1.0)
 
 
-def gelu_forward(x):
+def gelu_forward(x, slope: bool = False):
+    """gelu(x); with slope, (gelu(x), dgelu/dx): what a training forward keeps for its backward."""
     shape = x.shape
     x = np.ascontiguousarray(x).reshape(-1)
     y = np.empty_like(x)
-    _forward(x.size, x, y, *_constants(x.dtype))
-    return y.reshape(shape)
+    if not slope:
+        _forward(x.size, x, y, *_constants(x.dtype))
+        return y.reshape(shape)
+    d = np.empty_like(x)
+    _forward_slope(x.size, x, y, d, *_constants(x.dtype), x.dtype.type(3 * K))
+    return y.reshape(shape), d.reshape(shape)
 
 
-def bias_gelu_forward(a, b):
-    """a += b in place (a (..., M) a GEMM's output, C-contiguous; b (M,)), and returns gelu(a)."""
+def bias_gelu_forward(a, b, slope: bool = False):
+    """a += b in place (a (..., M) a GEMM's output, C-contiguous; b (M,)), and returns gelu(a). With slope,
+    a then holds dgelu/da instead (the backward's factor, in the GEMM output's memory)."""
     if not a.flags.c_contiguous or b.shape != a.shape[-1:]:
         raise ValueError(f"bias_gelu_forward: a must be C-contiguous (..., M) and b (M,), got {a.shape} and {b.shape}")
     a2 = a.reshape(-1, a.shape[-1])
     y = np.empty_like(a2)
-    _bias_forward(a2.size, a2, b, y, *_constants(a.dtype))
+    _bias_forward(a2.size, a2, b, y, *_constants(a.dtype), a.dtype.type(3 * K), slope)
     return y.reshape(a.shape)
 
 
-def gelu_backward(dy, x):
-    shape = dy.shape
-    dy, x = np.ascontiguousarray(dy).reshape(-1), np.ascontiguousarray(x).reshape(-1)
-    dx = np.empty_like(dy)
-    _backward(x.size, dy, x, dx, *_constants(x.dtype), x.dtype.type(3 * K))
-    return dx.reshape(shape)
+def gelu_backward_(dy, d):
+    """dy <- dy * d in place and returns dy: dx = dy * dgelu/dx, d as gelu_forward(x, slope=True) or
+    bias_gelu_forward(..., slope=True) left it (and left intact, for another backward of the same forward)."""
+    if dy.shape != d.shape or not (dy.flags.c_contiguous and d.flags.c_contiguous):
+        raise ValueError(f"gelu_backward_: dy {dy.shape} and the saved slope {d.shape} must be C-contiguous "
+                         f"arrays of one shape")
+    dy1 = dy.reshape(-1)
+    _backward(dy1.size, dy1, d.reshape(-1), dy1)
+    return dy

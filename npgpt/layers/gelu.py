@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from .. import fast
-from .module import Module
+from .module import Module, is_grad_enabled
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
@@ -18,16 +18,22 @@ GELU_CUBIC = 0.044715
 class GELU(Module):
     def forward(self, x, bias=None):
         """gelu(x); with `bias`, gelu(x + bias), adding bias into x in place (x: the GEMM output that
-        the MLP hands over, so the bias add and GELU are one pass)."""
-        if bias is not None:
-            if fast.use_numba():
-                y = fast.bias_gelu_forward(x, bias)              # x += bias; y = gelu(x)
-                self.save_for_backward(x=x)
-                return y
-            x += bias
-        self.save_for_backward(x=x)
+        the MLP hands over, so the bias add and GELU are one pass). The Numba kernels keep dgelu/dx for
+        the backward instead of x (in x's memory when bias is given: x is then overwritten by it)."""
+        train = is_grad_enabled()
         if fast.use_numba():
-            return fast.gelu_forward(x)
+            if bias is not None:
+                y = fast.bias_gelu_forward(x, bias, slope=train)   # x += bias; y = gelu(x); x <- dgelu/dx
+                self.save_for_backward(slope=x, x=None)
+                return y
+            if not train:
+                return fast.gelu_forward(x)
+            y, d = fast.gelu_forward(x, slope=True)
+            self.save_for_backward(slope=d, x=None)
+            return y
+        if bias is not None:
+            x += bias
+        self.save_for_backward(slope=None, x=x)
         return self.forward_numpy(x)
 
     @staticmethod
@@ -35,11 +41,13 @@ class GELU(Module):
         u = GELU_SCALE * (x + GELU_CUBIC * (x * x * x))   # x*x*x: float pow is ~70x slower
         return 0.5 * x * (1.0 + np.tanh(u))
 
-    def backward(self, dy):
-        x = self.saved("x")
-        if fast.use_numba():
-            return fast.gelu_backward(dy, x)
-        return self.backward_numpy(dy, x)
+    def backward(self, dy, overwrite_dy: bool = False):
+        """dx; with overwrite_dy, dx may be written into dy (the MLP hands over c_proj's fresh dx)."""
+        d, x = self.saved("slope", "x")
+        if d is None:
+            return self.backward_numpy(dy, x)
+        dx = dy if overwrite_dy and dy.flags.c_contiguous else dy.copy()
+        return fast.gelu_backward_(dx, d)                     # dx = dy * dgelu/dx (the Numba forward kept it)
 
     @staticmethod
     def backward_numpy(dy, x):

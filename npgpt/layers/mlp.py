@@ -28,5 +28,6 @@ class MLP(Module):
     def backward(self, dout):
         # out = dropout(c_proj(h))
         dh = self.c_proj.backward(self.dropout.backward(dout))  # (B, T, 4C)
-        # h = gelu(c_fc(x))
-        return self.c_fc.backward(self.gelu.backward(dh))       # (B, T, C)
+        # h = gelu(c_fc(x))      (dh, a fresh product of a plain Linear, may take GELU's dx)
+        dg = self.gelu.backward(dh, overwrite_dy=type(self.c_proj) is Linear)   # (B, T, 4C)
+        return self.c_fc.backward(dg)                           # (B, T, C)
