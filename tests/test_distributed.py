@@ -253,6 +253,29 @@ def test_a_one_process_run_interrupted_resumes_exactly_on_two_ranks(tmp_path, te
 
 
 @needs_mpi
+def test_sigterm_to_mpiexec_stops_every_rank_at_one_update_with_a_checkpoint(tmp_path, text, ref64):
+    """A batch system's SIGTERM to `mpiexec -n 2 npgpt train` (which forwards it to the ranks): the ranks
+    agree on the update to stop after, rank 0 writes the checkpoint, the job says so and exits 143; a resume
+    in one process then ends where the uninterrupted 1-process run ends."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_mpi_cmd(2, *_train_args(text, run, **REF64)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not (run / "checkpoint").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    stopped = json.loads((run / "checkpoint" / "trainer.json").read_text())["step"]
+    assert 0 < stopped < REF64["steps"], out + err                        # the resume has updates to make
+    assert proc.returncode == 143, out + err
+    assert err.count(f"stopped by SIGTERM at step {stopped}; checkpoint written") == 1, err
+    r = _run([sys.executable, "-m", "npgpt", "train", "--out", run, "--resume", "--no-progress"])
+    assert r.stdout.count(f"done, {REF64['steps']} updates") == 1
+    a, b = _weights(ref64, "float64"), _weights(run, "float64")
+    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-10, stopped
+
+
+@needs_mpi
 def test_allreduce_grads_sums_and_agrees_on_parameters_without_gradients(tmp_path):
     """Bucketed flat Allreduce: sums; a gradient on one rank only is reduced with zeros from the other;
     a parameter with no gradient anywhere stays without one on every rank (AdamW skips it everywhere)."""

@@ -374,9 +374,9 @@ def test_an_interrupted_classify_run_exits_130_and_reports_no_accuracy(tmp_path,
     rows.write_text("".join(f"{'spam' if i % 2 else 'ham'}\tmessage number {i}\n" for i in range(40)))
 
     def asked_to_stop(self):
-        self.requested = True
+        self.requested = "SIGINT"
         return self
-    monkeypatch.setattr(loop._StopOnSigint, "__enter__", asked_to_stop)
+    monkeypatch.setattr(loop._StopOnSignal, "__enter__", asked_to_stop)
     code = main(["finetune", "classify", "--data", str(rows), "--init", str(base), "--out", str(tmp_path / "run"),
                  "--epochs", "3", "--batch", "4", "--no-progress"])
     out = capsys.readouterr()

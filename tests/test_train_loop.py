@@ -120,16 +120,38 @@ def test_accumulation_weighs_every_target_equally():
 
 
 # ----------------------------------------------------------------------------- resume
-def _interrupt_at(step_to_stop):
-    """A loss_fn that sends this process SIGINT (a Ctrl-C) during update `step_to_stop` (1-based)."""
+def _interrupt_at(step_to_stop, *signals):
+    """A loss_fn that sends this process SIGINT (a Ctrl-C), or the given signals one after another, during
+    update `step_to_stop` (1-based)."""
     calls = {"n": 0}
 
     def loss_fn(model, batch, n):
         calls["n"] += 1
         if calls["n"] == step_to_stop:
-            os.kill(os.getpid(), signal.SIGINT)
+            for sig in signals or (signal.SIGINT,):
+                os.kill(os.getpid(), sig)
         return lm_loss(model, batch, n)
     return loss_fn
+
+
+def test_sigterm_stops_after_the_update_with_a_checkpoint_and_a_second_signal_at_once(tmp_path):
+    """SIGTERM (a batch system's time limit, `kill`, `timeout`) is a Ctrl-C: the update in progress ends, a
+    checkpoint is written, the result names the signal (exit status 143 for a command). A second signal
+    while the first is being acted on interrupts at once. The handlers are put back afterwards."""
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    model, batches, evaluate, run = _resume_setup(tmp_path, "term")
+    r = fit(model, adamw(model), batches, LoopConfig(steps=12, lr=3e-3, save_every=5),
+            loss_fn=_interrupt_at(7, signal.SIGTERM), count_fn=count_targets, run_dir=run, progress=False,
+            log=lambda m: None)
+    assert r.interrupted and r.step == 7 and r.signal == "SIGTERM" and r.exit_status == 143
+    assert checkpoint_dir(run).endswith("ckpt-000007")
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+    model, batches, evaluate, run = _resume_setup(tmp_path, "twice")
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, adamw(model), batches, LoopConfig(steps=12, lr=3e-3), loss_fn=_interrupt_at(3, signal.SIGTERM,
+            signal.SIGINT), count_fn=count_targets, run_dir=run, progress=False, log=lambda m: None)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 def _rows(run_dir):

@@ -68,6 +68,11 @@ def recipe_errors():
         raise CLIError(str(e)) from None
 
 
+def interrupted(fit) -> str:
+    """How a training command says its run stopped early: "interrupted" (Ctrl-C) or "stopped by SIGTERM"."""
+    return "interrupted" if fit.signal in (None, "SIGINT") else f"stopped by {fit.signal}"
+
+
 def one_line(msg) -> str:
     """A possibly multi-line message as one line."""
     return " ".join(line.strip() for line in str(msg).splitlines() if line.strip())
@@ -99,7 +104,7 @@ def _main_mpi(args) -> int:
             print(f"npgpt {args.command}: error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
     try:
-        return _main(args, raise_user_errors=True)           # a normal return (0, 130) ends every rank alike
+        return _main(args, raise_user_errors=True)           # a normal return (0, 130, 143) ends every rank alike
     except CLIError as e:
         if not dist.is_main:
             time.sleep(2.0)              # rank 0 most likely hit the same error: let it report and abort

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import recipe_errors
+from . import interrupted, recipe_errors
 
 INVOCATION = ("out", "overwrite", "no_progress")     # this command's own flags; the others are the run's settings
 
@@ -74,9 +74,9 @@ def run(args) -> int:
         r = finetune_classify(dist=dist, **_invocation(args))
     if r.fit.interrupted:
         if dist.is_main:
-            print(f"npgpt finetune classify: interrupted after {r.fit.step} updates; model in {r.out}; "
+            print(f"npgpt finetune classify: {interrupted(r.fit)} after {r.fit.step} updates; model in {r.out}; "
                   "no test accuracy written", flush=True)
-        return 130
+        return r.fit.exit_status
     if dist.is_main:                             # rank 0 evaluates and writes
         print(f"npgpt finetune classify: test accuracy {r.metrics['test_accuracy']:.4f}; model in {r.out} "
               f"(npgpt classify --model {r.out} TEXT)")
@@ -121,9 +121,9 @@ def run_instruct(args) -> int:
     if not dist.is_main:                         # rank 0 generates the test responses and writes
         return 0
     if r.fit.interrupted:
-        print(f"npgpt finetune instruct: interrupted after {r.fit.step} updates; model in {r.out}; "
+        print(f"npgpt finetune instruct: {interrupted(r.fit)} after {r.fit.step} updates; model in {r.out}; "
               "no test responses written", flush=True)
-        return 130
+        return r.fit.exit_status
     print(f"npgpt finetune instruct: test loss {r.metrics['test_loss']:.4f}; {r.metrics['entries']['test']} "
           f"responses in {os.path.join(r.out, RESPONSES)}; model in {r.out} (npgpt chat --model {r.out})")
     return 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import CLIError, recipe_errors
+from . import CLIError, interrupted, recipe_errors
 from ..config import PRESETS, SMALL_SHAPES
 
 # This command's own flags; every other flag is a setting of the run (npgpt.train.recipe.PretrainConfig,
@@ -110,9 +110,9 @@ def run(args) -> int:
                      max_bytes=args.max_bytes, dist=dist, **settings)
     if r.fit.interrupted:
         if dist.is_main:
-            print(f"npgpt train: interrupted at step {r.fit.step}; checkpoint written. Continue with: "
+            print(f"npgpt train: {interrupted(r.fit)} at step {r.fit.step}; checkpoint written. Continue with: "
                   f"npgpt train --out {r.out} --resume", file=sys.stderr)
-        return 130
+        return r.fit.exit_status
     if dist.is_main:
         print(f"npgpt train: done, {r.fit.step} updates; model in {r.out} (npgpt generate --model {r.out})")
     return 0

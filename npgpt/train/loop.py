@@ -115,35 +115,48 @@ def _non_finite(model, loss: float, norm: float) -> str:
     return f"the loss is {loss}, the gradient norm {norm}" + (f"; first non-finite: {what}" if what else "")
 
 
-class _StopOnSigint:
-    """The first Ctrl-C asks the loop to stop after the update in progress (then it checkpoints);
-    a second one interrupts at once."""
+class _StopOnSignal:
+    """The first Ctrl-C (SIGINT) or SIGTERM (a batch system's time limit or preemption, `kill`, `timeout`;
+    mpiexec forwards both to its ranks) asks the loop to stop after the update in progress (then it
+    checkpoints); a second one interrupts at once."""
+    SIGNALS = ("SIGINT", "SIGTERM")    # _fit's vote across ranks knows these two
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.requested = None           # the name of the first signal, once one came
+        self._old = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            if old is not None:          # None: a handler set outside Python, which cannot be put back
+                signal.signal(sig, old)
 
 
 @dataclass
 class FitResult:
     step: int                       # updates done in all (including before a resume)
-    interrupted: bool               # stopped early by Ctrl-C (a checkpoint was written)
+    interrupted: bool               # stopped early by Ctrl-C or SIGTERM (a checkpoint was written)
     last_eval: dict | None          # the last evaluation's row
     checkpoint: str | None          # the last checkpoint written
+    signal: str | None = None       # what interrupted it: "SIGINT" or "SIGTERM" (on any rank)
+
+    @property
+    def exit_status(self) -> int:
+        """A command's exit status for an interrupted run: 128 + the signal's number, as a shell reports a
+        process the signal ended (130 for Ctrl-C, 143 for SIGTERM)."""
+        return 128 + getattr(signal, self.signal or "SIGINT")
 
 
 def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, evaluate=None, sample=None,
@@ -255,8 +268,8 @@ def _fit(model, optimizer, batches, config, loss_fn, count_fn, evaluate, sample,
     if not resume and evaluate is not None and config.eval_every and main:
         run_eval()                                          # the untrained model's loss, at step 0
     bar = tqdm(total=config.steps, initial=step, disable=not (progress and main), dynamic_ncols=True, unit="step")
-    interrupted = False
-    with _StopOnSigint() as stop:
+    interrupted = None
+    with _StopOnSignal() as stop:
         while step < config.steps:
             batch = batches.next()
             lr = config.lr_at(step)
@@ -285,10 +298,12 @@ def _fit(model, optimizer, batches, config, loss_fn, count_fn, evaluate, sample,
             if last or (config.save_every and step % config.save_every == 0):
                 checkpoint()
             requested = stop.requested
-            if dist.world_size > 1:                        # every rank stops at the same update
-                requested = dist.allreduce_sum(1.0 if requested else 0.0) > 0
+            if dist.world_size > 1:                        # every rank stops at the same update, naming SIGTERM if any got it
+                W = dist.world_size
+                votes = dist.allreduce_sum({None: 0.0, "SIGINT": 1.0, "SIGTERM": W + 1.0}[requested])
+                requested = "SIGTERM" if votes > W else "SIGINT" if votes else None
             if requested:
-                interrupted = True
+                interrupted = requested
                 break
     bar.close()
     if interrupted and last_saved != step:
@@ -296,4 +311,5 @@ def _fit(model, optimizer, batches, config, loss_fn, count_fn, evaluate, sample,
     if metrics:
         metrics.close()
     model.eval()
-    return FitResult(step=step, interrupted=interrupted, last_eval=last_eval, checkpoint=last_ckpt)
+    return FitResult(step=step, interrupted=interrupted is not None, last_eval=last_eval, checkpoint=last_ckpt,
+                     signal=interrupted)
