@@ -157,6 +157,115 @@ def test_limit_and_packed_weights(capsys, tmp_path):
     assert report["result"]["ppl"] != full.ppl and abs(report["result"]["ppl"] / full.ppl - 1) < 0.02
 
 
+# ----------------------------------------------------------------------------- interrupted and continued
+class _StopAt:
+    """Wraps model.forward_hidden: raises KeyboardInterrupt (a Ctrl-C) on call number `stop` (1-based;
+    0: never) and counts the calls."""
+
+    def __init__(self, model, stop=0):
+        self.calls, self.stop, self.forward = 0, stop, model.forward_hidden
+        model.forward_hidden = self
+
+    def __call__(self, x):
+        self.calls += 1
+        if self.calls == self.stop:
+            raise KeyboardInterrupt
+        return self.forward(x)
+
+
+def _kept_files(home):
+    return sorted(p.name for p in (home / "eval-progress").rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("task", ["ppl", "choice"])
+def test_an_interrupted_evaluation_continues_where_it_stopped(home, task):
+    """Each finished batch is kept on disk; the same evaluation run again after a Ctrl-C scores only the
+    batches not kept and gives the uninterrupted run's figures to the bit; the folder goes once it is
+    complete. Another batch size (other batches) starts afresh."""
+    from npgpt.eval import choice
+    model, tok = fixture_model()
+    text = TEXT.read_text(encoding="utf-8")
+    items = eval_data.read_jsonl(FIX / "choice.jsonl", "choice")
+
+    def run(keep, batch=2):
+        if task == "ppl":
+            return perplexity(model, text, 64, 16, tokenizer=tok, batch=batch, keep=keep).to_dict()
+        return choice(model, items, tok, batch=batch, keep=keep).to_dict()
+    counter = _StopAt(model)
+    whole = run(keep=False)
+    batches = counter.calls
+    assert batches >= 4 and not (home / "eval-progress").exists()
+
+    counter.calls, counter.stop = 0, 3
+    with pytest.raises(KeyboardInterrupt):
+        run(keep=True)
+    assert len(_kept_files(home)) == 2                         # the two batches done before the third
+    counter.calls, counter.stop = 0, 0
+    assert run(keep=True) == whole                             # every figure, to the bit
+    assert counter.calls == batches - 2
+    assert not list((home / "eval-progress").iterdir())        # complete: its folder is gone
+
+    counter.calls = 0
+    by_three = run(keep=False, batch=3)
+    batches_of_three = counter.calls
+    counter.calls, counter.stop = 0, 2
+    with pytest.raises(KeyboardInterrupt):
+        run(keep=True)
+    counter.calls, counter.stop = 0, 0
+    assert run(keep=True, batch=3) == by_three                 # another batching: nothing kept applies
+    assert counter.calls == batches_of_three
+
+
+def test_a_kept_batch_that_cannot_be_read_is_scored_again(home):
+    model, tok = fixture_model()
+    text = TEXT.read_text(encoding="utf-8")
+    whole = perplexity(model, text, 64, 16, tokenizer=tok, batch=2).to_dict()
+    counter = _StopAt(model, stop=3)
+    with pytest.raises(KeyboardInterrupt):
+        perplexity(model, text, 64, 16, tokenizer=tok, batch=2, keep=True)
+    kept = sorted((home / "eval-progress").rglob("*.npz"))
+    kept[0].write_bytes(b"not a batch")                        # damaged; a .part a kill left is ignored
+    (kept[0].parent / "rank0-2.npz.123.part").write_bytes(b"half")
+    counter.calls, counter.stop = 0, 0
+    assert perplexity(model, text, 64, 16, tokenizer=tok, batch=2, keep=True).to_dict() == whole
+    assert counter.calls == len(range(0, whole["windows"], 2)) - 1
+
+
+def test_the_kept_batches_are_named_by_the_weights_not_by_kept_activations():
+    from npgpt.eval.resume import model_digest
+    from npgpt.inference import quant
+    model, _ = fixture_model()
+    before = model_digest(model)
+    model.forward(np.zeros((1, 8), dtype=np.int64))            # a training forward keeps activations
+    assert model_digest(model) == before
+    model.h[1].mlp.c_proj.bias.data[3] += 1e-6
+    assert model_digest(model) != before
+    packed = [model_digest(quant.quantize(fixture_model()[0], w)) for w in ("int8", "bf16")]
+    assert len({before, *packed}) == 3
+
+
+def test_eval_command_continues_after_ctrl_c(capsys, tmp_path, home, monkeypatch):
+    """`npgpt eval` interrupted says its batches are kept and exits 130; the same command then prints the
+    figures an uninterrupted run prints, and --no-resume scores everything (keeping nothing)."""
+    from npgpt.cli import generate
+    calls = []
+    real = generate._load_model
+
+    def load(*a, **k):
+        model = real(*a, **k)
+        calls.append(_StopAt(model, stop=2 if len(calls) == 0 else 0))
+        return model
+    monkeypatch.setattr(generate, "_load_model", load)
+    args = ("--model", MODEL, "--data", TEXT, "--stride", 16, "--batch", 2, "--no-progress")
+    code, out, err = run_eval(capsys, *args)
+    assert code == 130 and "the same command continues" in err and _kept_files(home), err
+    code, out, err = run_eval(capsys, *args)
+    assert code == 0, err
+    code, fresh, err = run_eval(capsys, *args, "--no-resume")
+    assert code == 0 and fresh == out, err
+    assert 0 < calls[1].calls < calls[2].calls and not _kept_files(home)
+
+
 # ----------------------------------------------------------------------------- tokens, words and bytes
 def test_token_units_count_bytes_characters_and_words_of_bpe_tokens():
     tok = GPT2Tokenizer()

@@ -8,11 +8,13 @@
 
 The task is --task, else the named set's (lambada, hellaswag), else perplexity. A table goes to stdout;
 --json FILE writes the same figures with the settings. Under mpiexec each rank scores a share of the
-windows or items and rank 0 reports. Bad input is one line (exit status 2).
+windows or items and rank 0 reports. Bad input is one line (exit status 2). Interrupted (Ctrl-C, a kill),
+the same command continues from the batches already scored (npgpt/eval/resume.py; --no-resume: not).
 """
 from __future__ import annotations
 
 import os
+import sys
 
 from . import CLIError, recipe_errors
 
@@ -40,6 +42,9 @@ def add_parser(sub):
                    help="pack the weights: bf16 or int8 (default: as the checkpoint stores them)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures and settings to FILE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-resume", action="store_true",
+                   help="score everything again: by default each finished batch is kept on disk and the same command "
+                        "after an interruption (Ctrl-C, a kill) continues from them")
     p.set_defaults(func=run)
     return p
 
@@ -57,7 +62,19 @@ def run(args) -> int:
         evaluate, describe = _load(args, task, progress and dist.is_main)
         if dist.is_main and dist.world_size > 1:
             dist.barrier()
-        result = evaluate(dict(batch=args.batch, limit=args.limit, progress=progress, dist=dist))
+        options = dict(batch=args.batch, limit=args.limit, progress=progress, dist=dist)
+        if task != "classify":                    # the language-model tasks keep their finished batches
+            from ..eval import resume
+            if dist.is_main:
+                resume.prune()
+            options["keep"] = not args.no_resume
+        try:
+            result = evaluate(options)
+        except KeyboardInterrupt:
+            if dist.is_main and options.get("keep"):
+                print("npgpt eval: the batches scored so far are kept; the same command continues from them",
+                      file=sys.stderr, flush=True)
+            raise
     described = describe(result)
     if dist.is_main:
         print(f"npgpt eval: {args.model} on {described}")

@@ -6,7 +6,8 @@
     classify(classifier, texts, labels)                 accuracy, per-class precision/recall/F1, confusion matrix
 
 Each returns a dataclass (to_dict() for JSON). score.py holds what they share: batched log-likelihoods
-of token sequences with nothing kept for backward, split over MPI ranks; data.py the named sets.
+of token sequences with nothing kept for backward, split over MPI ranks; data.py the named sets; resume.py
+the finished batches (keep=True) an interrupted evaluation continues from.
 """
 from .classify import ClassifyResult, classify
 from .data import NAMED, ChoiceItem

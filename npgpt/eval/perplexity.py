@@ -107,11 +107,13 @@ def check_vocab(ids, n_vocab: int) -> None:
 
 
 def perplexity(model, text_or_ids, context: int | None = None, stride: int | None = None, *, tokenizer=None,
-               batch: int = 8, limit: int | None = None, progress: bool = False, dist=None) -> PerplexityResult:
+               batch: int = 8, limit: int | None = None, progress: bool = False, dist=None,
+               keep: bool = False) -> PerplexityResult:
     """Strided sliding-window perplexity of a text (str, tokenized with `tokenizer`, default GPT-2's BPE) or of
     token ids. context: tokens per window (default the model's n_ctx); stride: default the context; batch:
     windows per forward; limit: only the first windows. With a tokenizer the result also counts the
-    scored bytes, characters and words. Under MPI (dist) each rank scores a share of the windows."""
+    scored bytes, characters and words. Under MPI (dist) each rank scores a share of the windows. keep: an
+    interrupted evaluation continues (npgpt/eval/resume.py)."""
     if isinstance(text_or_ids, str):
         tokenizer = default_tokenizer(tokenizer)
         ids = np.asarray(tokenizer.encode(text_or_ids), dtype=np.int64)
@@ -124,7 +126,8 @@ def perplexity(model, text_or_ids, context: int | None = None, stride: int | Non
         raise ValueError(f"the text has {ids.size} tokens; perplexity needs at least 2")
     check_vocab(ids, model.config.n_vocab)
     plan = windows(len(ids), context, stride)[:limit]
-    scores = score(model, [Request(ids[b:e], f - b) for b, e, f in plan], batch, progress, dist, desc="perplexity")
+    scores = score(model, [Request(ids[b:e], f - b) for b, e, f in plan], batch, progress, dist, desc="perplexity",
+                   keep=keep)
     scored = np.zeros(len(ids), dtype=bool)
     for _, e, f in plan:
         scored[f:e] = True

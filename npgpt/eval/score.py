@@ -84,9 +84,13 @@ def progress_bar(total: int, enabled: bool, desc: str, unit: str = "tok"):
                 leave=False)
 
 
-def score(model, requests, batch: int = 8, progress: bool = False, dist=None, desc: str = "eval") -> list:
-    """Scores of every request (a list in their order, on every rank); see the module docstring."""
+def score(model, requests, batch: int = 8, progress: bool = False, dist=None, desc: str = "eval",
+          keep: bool = False) -> list:
+    """Scores of every request (a list in their order, on every rank); see the module docstring. keep: write
+    each finished batch to disk and take those an interrupted run of the same evaluation wrote
+    (npgpt/eval/resume.py); the folder goes once every score is in."""
     from ..distributed import LocalDist
+    from .resume import Kept, progress_folder
     dist = dist or LocalDist()
     lengths = np.array([len(r.ids) for r in requests])
     for i, r in enumerate(requests):
@@ -96,10 +100,16 @@ def score(model, requests, batch: int = 8, progress: bool = False, dist=None, de
     V = model.config.n_vocab
     rows_at_once = max(1, HEAD_FLOATS // V)
     local = {}
+    store = Kept(progress_folder(model, requests, batch, dist), dist.rank) if keep else None
+    kept = store.load() if keep else {}
     with progress_bar(int(lengths[mine].sum() - len(mine)), progress and dist.is_main, desc) as bar, \
             no_grad(), model.eval_mode():
         for b0 in range(0, len(mine), batch):
             group = [requests[i] for i in mine[b0:b0 + batch]]
+            if b0 in kept and np.array_equal(kept[b0][0], mine[b0:b0 + batch]):   # scored by an interrupted run
+                _per_request(local, *kept[b0])
+                bar.update(sum(len(r.ids) - 1 for r in group))
+                continue
             T = max(len(r.ids) for r in group) - 1
             x = np.zeros((len(group), T), dtype=np.int64)                    # (B, T), right-padded with id 0
             for row, r in enumerate(group):
@@ -111,8 +121,19 @@ def score(model, requests, batch: int = 8, progress: bool = False, dist=None, de
             for s in range(0, len(targets), rows_at_once):
                 e = min(s + rows_at_once, len(targets))
                 nll[s:e], greedy[s:e] = token_nll(model.lm_head(h[s:e]), targets[s:e])   # logits (rows, V)
-            cuts = np.cumsum([len(r.ids) - r.first for r in group])[:-1]
-            for i, n_, g_ in zip(mine[b0:b0 + batch], np.split(nll, cuts), np.split(greedy, cuts)):
-                local[int(i)] = Scores(n_, g_)
+            counts = [len(r.ids) - r.first for r in group]
+            _per_request(local, mine[b0:b0 + batch], nll, greedy, counts)
+            if store is not None:
+                store.add(b0, mine[b0:b0 + batch], nll, greedy, counts)
             bar.update(sum(len(r.ids) - 1 for r in group))
-    return collect(local, len(requests), dist)
+    scores = collect(local, len(requests), dist)       # every rank's batches are in: nothing more to keep
+    if store is not None and dist.is_main:
+        store.remove()
+    return scores
+
+
+def _per_request(local: dict, items, nll, greedy, counts) -> None:
+    """local[item] = its Scores, from a batch's scored tokens laid end to end (counts of them a request)."""
+    cuts = np.cumsum(counts)[:-1]
+    for i, n_, g_ in zip(items, np.split(nll, cuts), np.split(greedy, cuts)):
+        local[int(i)] = Scores(n_, g_)

@@ -62,7 +62,7 @@ class LambadaResult:
 
 
 def lambada(model, texts, tokenizer=None, *, batch: int = 8, limit: int | None = None, progress: bool = False,
-            dist=None) -> LambadaResult:
+            dist=None, keep: bool = False) -> LambadaResult:
     """LAMBADA on passages `texts` (see the module docstring); tokenizer: default GPT-2's BPE."""
     tokenizer = default_tokenizer(tokenizer)
     n_ctx = model.config.n_ctx
@@ -78,7 +78,7 @@ def lambada(model, texts, tokenizer=None, *, batch: int = 8, limit: int | None =
         requests += [word_req] if same else [word_req, last_req]
     for r in requests:
         check_vocab(r.ids, model.config.n_vocab)
-    scores = score(model, requests, batch, progress, dist, desc="lambada")
+    scores = score(model, requests, batch, progress, dist, desc="lambada", keep=keep)
     logliks = [-float(scores[w].nll.sum()) for w, _ in where]
     acc = np.mean([scores[w].greedy.all() for w, _ in where])
     acc_openai = np.mean([scores[last].greedy[-1] for _, last in where])
@@ -100,7 +100,7 @@ class ChoiceResult:
 
 
 def choice(model, items, tokenizer=None, *, batch: int = 8, limit: int | None = None, progress: bool = False,
-           dist=None) -> ChoiceResult:
+           dist=None, keep: bool = False) -> ChoiceResult:
     """Multiple choice on ChoiceItems (npgpt.eval.data; HellaSwag's layout), see the module docstring."""
     tokenizer = default_tokenizer(tokenizer)
     n_ctx = model.config.n_ctx
@@ -111,7 +111,7 @@ def choice(model, items, tokenizer=None, *, batch: int = 8, limit: int | None = 
         requests += [continuation_request(ctx, tokenizer.encode(" " + e), n_ctx) for e in item.endings]
     for r in requests:
         check_vocab(r.ids, model.config.n_vocab)
-    scores = iter(score(model, requests, batch, progress, dist, desc="choice"))
+    scores = iter(score(model, requests, batch, progress, dist, desc="choice", keep=keep))
     logliks, hits = [], np.zeros(3)
     for item in items:
         mine = [next(scores) for _ in item.endings]

@@ -1,0 +1,125 @@
+"""What an evaluation keeps as it goes, so that an interrupted `npgpt eval` continues where it stopped.
+
+score() (npgpt/eval/score.py) writes each finished batch of requests to one file, written whole and then
+renamed into place, in a folder named by a digest of everything its numbers depend on: the model's arrays,
+the requests, the batch size, this rank and the rank count, the kernel backend and the kernels' sources.
+Run again, the same evaluation finds that folder, loads its batches and scores only the others: the same
+requests in the same batches, so the result is the uninterrupted run's to the bit. A finished evaluation
+removes its folder; folders left for more than PRUNE_DAYS days are removed by the next evaluation.
+
+    $NPGPT_HOME/eval-progress/<digest>/rank<R>-<first item>.npz      (item indices, nll, greedy, lengths)
+
+A kill or a full disk loses at most the batch being written (a `.part` file, ignored and removed later).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+
+import numpy as np
+
+
+FOLDER = "eval-progress"
+PRUNE_DAYS = 14
+
+
+PACKED = ("packed", "scale")    # a packed layer's weights (npgpt.inference.quant), beside its Parameters
+
+
+def model_digest(model) -> bytes:
+    """sha256 of a model's weights by name: every Parameter and a packed layer's int8/bf16 arrays (not what a
+    training forward may have kept for its backward)."""
+    h = hashlib.sha256()
+    arrays = [(name, p.data) for name, p in model.named_parameters()]
+    arrays += [(f"{name}.{attr}", getattr(m, attr)) for name, m in model.named_modules() for attr in PACKED
+               if isinstance(getattr(m, attr, None), np.ndarray)]
+    for name, arr in arrays:
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{name} {arr.dtype.str} {arr.shape}\0".encode())
+        h.update(memoryview(arr.reshape(-1)).cast("B"))
+    return h.digest()
+
+
+def progress_folder(model, requests, batch: int, dist) -> str:
+    """The folder of this evaluation's finished batches (see the module docstring); not created here."""
+    from .. import fast
+    from ..io.download import cache_dir
+    h = hashlib.sha256(model_digest(model))
+    for r in requests:
+        ids = np.ascontiguousarray(r.ids, dtype=np.int64)
+        h.update(np.int64(r.first).tobytes() + np.int64(len(ids)).tobytes() + ids.tobytes())
+    h.update(f"batch {batch} ranks {dist.world_size} kernels {fast.get_backend()}".encode())
+    if fast.use_numba():
+        from ..fast._jit import kernel_sources_digest
+        h.update(kernel_sources_digest())
+    return os.path.join(cache_dir(), FOLDER, h.hexdigest()[:32])
+
+
+class Kept:
+    """This rank's finished batches of one evaluation, on disk: load() what an earlier run kept, add() each
+    batch as it finishes, remove() the folder when the evaluation is complete."""
+
+    def __init__(self, folder: str, rank: int):
+        self.folder, self.rank = folder, rank
+
+    def _path(self, first: int) -> str:
+        return os.path.join(self.folder, f"rank{self.rank}-{first}.npz")
+
+    def load(self) -> dict:
+        """{first item's position in this rank's order: (items, nll, greedy, lengths)} kept by an earlier run;
+        a file that cannot be read is left out (its batch is scored again)."""
+        kept = {}
+        prefix = f"rank{self.rank}-"
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return kept
+        for name in names:
+            if not (name.startswith(prefix) and name.endswith(".npz")):
+                continue
+            try:
+                first = int(name[len(prefix):-4])
+                with np.load(os.path.join(self.folder, name)) as f:
+                    kept[first] = (f["items"], f["nll"], f["greedy"], f["lengths"])
+            except (OSError, ValueError, KeyError, EOFError):
+                continue
+        return kept
+
+    def add(self, first: int, items, nll, greedy, lengths) -> None:
+        """Keep one finished batch (written whole to a .part file, then renamed into place)."""
+        os.makedirs(self.folder, exist_ok=True)
+        path = self._path(first)
+        part = f"{path}.{os.getpid()}.part"
+        try:
+            with open(part, "wb") as f:
+                np.savez(f, items=np.asarray(items, np.int64), nll=nll, greedy=greedy,
+                         lengths=np.asarray(lengths, np.int64))
+            os.replace(part, path)
+        except OSError:
+            try:
+                os.remove(part)
+            except OSError:
+                pass                 # a full disk: this batch is not kept, the evaluation goes on
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def prune(now: float | None = None) -> None:
+    """Remove evaluation folders nothing has written to for PRUNE_DAYS days (runs never continued)."""
+    from ..io.download import cache_dir
+    root = os.path.join(cache_dir(), FOLDER)
+    now = time.time() if now is None else now
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(root, name)
+        try:
+            if now - os.stat(path).st_mtime > PRUNE_DAYS * 86400:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
