@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 
+from . import signals
 from .fast.settings import INFERENCE_BLAS_TIMEOUT, INFERENCE_SPIN_COUNT
 
 WORKLOADS = ("prefill", "decode", "train", "train-large", "train-loop", "startup")
@@ -784,7 +785,7 @@ def _launch(jobs, timeout: float) -> tuple:
         files = [[stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2)] for _ in jobs]
         procs = []
         deadline = time.monotonic() + timeout
-        stack.enter_context(_signals_end_the_wait())
+        ending = stack.enter_context(signals.handling(("SIGTERM", "SIGHUP"), _end_the_wait))
         try:
             for (cmd, env), (out, err) in zip(jobs, files):
                 procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True))
@@ -797,11 +798,14 @@ def _launch(jobs, timeout: float) -> tuple:
                     status = 124
                     break
                 time.sleep(0.1)
+            if status or any(p.poll() is None for p in procs):
+                _end_groups(procs)
         except BaseException:                # Ctrl-C, SIGTERM: the jobs are in their own sessions, out of their reach
+            import signal
+            for sig in ending:               # one signal was enough: another must not cut the ending short
+                signal.signal(sig, signal.SIG_IGN)
             _end_groups(procs)
             raise
-        if status or any(p.poll() is None for p in procs):
-            _end_groups(procs)
         for p in procs:
             p.wait()
         for f in sum(files, []):
@@ -809,26 +813,11 @@ def _launch(jobs, timeout: float) -> tuple:
         return status, files[0][0].read(), "".join(err.read() for _, err in files)
 
 
-@contextlib.contextmanager
-def _signals_end_the_wait():
-    """While the bench waits for its jobs, SIGTERM and SIGHUP (`timeout`, a batch system, a closed terminal)
-    raise SystemExit(128 + the signal) as Ctrl-C raises KeyboardInterrupt, so that the jobs are ended on the
-    way out instead of left running, orphaned, on the cores the next run is timed on."""
-    import signal
-    import threading
-    sigs = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    if threading.current_thread() is not threading.main_thread():
-        yield                                # handlers can only be set from the main thread
-        return
-
-    def end(signum, frame):
-        raise SystemExit(128 + signum)
-    before = {sig: signal.signal(sig, end) for sig in sigs}
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+def _end_the_wait(signum, frame):
+    """SIGTERM and SIGHUP (`timeout`, a batch system, a closed terminal) while the bench waits for its jobs:
+    SystemExit(128 + the signal), as Ctrl-C raises KeyboardInterrupt, so that the jobs are ended on the way
+    out instead of left running, orphaned, on the cores the next run is timed on."""
+    raise SystemExit(128 + signum)
 
 
 def _end_groups(procs) -> None:

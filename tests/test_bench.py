@@ -211,6 +211,26 @@ def test_a_terminated_bench_ends_the_jobs_it_started(tmp_path, signame):
     assert not _alive(job_pid)
 
 
+def test_a_bench_under_nohup_outlives_the_terminal(tmp_path):
+    """A SIGHUP the process ignores (nohup) stays ignored while the bench waits: its runs go on; SIGTERM
+    still ends them."""
+    pidfile = tmp_path / "job.pid"
+    job = [sys.executable, "-c", f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
+    waiter = subprocess.Popen([sys.executable, "-c", "import os, signal; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+                               "from npgpt.bench import _launch; "
+                               f"_launch([({job!r}, dict(os.environ))], timeout=120)"])
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job_pid = int(pidfile.read_text())
+    waiter.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert waiter.poll() is None and _alive(job_pid)
+    waiter.send_signal(signal.SIGTERM)
+    assert waiter.wait(timeout=30) == 128 + signal.SIGTERM
+    assert not _alive(job_pid)
+
+
 def _alive(pid) -> bool:
     try:
         with open(f"/proc/{pid}/status") as f:

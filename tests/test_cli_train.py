@@ -90,6 +90,29 @@ def test_bad_input_one_line_error_and_nothing_written(tmp_path, case):
     assert not (tmp_path / "run").exists()
 
 
+def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path):
+    """`kill` / a batch system's SIGTERM to a one-process `npgpt train`: the update in progress ends, a
+    checkpoint is written, one line says so and how to continue, exit status 143."""
+    import signal
+    import time
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NPGPT_HOME=str(tmp_path / ".npgpt-home"))
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "npgpt", "train", "--data", VERDICT, "--tokenizer", "char", "--config",
+                          "tiny", "--context", "32", "--batch", "4", "--steps", "100000", "--eval-every", "0",
+                          "--sample-every", "0", "--save-every", "0", "--no-progress", "--out", str(run)],
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 3):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    stopped = json.loads(open(run / "checkpoint" / "trainer.json").read())["step"]
+    assert err.strip().splitlines()[-1] == (f"npgpt train: stopped by SIGTERM at step {stopped}; checkpoint written. "
+                                           f"Continue with: npgpt train --out {run} --resume")
+
+
 def test_ctrl_c_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     """Ctrl-C (SIGINT) during `npgpt train` writes a checkpoint and exits 130; `--resume` in a new
     process then ends bit for bit where an uninterrupted run ends (parameters and metrics rows)."""

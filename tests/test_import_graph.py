@@ -1,7 +1,8 @@
 """The package's layout is its data flow: modules import only what lies below them, never in a circle.
 
     rank 0  config, tokens, fast,       shapes and presets; text <-> ids; the kernels and process settings;
-            io.atomic                   writing a file whole or not at all (it imports nothing of npgpt)
+            io.atomic, signals          writing a file whole or not at all; handlers set for a while (neither
+                                        imports anything of npgpt)
     rank 1  layers                      NumPy math, forward and backward
     rank 2  model, loss                 GPT; cross-entropy
     rank 3  optim, inference            AdamW, clipping, schedule; KV cache, sampling, decoding, 8/16-bit
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "npgpt"
-RANKS = {"config": 0, "tokens": 0, "fast": 0, "io.atomic": 0, "layers": 1, "model": 2, "loss": 2, "optim": 3, "inference": 3,
+RANKS = {"config": 0, "tokens": 0, "fast": 0, "io.atomic": 0, "signals": 0, "layers": 1, "model": 2, "loss": 2, "optim": 3, "inference": 3,
          "io": 4, "train": 5, "distributed": 5, "finetune": 6, "gradcheck": 6, "eval": 6, "bench": 7, "cli": 7,
          "serve": 7, "__main__": 7}
 

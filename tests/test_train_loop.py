@@ -134,24 +134,48 @@ def _interrupt_at(step_to_stop, *signals):
     return loss_fn
 
 
-def test_sigterm_stops_after_the_update_with_a_checkpoint_and_a_second_signal_at_once(tmp_path):
+def test_sigterm_stops_after_the_update_with_a_checkpoint_and_a_second_signal_at_once(tmp_path, monkeypatch):
     """SIGTERM (a batch system's time limit, `kill`, `timeout`) is a Ctrl-C: the update in progress ends, a
-    checkpoint is written, the result names the signal (exit status 143 for a command). A second signal
-    while the first is being acted on interrupts at once. The handlers are put back afterwards."""
+    checkpoint is written, the result names the signal (exit status 143 for a command). The same signal
+    delivered twice at once (a scheduler's and mpiexec's forward) is one request; a second one later
+    interrupts at once. The handlers are put back afterwards."""
+    from npgpt.train import loop
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     model, batches, evaluate, run = _resume_setup(tmp_path, "term")
     r = fit(model, adamw(model), batches, LoopConfig(steps=12, lr=3e-3, save_every=5),
-            loss_fn=_interrupt_at(7, signal.SIGTERM), count_fn=count_targets, run_dir=run, progress=False,
-            log=lambda m: None)
+            loss_fn=_interrupt_at(7, signal.SIGTERM, signal.SIGTERM), count_fn=count_targets, run_dir=run,
+            progress=False, log=lambda m: None)
     assert r.interrupted and r.step == 7 and r.signal == "SIGTERM" and r.exit_status == 143
     assert checkpoint_dir(run).endswith("ckpt-000007")
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
+    monkeypatch.setattr(loop._StopOnSignal, "REPEAT_S", 0.0)      # the second one comes "later"
     model, batches, evaluate, run = _resume_setup(tmp_path, "twice")
     with pytest.raises(KeyboardInterrupt):
         fit(model, adamw(model), batches, LoopConfig(steps=12, lr=3e-3), loss_fn=_interrupt_at(3, signal.SIGTERM,
-            signal.SIGINT), count_fn=count_targets, run_dir=run, progress=False, log=lambda m: None)
+            signal.SIGTERM), count_fn=count_targets, run_dir=run, progress=False, log=lambda m: None)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_the_ranks_agree_on_one_stop():
+    """Each rank's request (None, SIGINT, SIGTERM) summed in one all-reduce: no stop unless one asked, SIGTERM
+    over SIGINT, however many ranks asked for which."""
+    from npgpt.train.loop import _agree_on_stop
+
+    class Ranks:
+        def __init__(self, requests):
+            self.requests, self.world_size = requests, len(requests)
+
+        def allreduce_sum(self, x):
+            codes = {None: 0.0, "SIGINT": 1.0, "SIGTERM": self.world_size + 1.0}
+            assert x == codes[self.requests[0]]                      # this rank's own vote
+            return sum(codes[r] for r in self.requests)
+    for requests, want in [([None] * 4, None), (["SIGINT"] * 4, "SIGINT"), ([None, None, "SIGINT"], "SIGINT"),
+                           (["SIGINT", "SIGTERM"], "SIGTERM"), (["SIGTERM"] * 16, "SIGTERM"),
+                           ([None, "SIGTERM", None], "SIGTERM"), (["SIGINT"] * 15 + ["SIGTERM"], "SIGTERM")]:
+        for r in range(len(requests)):                               # as each rank sees it
+            mine = requests[r:] + requests[:r]
+            assert _agree_on_stop(mine[0], Ranks(mine)) == want, (requests, r)
 
 
 def _rows(run_dir):

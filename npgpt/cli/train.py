@@ -6,7 +6,7 @@
     npgpt train --out runs/notes --resume                  # continue where a run stopped
 
 Everything is checked before anything is written: bad input prints one line and exits with status 2.
-Ctrl-C finishes the update in progress, writes a checkpoint and exits (status 130); --resume then
+Ctrl-C (or SIGTERM) finishes the update in progress, writes a checkpoint and exits (status 130; 143); --resume then
 ends bit for bit where the uninterrupted run would have. A resume may change how long the run is
 (--steps/--epochs: the learning-rate schedule follows the new total) and when it evaluates, samples
 and saves; anything else must stay as the run has it. One run at a time holds a run directory.

@@ -165,7 +165,7 @@ def finetune_instruct(*, out, overwrite: bool = False, progress: bool = True, di
     """Fine-tune a GPT to follow instructions into the run directory `out` (the book's chapter 7): the
     entries are split 85/10/5 (train/test/val, in file order); after training, the model's greedy
     responses to the test entries go to OUT/test-responses.json and the losses to OUT/metrics.json (the
-    result's metrics; None when Ctrl-C stopped the training early). `settings` are InstructConfig's
+    result's metrics; None when Ctrl-C or SIGTERM stopped the training early). `settings` are InstructConfig's
     fields; dist and log as in npgpt.train.pretrain."""
     cfg = InstructConfig(**settings)
     with contextlib.ExitStack() as hold:              # the run directory, once it is made, until the end

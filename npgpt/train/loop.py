@@ -25,12 +25,12 @@ import contextlib
 import math
 import os
 import signal
-import threading
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .. import signals
 from ..distributed import LocalDist
 from ..optim import ShardedAdamW, clip_coef, grad_norm, lr_schedule
 from ..layers.module import first_non_finite
@@ -117,31 +117,42 @@ def _non_finite(model, loss: float, norm: float) -> str:
 
 class _StopOnSignal:
     """The first Ctrl-C (SIGINT) or SIGTERM (a batch system's time limit or preemption, `kill`, `timeout`;
-    mpiexec forwards both to its ranks) asks the loop to stop after the update in progress (then it
-    checkpoints); a second one interrupts at once."""
-    SIGNALS = ("SIGINT", "SIGTERM")    # _fit's vote across ranks knows these two
+    MPICH's mpiexec forwards both to its ranks) asks the loop to stop after the update in progress (then it
+    checkpoints); another one REPEAT_S seconds or more later interrupts at once. One sooner is the same
+    request delivered twice (a scheduler signals every process of a job and mpiexec forwards it again)."""
+    SIGNALS = ("SIGINT", "SIGTERM")    # _agree_on_stop knows these two
+    REPEAT_S = 1.0
 
     def __init__(self):
         self.requested = None           # the name of the first signal, once one came
-        self._old = {}
+        self._at = None
+        self._handling = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                sig = getattr(signal, name, None)
-                if sig is not None:
-                    self._old[sig] = signal.signal(sig, self._handle)
+        self._handling = signals.handling(self.SIGNALS, self._handle)
+        self._handling.__enter__()
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested is None:
+            self.requested, self._at = signal.Signals(signum).name, time.monotonic()
+        elif time.monotonic() - self._at >= self.REPEAT_S:
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            if old is not None:          # None: a handler set outside Python, which cannot be put back
-                signal.signal(sig, old)
+        if self._handling is not None:
+            self._handling.__exit__(*exc)
+
+
+def _agree_on_stop(requested: str | None, dist) -> str | None:
+    """The stop every rank takes, from each rank's request (None, "SIGINT" or "SIGTERM"): none unless a rank
+    asked; SIGTERM if any rank got it (a scheduler's), else SIGINT. One all-reduce of a number: 0, 1 or W + 1
+    a rank."""
+    if dist.world_size == 1:
+        return requested
+    W = dist.world_size
+    votes = dist.allreduce_sum({None: 0.0, "SIGINT": 1.0, "SIGTERM": W + 1.0}[requested])
+    return "SIGTERM" if votes > W else "SIGINT" if votes else None
 
 
 @dataclass
@@ -156,7 +167,7 @@ class FitResult:
     def exit_status(self) -> int:
         """A command's exit status for an interrupted run: 128 + the signal's number, as a shell reports a
         process the signal ended (130 for Ctrl-C, 143 for SIGTERM)."""
-        return 128 + getattr(signal, self.signal or "SIGINT")
+        return signals.exit_status(self.signal or "SIGINT")
 
 
 def fit(model, optimizer, batches, config: LoopConfig, *, loss_fn, count_fn, evaluate=None, sample=None,
@@ -297,11 +308,7 @@ def _fit(model, optimizer, batches, config, loss_fn, count_fn, evaluate, sample,
                 run_sample()
             if last or (config.save_every and step % config.save_every == 0):
                 checkpoint()
-            requested = stop.requested
-            if dist.world_size > 1:                        # every rank stops at the same update, naming SIGTERM if any got it
-                W = dist.world_size
-                votes = dist.allreduce_sum({None: 0.0, "SIGINT": 1.0, "SIGTERM": W + 1.0}[requested])
-                requested = "SIGTERM" if votes > W else "SIGINT" if votes else None
+            requested = _agree_on_stop(stop.requested, dist)   # every rank stops at the same update
             if requested:
                 interrupted = requested
                 break

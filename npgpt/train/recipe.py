@@ -131,8 +131,8 @@ def pretrain(*, out=None, resume: bool = False, overwrite: bool = False, progres
     schedule follows it). overwrite=True starts a new run in an `out` that holds one, or writes beside
     the files of a directory that is not a run. max_bytes caps a `data` URL download. dist: the
     process's npgpt.distributed object (default distributed.init()); every rank calls pretrain alike.
-    log(msg) gets the run's lines (default print). Ctrl-C ends the update in progress and writes a
-    checkpoint: the result's fit.interrupted is then True."""
+    log(msg) gets the run's lines (default print). Ctrl-C or SIGTERM ends the update in progress and writes
+    a checkpoint: the result's fit.interrupted is then True (fit.signal names which)."""
     cfg = PretrainConfig(**settings)
     dist = dist or distributed.init()
     main = dist.is_main
