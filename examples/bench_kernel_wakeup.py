@@ -1,5 +1,5 @@
 """What a parallel Numba kernel loses to waking its threads: GELU's training forward (y and dgelu/dx; until
-2026-12-07 this timed GELU's backward, which is now a multiply run on one core at this size) on an
+2026-12-07 this timed GELU's backward, now a multiply bound by memory) on an
 MLP-sized activation, timed back to back at 1 and N threads (issue 22). npgpt's training lets the kernels'
 OpenMP threads sleep as soon as a kernel ends (OMP_WAIT_POLICY=PASSIVE, npgpt/fast/settings.py), so each
 launch wakes them; with spinning threads it shows what the kernel itself gains:

@@ -63,7 +63,7 @@ def flash_attention_available() -> bool:
 # program compiles (or loads from Numba's cache) only the kernels it calls.
 _KERNELS = {
     "layernorm_forward": "layernorm", "layernorm_backward": "layernorm",
-    "gelu_forward": "gelu", "gelu_backward_": "gelu", "bias_gelu_forward": "gelu",
+    "gelu_forward": "gelu", "gelu_backward": "gelu", "bias_gelu_forward": "gelu",
     "causal_softmax_forward": "attention", "causal_softmax_backward": "attention",
     "flash_attention_forward": "flash_attention", "flash_attention_backward": "flash_attention",
     "head_attention_forward": "head_attention", "head_attention_backward": "head_attention",

@@ -125,12 +125,15 @@ def bias_gelu_forward(a, b, slope: bool = False):
     return y.reshape(a.shape)
 
 
-def gelu_backward_(dy, d):
-    """dy <- dy * d in place and returns dy: dx = dy * dgelu/dx, d as gelu_forward(x, slope=True) or
-    bias_gelu_forward(..., slope=True) left it (and left intact, for another backward of the same forward)."""
-    if dy.shape != d.shape or not (dy.flags.c_contiguous and d.flags.c_contiguous):
-        raise ValueError(f"gelu_backward_: dy {dy.shape} and the saved slope {d.shape} must be C-contiguous "
-                         f"arrays of one shape")
-    dy1 = dy.reshape(-1)
-    _backward(dy1.size, dy1, d.reshape(-1), dy1)
-    return dy
+def gelu_backward(dy, d, out=None):
+    """dx = dy * d, with d = dgelu/dx as gelu_forward(x, slope=True) or bias_gelu_forward(..., slope=True) left
+    it (and leaves it, for another backward of the same forward); into `out` (C-contiguous, dy's shape; may be
+    dy itself) or a new array."""
+    if dy.shape != d.shape or not d.flags.c_contiguous or (out is not None and (out.shape != dy.shape
+                                                                              or not out.flags.c_contiguous)):
+        raise ValueError(f"gelu_backward: dy {dy.shape}, the saved slope {d.shape} and out "
+                         f"{None if out is None else out.shape} must be one shape (slope and out C-contiguous)")
+    dy1 = np.ascontiguousarray(dy).reshape(-1)
+    dx = np.empty_like(dy1) if out is None else out.reshape(-1)
+    _backward(dy1.size, dy1, d.reshape(-1), dx)
+    return dx.reshape(dy.shape)

@@ -46,8 +46,8 @@ class GELU(Module):
         d, x = self.saved("slope", "x")
         if d is None:
             return self.backward_numpy(dy, x)
-        dx = dy if overwrite_dy and dy.flags.c_contiguous else dy.copy()
-        return fast.gelu_backward_(dx, d)                     # dx = dy * dgelu/dx (the Numba forward kept it)
+        out = dy if overwrite_dy and dy.flags.c_contiguous else None
+        return fast.gelu_backward(dy, d, out=out)             # dx = dy * dgelu/dx (the Numba forward kept it)
 
     @staticmethod
     def backward_numpy(dy, x):

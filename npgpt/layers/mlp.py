@@ -29,5 +29,8 @@ class MLP(Module):
         # out = dropout(c_proj(h))
         dh = self.c_proj.backward(self.dropout.backward(dout))  # (B, T, 4C)
         # h = gelu(c_fc(x))      (dh, a fresh product of a plain Linear, may take GELU's dx)
-        dg = self.gelu.backward(dh, overwrite_dy=type(self.c_proj) is Linear)   # (B, T, 4C)
+        if type(self.gelu) is GELU:
+            dg = self.gelu.backward(dh, overwrite_dy=type(self.c_proj) is Linear)   # (B, T, 4C)
+        else:
+            dg = self.gelu.backward(dh)
         return self.c_fc.backward(dg)                           # (B, T, C)
