@@ -24,9 +24,10 @@ set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
-if [ "${1:-}" = "--fetch-wheels" ]; then
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info && echo /.whl/ >> .git/info/exclude; }
-    exec python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+if [ "${1:-}" = "--fetch-wheels" ]; then     # for that machine's Python: MC_PY_VERSION (default 3.12, as it had)
+    exclude=$(git rev-parse --git-path info/exclude)
+    grep -qx '/.whl/' "$exclude" 2>/dev/null || { mkdir -p "$(dirname "$exclude")" && echo /.whl/ >> "$exclude"; }
+    exec python3 -m pip download -q --no-deps --only-binary=:all: --python-version "${MC_PY_VERSION:-3.12}" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         --platform manylinux1_x86_64 -d .whl mpich mpi4py
 fi
@@ -34,6 +35,7 @@ fi
 out=${1:-${OUT:-many-cores-out}}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+rm -f "$out"/*.json "$out"/*.err "$out"/*.txt      # a reused folder: the summary reads only this run's files
 budget=${MC_BUDGET:-540}
 steps=${MC_STEPS:-3}
 torch_python=${MC_TORCH_PYTHON:-python3}
@@ -46,7 +48,8 @@ export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" NUMBA_CACHE_DIR=${NUMBA_CAC
 # 1 (npgpt stops then, with one line, but the run is lost).
 if ! python3 -c "import mpi4py" 2>/dev/null && ls .whl/mpich-*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --prefix /tmp/mc-pfx .whl/mpich-*.whl
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mc-site .whl/mpi4py-*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mc-site .whl/mpi4py-*.whl ||
+        echo "many_cores.sh: mpi4py's wheel is not for this python3 ($(python3 -V)): fetch it with MC_PY_VERSION" >&2
     export PYTHONPATH="$PYTHONPATH:/tmp/mc-site" PATH="/tmp/mc-pfx/bin:$PATH" MPI4PY_LIBMPI=/tmp/mc-pfx/lib/libmpi.so.12
 fi
 
@@ -60,7 +63,7 @@ step() {
     [ "$secs" -gt "$l" ] && secs=$l
     if [ "$secs" -lt 30 ]; then log "$name: skipped, $l s of the budget left"; return; fi
     log "$name: start ($secs s at most)"
-    timeout -k 10 "$secs" "$@" > "$out/$file" 2>> "$out/$name.err"
+    timeout -k 30 "$secs" "$@" > "$out/$file" 2>> "$out/$name.err"   # -k 30: time for the bench to end its jobs
     log "$name: exit $?"
 }
 
