@@ -224,11 +224,28 @@ def test_a_kept_batch_that_cannot_be_read_is_scored_again(home):
     with pytest.raises(KeyboardInterrupt):
         perplexity(model, text, 64, 16, tokenizer=tok, batch=2, keep=True)
     kept = sorted((home / "eval-progress").rglob("*.npz"))
-    kept[0].write_bytes(b"not a batch")                        # damaged; a .part a kill left is ignored
-    (kept[0].parent / "rank0-2.npz.123.part").write_bytes(b"half")
+    data = kept[0].read_bytes()
+    kept[0].write_bytes(data[:len(data) // 2])                 # cut short (a lost machine); a .part a kill left
+    (kept[0].parent / "rank0-4.npz.123.part").write_bytes(b"half")
     counter.calls, counter.stop = 0, 0
     assert perplexity(model, text, 64, 16, tokenizer=tok, batch=2, keep=True).to_dict() == whole
     assert counter.calls == len(range(0, whole["windows"], 2)) - 1
+
+
+def test_a_full_disk_stops_the_keeping_not_the_evaluation(home, monkeypatch):
+    import errno
+    from npgpt.eval import resume
+    model, tok = fixture_model()
+    text = TEXT.read_text(encoding="utf-8")
+    whole = perplexity(model, text, 64, 16, tokenizer=tok, batch=2).to_dict()
+    tries = []
+
+    def full(*a, **k):
+        tries.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(resume.np, "savez", full)
+    assert perplexity(model, text, 64, 16, tokenizer=tok, batch=2, keep=True).to_dict() == whole
+    assert len(tries) == 1 and not list((home / "eval-progress").rglob("*"))   # tried once; no .part left
 
 
 def test_the_kept_batches_are_named_by_the_weights_not_by_kept_activations():
@@ -259,11 +276,11 @@ def test_eval_command_continues_after_ctrl_c(capsys, tmp_path, home, monkeypatch
     args = ("--model", MODEL, "--data", TEXT, "--stride", 16, "--batch", 2, "--no-progress")
     code, out, err = run_eval(capsys, *args)
     assert code == 130 and "the same command continues" in err and _kept_files(home), err
-    code, out, err = run_eval(capsys, *args)
+    code, fresh, err = run_eval(capsys, *args, "--no-resume")          # right after: scores every batch
     assert code == 0, err
-    code, fresh, err = run_eval(capsys, *args, "--no-resume")
-    assert code == 0 and fresh == out, err
-    assert 0 < calls[1].calls < calls[2].calls and not _kept_files(home)
+    code, out, err = run_eval(capsys, *args)
+    assert code == 0 and out == fresh, err
+    assert 0 < calls[2].calls < calls[1].calls and not _kept_files(home)
 
 
 # ----------------------------------------------------------------------------- tokens, words and bytes

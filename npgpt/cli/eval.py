@@ -9,7 +9,8 @@
 The task is --task, else the named set's (lambada, hellaswag), else perplexity. A table goes to stdout;
 --json FILE writes the same figures with the settings. Under mpiexec each rank scores a share of the
 windows or items and rank 0 reports. Bad input is one line (exit status 2). Interrupted (Ctrl-C, a kill),
-the same command continues from the batches already scored (npgpt/eval/resume.py; --no-resume: not).
+the same command continues from the batches already scored (npgpt/eval/resume.py; --no-resume: not;
+--task classify keeps nothing).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def add_parser(sub):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-resume", action="store_true",
                    help="score everything again: by default each finished batch is kept on disk and the same command "
-                        "after an interruption (Ctrl-C, a kill) continues from them")
+                        "after an interruption (Ctrl-C, a kill) continues from them (not --task classify: one pass "
+                        "a row)")
     p.set_defaults(func=run)
     return p
 
@@ -65,14 +67,14 @@ def run(args) -> int:
         options = dict(batch=args.batch, limit=args.limit, progress=progress, dist=dist)
         if task != "classify":                    # the language-model tasks keep their finished batches
             from ..eval import resume
-            if dist.is_main:
-                resume.prune()
+            resume.prune()                        # on every rank: a cache may be on each node's own disk
             options["keep"] = not args.no_resume
         try:
             result = evaluate(options)
         except KeyboardInterrupt:
             if dist.is_main and options.get("keep"):
-                print("npgpt eval: the batches scored so far are kept; the same command continues from them",
+                again = "the same command" if dist.world_size == 1 else f"the same command with mpiexec -n {dist.world_size}"
+                print(f"npgpt eval: the batches finished so far are kept; {again} continues from them",
                       file=sys.stderr, flush=True)
             raise
     described = describe(result)

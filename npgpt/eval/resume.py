@@ -2,14 +2,19 @@
 
 score() (npgpt/eval/score.py) writes each finished batch of requests to one file, written whole and then
 renamed into place, in a folder named by a digest of everything its numbers depend on: the model's arrays,
-the requests, the batch size, this rank and the rank count, the kernel backend and the kernels' sources.
-Run again, the same evaluation finds that folder, loads its batches and scores only the others: the same
-requests in the same batches, so the result is the uninterrupted run's to the bit. A finished evaluation
-removes its folder; folders left for more than PRUNE_DAYS days are removed by the next evaluation.
+the requests, the batch size and the rank count, the kernels (backend, sources, the CPU they were built
+for, the fused attention's availability, the packed products' settings) and the versions of npgpt, NumPy
+and Numba. Run again, the same evaluation finds that folder, loads its batches and scores only the others:
+the same requests in the same batches, so the result is the uninterrupted run's to the bit. A finished
+evaluation removes its folder; folders left for more than PRUNE_DAYS days are removed by the next one.
 
-    $NPGPT_HOME/eval-progress/<digest>/rank<R>-<first item>.npz      (item indices, nll, greedy, lengths)
+    $NPGPT_HOME/eval-progress/<digest>/rank<R>-<b>.npz     rank R's batch that starts at position b of its
+                                                           order: the requests' indices, their scored tokens'
+                                                           nll and greedy hits end to end, a count a request
 
-A kill or a full disk loses at most the batch being written (a `.part` file, ignored and removed later).
+A kill or a lost machine loses at most the batch being written (a `.part` file, ignored, gone with the
+folder); a file that cannot be read is scored again; a full disk or an unwritable cache stops the keeping,
+not the evaluation.
 """
 from __future__ import annotations
 
@@ -43,33 +48,62 @@ def model_digest(model) -> bytes:
 
 
 def progress_folder(model, requests, batch: int, dist) -> str:
-    """The folder of this evaluation's finished batches (see the module docstring); not created here."""
-    from .. import fast
-    from ..io.download import cache_dir
-    h = hashlib.sha256(model_digest(model))
-    for r in requests:
-        ids = np.ascontiguousarray(r.ids, dtype=np.int64)
-        h.update(np.int64(r.first).tobytes() + np.int64(len(ids)).tobytes() + ids.tobytes())
-    h.update(f"batch {batch} ranks {dist.world_size} kernels {fast.get_backend()}".encode())
-    if fast.use_numba():
-        from ..fast._jit import kernel_sources_digest
-        h.update(kernel_sources_digest())
-    return os.path.join(cache_dir(), FOLDER, h.hexdigest()[:32])
+    """The folder of this evaluation's finished batches (see the module docstring); not created here. Rank 0
+    computes it (hashing the weights once) and every rank gets it."""
+    folder = None
+    if dist.is_main:
+        import platform
+
+        import numba
+
+        from importlib.metadata import PackageNotFoundError, version
+
+        from .. import fast
+        from ..fast import settings
+        try:
+            __version__ = version("npgpt")
+        except PackageNotFoundError:         # run from a source tree that was never installed
+            __version__ = "source"
+        h = hashlib.sha256(model_digest(model))
+        for r in requests:
+            ids = np.ascontiguousarray(r.ids, dtype=np.int64)
+            h.update(np.int64(r.first).tobytes() + np.int64(len(ids)).tobytes() + ids.tobytes())
+        h.update(f"batch {batch} ranks {dist.world_size} kernels {fast.get_backend()} npgpt {__version__} numpy "
+                 f"{np.__version__} numba {numba.__version__} {platform.machine()} {_cpu()} flash "
+                 f"{fast.flash_attention_available()} rows {settings.packed_rows()}".encode())
+        if fast.use_numba():
+            from ..fast._jit import kernel_sources_digest
+            h.update(kernel_sources_digest())
+        from ..io.download import cache_dir
+        folder = os.path.join(cache_dir(), FOLDER, h.hexdigest()[:32])
+    return dist.bcast(folder)
+
+
+def _cpu() -> str:
+    """The CPU's model name and flags (what Numba's and OpenBLAS's code is chosen for), where Linux says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f.read().splitlines() if line.startswith(("model name", "flags"))]
+        return " ".join(lines[:2])
+    except OSError:
+        import platform
+        return platform.processor()
 
 
 class Kept:
     """This rank's finished batches of one evaluation, on disk: load() what an earlier run kept, add() each
-    batch as it finishes, remove() the folder when the evaluation is complete."""
+    batch as it finishes, remove() the folder when the evaluation is complete (every rank, once all are:
+    a cache on each node's own disk is emptied too)."""
 
     def __init__(self, folder: str, rank: int):
-        self.folder, self.rank = folder, rank
+        self.folder, self.rank, self.failed = folder, rank, False
 
     def _path(self, first: int) -> str:
         return os.path.join(self.folder, f"rank{self.rank}-{first}.npz")
 
     def load(self) -> dict:
-        """{first item's position in this rank's order: (items, nll, greedy, lengths)} kept by an earlier run;
-        a file that cannot be read is left out (its batch is scored again)."""
+        """{position in this rank's order: (items, nll, greedy, counts)} kept by an earlier run; a file that
+        cannot be read (cut short by a lost machine, damaged) is left out: its batch is scored again."""
         kept = {}
         prefix = f"rank{self.rank}-"
         try:
@@ -82,26 +116,30 @@ class Kept:
             try:
                 first = int(name[len(prefix):-4])
                 with np.load(os.path.join(self.folder, name)) as f:
-                    kept[first] = (f["items"], f["nll"], f["greedy"], f["lengths"])
-            except (OSError, ValueError, KeyError, EOFError):
+                    kept[first] = (f["items"], f["nll"], f["greedy"], f["counts"])
+            except Exception:        # noqa: BLE001  (zipfile.BadZipFile, EOFError, ValueError, OSError, ...)
                 continue
         return kept
 
-    def add(self, first: int, items, nll, greedy, lengths) -> None:
-        """Keep one finished batch (written whole to a .part file, then renamed into place)."""
-        os.makedirs(self.folder, exist_ok=True)
+    def add(self, first: int, items, nll, greedy, counts) -> None:
+        """Keep one finished batch (written whole to a .part file, then renamed into place). The first write
+        that fails (a full disk, an unwritable cache) ends the keeping for this run, quietly."""
+        if self.failed:
+            return
         path = self._path(first)
         part = f"{path}.{os.getpid()}.part"
         try:
+            os.makedirs(self.folder, exist_ok=True)
             with open(part, "wb") as f:
                 np.savez(f, items=np.asarray(items, np.int64), nll=nll, greedy=greedy,
-                         lengths=np.asarray(lengths, np.int64))
+                         counts=np.asarray(counts, np.int64))
             os.replace(part, path)
         except OSError:
+            self.failed = True
             try:
                 os.remove(part)
             except OSError:
-                pass                 # a full disk: this batch is not kept, the evaluation goes on
+                pass
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -127,7 +127,7 @@ def score(model, requests, batch: int = 8, progress: bool = False, dist=None, de
                 store.add(b0, mine[b0:b0 + batch], nll, greedy, counts)
             bar.update(sum(len(r.ids) - 1 for r in group))
     scores = collect(local, len(requests), dist)       # every rank's batches are in: nothing more to keep
-    if store is not None and dist.is_main:
+    if store is not None:
         store.remove()
     return scores
 
