@@ -18,6 +18,7 @@ import contextlib
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -801,10 +802,8 @@ def _launch(jobs, timeout: float) -> tuple:
             if status or any(p.poll() is None for p in procs):
                 _end_groups(procs)
         except BaseException:                # Ctrl-C, SIGTERM: the jobs are in their own sessions, out of their reach
-            import signal
-            for sig in ending:               # one signal was enough: another must not cut the ending short
-                signal.signal(sig, signal.SIG_IGN)
-            _end_groups(procs)
+            with signals.handling(("SIGINT",), signal.SIG_IGN):   # one signal was enough: another must not cut
+                _end_groups(procs)                                 # the ending short (SIGTERM, SIGHUP: see below)
             raise
         for p in procs:
             p.wait()
@@ -816,7 +815,11 @@ def _launch(jobs, timeout: float) -> tuple:
 def _end_the_wait(signum, frame):
     """SIGTERM and SIGHUP (`timeout`, a batch system, a closed terminal) while the bench waits for its jobs:
     SystemExit(128 + the signal), as Ctrl-C raises KeyboardInterrupt, so that the jobs are ended on the way
-    out instead of left running, orphaned, on the cores the next run is timed on."""
+    out instead of left running, orphaned, on the cores the next run is timed on. Both are ignored from
+    then on (`timeout` signals the bench and then its group) until _launch puts the handlers back."""
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) is _end_the_wait:
+            signal.signal(sig, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
@@ -825,7 +828,6 @@ def _end_groups(procs) -> None:
     job and all it started, mpiexec's ranks, a rank's children), whether or not the leader has already
     exited: SIGTERM, which mpiexec forwards, 5 s for the leaders to go, then SIGKILL to whatever is
     left, and at most 5 s until the groups are empty of live processes."""
-    import signal
     pgids = [p.pid for p in procs]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for g in pgids:

@@ -23,12 +23,12 @@ def exit_status(name: str) -> int:
 @contextlib.contextmanager
 def handling(names, handler):
     replaced = {}
-    if threading.current_thread() is threading.main_thread():
-        for name in names:
-            sig = getattr(signal, name, None)
-            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
-                replaced[sig] = signal.signal(sig, handler)
     try:
+        if threading.current_thread() is threading.main_thread():
+            for name in names:
+                sig = getattr(signal, name, None)
+                if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+                    replaced[sig] = signal.signal(sig, handler)
         yield list(replaced)
     finally:
         for sig, old in replaced.items():

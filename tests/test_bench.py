@@ -211,6 +211,25 @@ def test_a_terminated_bench_ends_the_jobs_it_started(tmp_path, signame):
     assert not _alive(job_pid)
 
 
+def test_a_second_sigterm_does_not_cut_the_ending_short(tmp_path):
+    """`timeout` signals the bench, then its group: a SIGTERM while the bench ends a job that ignores SIGTERM
+    (so it waits the 5 s before SIGKILL) must not stop the ending before the SIGKILL."""
+    pidfile = tmp_path / "job.pid"
+    job = [sys.executable, "-c", "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+           f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
+    waiter = subprocess.Popen([sys.executable, "-c", "import os; from npgpt.bench import _launch; "
+                               f"_launch([({job!r}, dict(os.environ))], timeout=120)"])
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job_pid = int(pidfile.read_text())
+    waiter.send_signal(signal.SIGTERM)
+    time.sleep(1.0)                                     # the bench is in its 5 s wait for the job
+    waiter.send_signal(signal.SIGTERM)
+    assert waiter.wait(timeout=30) == 128 + signal.SIGTERM
+    assert not _alive(job_pid)
+
+
 def test_a_bench_under_nohup_outlives_the_terminal(tmp_path):
     """A SIGHUP the process ignores (nohup) stays ignored while the bench waits: its runs go on; SIGTERM
     still ends them."""

@@ -149,6 +149,11 @@ def test_sigterm_stops_after_the_update_with_a_checkpoint_and_a_second_signal_at
     assert checkpoint_dir(run).endswith("ckpt-000007")
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
+    model, batches, evaluate, run = _resume_setup(tmp_path, "both")    # Ctrl-C and a scheduler's SIGTERM at once
+    r = fit(model, adamw(model), batches, LoopConfig(steps=12, lr=3e-3), loss_fn=_interrupt_at(4, signal.SIGINT,
+            signal.SIGTERM), count_fn=count_targets, run_dir=run, progress=False, log=lambda m: None)
+    assert r.step == 4 and r.signal == "SIGTERM" and checkpoint_dir(run).endswith("ckpt-000004")
+
     monkeypatch.setattr(loop._StopOnSignal, "REPEAT_S", 0.0)      # the second one comes "later"
     model, batches, evaluate, run = _resume_setup(tmp_path, "twice")
     with pytest.raises(KeyboardInterrupt):

@@ -134,10 +134,13 @@ class _StopOnSignal:
         return self
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.requested is None:
-            self.requested, self._at = signal.Signals(signum).name, time.monotonic()
+            self.requested, self._at = name, time.monotonic()
         elif time.monotonic() - self._at >= self.REPEAT_S:
             raise KeyboardInterrupt
+        elif name == "SIGTERM":
+            self.requested = name           # a scheduler's SIGTERM beside a Ctrl-C: the stop names it
 
     def __exit__(self, *exc):
         if self._handling is not None:
@@ -312,9 +315,9 @@ def _fit(model, optimizer, batches, config, loss_fn, count_fn, evaluate, sample,
             if requested:
                 interrupted = requested
                 break
-    bar.close()
-    if interrupted and last_saved != step:
-        checkpoint()
+        bar.close()
+        if interrupted and last_saved != step:
+            checkpoint()                                   # still under the handlers: a duplicate signal waits
     if metrics:
         metrics.close()
     model.eval()
