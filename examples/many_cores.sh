@@ -35,7 +35,8 @@ fi
 out=${1:-${OUT:-many-cores-out}}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-rm -f "$out"/*.json "$out"/*.err "$out"/*.txt      # a reused folder: the summary reads only this run's files
+(cd "$out" && rm -f machine.txt log.txt warm.txt profile.txt summary.txt small-*.json gpt2-*.json \
+    warm.err profile.err small-*.err gpt2-*.err)       # a reused folder: the summary reads only this run's files
 budget=${MC_BUDGET:-540}
 steps=${MC_STEPS:-3}
 torch_python=${MC_TORCH_PYTHON:-python3}
