@@ -193,60 +193,51 @@ def test_launch_ends_a_hung_job_and_its_children(tmp_path):
     assert status == 3 and "rank 1 broke" in err and time.monotonic() - t0 < 30
 
 
+def _bench_waiting_for_a_job(tmp_path, job_setup="", bench_setup=""):
+    """A process in _launch, waiting for one sleeping job (job_setup and bench_setup: Python run first in
+    each) -> (the bench's Popen, the job's pid once it is running)."""
+    pidfile = tmp_path / "job.pid"
+    job = [sys.executable, "-c", f"import os, signal, time\n{job_setup}\n"
+           f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
+    bench = subprocess.Popen([sys.executable, "-c", f"import os, signal\n{bench_setup}\nfrom npgpt.bench import _launch; "
+                              f"_launch([({job!r}, dict(os.environ))], timeout=120)"])
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bench, int(pidfile.read_text())
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
 def test_a_terminated_bench_ends_the_jobs_it_started(tmp_path, signame):
     """`timeout` (SIGTERM) or a closed terminal (SIGHUP) ending `npgpt bench --grid` ends its runs too: they
     are in their own sessions, so nothing else would, and left running they would take the cores of whatever
     is timed next. The bench exits 128 + the signal."""
-    pidfile = tmp_path / "job.pid"
-    job = [sys.executable, "-c", f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
-    waiter = subprocess.Popen([sys.executable, "-c", "import os, sys; from npgpt.bench import _launch; "
-                               f"_launch([({job!r}, dict(os.environ))], timeout=120)"])
-    deadline = time.monotonic() + 60
-    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    job_pid = int(pidfile.read_text())
-    waiter.send_signal(getattr(signal, signame))
-    assert waiter.wait(timeout=30) == 128 + getattr(signal, signame)
+    bench, job_pid = _bench_waiting_for_a_job(tmp_path)
+    bench.send_signal(getattr(signal, signame))
+    assert bench.wait(timeout=30) == 128 + getattr(signal, signame)
     assert not _alive(job_pid)
 
 
 def test_a_second_sigterm_does_not_cut_the_ending_short(tmp_path):
     """`timeout` signals the bench, then its group: a SIGTERM while the bench ends a job that ignores SIGTERM
     (so it waits the 5 s before SIGKILL) must not stop the ending before the SIGKILL."""
-    pidfile = tmp_path / "job.pid"
-    job = [sys.executable, "-c", "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-           f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
-    waiter = subprocess.Popen([sys.executable, "-c", "import os; from npgpt.bench import _launch; "
-                               f"_launch([({job!r}, dict(os.environ))], timeout=120)"])
-    deadline = time.monotonic() + 60
-    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    job_pid = int(pidfile.read_text())
-    waiter.send_signal(signal.SIGTERM)
+    bench, job_pid = _bench_waiting_for_a_job(tmp_path, job_setup="signal.signal(signal.SIGTERM, signal.SIG_IGN)")
+    bench.send_signal(signal.SIGTERM)
     time.sleep(1.0)                                     # the bench is in its 5 s wait for the job
-    waiter.send_signal(signal.SIGTERM)
-    assert waiter.wait(timeout=30) == 128 + signal.SIGTERM
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=30) == 128 + signal.SIGTERM
     assert not _alive(job_pid)
 
 
 def test_a_bench_under_nohup_outlives_the_terminal(tmp_path):
     """A SIGHUP the process ignores (nohup) stays ignored while the bench waits: its runs go on; SIGTERM
     still ends them."""
-    pidfile = tmp_path / "job.pid"
-    job = [sys.executable, "-c", f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
-    waiter = subprocess.Popen([sys.executable, "-c", "import os, signal; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
-                               "from npgpt.bench import _launch; "
-                               f"_launch([({job!r}, dict(os.environ))], timeout=120)"])
-    deadline = time.monotonic() + 60
-    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    job_pid = int(pidfile.read_text())
-    waiter.send_signal(signal.SIGHUP)
+    bench, job_pid = _bench_waiting_for_a_job(tmp_path, bench_setup="signal.signal(signal.SIGHUP, signal.SIG_IGN)")
+    bench.send_signal(signal.SIGHUP)
     time.sleep(1.0)
-    assert waiter.poll() is None and _alive(job_pid)
-    waiter.send_signal(signal.SIGTERM)
-    assert waiter.wait(timeout=30) == 128 + signal.SIGTERM
+    assert bench.poll() is None and _alive(job_pid)
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=30) == 128 + signal.SIGTERM
     assert not _alive(job_pid)
 
 

@@ -90,25 +90,32 @@ def test_bad_input_one_line_error_and_nothing_written(tmp_path, case):
     assert not (tmp_path / "run").exists()
 
 
+def _signal_a_training_run(tmp_path, args, run, sig, rows):
+    """`npgpt ARGS --out RUN` in its own process, sent `sig` once metrics.jsonl has `rows` rows -> (exit
+    status, stderr, the step its checkpoint holds)."""
+    import time
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NPGPT_HOME=str(tmp_path / ".npgpt-home"))
+    p = subprocess.Popen([sys.executable, "-m", "npgpt", *map(str, args), "--out", str(run)], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < rows):
+        time.sleep(0.01)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    return p.returncode, err, json.loads(open(run / "checkpoint" / "trainer.json").read())["step"]
+
+
 def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path):
     """`kill` / a batch system's SIGTERM to a one-process `npgpt train`: the update in progress ends, a
     checkpoint is written, one line says so and how to continue, exit status 143."""
     import signal
-    import time
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NPGPT_HOME=str(tmp_path / ".npgpt-home"))
     run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "npgpt", "train", "--data", VERDICT, "--tokenizer", "char", "--config",
-                          "tiny", "--context", "32", "--batch", "4", "--steps", "100000", "--eval-every", "0",
-                          "--sample-every", "0", "--save-every", "0", "--no-progress", "--out", str(run)],
-                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 3):
-        time.sleep(0.01)
-    p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 143, err
-    stopped = json.loads(open(run / "checkpoint" / "trainer.json").read())["step"]
+    code, err, stopped = _signal_a_training_run(
+        tmp_path, ["train", "--data", VERDICT, "--tokenizer", "char", "--config", "tiny", "--context", "32", "--batch",
+                   "4", "--steps", "100000", "--eval-every", "0", "--sample-every", "0", "--save-every", "0",
+                   "--no-progress"], run, signal.SIGTERM, rows=3)
+    assert code == 143, err
     assert err.strip().splitlines()[-1] == (f"npgpt train: stopped by SIGTERM at step {stopped}; checkpoint written. "
                                            f"Continue with: npgpt train --out {run} --resume")
 
@@ -117,26 +124,16 @@ def test_ctrl_c_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     """Ctrl-C (SIGINT) during `npgpt train` writes a checkpoint and exits 130; `--resume` in a new
     process then ends bit for bit where an uninterrupted run ends (parameters and metrics rows)."""
     import signal
-    import time
     args = ["train", "--data", VERDICT, "--tokenizer", "char", "--config", "tiny", "--context", "32", "--batch", "4",
             "--steps", "150", "--eval-every", "50", "--eval-batches", "2", "--sample-every", "0", "--save-every", "0",
             "--dropout", "0.1", "--warmup", "20", "--no-progress"]
     full = npgpt_cli(*args, "--out", tmp_path / "full", cwd=tmp_path)
     assert full.returncode == 0, full.stderr
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NPGPT_HOME=str(tmp_path / ".npgpt-home"))
     run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "npgpt", *map(str, args), "--out", str(run)], cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 5):
-        time.sleep(0.01)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    code, err, stopped = _signal_a_training_run(tmp_path, args, run, signal.SIGINT, rows=5)
+    assert code == 130, err
     assert "--resume" in err
-    stopped = json.loads(open(run / "checkpoint" / "trainer.json").read())["step"]
     assert 0 < stopped < 150
 
     r = npgpt_cli("train", "--out", run, "--resume", "--no-progress", cwd=tmp_path)
