@@ -278,9 +278,10 @@ def test_eval_command_continues_after_ctrl_c(capsys, tmp_path, home, monkeypatch
     assert code == 130 and "the same command continues" in err and _kept_files(home), err
     code, fresh, err = run_eval(capsys, *args, "--no-resume")          # right after: scores every batch
     assert code == 0, err
-    code, out, err = run_eval(capsys, *args)
+    code, out, err = run_eval(capsys, *args[:-1])                     # with its progress bar
     assert code == 0 and out == fresh, err
     assert 0 < calls[2].calls < calls[1].calls and not _kept_files(home)
+    assert f"(continued: 1 of {calls[1].calls} batches kept)" in err
 
 
 # ----------------------------------------------------------------------------- tokens, words and bytes

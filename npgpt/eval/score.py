@@ -102,6 +102,8 @@ def score(model, requests, batch: int = 8, progress: bool = False, dist=None, de
     local = {}
     store = Kept(progress_folder(model, requests, batch, dist), dist.rank) if keep else None
     kept = store.load() if keep else {}
+    if kept:
+        desc += f" (continued: {len(kept)} of {-(-len(mine) // batch)} batches kept)"
     with progress_bar(int(lengths[mine].sum() - len(mine)), progress and dist.is_main, desc) as bar, \
             no_grad(), model.eval_mode():
         for b0 in range(0, len(mine), batch):
