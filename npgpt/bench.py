@@ -786,7 +786,7 @@ def _launch(jobs, timeout: float) -> tuple:
         files = [[stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2)] for _ in jobs]
         procs = []
         deadline = time.monotonic() + timeout
-        ending = stack.enter_context(signals.handling(("SIGTERM", "SIGHUP"), _end_the_wait))
+        stack.enter_context(signals.handling(("SIGTERM", "SIGHUP"), _end_the_wait))
         try:
             for (cmd, env), (out, err) in zip(jobs, files):
                 procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True))

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import time
+from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
-
 FOLDER = "eval-progress"
 PRUNE_DAYS = 14
-
 
 PACKED = ("packed", "scale")    # a packed layer's weights (npgpt.inference.quant), beside its Parameters
 
@@ -52,31 +52,29 @@ def progress_folder(model, requests, batch: int, dist) -> str:
     computes it (hashing the weights once) and every rank gets it."""
     folder = None
     if dist.is_main:
-        import platform
-
-        import numba
-
-        from importlib.metadata import PackageNotFoundError, version
-
         from .. import fast
         from ..fast import settings
-        try:
-            __version__ = version("npgpt")
-        except PackageNotFoundError:         # run from a source tree that was never installed
-            __version__ = "source"
+        from ..io.download import cache_dir
         h = hashlib.sha256(model_digest(model))
         for r in requests:
             ids = np.ascontiguousarray(r.ids, dtype=np.int64)
             h.update(np.int64(r.first).tobytes() + np.int64(len(ids)).tobytes() + ids.tobytes())
-        h.update(f"batch {batch} ranks {dist.world_size} kernels {fast.get_backend()} npgpt {__version__} numpy "
-                 f"{np.__version__} numba {numba.__version__} {platform.machine()} {_cpu()} flash "
-                 f"{fast.flash_attention_available()} rows {settings.packed_rows()}".encode())
+        h.update(f"batch {batch} ranks {dist.world_size} kernels {fast.get_backend()} npgpt {_version()} numpy "
+                 f"{np.__version__} {platform.machine()} {_cpu()} flash {fast.flash_attention_available()} rows "
+                 f"{settings.packed_rows()}".encode())
         if fast.use_numba():
+            import numba
             from ..fast._jit import kernel_sources_digest
-            h.update(kernel_sources_digest())
-        from ..io.download import cache_dir
+            h.update(f"numba {numba.__version__}".encode() + kernel_sources_digest())
         folder = os.path.join(cache_dir(), FOLDER, h.hexdigest()[:32])
     return dist.bcast(folder)
+
+
+def _version() -> str:
+    try:
+        return version("npgpt")
+    except PackageNotFoundError:             # run from a source tree that was never installed
+        return "source"
 
 
 def _cpu() -> str:
@@ -86,7 +84,6 @@ def _cpu() -> str:
             lines = [line for line in f.read().splitlines() if line.startswith(("model name", "flags"))]
         return " ".join(lines[:2])
     except OSError:
-        import platform
         return platform.processor()
 
 
