@@ -17,6 +17,7 @@
 #   gpt2-RxT.json  the same at GPT-2 124M shapes, Nx1 and 1xN
 #   gpt2-Nx1-zero.json  124M at Nx1 with --shard-optimizer (ZeRO-1), npgpt only
 #   profile.txt    examples/profile_ops.py at nanoGPT's shape, 1 against N threads, if time is left
+#   profile-torch.txt  the same for PyTorch's step (--framework torch): which ops scale worse than PyTorch's
 #   summary.txt    the issue's three 16-core figures from whatever finished
 # Environment knobs: MC_TORCH_PYTHON (the Python with torch; default python3), MC_BUDGET (seconds the whole
 # script may take; default 540), MC_STEPS (timed train steps a run; default 3).
@@ -35,8 +36,8 @@ fi
 out=${1:-${OUT:-many-cores-out}}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-(cd "$out" && rm -f machine.txt log.txt warm.txt profile.txt summary.txt small-*.json gpt2-*.json \
-    warm.err profile.err small-*.err gpt2-*.err)       # a reused folder: the summary reads only this run's files
+(cd "$out" && rm -f machine.txt log.txt warm.txt profile.txt profile-torch.txt summary.txt small-*.json gpt2-*.json \
+    warm.err profile.err profile-torch.err small-*.err gpt2-*.err)       # a reused folder: the summary reads only this run's files
 budget=${MC_BUDGET:-540}
 steps=${MC_STEPS:-3}
 torch_python=${MC_TORCH_PYTHON:-python3}
@@ -97,6 +98,8 @@ step "gpt2-${n}x1-zero" "gpt2-${n}x1-zero.json" 70 python3 -m npgpt bench --mode
     --steps "$steps" --rounds 1 --timeout 60 --json
 step profile profile.txt 100 python3 examples/profile_ops.py --shape nanogpt --B 12 --T 64 --steps 10 --rounds 2 \
     --threads "$n"
+step profile-torch profile-torch.txt 100 "$torch_python" examples/profile_ops.py --framework torch --shape nanogpt \
+    --B 12 --T 64 --steps 10 --rounds 2 --threads "$n"
 
 # the figures issue 22's acceptance asks for, from whatever finished
 python3 - "$out" "$n" <<'PY' | tee "$out/summary.txt"

@@ -9,14 +9,24 @@ An op is a layer's forward or backward (its own time: what it runs itself, not t
 Numba kernel, the weight-gradient GEMM (Parameter.add_matmul) or a step of the optimizer; "step glue"
 is the step's wall time minus every op's. Each op's speed-up from 1 to N threads says whether it uses
 the cores: an op near 1.0x runs on one core while the others wait. The table gives each op's share of
-the N-thread step; the last lines sum the time of ops that gain less than --serial-below.
+the N-thread step, then the time of the ops that gain less than --serial-below, then the same by kind
+(matrix products, attention, optimizer and clipping, the rest, the glue).
 
-The last line extrapolates to --predict threads op by op with Amdahl's law: an op taking t1 on one
-thread and tN on N has a serial fraction f = (tN / t1 - 1/N) / (1 - 1/N) (clipped to [0, 1]), and is
-predicted to take t1 (f + (1 - f) / P) on P threads. It ignores what only shows with more cores
-(memory bandwidth, cache sizes, GEMMs that split better or worse), so it is a forecast, not a figure.
+The last lines extrapolate to --predict threads with Amdahl's law, op by op and for the bare step
+whole: an op taking t1 on one thread and tN on N has a serial fraction f = (tN / t1 - 1/N) / (1 - 1/N)
+(clipped to [0, 1]), and is predicted to take t1 (f + (1 - f) / P) on P threads (unclipped, the two
+agree: the sum is linear; op by op includes the timers' cost, the bare step does not). It ignores what
+only shows with more cores (memory bandwidth, cache sizes, GEMMs that split better or worse), so it is
+a forecast, not a figure. The timers cost about a microsecond a call, so the step is also timed without
+them ("bare").
 
-The timers cost about a microsecond a call, so the step is also timed without them ("bare").
+With --framework torch the same is done to PyTorch's step (npgpt.bench.torch_step: transformers'
+GPT2LMHeadModel, cross-entropy, clipping, AdamW), each aten op's own time taken by torch.profiler, so
+that the two frameworks are compared op kind by op kind, and forecast by one method, on one machine.
+It needs a Python with torch and transformers, and npgpt on its path:
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=. TORCH_VENV/bin/python examples/profile_ops.py \
+        --framework torch --shape nanogpt --B 12 --T 64
 """
 import argparse
 import os
@@ -36,63 +46,47 @@ ap.add_argument("--rounds", type=int, default=3)
 ap.add_argument("--serial-below", type=float, default=1.25, help="speed-up under which an op counts as serial")
 ap.add_argument("--rows", type=int, default=30)
 ap.add_argument("--predict", type=int, default=16, help="thread count to extrapolate the step to (Amdahl, op by op)")
+ap.add_argument("--framework", choices=("npgpt", "torch"), default="npgpt",
+                help="whose train step: npgpt's (default), or PyTorch's (aten ops timed by torch.profiler)")
 args = ap.parse_args()
+GLUE = "step glue (untimed Python)"
 
-from npgpt.fast import settings  # noqa: E402
-settings.apply()   # as `npgpt train` runs: before NumPy loads OpenBLAS
-import numba  # noqa: E402
+if args.framework == "npgpt":
+    from npgpt.fast import settings
+    settings.apply()   # as `npgpt train` runs: before NumPy loads OpenBLAS
 import numpy as np  # noqa: E402
-from threadpoolctl import ThreadpoolController  # noqa: E402
-
-import npgpt  # noqa: E402
-from npgpt import fast, layers  # noqa: E402
-from npgpt.bench import OpClock, blas_info  # noqa: E402
-from npgpt.layers.module import Parameter  # noqa: E402
-from npgpt.train.lm import count_targets, lm_loss  # noqa: E402
-from npgpt.train.loop import train_step  # noqa: E402
 
 
-class TrainClock(OpClock):
-    """npgpt.bench.OpClock over a train step's ops."""
+def npgpt_profiler():
+    """(info, set_threads(n), step(), timed_steps(n) -> (wall seconds, {op: own seconds}, {op: calls}))
+    for npgpt's train step, every layer's forward/backward, Numba kernel, weight-gradient GEMM and AdamW
+    wrapped in npgpt.bench.OpClock."""
+    import numba
+    from threadpoolctl import ThreadpoolController
 
-    def instrument(self):
-        """Time every layer's forward/backward, every Numba kernel, the weight-gradient GEMM, AdamW."""
-        for cls in (layers.Embedding, layers.PositionEmbedding, layers.Dropout, layers.Block, layers.LayerNorm,
-                    layers.CausalSelfAttention, layers.MLP, layers.Linear, layers.GELU, layers.TiedLMHead, npgpt.GPT):
-            for meth in ("forward", "forward_without_bias", "backward", "attend", "backward_hidden", "forward_hidden"):
-                if meth in vars(cls):
-                    setattr(cls, meth, self.wrap(f"{cls.__name__}.{meth}", vars(cls)[meth]))
-        for name in fast._KERNELS:
-            setattr(fast, name, self.wrap(f"kernel {name}", getattr(fast, name)))
-        Parameter.add_matmul = self.wrap("weight-grad GEMM (add_matmul)", Parameter.add_matmul)
-        Parameter.zero_grad = self.wrap("Parameter.zero_grad", Parameter.zero_grad)
-        npgpt.AdamW.step = self.wrap("AdamW.step", npgpt.AdamW.step)
+    import npgpt
+    from npgpt import fast, layers
+    from npgpt.bench import OpClock, blas_info
+    from npgpt.layers.module import Parameter
+    from npgpt.train.lm import count_targets, lm_loss
+    from npgpt.train.loop import train_step
 
+    clock = OpClock()
+    for cls in (layers.Embedding, layers.PositionEmbedding, layers.Dropout, layers.Block, layers.LayerNorm,
+                layers.CausalSelfAttention, layers.MLP, layers.Linear, layers.GELU, layers.TiedLMHead, npgpt.GPT):
+        for meth in ("forward", "forward_without_bias", "backward", "attend", "backward_hidden", "forward_hidden"):
+            if meth in vars(cls):
+                setattr(cls, meth, clock.wrap(f"{cls.__name__}.{meth}", vars(cls)[meth]))
+    for name in fast._KERNELS:
+        setattr(fast, name, clock.wrap(f"kernel {name}", getattr(fast, name)))
+    Parameter.add_matmul = clock.wrap("weight-grad GEMM (add_matmul)", Parameter.add_matmul)
+    Parameter.zero_grad = clock.wrap("Parameter.zero_grad", Parameter.zero_grad)
+    npgpt.AdamW.step = clock.wrap("AdamW.step", npgpt.AdamW.step)
 
-def main():
     cfg = SHAPES[args.shape]
-    N = args.threads
-    print(f"shape {args.shape} {cfg}, B={args.B} T={args.T}; threads 1 vs {N}; blas: {blas_info()}")
-    clock = TrainClock()
-    clock.instrument()
     model = npgpt.GPT(npgpt.GPTConfig(**cfg), seed=0)
     opt = npgpt.AdamW(model, lr=1e-4)
     rng = np.random.default_rng(0)
-
-    def step():
-        idx = rng.integers(0, cfg["n_vocab"], (args.B, args.T))
-        train_step(model, opt, (idx, np.roll(idx, -1, axis=1)), 1e-4, loss_fn=lm_loss, count_fn=count_targets)
-
-    def steps(n, timed_ops):
-        clock.on = timed_ops
-        t = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            step()
-            t.append(time.perf_counter() - t0)
-        clock.on = False
-        return t
-
     # NumPy's BLAS only: the fused attention keeps SciPy's (its tiles' np.dot) on one thread
     numpy_blas = [lib for lib in ThreadpoolController().lib_controllers if "numpy" in lib.filepath]
 
@@ -101,23 +95,101 @@ def main():
             lib.set_num_threads(threads)
         numba.set_num_threads(threads)
 
+    def step():
+        idx = rng.integers(0, cfg["n_vocab"], (args.B, args.T))
+        train_step(model, opt, (idx, np.roll(idx, -1, axis=1)), 1e-4, loss_fn=lm_loss, count_fn=count_targets)
+
+    def timed_steps(n):
+        clock.clear()
+        clock.on = True
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        wall = time.perf_counter() - t0
+        clock.on = False
+        return wall, dict(clock.own), dict(clock.calls)
+
+    return f"blas: {blas_info()}", set_threads, step, timed_steps
+
+
+def torch_profiler():
+    """The same for PyTorch's train step (npgpt.bench.torch_step), its aten ops' own CPU time from
+    torch.profiler (each op's self time: what it ran itself, not the ops it called)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from npgpt.bench import _torch_model, torch_adamw, torch_step
+
+    cfg = SHAPES[args.shape]
+    model = _torch_model(cfg, train=True)
+    opt = torch_adamw(model)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        torch_step(model, model, opt, torch.randint(0, cfg["n_vocab"], (args.B, args.T), generator=g))
+
+    def timed_steps(n):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step()
+            wall = time.perf_counter() - t0
+        own, calls = {}, {}
+        for e in prof.key_averages():
+            own[e.key] = e.self_cpu_time_total * 1e-6
+            calls[e.key] = e.count
+        return wall, own, calls
+
+    blas = [line.split(":")[0].strip() for line in torch.__config__.parallel_info().splitlines() if "Math Kernel" in line]
+    info = f"torch {torch.__version__}, BLAS: {blas[0] if blas else 'not MKL'}"
+    return info, torch.set_num_threads, step, timed_steps
+
+
+KINDS = ("matrix products", "attention", "optimizer and clipping", "the rest", GLUE)
+
+
+def kind(op):
+    """Which of KINDS an op of either framework belongs to, so the two can be compared kind by kind. npgpt's
+    Linear and TiedLMHead layers' own time is their GEMMs (the bias add, GELU and LayerNorm are kernels)."""
+    if op == GLUE:
+        return GLUE
+    if op.startswith(("aten::mm", "aten::addmm", "aten::bmm", "weight-grad GEMM", "Linear.", "TiedLMHead.")):
+        return "matrix products"
+    if "attention" in op.lower():
+        return "attention"
+    if op.startswith(("Optimizer.", "kernel adamw", "kernel sum_of_squares", "AdamW.")) or op in (
+            "aten::_foreach_norm", "aten::linalg_vector_norm", "aten::lerp_", "aten::addcdiv_", "aten::sqrt", "aten::div",
+            "aten::mul_"):
+        return "optimizer and clipping"
+    return "the rest"
+
+
+def main():
+    N = args.threads
+    info, set_threads, step, timed_steps = (torch_profiler if args.framework == "torch" else npgpt_profiler)()
+    print(f"{args.framework}: shape {args.shape} {SHAPES[args.shape]}, B={args.B} T={args.T}; threads 1 vs {N}; {info}")
+
     own = {1: defaultdict(list), N: defaultdict(list)}     # threads -> op -> per-round seconds per step
     wall, bare = {1: [], N: []}, {1: [], N: []}
+    calls = {}
     for threads in (1, N):                                  # warm-up: compile both kernel builds
         set_threads(threads)
-        steps(2, False)
+        for _ in range(2):
+            step()
     for r in range(args.rounds):
         for threads in ((1, N) if r % 2 == 0 else (N, 1)):
             set_threads(threads)
-            clock.own.clear(), clock.calls.clear()
-            t = steps(args.steps, True)
-            bare[threads].append(np.median(steps(args.steps, False)))
-            wall[threads].append(sum(t) / args.steps)
-            timed = 0.0
-            for name, s in clock.own.items():
+            t, ops, calls = timed_steps(args.steps)
+            b = []
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                step()
+                b.append(time.perf_counter() - t0)
+            bare[threads].append(np.median(b))
+            wall[threads].append(t / args.steps)
+            for name, s in ops.items():
                 own[threads][name].append(s / args.steps)
-                timed += s / args.steps
-            own[threads]["step glue (untimed Python)"].append(sum(t) / args.steps - timed)
+            own[threads][GLUE].append((t - sum(ops.values())) / args.steps)
 
     med = {th: {name: float(np.median(v)) for name, v in ops.items()} for th, ops in own.items()}
     step1, stepN = np.median(wall[1]), np.median(wall[N])
@@ -126,16 +198,25 @@ def main():
           f"(median of {args.rounds} rounds x {args.steps} steps)")
     print(f"| op | calls/step | 1 thread ms | {N} threads ms | speed-up | share of the {N}-thread step |")
     print("|---|---|---|---|---|---|")
-    serial = 0.0
+
+    def gain(name):
+        t1, tN = med[1].get(name, 0.0), med[N][name]
+        return t1 / tN if tN > 0 else float("inf")
+
+    serial = sum(med[N][name] for name in med[N] if gain(name) < args.serial_below)    # every op, printed or not
     for name in sorted(med[N], key=lambda k: -med[N][k])[:args.rows]:
         t1, tN = med[1].get(name, 0.0), med[N][name]
-        gain = t1 / tN if tN > 0 else float("inf")
-        mark = " (serial)" if gain < args.serial_below else ""
-        if gain < args.serial_below:
-            serial += tN
-        calls = clock.calls.get(name, 0) / args.steps
-        print(f"| {name}{mark} | {calls:.0f} | {t1 * 1e3:.2f} | {tN * 1e3:.2f} | {gain:.2f}x | {tN / stepN:.1%} |")
+        mark = " (serial)" if gain(name) < args.serial_below else ""
+        print(f"| {name}{mark} | {calls.get(name, 0) / args.steps:.0f} | {t1 * 1e3:.2f} | {tN * 1e3:.2f} | {gain(name):.2f}x "
+              f"| {tN / stepN:.1%} |")
     print(f"ops gaining under {args.serial_below}x from {N} threads: {serial * 1e3:.2f} ms, {serial / stepN:.1%} of the step")
+    print(f"| kind | 1 thread ms | {N} threads ms | speed-up | share of the {N}-thread step |")
+    print("|---|---|---|---|---|")
+    for k in KINDS:
+        t1 = sum(t for name, t in med[1].items() if kind(name) == k)
+        tN = sum(t for name, t in med[N].items() if kind(name) == k)
+        if tN > 0:
+            print(f"| {k} | {t1 * 1e3:.2f} | {tN * 1e3:.2f} | {t1 / tN:.2f}x | {tN / stepN:.1%} |")
     P, predicted, serial_P = args.predict, 0.0, 0.0
     for name, t1 in med[1].items():
         tN = med[N].get(name, t1)
@@ -144,6 +225,10 @@ def main():
         serial_P += t1 * f
     print(f"Amdahl, op by op, at {P} threads: {predicted * 1e3:.1f} ms a step ({step1 / predicted:.1f}x one thread), "
           f"of which {serial_P * 1e3:.1f} ms serial ({serial_P / predicted:.0%})")
+    b1, bN = np.median(bare[1]), np.median(bare[N])
+    f = min(1.0, max(0.0, (bN / b1 - 1 / N) / (1 - 1 / N)))
+    print(f"Amdahl, the bare step whole, at {P} threads: {b1 * (f + (1 - f) / P) * 1e3:.1f} ms a step "
+          f"({1 / (f + (1 - f) / P):.1f}x one thread; serial fraction {f:.2f})")
 
 
 if __name__ == "__main__":

@@ -408,6 +408,28 @@ def _torch_model(cfg, train):
 _KEEP_UNTIL_EXIT = []
 
 
+def torch_adamw(model):
+    """PyTorch's AdamW as npgpt's: decay on the >= 2-D parameters only."""
+    import torch
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+
+
+def torch_step(net, model, opt, idx):
+    """One PyTorch train step on the token rows idx: forward, cross-entropy, backward, clipping, AdamW.
+    net is model itself or its DDP wrapper. Returns the loss tensor."""
+    import torch
+    opt.zero_grad(set_to_none=True)
+    logits = net(idx).logits
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), torch.roll(idx, -1, 1).view(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
 def torch_train(cfg, B, T, steps, rank=0, world=1):
     """PyTorch's train step (forward, backward, clipping, AdamW) on a global batch of B x T, timed after
     two warm-up steps. With world > 1 this is rank `rank` of a DDP job over gloo (torch.distributed's
@@ -420,22 +442,14 @@ def torch_train(cfg, B, T, steps, rank=0, world=1):
         import torch.distributed as tdist
         tdist.init_process_group("gloo", rank=rank, world_size=world)
         net = torch.nn.parallel.DistributedDataParallel(model)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch_adamw(model)
     g = torch.Generator().manual_seed(0)
     rows = slice(rank * B // world, (rank + 1) * B // world)      # this rank's contiguous rows
     times = []
     for s in range(steps + 2):                       # two warm-up steps, as npgpt's
         idx = torch.randint(0, cfg["n_vocab"], (B, T), generator=g)[rows]
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        logits = net(idx).logits
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), torch.roll(idx, -1, 1).view(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = torch_step(net, model, opt, idx)
         times.append(time.perf_counter() - t0)
     if world > 1:
         _KEEP_UNTIL_EXIT.append(net)                 # see _KEEP_UNTIL_EXIT
