@@ -18,6 +18,9 @@
 #   gpt2-Nx1-zero.json  124M at Nx1 with --shard-optimizer (ZeRO-1), npgpt only
 #   profile.txt    examples/profile_ops.py at nanoGPT's shape, 1 against N threads, if time is left
 #   profile-torch.txt  the same for PyTorch's step (--framework torch): which ops scale worse than PyTorch's
+#   env.txt        examples/bench_step_env.py at nanoGPT's shape, N threads: the two thread pools' idle settings
+#                  (npgpt's training defaults; OpenBLAS's threads spinning longer; the kernels' threads spinning;
+#                  both, as the inference commands run), alternated, if time is left
 #   summary.txt    the issue's three 16-core figures from whatever finished
 # Environment knobs: MC_TORCH_PYTHON (the Python with torch; default python3), MC_BUDGET (seconds the whole
 # script may take; default 540), MC_STEPS (timed train steps a run; default 3).
@@ -36,8 +39,8 @@ fi
 out=${1:-${OUT:-many-cores-out}}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-(cd "$out" && rm -f machine.txt log.txt warm.txt profile.txt profile-torch.txt summary.txt small-*.json gpt2-*.json \
-    warm.err profile.err profile-torch.err small-*.err gpt2-*.err)       # a reused folder: the summary reads only this run's files
+(cd "$out" && rm -f machine.txt log.txt warm.txt profile.txt profile-torch.txt env.txt summary.txt small-*.json \
+    gpt2-*.json warm.err profile.err profile-torch.err env.err small-*.err gpt2-*.err)       # a reused folder: the summary reads only this run's files
 budget=${MC_BUDGET:-540}
 steps=${MC_STEPS:-3}
 torch_python=${MC_TORCH_PYTHON:-python3}
@@ -100,6 +103,8 @@ step profile profile.txt 100 python3 examples/profile_ops.py --shape nanogpt --B
     --threads "$n"
 step profile-torch profile-torch.txt 100 "$torch_python" examples/profile_ops.py --framework torch --shape nanogpt \
     --B 12 --T 64 --steps 10 --rounds 2 --threads "$n"
+step env env.txt 90 python3 examples/bench_step_env.py --rounds 3 --steps 40 --warmup 5 "" OPENBLAS_THREAD_TIMEOUT=20 \
+    GOMP_SPINCOUNT=10000 OPENBLAS_THREAD_TIMEOUT=20,GOMP_SPINCOUNT=10000
 
 # the figures issue 22's acceptance asks for, from whatever finished
 python3 - "$out" "$n" <<'PY' | tee "$out/summary.txt"
