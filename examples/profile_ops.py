@@ -21,9 +21,12 @@ a forecast, not a figure. The timers cost about a microsecond a call, so the ste
 them ("bare").
 
 With --framework torch the same is done to PyTorch's step (npgpt.bench.torch_step: transformers'
-GPT2LMHeadModel, cross-entropy, clipping, AdamW), each aten op's own time taken by torch.profiler, so
-that the two frameworks are compared op kind by op kind, and forecast by one method, on one machine.
-It needs a Python with torch and transformers, and npgpt on its path:
+GPT2LMHeadModel, cross-entropy, clipping, AdamW), each aten op's own time taken by torch.profiler (ops
+inside AdamW's step or the clipping named after it: "Optimizer.step#AdamW.step > aten::add_"), so that
+the two frameworks are compared kind by kind, and forecast by one method, on one machine. The profiler
+costs more than npgpt's timers (a few microseconds an op, and PyTorch's step runs thousands): compare
+its "timed" step with the bare one before reading its kinds' speed-ups. It needs a Python with torch
+and transformers, and npgpt on its path:
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=. TORCH_VENV/bin/python examples/profile_ops.py \
         --framework torch --shape nanogpt --B 12 --T 64
@@ -45,7 +48,7 @@ ap.add_argument("--steps", type=int, default=5, help="timed steps per round and 
 ap.add_argument("--rounds", type=int, default=3)
 ap.add_argument("--serial-below", type=float, default=1.25, help="speed-up under which an op counts as serial")
 ap.add_argument("--rows", type=int, default=30)
-ap.add_argument("--predict", type=int, default=16, help="thread count to extrapolate the step to (Amdahl, op by op)")
+ap.add_argument("--predict", type=int, default=16, help="thread count to extrapolate the step to (Amdahl, op by op and whole)")
 ap.add_argument("--framework", choices=("npgpt", "torch"), default="npgpt",
                 help="whose train step: npgpt's (default), or PyTorch's (aten ops timed by torch.profiler)")
 args = ap.parse_args()
@@ -116,9 +119,16 @@ def torch_profiler():
     """The same for PyTorch's train step (npgpt.bench.torch_step), its aten ops' own CPU time from
     torch.profiler (each op's self time: what it ran itself, not the ops it called)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     from npgpt.bench import _torch_model, torch_adamw, torch_step
+
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def clip_in_scope(*a, **k):             # torch_step looks it up at each call: its ops are named after it
+        with record_function(CLIP):
+            return clip(*a, **k)
+    torch.nn.utils.clip_grad_norm_ = clip_in_scope
 
     cfg = SHAPES[args.shape]
     model = _torch_model(cfg, train=True)
@@ -128,16 +138,27 @@ def torch_profiler():
     def step():
         torch_step(model, model, opt, torch.randint(0, cfg["n_vocab"], (args.B, args.T), generator=g))
 
+    def scope(e):
+        """The optimizer's or clipping's scope an event runs in (its outermost such ancestor), or None."""
+        found = None
+        while e is not None:
+            if e.name.startswith(("Optimizer.", CLIP)):
+                found = e.name
+            e = e.cpu_parent
+        return found
+
     def timed_steps(n):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
             for _ in range(n):
                 step()
             wall = time.perf_counter() - t0
-        own, calls = {}, {}
-        for e in prof.key_averages():
-            own[e.key] = e.self_cpu_time_total * 1e-6
-            calls[e.key] = e.count
+        own, calls = defaultdict(float), defaultdict(int)
+        for e in prof.events():
+            where = scope(e)                 # AdamW's aten::add_ apart from the forward's
+            name = e.name if where in (None, e.name) else f"{where} > {e.name}"
+            own[name] += e.self_cpu_time_total * 1e-6
+            calls[name] += 1
         return wall, own, calls
 
     blas = [line.split(":")[0].strip() for line in torch.__config__.parallel_info().splitlines() if "Math Kernel" in line]
@@ -146,22 +167,29 @@ def torch_profiler():
 
 
 KINDS = ("matrix products", "attention", "optimizer and clipping", "the rest", GLUE)
+CLIP = "clip_grad_norm_"                    # the scope PyTorch's clipping runs in, under the profiler
 
 
 def kind(op):
     """Which of KINDS an op of either framework belongs to, so the two can be compared kind by kind. npgpt's
-    Linear and TiedLMHead layers' own time is their GEMMs (the bias add, GELU and LayerNorm are kernels)."""
+    Linear and TiedLMHead layers' own time is their GEMMs (the bias add, GELU and LayerNorm are kernels);
+    PyTorch's optimizer and clipping are every op run inside AdamW's step or zero_grad or clip_grad_norm_."""
     if op == GLUE:
         return GLUE
+    if op.startswith(("Optimizer.", CLIP, "kernel adamw", "kernel sum_of_squares", "AdamW.", "Parameter.zero_grad")):
+        return "optimizer and clipping"
     if op.startswith(("aten::mm", "aten::addmm", "aten::bmm", "weight-grad GEMM", "Linear.", "TiedLMHead.")):
         return "matrix products"
-    if "attention" in op.lower():
+    if "attention" in op.lower() or "softmax" in op and not op.startswith(("aten::_log_softmax", "kernel cross")):
         return "attention"
-    if op.startswith(("Optimizer.", "kernel adamw", "kernel sum_of_squares", "AdamW.")) or op in (
-            "aten::_foreach_norm", "aten::linalg_vector_norm", "aten::lerp_", "aten::addcdiv_", "aten::sqrt", "aten::div",
-            "aten::mul_"):
-        return "optimizer and clipping"
     return "the rest"
+
+
+def amdahl(t1, tN, N, P):
+    """(time on P threads, serial time) of work taking t1 on one thread and tN on N, by Amdahl's law:
+    serial fraction f = (tN / t1 - 1/N) / (1 - 1/N), clipped to [0, 1]; all of it serial if N is 1."""
+    f = min(1.0, max(0.0, (tN / t1 - 1 / N) / (1 - 1 / N))) if t1 > 0 and N > 1 else 1.0
+    return t1 * (f + (1 - f) / P), t1 * f
 
 
 def main():
@@ -172,10 +200,11 @@ def main():
     own = {1: defaultdict(list), N: defaultdict(list)}     # threads -> op -> per-round seconds per step
     wall, bare = {1: [], N: []}, {1: [], N: []}
     calls = {}
-    for threads in (1, N):                                  # warm-up: compile both kernel builds
+    for threads in (1, N):                                  # warm-up: compile both kernel builds, start the timers
         set_threads(threads)
         for _ in range(2):
             step()
+        timed_steps(1)
     for r in range(args.rounds):
         for threads in ((1, N) if r % 2 == 0 else (N, 1)):
             set_threads(threads)
@@ -200,8 +229,7 @@ def main():
     print("|---|---|---|---|---|---|")
 
     def gain(name):
-        t1, tN = med[1].get(name, 0.0), med[N][name]
-        return t1 / tN if tN > 0 else float("inf")
+        return med[1].get(name, 0.0) / med[N][name] if med[N][name] > 0 else float("inf")
 
     serial = sum(med[N][name] for name in med[N] if gain(name) < args.serial_below)    # every op, printed or not
     for name in sorted(med[N], key=lambda k: -med[N][k])[:args.rows]:
@@ -219,16 +247,14 @@ def main():
             print(f"| {k} | {t1 * 1e3:.2f} | {tN * 1e3:.2f} | {t1 / tN:.2f}x | {tN / stepN:.1%} |")
     P, predicted, serial_P = args.predict, 0.0, 0.0
     for name, t1 in med[1].items():
-        tN = med[N].get(name, t1)
-        f = min(1.0, max(0.0, (tN / t1 - 1 / N) / (1 - 1 / N))) if t1 > 0 and N > 1 else 1.0
-        predicted += t1 * (f + (1 - f) / P)
-        serial_P += t1 * f
+        tP, ts = amdahl(t1, med[N].get(name, t1), N, P)
+        predicted, serial_P = predicted + tP, serial_P + ts
     print(f"Amdahl, op by op, at {P} threads: {predicted * 1e3:.1f} ms a step ({step1 / predicted:.1f}x one thread), "
           f"of which {serial_P * 1e3:.1f} ms serial ({serial_P / predicted:.0%})")
-    b1, bN = np.median(bare[1]), np.median(bare[N])
-    f = min(1.0, max(0.0, (bN / b1 - 1 / N) / (1 - 1 / N)))
-    print(f"Amdahl, the bare step whole, at {P} threads: {b1 * (f + (1 - f) / P) * 1e3:.1f} ms a step "
-          f"({1 / (f + (1 - f) / P):.1f}x one thread; serial fraction {f:.2f})")
+    b1 = np.median(bare[1])
+    tP, ts = amdahl(b1, np.median(bare[N]), N, P)
+    print(f"Amdahl, the bare step whole, at {P} threads: {tP * 1e3:.1f} ms a step ({b1 / tP:.1f}x one thread; "
+          f"serial fraction {ts / b1:.2f})")
 
 
 if __name__ == "__main__":
