@@ -48,7 +48,8 @@ ap.add_argument("--steps", type=int, default=5, help="timed steps per round and 
 ap.add_argument("--rounds", type=int, default=3)
 ap.add_argument("--serial-below", type=float, default=1.25, help="speed-up under which an op counts as serial")
 ap.add_argument("--rows", type=int, default=30)
-ap.add_argument("--predict", type=int, default=16, help="thread count to extrapolate the step to (Amdahl, op by op and whole)")
+ap.add_argument("--predict", type=int, default=16,
+                help="thread count to extrapolate the step to (Amdahl, op by op and whole)")
 ap.add_argument("--framework", choices=("npgpt", "torch"), default="npgpt",
                 help="whose train step: npgpt's (default), or PyTorch's (aten ops timed by torch.profiler)")
 args = ap.parse_args()
