@@ -21,7 +21,9 @@
 #                  if time is left
 #   env.txt        examples/bench_step_env.py at nanoGPT's shape, N threads: the two thread pools' idle settings
 #                  (npgpt's training defaults; OpenBLAS's threads spinning longer; the kernels' threads spinning;
-#                  both, as the inference commands run), alternated, if time is left
+#                  both, as the inference commands run) and the kernels' parallel crossover (NPGPT_PARALLEL_MIN_WORK
+#                  2^15, which puts LayerNorm's kernels on every core, alone and with spinning kernel threads),
+#                  alternated, if time is left
 #   summary.txt    the issue's three 16-core figures from whatever finished
 # Environment knobs: MC_TORCH_PYTHON (the Python with torch; default python3), MC_BUDGET (seconds the whole
 # script may take; default 540), MC_STEPS (timed train steps a run; default 3).
@@ -106,7 +108,8 @@ step profile-torch profile-torch.txt 100 "$torch_python" examples/profile_ops.py
     --B 12 --T 64 --steps 10 --rounds 2 --threads "$n"
 if [ "$(left)" -ge 90 ]; then      # it prints only at its end: cut short, it would leave nothing
     step env env.txt 90 python3 examples/bench_step_env.py --rounds 3 --steps 40 --warmup 5 "" OPENBLAS_THREAD_TIMEOUT=20 \
-        GOMP_SPINCOUNT=10000 OPENBLAS_THREAD_TIMEOUT=20,GOMP_SPINCOUNT=10000
+        GOMP_SPINCOUNT=10000 OPENBLAS_THREAD_TIMEOUT=20,GOMP_SPINCOUNT=10000 NPGPT_PARALLEL_MIN_WORK=32768 \
+        NPGPT_PARALLEL_MIN_WORK=32768,GOMP_SPINCOUNT=10000
 else
     log "env: skipped, $(left) s of the budget left (it needs 90)"
 fi

@@ -399,3 +399,34 @@ def test_prefetch_row_is_only_a_hint(dtype):
     assert touch_all(a) == before.sum() and touch_all(a[:, ::2]) == before[:, ::2].sum()   # C order and strided
     np.testing.assert_array_equal(a, before)
 
+
+
+def test_parallel_min_work_setting(monkeypatch, capsys, tmp_path):
+    """NPGPT_PARALLEL_MIN_WORK sets the elements from which a kernel runs its parallel build, read when the
+    kernels load; unset, 2^18; anything else is one line from the CLI naming the variable, before a file
+    is written."""
+    import os
+    import subprocess
+    import sys
+
+    from npgpt.cli import main
+    from npgpt.fast import settings
+    monkeypatch.delenv("NPGPT_PARALLEL_MIN_WORK", raising=False)
+    assert settings.parallel_min_work() == 1 << 18
+    for value, want in (("0", 0), ("65536", 65536), (" 7 ", 7)):
+        monkeypatch.setenv("NPGPT_PARALLEL_MIN_WORK", value)
+        assert settings.parallel_min_work() == want
+    for bad in ("x", "-1", "1e5", "2.5"):
+        monkeypatch.setenv("NPGPT_PARALLEL_MIN_WORK", bad)
+        with pytest.raises(ValueError, match=f"NPGPT_PARALLEL_MIN_WORK must be a whole number .*got '{bad}'"):
+            settings.parallel_min_work()
+    out = tmp_path / "run"
+    assert main(["train", "--config", "tiny", "--steps", "1", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["npgpt train: error: the environment variable NPGPT_PARALLEL_MIN_WORK must be a whole number "
+                   "of elements (0: always parallel), got '2.5'"]
+    assert not out.exists()
+    env = dict(os.environ, NPGPT_PARALLEL_MIN_WORK="12345")
+    loaded = subprocess.run([sys.executable, "-c", "from npgpt.fast import _jit; print(_jit.PARALLEL_MIN_WORK)"],
+                            env=env, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "12345"

@@ -154,8 +154,9 @@ def _main(args, raise_user_errors: bool = False) -> int:
         from ..fast import settings
         try:
             fast.get_backend()            # a bad NPGPT_KERNELS is a user error, reported up front
-            settings.packed_rows()        # and a bad NPGPT_PACKED_ROWS or NPGPT_PREFETCH_ROWS
-            settings.prefetch_rows(0)
+            settings.packed_rows()        # and a bad NPGPT_PACKED_ROWS, NPGPT_PREFETCH_ROWS or
+            settings.prefetch_rows(0)     # NPGPT_PARALLEL_MIN_WORK
+            settings.parallel_min_work()
         except ValueError as e:
             raise CLIError(str(e)) from None
         return quiet_on_broken_pipe(args.func, args)

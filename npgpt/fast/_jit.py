@@ -23,7 +23,7 @@ try:
 except ImportError:          # Windows: Numba's own unlocked index
     fcntl = None
 
-from .settings import quiet_kernel_threads
+from .settings import parallel_min_work, quiet_kernel_threads
 
 quiet_kernel_threads()   # before Numba loads libgomp (see npgpt/fast/settings.py)
 
@@ -174,7 +174,8 @@ def cache_is_cold(kernel) -> bool:
 # OpenMP threads right after a GEMM costs ~50-100 us on 2 cores. Measured there (examples/profile_ops.py,
 # docs/performance.md "Every op on every core"): at 98k elements (nanoGPT's CPU shape) LayerNorm's
 # kernels ran 0.7x as fast on 2 threads as on 1, GELU's 1.2-1.5x; from ~200k up both gain.
-PARALLEL_MIN_WORK = 1 << 18
+# NPGPT_PARALLEL_MIN_WORK sets another crossover (settings.parallel_min_work), for machines with more cores.
+PARALLEL_MIN_WORK = parallel_min_work()
 
 # error_model="numpy": a float division by zero gives inf/nan as in NumPy instead of raising
 # ZeroDivisionError. Parallel builds use it anyway; in a serial build the Python model's check

@@ -11,6 +11,8 @@
                                for an MPI rank, or for --threads)
     packed_rows()              NPGPT_PACKED_ROWS, or by the CPU's vendor: how decoding's packed products
                                of one row stream their weight rows (npgpt/fast/quant.py, side_by_side)
+    parallel_min_work()        NPGPT_PARALLEL_MIN_WORK, or 2^18: the elements from which a kernel runs its
+                               parallel build (npgpt/fast/_jit.py reads it once, when the kernels load)
 
 Library users call apply() themselves, first thing, if they want the same.
 
@@ -109,6 +111,22 @@ def packed_rows() -> int:
     if value not in ("", "1", "4"):
         raise ValueError(f"the environment variable NPGPT_PACKED_ROWS must be 1 or 4, got {value!r}")
     return int(value) if value else (1 if cpu_vendor() == "AuthenticAMD" else 4)
+
+
+PARALLEL_MIN_WORK = 1 << 18     # the default of parallel_min_work(): measured on 2 cores (npgpt/fast/_jit.py)
+
+
+def parallel_min_work() -> int:
+    """From how many elements a Numba kernel runs its parallel build rather than its serial one:
+    NPGPT_PARALLEL_MIN_WORK (a whole number; 0: always parallel) if set, else PARALLEL_MIN_WORK, the
+    crossover measured on 2 cores, where waking the kernels' sleeping threads costs 50-100 us. On many
+    cores the crossover may lie lower (the work is cut in more pieces) or higher (more threads to wake):
+    examples/many_cores.sh compares. A bad value is a ValueError naming the variable."""
+    value = os.environ.get("NPGPT_PARALLEL_MIN_WORK", "").strip()
+    if value and not value.isdigit():
+        raise ValueError(f"the environment variable NPGPT_PARALLEL_MIN_WORK must be a whole number of elements "
+                         f"(0: always parallel), got {value!r}")
+    return int(value) if value else PARALLEL_MIN_WORK
 
 
 def prefetch_rows(row_bytes: int) -> int:
