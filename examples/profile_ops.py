@@ -181,7 +181,7 @@ def kind(op):
         return "optimizer and clipping"
     if op.startswith(("aten::mm", "aten::addmm", "aten::bmm", "weight-grad GEMM", "Linear.", "TiedLMHead.")):
         return "matrix products"
-    if "attention" in op.lower() or "softmax" in op and not op.startswith(("aten::_log_softmax", "kernel cross")):
+    if "attention" in op.lower() or ("softmax" in op and not op.startswith("aten::_log_softmax")):   # not the loss's
         return "attention"
     return "the rest"
 

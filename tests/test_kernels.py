@@ -400,7 +400,6 @@ def test_prefetch_row_is_only_a_hint(dtype):
     np.testing.assert_array_equal(a, before)
 
 
-
 def test_parallel_min_work_setting(monkeypatch, capsys, tmp_path):
     """NPGPT_PARALLEL_MIN_WORK sets the elements from which a kernel runs its parallel build, read when the
     kernels load; unset, 2^18; anything else is one line from the CLI naming the variable, before a file
@@ -412,7 +411,7 @@ def test_parallel_min_work_setting(monkeypatch, capsys, tmp_path):
     from npgpt.cli import main
     from npgpt.fast import settings
     monkeypatch.delenv("NPGPT_PARALLEL_MIN_WORK", raising=False)
-    assert settings.parallel_min_work() == 1 << 18
+    assert settings.parallel_min_work() == settings.DEFAULT_PARALLEL_MIN_WORK == 1 << 18
     for value, want in (("0", 0), ("65536", 65536), (" 7 ", 7)):
         monkeypatch.setenv("NPGPT_PARALLEL_MIN_WORK", value)
         assert settings.parallel_min_work() == want

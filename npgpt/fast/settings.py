@@ -113,20 +113,19 @@ def packed_rows() -> int:
     return int(value) if value else (1 if cpu_vendor() == "AuthenticAMD" else 4)
 
 
-PARALLEL_MIN_WORK = 1 << 18     # the default of parallel_min_work(): measured on 2 cores (npgpt/fast/_jit.py)
+DEFAULT_PARALLEL_MIN_WORK = 1 << 18     # the crossover measured on 2 cores (why: npgpt/fast/_jit.py)
 
 
 def parallel_min_work() -> int:
     """From how many elements a Numba kernel runs its parallel build rather than its serial one:
-    NPGPT_PARALLEL_MIN_WORK (a whole number; 0: always parallel) if set, else PARALLEL_MIN_WORK, the
-    crossover measured on 2 cores, where waking the kernels' sleeping threads costs 50-100 us. On many
-    cores the crossover may lie lower (the work is cut in more pieces) or higher (more threads to wake):
-    examples/many_cores.sh compares. A bad value is a ValueError naming the variable."""
+    NPGPT_PARALLEL_MIN_WORK (a whole number; 0: always parallel) if set, else DEFAULT_PARALLEL_MIN_WORK.
+    On many cores the crossover may lie lower (the work is cut in more pieces) or higher (more threads to
+    wake): examples/many_cores.sh compares. A bad value is a ValueError naming the variable."""
     value = os.environ.get("NPGPT_PARALLEL_MIN_WORK", "").strip()
     if value and not value.isdigit():
         raise ValueError(f"the environment variable NPGPT_PARALLEL_MIN_WORK must be a whole number of elements "
                          f"(0: always parallel), got {value!r}")
-    return int(value) if value else PARALLEL_MIN_WORK
+    return int(value) if value else DEFAULT_PARALLEL_MIN_WORK
 
 
 def prefetch_rows(row_bytes: int) -> int:
